@@ -1,0 +1,46 @@
+"""Pruning behind one API: prune(model, method, ratio, calibration, **options) -> PruneResult.
+
+Each method family lives in its own module and registers its methods on import; every module of this package is
+imported below, so adding a method is adding one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import torch
+
+from gridlab.pruning.counterpart import random_counterpart
+from gridlab.pruning.registry import (
+    METHODS, Method, PruneResult, check_calibration, check_model, check_ratio, get_method, resolve_options,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Method", "PruneResult", "prune", "pruned_config", "random_counterpart"]
+
+
+def prune(model, method: str, ratio: float, calibration: torch.Tensor | None = None, **options) -> PruneResult:
+    """Prune `model` to `ratio` (fraction of decoder-layer parameters removed). The input model may be consumed.
+
+    All arguments are checked before the model is touched; bad ones raise a one-line ValueError.
+    """
+    spec = get_method(method)
+    ratio = check_ratio(ratio)
+    resolved = resolve_options(spec, options)
+    check_model(model)
+    if spec.needs_calibration or calibration is not None:
+        calibration = check_calibration(calibration, model.config)
+    was_training = model.training
+    model.eval()
+    result = spec.run(model, ratio, calibration, resolved)
+    result.model.train(was_training)
+    return result
+
+
+def pruned_config(parent_config, method: str, ratio: float, **options):
+    """The architecture `method` gives at `ratio`, known before pruning; None when shapes are kept (sparse)."""
+    spec = get_method(method)
+    return spec.config(parent_config, check_ratio(ratio), resolve_options(spec, options))

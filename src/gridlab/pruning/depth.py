@@ -1,0 +1,105 @@
+"""Depth pruning: whole decoder layers leave (ShortGPT, Minitron-Depth)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from gridlab.model import param_counts
+from gridlab.pruning.calibration import (
+    batches, decoder_layers, layer_output, mean_loss, model_device, select_samples,
+)
+from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
+
+
+def layers_to_remove(num_layers: int, ratio: float) -> int:
+    # Layers are equal in size, so removing round(r·L) of them is the closest a depth method can get to r.
+    return min(max(round(ratio * num_layers), 0), num_layers - 1)
+
+
+def depth_config(parent_config, ratio: float, options: dict):
+    config = copy.deepcopy(parent_config)
+    config.num_hidden_layers = parent_config.num_hidden_layers - layers_to_remove(parent_config.num_hidden_layers, ratio)
+    return config
+
+
+def remove_layers(model, removed: list[int]):
+    """Drop decoder layers in place; renumber the survivors so the KV cache indexes them correctly."""
+    parent_decoder = param_counts(model).decoder
+    removed_set = set(removed)
+    kept = [layer for i, layer in enumerate(decoder_layers(model)) if i not in removed_set]
+    model.model.layers = nn.ModuleList(kept)
+    for new_index, layer in enumerate(kept):
+        layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(kept)
+    return 1.0 - param_counts(model).decoder / parent_decoder
+
+
+@torch.no_grad()
+def block_influence(model, calibration: torch.Tensor, batch_size: int) -> list[float]:
+    """ShortGPT's BI_i = 1 - mean over tokens of cos(layer input, layer output)."""
+    layers = decoder_layers(model)
+    sums = [0.0] * len(layers)
+    count = 0
+
+    def make_hook(index):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            cos = torch.nn.functional.cosine_similarity(hidden_in.float(), layer_output(output).float(), dim=-1)
+            sums[index] += float(cos.sum())
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        device = model_device(model)
+        for batch in batches(calibration, batch_size):
+            model(batch.to(device), use_cache=False)
+            count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [1.0 - s / count for s in sums]
+
+
+def _prune_shortgpt(model, ratio, calibration, options):
+    k = layers_to_remove(len(decoder_layers(model)), ratio)
+    scores = block_influence(model, select_samples(calibration, options["nsamples"]), options["batch_size"])
+    removed = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
+    achieved = remove_layers(model, removed)
+    return PruneResult(model=model, achieved_ratio=achieved, removed=removed, mask=None, method="shortgpt",
+                       granularity="depth", options=options)
+
+
+@torch.no_grad()
+def block_removal_losses(model, calibration: torch.Tensor, k: int, batch_size: int) -> list[float]:
+    """Held-out loss with layers [i, i+k) skipped, for every start i."""
+    layers = list(decoder_layers(model))
+    num_layers = model.config.num_hidden_layers
+    losses = []
+    try:
+        for start in range(len(layers) - k + 1):
+            model.model.layers = nn.ModuleList(layers[:start] + layers[start + k:])
+            model.config.num_hidden_layers = len(layers) - k
+            losses.append(mean_loss(model, calibration, batch_size))
+    finally:
+        model.model.layers = nn.ModuleList(layers)
+        model.config.num_hidden_layers = num_layers
+    return losses
+
+
+def _prune_minitron_depth(model, ratio, calibration, options):
+    k = layers_to_remove(len(decoder_layers(model)), ratio)
+    losses = block_removal_losses(model, select_samples(calibration, options["nsamples"]), k, options["batch_size"])
+    start = min(range(len(losses)), key=lambda i: (losses[i], i))
+    removed = list(range(start, start + k))
+    achieved = remove_layers(model, removed)
+    return PruneResult(model=model, achieved_ratio=achieved, removed=removed, mask=None, method="minitron-depth",
+                       granularity="depth", options=options)
+
+
+register(Method(name="shortgpt", granularity="depth", run=_prune_shortgpt, config=depth_config,
+                defaults=dict(nsamples=None, batch_size=8), check_options=check_nsamples))
+register(Method(name="minitron-depth", granularity="depth", run=_prune_minitron_depth, config=depth_config,
+                defaults=dict(nsamples=None, batch_size=8), check_options=check_nsamples))

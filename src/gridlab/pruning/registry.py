@@ -1,0 +1,109 @@
+"""The method registry, the result type and the checks every call goes through before a model is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Granularity = Literal["depth", "width", "sparse"]
+
+
+@dataclass
+class PruneResult:
+    model: LlamaForCausalLM
+    achieved_ratio: float  # fraction of decoder-layer parameters removed (zeros, for sparse methods)
+    removed: Any  # depth: removed layer indices; width: kept indices per dimension; sparse: None
+    mask: dict[str, torch.Tensor] | None  # sparse: parameter name -> bool tensor, True = kept
+    method: str
+    granularity: Granularity
+    options: dict[str, Any]
+    note: str | None = None  # anything the caller asked for that the method could not honour
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    granularity: Granularity
+    # (model, ratio, calibration or None, options) -> PruneResult
+    run: Callable[..., PruneResult]
+    # (parent config, ratio, options) -> the pruned architecture (None: shapes kept)
+    config: Callable[[LlamaConfig, float, dict], LlamaConfig | None]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    needs_calibration: bool = True
+    # extra checks on the resolved options; raise ValueError
+    check_options: Callable[[dict], None] | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise RuntimeError(f"pruning method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"pruning ratio must be a number strictly between 0 and 1; got {ratio!r}")
+    return float(ratio)
+
+
+def resolve_options(method: Method, options: dict) -> dict:
+    unknown = sorted(set(options) - set(method.defaults))
+    if unknown:
+        valid = ", ".join(sorted(method.defaults)) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {method.name}; valid options: {valid}")
+    resolved = {**method.defaults, **options}
+    if method.check_options is not None:
+        method.check_options(resolved)
+    return resolved
+
+
+def check_model(model) -> None:
+    if not isinstance(model, LlamaForCausalLM):
+        raise ValueError(
+            f"pruning needs a decoder-only Llama-style model (transformers LlamaForCausalLM); got {type(model).__name__}"
+        )
+    config = model.config
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("pruning supports Llama models without attention/MLP biases; this model has biases")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+def check_calibration(calibration, config: LlamaConfig) -> torch.Tensor:
+    if not isinstance(calibration, torch.Tensor) or calibration.dtype not in (torch.int32, torch.int64):
+        raise ValueError("calibration must be an integer tensor of token ids shaped [n_sequences, seq_len]")
+    if calibration.dim() != 2 or calibration.shape[0] < 1 or calibration.shape[1] < 2:
+        raise ValueError(
+            f"calibration must hold at least one sequence of >= 2 tokens, shaped [n_sequences, seq_len]; "
+            f"got shape {tuple(calibration.shape)}"
+        )
+    if calibration.shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"calibration sequences have {calibration.shape[1]} tokens; the model takes at most "
+            f"{config.max_position_embeddings}"
+        )
+    if int(calibration.min()) < 0 or int(calibration.max()) >= config.vocab_size:
+        raise ValueError(f"calibration token ids must lie in [0, {config.vocab_size}) (the model's vocabulary)")
+    return calibration.long()
+
+
+def check_nsamples(options: dict) -> None:
+    n = options.get("nsamples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"nsamples must be a positive integer or None (all calibration sequences); got {n!r}")
+    b = options.get("batch_size")
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"batch_size must be a positive integer; got {b!r}")

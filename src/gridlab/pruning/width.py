@@ -1,0 +1,302 @@
+"""Width pruning: attention KV groups (with their query heads), FFN channels and hidden channels leave.
+
+Hugging Face's LlamaConfig gives every layer one shape, so every layer keeps the same number of KV groups and FFN
+channels (each layer chooses *which* by its own scores) and all layers share the kept hidden channels (the residual
+stream). head_dim never changes. The result is a plain, smaller LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from gridlab.model import param_counts
+from gridlab.pruning.calibration import batches, decoder_layers, model_device, select_samples
+from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
+from transformers import LlamaForCausalLM
+
+AXES = ("heads", "ffn", "hidden")
+LLM_PRUNER_AXES = ("heads", "ffn")  # LLM-Pruner keeps the hidden size
+
+
+@dataclass(frozen=True)
+class WidthSizes:
+    kv_groups: int
+    ffn: int
+    hidden: int
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _layer_params(config, kv_groups: int, ffn: int, hidden: int) -> int:
+    # Must agree with gridlab.model.param_counts; width_config() checks that it does.
+    heads = kv_groups * (config.num_attention_heads // config.num_key_value_heads)
+    return 2 * hidden * head_dim(config) * (heads + kv_groups) + 3 * hidden * ffn
+
+
+def width_sizes(config, ratio: float, axes) -> WidthSizes:
+    """Sizes whose decoder parameter count is nearest (1 - ratio) of the parent's, shrinking the axes evenly.
+
+    Hidden sizes are multiples of the kept query-head count (transformers requires it). For every
+    (KV groups, hidden) pair the FFN size nearest the target is taken; among candidates whose count is
+    within half a step of the finest pruned axis (so no other size on that axis is nearer), the one whose keep
+    fractions (kv/KV, ffn/F, hidden/D over the pruned axes) are most alike wins; then the smaller error; then more
+    KV groups and more hidden channels. If no candidate is that close (extreme ratios), the nearest wins.
+    """
+    total_kv, total_ffn, total_hidden = config.num_key_value_heads, config.intermediate_size, config.hidden_size
+    group_size = config.num_attention_heads // total_kv
+    hd = head_dim(config)
+    target = (1.0 - ratio) * _layer_params(config, total_kv, total_ffn, total_hidden)
+    best_key, best = None, None
+    for kv in (range(1, total_kv + 1) if "heads" in axes else [total_kv]):
+        heads = group_size * kv
+        if "hidden" not in axes and total_hidden % heads:
+            continue
+        # transformers validates hidden_size % num_attention_heads == 0 even when head_dim is explicit.
+        hidden_options = range(heads, total_hidden + 1, heads) if "hidden" in axes else [total_hidden]
+        for hidden in hidden_options:
+            attention = 2 * hidden * hd * (heads + kv)
+            ffn = total_ffn
+            if "ffn" in axes:
+                ffn = min(max(round((target - attention) / (3 * hidden)), 1), total_ffn)
+            error = abs(attention + 3 * hidden * ffn - target)
+            steps, fractions = [], []
+            if "heads" in axes:
+                steps.append(2 * hidden * hd * (group_size + 1))
+                fractions.append(kv / total_kv)
+            if "ffn" in axes:
+                steps.append(3 * hidden)
+                fractions.append(ffn / total_ffn)
+            if "hidden" in axes:
+                steps.append(heads * (2 * hd * (heads + kv) + 3 * ffn))
+                fractions.append(hidden / total_hidden)
+            close = error <= min(steps) / 2 + 1e-6
+            spread = max(fractions) - min(fractions) if close else 0.0
+            key = (not close, spread, error, -kv, -hidden)
+            if best_key is None or key < best_key:
+                best_key, best = key, WidthSizes(kv, ffn, hidden)
+    return best
+
+
+def width_config(parent_config, sizes: WidthSizes):
+    config = copy.deepcopy(parent_config)
+    group_size = parent_config.num_attention_heads // parent_config.num_key_value_heads
+    config.head_dim = head_dim(parent_config)  # explicit: hidden_size / num_heads no longer gives it
+    config.num_key_value_heads = sizes.kv_groups
+    config.num_attention_heads = sizes.kv_groups * group_size
+    config.intermediate_size = sizes.ffn
+    config.hidden_size = sizes.hidden
+    expected = config.num_hidden_layers * _layer_params(parent_config, sizes.kv_groups, sizes.ffn, sizes.hidden)
+    config.validate()
+    if param_counts(config).decoder != expected:
+        raise RuntimeError("width size search disagrees with gridlab.model.param_counts")
+    return config
+
+
+def check_axes(options: dict) -> None:
+    axes = options["axes"]
+    if isinstance(axes, str) or not set(axes) or not set(axes) <= set(AXES):
+        raise ValueError(f"axes must be a non-empty list drawn from {', '.join(AXES)}; got {axes!r}")
+    options["axes"] = [axis for axis in AXES if axis in set(axes)]
+
+
+def shrink(model, kept_groups: list[list[int]], kept_ffn: list[list[int]], kept_hidden: list[int], sizes: WidthSizes):
+    """A new, smaller LlamaForCausalLM holding the kept slices of `model`'s weights."""
+    config = width_config(model.config, sizes)
+    group_size = model.config.num_attention_heads // model.config.num_key_value_heads
+    hd = head_dim(model.config)
+    device = model_device(model)
+    hidden_idx = torch.tensor(kept_hidden, device=device)
+
+    def rows_of(groups: list[int], per_group: int) -> torch.Tensor:
+        # KV group k serves query heads k*g .. k*g+g-1 (transformers' repeat_kv), each head_dim rows long.
+        units = [k * per_group + j for k in groups for j in range(per_group)]
+        return torch.tensor([u * hd + c for u in units for c in range(hd)], device=device)
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        parts = name.split(".")
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            state[name] = tensor[:, hidden_idx]
+        elif parts[-2].endswith("norm"):
+            state[name] = tensor[hidden_idx]
+        elif parts[:2] == ["model", "layers"]:
+            layer, kind = int(parts[2]), parts[-2]
+            if kind == "q_proj":
+                state[name] = tensor[rows_of(kept_groups[layer], group_size)][:, hidden_idx]
+            elif kind in ("k_proj", "v_proj"):
+                state[name] = tensor[rows_of(kept_groups[layer], 1)][:, hidden_idx]
+            elif kind == "o_proj":
+                state[name] = tensor[hidden_idx][:, rows_of(kept_groups[layer], group_size)]
+            elif kind in ("gate_proj", "up_proj"):
+                state[name] = tensor[torch.tensor(kept_ffn[layer], device=device)][:, hidden_idx]
+            elif kind == "down_proj":
+                state[name] = tensor[hidden_idx][:, torch.tensor(kept_ffn[layer], device=device)]
+            else:
+                raise RuntimeError(f"width pruning does not know how to slice {name}")
+        else:
+            raise RuntimeError(f"width pruning does not know how to slice {name}")
+    with torch.device("meta"):
+        pruned = LlamaForCausalLM(config)
+    pruned.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        pruned.lm_head.weight = pruned.model.embed_tokens.weight
+    # Same head_dim and rope settings: the parent's rotary table is the pruned model's too.
+    pruned.model.rotary_emb = model.model.rotary_emb
+    if any(t.is_meta for t in list(pruned.parameters()) + list(pruned.buffers())):
+        raise RuntimeError("width pruning left a tensor unmaterialised")
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    pruned.train(model.training)
+    return pruned
+
+
+def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
+    """Indices of the `keep` highest scores, ascending; ties go to the lower index."""
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:keep])
+
+
+def _finish(model, method, ratio, options, axes, group_scores, ffn_scores, hidden_scores):
+    sizes = width_sizes(model.config, ratio, axes)
+    parent_decoder = param_counts(model).decoder
+    kept_groups = [top_indices(s, sizes.kv_groups) for s in group_scores]
+    kept_ffn = [top_indices(s, sizes.ffn) for s in ffn_scores]
+    kept_hidden = top_indices(hidden_scores, sizes.hidden) if hidden_scores is not None else list(
+        range(model.config.hidden_size))
+    pruned = shrink(model, kept_groups, kept_ffn, kept_hidden, sizes)
+    return PruneResult(
+        model=pruned,
+        achieved_ratio=1.0 - param_counts(pruned).decoder / parent_decoder,
+        removed={"kv_groups": kept_groups, "ffn": kept_ffn, "hidden": kept_hidden},
+        mask=None, method=method, granularity="width", options=options,
+    )
+
+
+@torch.no_grad()
+def activation_importance(model, calibration: torch.Tensor, batch_size: int):
+    """Minitron's activation scores: mean |x| over the sequence, then L2 over samples.
+
+    FFN channel: input of down_proj. Head: its slice of o_proj's input (the attention output), L2 over head_dim;
+    a KV group scores the sum of its query heads. Hidden channel: outputs of both RMSNorms, summed over layers.
+    """
+    layers = decoder_layers(model)
+    config = model.config
+    group_size = config.num_attention_heads // config.num_key_value_heads
+    hd = head_dim(config)
+    squares: dict[tuple[str, int], torch.Tensor] = {}
+
+    def accumulate(key):
+        def hook(module, args, output=None):
+            x = (args[0] if output is None else output).float()
+            per_sample = x.abs().mean(dim=1)  # [batch, channels]: mean over the sequence
+            total = (per_sample ** 2).sum(dim=0)
+            squares[key] = squares[key] + total if key in squares else total
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(accumulate(("ffn", i))))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(accumulate(("heads", i))))
+        handles.append(layer.input_layernorm.register_forward_hook(accumulate(("norm_in", i))))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(accumulate(("norm_post", i))))
+    try:
+        device = model_device(model)
+        for batch in batches(calibration, batch_size):
+            model(batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    ffn_scores, group_scores = [], []
+    hidden_scores = torch.zeros(config.hidden_size, device=model_device(model))
+    for i in range(len(layers)):
+        ffn_scores.append(squares[("ffn", i)].sqrt())
+        head_scores = squares[("heads", i)].sqrt().view(config.num_attention_heads, hd).norm(dim=1)
+        group_scores.append(head_scores.view(config.num_key_value_heads, group_size).sum(dim=1))
+        hidden_scores += squares[("norm_in", i)].sqrt() + squares[("norm_post", i)].sqrt()
+    return group_scores, ffn_scores, hidden_scores
+
+
+def _prune_minitron_width(model, ratio, calibration, options):
+    group_scores, ffn_scores, hidden_scores = activation_importance(
+        model, select_samples(calibration, options["nsamples"]), options["batch_size"])
+    axes = options["axes"]
+    return _finish(model, "minitron-width", ratio, options, axes, group_scores, ffn_scores,
+                   hidden_scores if "hidden" in axes else None)
+
+
+def taylor_importance(model, calibration: torch.Tensor, batch_size: int):
+    """LLM-Pruner's first-order Taylor score |w · dL/dw| summed over each coupled group.
+
+    A KV group couples its query heads' q rows, its own k and v rows and those heads' o columns; an FFN channel
+    couples its gate and up rows and its down column.
+    """
+    config = model.config
+    group_size = config.num_attention_heads // config.num_key_value_heads
+    hd = head_dim(config)
+    layers = decoder_layers(model)
+    weights = [m.weight for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                      layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    previous = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        model.eval()
+        device = model_device(model)
+        total_tokens = calibration.shape[0] * (calibration.shape[1] - 1)
+        for batch in batches(calibration, batch_size):
+            batch = batch.to(device)
+            loss = model(batch, labels=batch, use_cache=False).loss
+            # Weight each batch by its share of tokens so the sum is the gradient of the mean loss.
+            (loss * (batch.shape[0] * (batch.shape[1] - 1)) / total_tokens).backward()
+        with torch.no_grad():
+            group_scores, ffn_scores = [], []
+            for layer in layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                saliency = {name: (m.weight * m.weight.grad).abs().float() for name, m in (
+                    ("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
+                    ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj))}
+                per_q_head = saliency["q"].sum(dim=1).view(config.num_attention_heads, hd).sum(dim=1)
+                per_q_head += saliency["o"].sum(dim=0).view(config.num_attention_heads, hd).sum(dim=1)
+                per_group = per_q_head.view(config.num_key_value_heads, group_size).sum(dim=1)
+                per_group += saliency["k"].sum(dim=1).view(config.num_key_value_heads, hd).sum(dim=1)
+                per_group += saliency["v"].sum(dim=1).view(config.num_key_value_heads, hd).sum(dim=1)
+                group_scores.append(per_group)
+                ffn_scores.append(saliency["gate"].sum(dim=1) + saliency["up"].sum(dim=1) + saliency["down"].sum(dim=0))
+    finally:
+        for w in weights:
+            w.grad = None
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return group_scores, ffn_scores
+
+
+def _prune_llm_pruner(model, ratio, calibration, options):
+    group_scores, ffn_scores = taylor_importance(
+        model, select_samples(calibration, options["nsamples"]), options["batch_size"])
+    return _finish(model, "llm-pruner", ratio, options, LLM_PRUNER_AXES, group_scores, ffn_scores, None)
+
+
+def _minitron_config(parent_config, ratio, options):
+    return width_config(parent_config, width_sizes(parent_config, ratio, options["axes"]))
+
+
+def _llm_pruner_config(parent_config, ratio, options):
+    return width_config(parent_config, width_sizes(parent_config, ratio, LLM_PRUNER_AXES))
+
+
+register(Method(name="minitron-width", granularity="width", run=_prune_minitron_width, config=_minitron_config,
+                defaults=dict(axes=list(AXES), nsamples=None, batch_size=8),
+                check_options=lambda o: (check_nsamples(o), check_axes(o))))
+register(Method(name="llm-pruner", granularity="width", run=_prune_llm_pruner, config=_llm_pruner_config,
+                defaults=dict(nsamples=10, batch_size=8), check_options=check_nsamples))
