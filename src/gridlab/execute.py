@@ -1,0 +1,406 @@
+"""Run a plan's stages: `local` (parallel worker processes), `debug` (in-process) or `slurm` (submitit job arrays).
+
+Submission is idempotent: a stage with a result is skipped, one the scheduler still holds is left alone, a failed or
+cancelled one is reported (and resubmitted with ``retry_failed``), and everything else is submitted. Per-stage state
+lives in small files under runs/<grid>/stages/<id>/ (see gridlab.store), so status never needs the DuckDB file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from gridlab import store
+from gridlab.spec import STAGE_KINDS
+
+ACTIVE = ("pending", "running")
+# How many explicit array-task dependencies one job may list before we depend on whole arrays instead.
+_MAX_TASK_DEPENDENCIES = 200
+
+
+def prepare(plan, run_dir: Path) -> None:
+    """Write plan.json and each stage's stage.json (content-addressed: an existing one is already right)."""
+    stages_dir = run_dir / "stages"
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    existing = set(os.listdir(stages_dir))
+    for stage in plan.stages.values():
+        if stage["id"] not in existing:
+            store.write_json_atomic(stages_dir / stage["id"] / store.STAGE, stage)
+    store.write_plan(run_dir, plan)
+
+
+# ---------------------------------------------------------------------------------------------------- stage states
+
+@dataclass
+class StageState:
+    stage_id: str
+    kind: str
+    status: str                    # pending | running | done | failed | cancelled
+    job_id: str | None = None
+    attempts: int = 0
+    log_path: str = ""
+    error: str | None = None
+    submitted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def stage_states(run_dir: Path, stages: list[dict[str, Any]]) -> dict[str, StageState]:
+    """Every stage's state from its files, asking SLURM (one squeue + one sacct call) about submitted jobs."""
+    scanned = [store.scan_stage(run_dir, stage) for stage in stages]
+    slurm_jobs = [f.submit["job_id"] for f in scanned
+                  if f.submit and f.submit.get("executor") == "slurm" and not f.has_result]
+    scheduler = slurm_job_states(slurm_jobs) if slurm_jobs else {}
+    states = {}
+    for files in scanned:
+        state = StageState(files.stage_id, files.kind, "pending", attempts=files.attempts, log_path=files.log_path,
+                           submitted=files.submit is not None)
+        submit = files.submit or {}
+        state.job_id = submit.get("job_id")
+        if files.has_result:
+            state.status = "done"
+        elif files.error is not None and files.error.get("finished", 0) >= submit.get("submitted_at", 0):
+            state.status, state.error = "failed", files.error.get("error")
+        elif submit.get("executor") == "slurm":
+            state.status, state.error = scheduler.get(state.job_id, ("failed", "job unknown to SLURM"))
+        elif submit.get("executor") == "local" and _alive(submit.get("pid")):
+            state.status = "running"
+        states[files.stage_id] = state
+    return states
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+_SLURM_STATE = {
+    "PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending", "RESV_DEL_HOLD": "pending", "SUSPENDED": "pending", "RESIZING": "pending",
+    "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running", "SIGNALING": "running",
+    "CANCELLED": "cancelled", "COMPLETED": "failed", "FAILED": "failed", "TIMEOUT": "failed",
+    "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
+    "PREEMPTED": "pending", "REVOKED": "cancelled", "SPECIAL_EXIT": "failed",
+}
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """job id ("123" or "123_4") → (status, error) for jobs without a result; squeue first, then sacct."""
+    states: dict[str, tuple[str, str | None]] = {}
+    wanted = set(job_ids)
+    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r"])
+    for line in squeue.splitlines():
+        job, state, reason = (line.split("|") + ["", ""])[:3]
+        if job in wanted:
+            if reason == "DependencyNeverSatisfied":
+                states[job] = ("cancelled", "an upstream job failed (DependencyNeverSatisfied)")
+            else:
+                states[job] = (_SLURM_STATE.get(state, "pending"), None)
+    missing = wanted - states.keys()
+    if missing:
+        arrays = sorted({job.split("_")[0] for job in missing})
+        sacct = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)])
+        for line in sacct.splitlines():
+            job, _, state = line.partition("|")
+            state = state.split()[0] if state else ""
+            for task in _expand_array(job):
+                if task in missing:
+                    status = _SLURM_STATE.get(state, "failed")
+                    error = None if status in ACTIVE else (
+                        "SLURM job completed without a result" if state == "COMPLETED" else f"SLURM job {state}")
+                    states[task] = (status, error)
+    return states
+
+
+def _expand_array(job: str) -> list[str]:
+    """sacct shows not-yet-started array tasks collapsed, e.g. 12_[3-5,7%2]."""
+    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job)
+    if not match:
+        return [job]
+    tasks = []
+    for part in match.group(2).split(","):
+        low, _, high = part.partition("-")
+        tasks.extend(f"{match.group(1)}_{i}" for i in range(int(low), int(high or low) + 1))
+    return tasks
+
+
+def _run(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+# ------------------------------------------------------------------------------------------------------ submission
+
+@dataclass
+class Selection:
+    """What one `gridlab submit` does with each stage."""
+
+    to_run: list[dict[str, Any]] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    active: list[str] = field(default_factory=list)
+    failed: list[StageState] = field(default_factory=list)
+
+
+def select(plan, states: dict[str, StageState], retry_failed: bool) -> Selection:
+    selection = Selection()
+    for stage in plan.stages.values():
+        state = states[stage["id"]]
+        if state.status == "done":
+            selection.done.append(stage["id"])
+        elif state.status in ACTIVE and state.submitted:
+            selection.active.append(stage["id"])
+        elif state.status in ("failed", "cancelled") and not retry_failed:
+            selection.failed.append(state)
+        else:
+            selection.to_run.append(stage)
+    return selection
+
+
+def _clear_failure(run_dir: Path, stage_id: str) -> None:
+    (run_dir / "stages" / stage_id / store.ERROR).unlink(missing_ok=True)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class LocalExecutor:
+    """A scheduler loop in this process running ready stages in parallel worker processes.
+
+    Each worker gets cores ÷ workers torch threads (OMP_NUM_THREADS and torch.set_num_threads), so workers share the
+    machine without oversubscribing it.
+    """
+
+    name = "local"
+
+    def __init__(self, workers: int, report: Callable[[str], None] = print, poll_s: float = 0.2):
+        self.workers = workers
+        self.threads = max(1, available_cores() // workers)
+        self.report = report
+        self.poll_s = poll_s
+
+    def run(self, run_dir: Path, plan, selection: Selection) -> dict[str, str]:
+        """Run the selected stages to completion; stage id → final status ("done", "failed", "blocked")."""
+        done = set(selection.done)
+        waiting = list(selection.to_run)
+        blocked_by = {s.stage_id for s in selection.failed}
+        running: dict[str, tuple[subprocess.Popen, float]] = {}
+        outcome: dict[str, str] = {}
+        total, finished = len(waiting), 0
+        try:
+            while waiting or running:
+                for stage_id, (process, started) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    del running[stage_id]
+                    finished += 1
+                    status = self._settle(run_dir, stage_id, process.returncode)
+                    outcome[stage_id] = status
+                    (done if status == "done" else blocked_by).add(stage_id)
+                    kind = plan.stages[stage_id]["kind"]
+                    self.report(f"[{finished}/{total}] {status:6} {kind:6} {stage_id} ({time.time() - started:.0f} s)")
+                for stage in list(waiting):
+                    deps = set(stage["deps"].values())
+                    if deps & blocked_by:
+                        waiting.remove(stage)
+                        blocked_by.add(stage["id"])
+                        outcome[stage["id"]] = "blocked"
+                        finished += 1
+                        self.report(f"[{finished}/{total}] blocked {stage['kind']:6} {stage['id']} (upstream failed)")
+                    elif deps <= done and len(running) < self.workers:
+                        waiting.remove(stage)
+                        running[stage["id"]] = (self._launch(run_dir, stage), time.time())
+                if waiting or running:
+                    time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            for process, _ in running.values():
+                process.terminate()
+            for process, _ in running.values():
+                process.wait()
+            raise
+        return outcome
+
+    def _launch(self, run_dir: Path, stage: dict[str, Any]) -> subprocess.Popen:
+        stage_dir = run_dir / "stages" / stage["id"]
+        _clear_failure(run_dir, stage["id"])
+        environment = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+                       "GRIDLAB_THREADS": str(self.threads)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gridlab.stages", str(run_dir), stage["id"]], env=environment,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store.write_json_atomic(stage_dir / store.SUBMIT, {
+            "executor": "local", "job_id": str(process.pid), "pid": process.pid, "submitted_at": time.time(),
+            "log_path": str(stage_dir / store.LOG)})
+        return process
+
+    @staticmethod
+    def _settle(run_dir: Path, stage_id: str, returncode: int) -> str:
+        stage_dir = run_dir / "stages" / stage_id
+        if (stage_dir / store.RESULT).exists():
+            return "done"
+        if not (stage_dir / store.ERROR).exists():
+            how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+            store.write_json_atomic(stage_dir / store.ERROR, {
+                "error": f"worker {how} before writing its result", "finished": time.time(), "traceback": []})
+        return "failed"
+
+
+class DebugExecutor(LocalExecutor):
+    """Stages one after another in this process (for pdb); same bookkeeping as local."""
+
+    name = "debug"
+
+    def __init__(self, report: Callable[[str], None] = print):
+        super().__init__(workers=1, report=report)
+
+    def run(self, run_dir: Path, plan, selection: Selection) -> dict[str, str]:
+        from gridlab.stages import execute_stage
+
+        done, failed = set(selection.done), {s.stage_id for s in selection.failed}
+        outcome = {}
+        for stage in selection.to_run:
+            if set(stage["deps"].values()) & failed:
+                failed.add(stage["id"])
+                outcome[stage["id"]] = "blocked"
+                continue
+            _clear_failure(run_dir, stage["id"])
+            store.write_json_atomic(run_dir / "stages" / stage["id"] / store.SUBMIT, {
+                "executor": "debug", "job_id": None, "submitted_at": time.time(),
+                "log_path": str(run_dir / "stages" / stage["id"] / store.LOG)})
+            ok = execute_stage(run_dir, stage["id"], redirect_output=False)
+            (done if ok else failed).add(stage["id"])
+            outcome[stage["id"]] = "done" if ok else "failed"
+            self.report(f"{outcome[stage['id']]:6} {stage['kind']:6} {stage['id']}")
+        return outcome
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """The callable a SLURM array task runs. On preemption or timeout submitit requeues it with the same arguments;
+    the stage then resumes from its own checkpoint (training resumes from out_dir/checkpoint)."""
+
+    def __call__(self, run_dir: str, stage_id: str) -> bool:
+        from gridlab.stages import execute_stage
+
+        threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
+        os.environ["OMP_NUM_THREADS"] = os.environ["GRIDLAB_THREADS"] = threads
+        ok = execute_stage(Path(run_dir), stage_id)
+        if not ok:
+            raise RuntimeError(f"stage {stage_id} failed; see {Path(run_dir) / 'stages' / stage_id / store.LOG}")
+        return ok
+
+
+def max_array_size() -> int:
+    match = re.search(r"MaxArraySize\s*=\s*(\d+)", _run(["scontrol", "show", "config"]))
+    return int(match.group(1)) if match else 1001
+
+
+class SlurmExecutor:
+    """Submits one job array per stage kind (chunked below MaxArraySize) with afterok dependencies along the DAG,
+    and returns at once."""
+
+    name = "slurm"
+
+    def __init__(self, report: Callable[[str], None] = print):
+        self.report = report
+
+    def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
+        job_of = {sid: s.job_id for sid, s in states.items() if s.status in ACTIVE and s.submitted and s.job_id}
+        done = set(selection.done)
+        chunk_size = max(1, max_array_size() - 1)
+        folder = run_dir / "slurm"
+        outcome = {}
+        for kind in STAGE_KINDS:
+            stages = [s for s in selection.to_run if s["kind"] == kind]
+            for start in range(0, len(stages), chunk_size):
+                chunk = stages[start:start + chunk_size]
+                jobs = self._submit_chunk(run_dir, folder, plan, kind, chunk, job_of, done)
+                for stage, job in zip(chunk, jobs):
+                    job_of[stage["id"]] = job.job_id
+                    outcome[stage["id"]] = "submitted"
+                    store.write_json_atomic(run_dir / "stages" / stage["id"] / store.SUBMIT, {
+                        "executor": "slurm", "job_id": job.job_id, "submitted_at": time.time(),
+                        "log_path": str(run_dir / "stages" / stage["id"] / store.LOG),
+                        "slurm_log": str(job.paths.stdout)})
+                self.report(f"submitted {len(chunk)} {kind} stage(s) as array {jobs[0].job_id.split('_')[0]}")
+        return outcome
+
+    def _submit_chunk(self, run_dir, folder, plan, kind, chunk, job_of, done):
+        resources = plan.spec.resources.for_kind(kind)
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+        parameters = {
+            "name": f"gridlab-{plan.spec.name}-{kind}", "cpus_per_task": resources["cpus"],
+            "mem_gb": resources["mem_gb"], "timeout_min": resources["time_min"],
+            "slurm_array_parallelism": resources["array_parallelism"],
+        }
+        if resources["gpus"]:
+            parameters["gpus_per_node"] = resources["gpus"]
+        if resources["partition"]:
+            parameters["slurm_partition"] = resources["partition"]
+        if resources["account"]:
+            parameters["slurm_account"] = resources["account"]
+        dependency = _dependency([dep for stage in chunk for dep in stage["deps"].values() if dep not in done],
+                                 job_of)
+        if dependency:
+            parameters["slurm_additional_parameters"] = {"dependency": dependency}
+        executor.update_parameters(**parameters)
+        for stage in chunk:
+            _clear_failure(run_dir, stage["id"])
+        ids = [stage["id"] for stage in chunk]
+        return executor.map_array(StageJob(), [str(run_dir)] * len(ids), ids)
+
+
+def _dependency(deps: list[str], job_of: dict[str, str]) -> str | None:
+    jobs = sorted({job_of[dep] for dep in deps if dep in job_of})
+    if not jobs:
+        return None
+    if len(jobs) > _MAX_TASK_DEPENDENCIES:
+        jobs = sorted({job.split("_")[0] for job in jobs})
+    return "afterok:" + ":".join(jobs)
+
+
+def make_executor(name: str, workers: int, report: Callable[[str], None] = print):
+    if name == "local":
+        return LocalExecutor(workers, report)
+    if name == "debug":
+        return DebugExecutor(report)
+    if name == "slurm":
+        return SlurmExecutor(report)
+    raise ValueError(f"unknown executor {name!r}; valid executors: local, debug, slurm")
+
+
+def wait_for(run_dir: Path, stages: list[dict[str, Any]], report: Callable[[str], None] = print,
+             poll_s: float = 5.0) -> dict[str, StageState]:
+    """Block until no stage is pending or running, reporting counts when they change."""
+    last = None
+    while True:
+        states = stage_states(run_dir, stages)
+        counts = {status: 0 for status in store.STATES}
+        for state in states.values():
+            counts[state.status] += 1
+        line = " ".join(f"{status} {count}" for status, count in counts.items())
+        if line != last:
+            report(f"{time.strftime('%H:%M:%S')} {line}")
+            last = line
+        if not any(state.status in ACTIVE and state.submitted for state in states.values()):
+            return states
+        time.sleep(poll_s)

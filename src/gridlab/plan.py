@@ -1,0 +1,261 @@
+"""GridSpec → cells and the stage DAG that produces them, with content-addressed ids.
+
+A stage is a plain dict ``{"id", "kind", "config", "deps"}``; ``deps`` maps a role ("data", "parent", "model",
+"train") to the id of the stage consumed. A stage id is the hash of the canonical JSON of its kind, config and deps
+(sorted keys, numbers normalised), so identical work is planned once and an edit changes exactly the ids downstream
+of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridlab.spec import STAGE_KINDS, GridSpec, MethodSpec
+
+# Measured training throughput in tokens/s per worker (fp32, 1 thread, seq 128, CPU of the development machine; see
+# /work/shared/environment.md). Used only for `gridlab plan`'s time estimate; a pruned model is assumed to train
+# faster in proportion to the decoder parameters it keeps.
+MEASURED_TOKENS_PER_S: dict[str, float] = {
+    "micro": 2600.0,
+    "nano": 1150.0,
+    "mini": 600.0,
+    "small": 262.0,
+    "1b": 10.0,
+    "llama-3.1-8b": 1.0,
+}
+_UNMEASURED_TOKENS_PER_S = 100.0
+
+
+def canonical(value: Any) -> Any:
+    """Normalise a config for hashing: integral floats become ints, floats keep 12 significant digits."""
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, float):
+        if math.isfinite(value) and value == int(value):
+            return int(value)
+        return float(f"{value:.12g}")
+    return value
+
+
+def content_id(payload: dict[str, Any]) -> str:
+    text = json.dumps(canonical(payload), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_stage(kind: str, config: dict[str, Any], deps: dict[str, str]) -> dict[str, Any]:
+    config = canonical(config)
+    return {"id": content_id({"kind": kind, "config": config, "deps": deps}), "kind": kind, "config": config,
+            "deps": deps}
+
+
+@dataclass
+class Plan:
+    spec: GridSpec
+    stages: dict[str, dict[str, Any]]            # id → stage, in dependency order
+    cells: list[dict[str, Any]]
+    excluded: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def train_tokens(self) -> int:
+        """Tokens this plan trains, the parent's pretraining included."""
+        total = 0
+        for stage in self.stages.values():
+            if stage["kind"] == "parent" and "preset" in stage["config"]:
+                total += stage["config"]["tokens"]
+            elif stage["kind"] == "train":
+                total += trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
+        return total
+
+    def naive_train_tokens(self) -> int:
+        """One run per cell: the parent once, then every cell trains its own model from its start."""
+        parent = self.spec.parent.tokens if self.spec.parent.preset else 0
+        return parent + sum(cell["trained_tokens"] for cell in self.cells)
+
+    def estimated_seconds(self, workers: int) -> float:
+        preset = self.spec.parent.preset
+        speed = MEASURED_TOKENS_PER_S.get(preset, _UNMEASURED_TOKENS_PER_S) if preset else _UNMEASURED_TOKENS_PER_S
+        seconds = 0.0
+        kept_fraction = {c["train_stage"]: 1 - c["ratio"] for c in self.cells}
+        for stage in self.stages.values():
+            if stage["kind"] == "parent" and "preset" in stage["config"]:
+                seconds += stage["config"]["tokens"] / speed
+            elif stage["kind"] == "train":
+                tokens = trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
+                seconds += tokens * kept_fraction.get(stage["id"], 1.0) / speed
+        return seconds / max(1, workers)
+
+
+def trajectory_tokens(budgets: list[int], schedule: dict[str, Any]) -> int:
+    """Tokens one train stage processes: WSD shares the stable trunk between branches; cosine runs each budget."""
+    if schedule["kind"] == "cosine":
+        return sum(budgets)
+    decay = schedule["decay_fraction"]
+    return round(max(budgets) * (1 - decay) + decay * sum(budgets))
+
+
+def granularity(method: MethodSpec) -> str:
+    from gridlab.pruning import METHODS
+
+    return METHODS[method.method].granularity
+
+
+def parent_config(spec: GridSpec):
+    """The parent's LlamaConfig as the parent stage will build or load it."""
+    if spec.parent.preset is not None:
+        from gridlab.model import make_config
+
+        return make_config(spec.parent.preset, vocab_size(spec), spec.seq_len, **spec.parent.overrides)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(spec.parent.path)
+
+
+def vocab_size(spec: GridSpec) -> int:
+    if spec.tokenizer.vocab_size is not None:
+        return spec.tokenizer.vocab_size
+    from gridlab.data import load_tokenizer
+
+    return len(load_tokenizer(spec.tokenizer.path))
+
+
+def pruned_architecture(spec: GridSpec, method: MethodSpec, ratio: float, parent) -> dict[str, Any] | None:
+    from gridlab.pruning import pruned_config
+
+    config = pruned_config(parent, method.method, ratio, **method.prune_options)
+    if config is None:
+        return None
+    architecture = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        architecture.pop(volatile, None)
+    return architecture
+
+
+def build_plan(spec: GridSpec) -> Plan:
+    schedule = spec.schedule.model_dump()
+    data = make_stage("data", {
+        "corpus": spec.corpus.model_dump(), "splits": spec.splits.model_dump(),
+        "tokenizer": spec.tokenizer.model_dump(), "seq_len": spec.seq_len,
+    }, {})
+    parent_tokens = spec.parent.tokens
+    if spec.parent.preset is not None:
+        parent_cfg = {"preset": spec.parent.preset, "overrides": spec.parent.overrides, "tokens": parent_tokens,
+                      "seed": spec.parent.seed, "vocab_size": vocab_size(spec), "seq_len": spec.seq_len,
+                      "schedule": schedule, "validation_sequences": spec.evaluation.max_sequences}
+    else:
+        parent_cfg = {"path": spec.parent.path, "tokens": parent_tokens,
+                      "validation_sequences": spec.evaluation.max_sequences}
+    parent = make_stage("parent", parent_cfg, {"data": data["id"]})
+
+    stages: dict[str, dict[str, Any]] = {data["id"]: data, parent["id"]: parent}
+    budgets_of: dict[str, set[int]] = {}     # model stage id → budgets its train stage must reach
+    drafts: list[dict[str, Any]] = []
+    excluded = 0
+    parent_architecture = None
+    architectures: dict[tuple, dict | None] = {}
+
+    for method in spec.methods:
+        kind = granularity(method)
+        for ratio in spec.method_ratios(method):
+            for seed in spec.seeds:
+                prune = make_stage("prune", {
+                    "method": method.method, "options": method.prune_options, "ratio": ratio, "seed": seed,
+                    "calibration_sequences": spec.calibration.sequences,
+                    "validation_sequences": spec.evaluation.max_sequences,
+                }, {"parent": parent["id"], "data": data["id"]})
+                init = None
+                if "random" in spec.inits:
+                    if kind == "sparse":
+                        init = make_stage("init", {"seed": seed, "validation_sequences":
+                                                   spec.evaluation.max_sequences},
+                                          {"model": prune["id"], "data": data["id"]})
+                    else:
+                        arch_key = (method.method, json.dumps(canonical(method.prune_options), sort_keys=True), ratio)
+                        if arch_key not in architectures:
+                            if parent_architecture is None:
+                                parent_architecture = parent_config(spec)
+                            architectures[arch_key] = pruned_architecture(spec, method, ratio, parent_architecture)
+                        init = make_stage("init", {"architecture": architectures[arch_key], "seed": seed,
+                                                   "validation_sequences": spec.evaluation.max_sequences},
+                                          {"data": data["id"]})
+                for init_kind in spec.inits:
+                    model = prune if init_kind == "pruned" else init
+                    for budget in spec.budgets:
+                        for setting in spec.settings:
+                            trained = budget + parent_tokens if (init_kind == "random" and setting == 2) else budget
+                            cell = {"method": method.key, "granularity": kind, "ratio": float(ratio),
+                                    "init": init_kind, "setting": setting, "budget": budget,
+                                    "budget_tokens": budget, "trained_tokens": trained, "seed": seed}
+                            if any(rule.matches(cell) for rule in spec.exclude):
+                                excluded += 1
+                                continue
+                            del cell["budget"]
+                            stages.setdefault(prune["id"], prune)
+                            if model is not prune:
+                                stages.setdefault(model["id"], model)
+                            budgets_of.setdefault(model["id"], set()).add(trained)
+                            drafts.append({**cell, "model_stage": model["id"], "prune_stage": prune["id"]})
+
+    train_of: dict[str, dict[str, Any]] = {}
+    eval_of: dict[str, dict[str, Any]] = {}
+    for model_id, budgets in budgets_of.items():
+        seed = next(d["seed"] for d in drafts if d["model_stage"] == model_id)
+        train = make_stage("train", {"budgets": sorted(budgets), "schedule": schedule, "seed": seed,
+                                     "seq_len": spec.seq_len}, {"model": model_id, "data": data["id"]})
+        evaluation = make_stage("eval", {"budgets": sorted(budgets), "evaluation": spec.evaluation.model_dump()},
+                                {"train": train["id"], "data": data["id"]})
+        stages[train["id"]] = train
+        stages[evaluation["id"]] = evaluation
+        train_of[model_id] = train
+        eval_of[model_id] = evaluation
+
+    cells = []
+    for draft in drafts:
+        model_id = draft.pop("model_stage")
+        cell = {**draft, "train_stage": train_of[model_id]["id"], "eval_stage": eval_of[model_id]["id"],
+                "model_stage": model_id}
+        cell["cell_id"] = content_id({key: cell[key] for key in (
+            "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage")})
+        cells.append(cell)
+
+    ordered = dict(sorted(stages.items(), key=lambda item: STAGE_KINDS.index(item[1]["kind"])))
+    counts = {kind: 0 for kind in STAGE_KINDS}
+    for stage in ordered.values():
+        counts[stage["kind"]] += 1
+    return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts)
+
+
+def format_plan(plan: Plan, workers: int | None = None) -> str:
+    spec = plan.spec
+    workers = workers or spec.local.workers
+    lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded) → {plan.spec.run_dir}"]
+    parent = spec.parent
+    source = f"pretrain {parent.preset} for {parent.tokens:,} tokens" if parent.preset else f"load {parent.path}"
+    lines.append(f"  parent: {source} (parent tokens P = {parent.tokens:,})")
+    lines.append("  methods: " + ", ".join(
+        f"{m.key} [{granularity(m)}] ratios {'/'.join(f'{r:g}' for r in spec.method_ratios(m))}"
+        for m in spec.methods))
+    lines.append(f"  inits {', '.join(spec.inits)} × budgets {', '.join(f'{b:,}' for b in spec.budgets)}"
+                 f" × settings {', '.join(map(str, spec.settings))} × seeds {', '.join(map(str, spec.seeds))}")
+    lines.append("  stages: " + ", ".join(f"{kind} {count}" for kind, count in plan.counts.items())
+                 + f" (total {len(plan.stages)})")
+    planned, naive = plan.train_tokens(), plan.naive_train_tokens()
+    lines.append(f"  tokens to train: {planned:,} (naive one run per cell: {naive:,}; "
+                 f"{naive / max(planned, 1):.1f}× saved)")
+    seconds = plan.estimated_seconds(workers)
+    lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) "
+                 f"(measured {spec.parent.preset or 'unknown'} throughput)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,413 @@
+"""grid.toml → a validated GridSpec.
+
+Every problem a user can put in the file becomes one ValueError line naming the key path (``methods[2].ratios``),
+the offending value and, for unknown keys, the nearest valid key. The file is data only: nothing in it is evaluated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from gridlab.model import PRESETS
+
+STAGE_KINDS = ("data", "parent", "prune", "init", "train", "eval")
+
+_TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_TOKEN_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NM_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<n>\d+):(?P<m>\d+)$")
+
+
+def parse_tokens(value: Any) -> int:
+    """A token count: an integer, or a string with an optional k/M/B/T suffix ("40k", "1.5M", "2e6")."""
+    if isinstance(value, bool):
+        raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
+    if isinstance(value, int):
+        number = float(value)
+    elif isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        match = _TOKEN_PATTERN.match(value)
+        if not match:
+            raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
+        number = float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()]
+    else:
+        raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
+    if number != int(number) or number < 1:
+        raise ValueError("a token count must be a positive whole number of tokens")
+    return int(number)
+
+
+Tokens = Annotated[int, BeforeValidator(parse_tokens)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ParentSpec(_Strict):
+    """Either pretrain a preset for ``tokens`` tokens, or load ``path`` and declare what it cost (``tokens``)."""
+
+    preset: str | None = None
+    overrides: dict[str, int | float] = Field(default_factory=dict)
+    path: str | None = None
+    tokens: Tokens
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ParentSpec":
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("give exactly one of parent.preset (pretrain) or parent.path (load a pretrained model)")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        if self.path is not None and self.overrides:
+            raise ValueError("parent.overrides only apply to a preset parent")
+        return self
+
+
+class CorpusSpec(_Strict):
+    """A gridlab.data.CorpusSource."""
+
+    kind: Literal["stdlib", "hf", "disk", "files"]
+    name: str | None = None
+    config: str | None = None
+    split: str = "train"
+    path: str | None = None
+    files: tuple[str, ...] = ()
+    text_column: str = "text"
+    max_documents: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> "CorpusSpec":
+        required = {"hf": "name", "disk": "path", "files": "files"}.get(self.kind)
+        if required and not getattr(self, required):
+            raise ValueError(f"a corpus of kind {self.kind!r} needs {required!r}")
+        return self
+
+
+class SplitsSpec(_Strict):
+    """gridlab.data.SplitFractions: the fraction of documents in each disjoint split (seeded hash of the document)."""
+
+    pretrain: float = Field(0.6, gt=0, lt=1)
+    retrain: float = Field(0.3, gt=0, lt=1)
+    calibration: float = Field(0.02, gt=0, lt=1)
+    validation: float = Field(0.08, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitsSpec":
+        total = self.pretrain + self.retrain + self.calibration + self.validation
+        if abs(total - 1) > 1e-9:
+            raise ValueError(f"split fractions add up to {total:g}; they must add up to 1")
+        return self
+
+
+class TokenizerSpec(_Strict):
+    """Train a byte-level BPE of ``vocab_size`` on the pretrain split, or load ``path`` (a folder or name)."""
+
+    vocab_size: int | None = Field(default=None, ge=256, le=2**20)
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TokenizerSpec":
+        if (self.vocab_size is None) == (self.path is None):
+            raise ValueError("give exactly one of tokenizer.vocab_size (train a BPE) or tokenizer.path")
+        return self
+
+
+class CalibrationSpec(_Strict):
+    sequences: int = Field(32, ge=1)
+
+
+class MethodSpec(_Strict):
+    """One pruning method of gridlab.pruning.METHODS with its options. ``label`` names it in the results (default:
+    ``name``); ``ratios`` overrides the grid's. N:M sparsity (options.nm = "2:4", or a name like "wanda-2:4") prunes
+    at its own ratio N/M only."""
+
+    name: str
+    label: str | None = Field(default=None, pattern=_NAME_PATTERN.pattern)
+    options: dict[str, Any] = Field(default_factory=dict)
+    ratios: list[Annotated[float, Field(gt=0, lt=1)]] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    @property
+    def method(self) -> str:
+        """The registry name (without an N:M suffix)."""
+        match = _NM_SUFFIX.match(self.name)
+        return match["base"] if match else self.name
+
+    @property
+    def prune_options(self) -> dict[str, Any]:
+        match = _NM_SUFFIX.match(self.name)
+        return {**self.options, "nm": f"{match['n']}:{match['m']}"} if match else dict(self.options)
+
+    @property
+    def fixed_ratio(self) -> float | None:
+        nm = self.prune_options.get("nm")
+        if nm is None:
+            return None
+        n, m = (int(part) for part in str(nm).split(":"))
+        return n / m
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "MethodSpec":
+        from gridlab.pruning import METHODS
+        from gridlab.pruning.registry import resolve_options
+
+        if self.method not in METHODS:
+            hint = difflib.get_close_matches(self.method, list(METHODS), n=1)
+            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+            raise ValueError(f"unknown pruning method {self.name!r}; {did_you_mean}valid methods: "
+                             f"{', '.join(sorted(METHODS))}")
+        if _NM_SUFFIX.match(self.name) and "nm" in self.options:
+            raise ValueError(f"{self.name!r} already names its N:M pattern; remove options.nm")
+        resolve_options(METHODS[self.method], self.prune_options)
+        if self.fixed_ratio is not None and self.ratios is not None:
+            raise ValueError(f"{self.name!r} prunes at its own ratio {self.fixed_ratio:g} (N:M); remove 'ratios'")
+        return self
+
+
+class ScheduleSpec(_Strict):
+    """gridlab.train.TrainConfig: WSD (budget branches of one trajectory) or independent cosine runs."""
+
+    kind: Literal["wsd", "cosine"] = "wsd"
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_tokens: Tokens = 10_000
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    batch_size: int = Field(16, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_tokens: Tokens = 50_000
+
+
+class EvalCorpusSpec(CorpusSpec):
+    """An extra held-out corpus, reported as eval/<label>/loss."""
+
+    label: str = Field(pattern=_NAME_PATTERN.pattern)
+
+
+class EvaluationSpec(_Strict):
+    max_sequences: int | None = Field(default=256, ge=1)
+    corpora: list[EvalCorpusSpec] = Field(default_factory=list)
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+
+
+class ResourceSpec(_Strict):
+    """What one stage job asks the scheduler for. Unset keys of a per-kind table fall back to [resources.default]."""
+
+    cpus: int | None = Field(default=None, ge=1)
+    gpus: int | None = Field(default=None, ge=0)
+    mem_gb: float | None = Field(default=None, gt=0)
+    time_min: int | None = Field(default=None, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    array_parallelism: int | None = Field(default=None, ge=1)
+
+
+_RESOURCE_DEFAULTS = ResourceSpec(cpus=1, gpus=0, mem_gb=2.0, time_min=60, array_parallelism=64)
+
+
+class ResourcesSpec(_Strict):
+    default: ResourceSpec = _RESOURCE_DEFAULTS
+    data: ResourceSpec = ResourceSpec()
+    parent: ResourceSpec = ResourceSpec()
+    prune: ResourceSpec = ResourceSpec()
+    init: ResourceSpec = ResourceSpec()
+    train: ResourceSpec = ResourceSpec()
+    eval: ResourceSpec = ResourceSpec()
+
+    def for_kind(self, kind: str) -> dict[str, Any]:
+        merged = _RESOURCE_DEFAULTS.model_dump()
+        for layer in (self.default, getattr(self, kind)):
+            merged.update({key: value for key, value in layer.model_dump().items() if value is not None})
+        return merged
+
+
+class LocalSpec(_Strict):
+    """The local executor: parallel worker processes sharing this machine's cores (cores ÷ workers threads each)."""
+
+    workers: int = Field(2, ge=1)
+
+
+class ExcludeRule(_Strict):
+    """Cells matching every key given here are left out of the grid."""
+
+    method: str | None = None
+    ratio: float | None = None
+    init: Literal["pruned", "random"] | None = None
+    budget: Tokens | None = None
+    setting: Literal[1, 2] | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "ExcludeRule":
+        if all(value is None for value in self.model_dump().values()):
+            raise ValueError("an exclude rule needs at least one of: " + ", ".join(ExcludeRule.model_fields))
+        return self
+
+    def matches(self, cell: dict[str, Any]) -> bool:
+        return all(
+            value is None or (abs(cell[key] - value) < 1e-9 if key == "ratio" else cell[key] == value)
+            for key, value in self.model_dump().items()
+        )
+
+
+def _unique(values: list, what: str) -> None:
+    duplicates = sorted({str(v) for v in values if values.count(v) > 1})
+    if duplicates:
+        raise ValueError(f"{what} lists {', '.join(duplicates)} more than once")
+
+
+class GridSpec(_Strict):
+    name: str = Field(pattern=_NAME_PATTERN.pattern)
+    runs_dir: str = "runs"
+    seq_len: int = Field(ge=8, le=1 << 20)
+    parent: ParentSpec
+    corpus: CorpusSpec
+    splits: SplitsSpec = SplitsSpec()
+    tokenizer: TokenizerSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    methods: list[MethodSpec] = Field(min_length=1)
+    ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=list)
+    inits: list[Literal["pruned", "random"]] = Field(default_factory=lambda: ["pruned", "random"], min_length=1)
+    budgets: list[Tokens] = Field(min_length=1)
+    settings: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    schedule: ScheduleSpec = ScheduleSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    local: LocalSpec = LocalSpec()
+    exclude: list[ExcludeRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GridSpec":
+        _unique([m.key for m in self.methods], "methods (by label)")
+        for key in ("ratios", "inits", "budgets", "settings", "seeds"):
+            _unique(getattr(self, key), key)
+        if not self.ratios and any(m.ratios is None and m.fixed_ratio is None for m in self.methods):
+            raise ValueError("ratios is empty and some methods have no ratios of their own")
+        _unique([c.label for c in self.evaluation.corpora], "evaluation.corpora (by label)")
+        labels = [m.key for m in self.methods]
+        for index, rule in enumerate(self.exclude):
+            if rule.method is not None and rule.method not in labels:
+                raise ValueError(f"exclude[{index}].method {rule.method!r} names no method; methods: {', '.join(labels)}")
+            if rule.budget is not None and rule.budget not in self.budgets:
+                raise ValueError(f"exclude[{index}].budget {rule.budget} is not one of the budgets")
+        batch_tokens = self.schedule.batch_size * self.seq_len
+        if min(self.budgets) < batch_tokens:
+            raise ValueError(f"budget {min(self.budgets)} is smaller than one batch (schedule.batch_size × seq_len = "
+                             f"{batch_tokens} tokens)")
+        if self.schedule.warmup_tokens >= min(self.budgets):
+            raise ValueError(
+                f"schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below the smallest budget "
+                f"({min(self.budgets)})"
+            )
+        return self
+
+    def method_ratios(self, method: MethodSpec) -> list[float]:
+        if method.fixed_ratio is not None:
+            return [method.fixed_ratio]
+        return list(method.ratios if method.ratios is not None else self.ratios)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read and validate a grid file; every problem is one ValueError line. runs_dir is relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read grid file ({error.strerror})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    spec = parse_grid(raw, source=str(path))
+    runs_dir = Path(spec.runs_dir)
+    if not runs_dir.is_absolute():
+        spec = spec.model_copy(update={"runs_dir": str((path.parent / runs_dir).resolve())})
+    return spec
+
+
+def parse_grid(raw: dict[str, Any], source: str = "grid") -> GridSpec:
+    try:
+        return GridSpec.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(f"{source}: {_describe(error.errors()[0])}") from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    path = _key_path(loc)
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        nearest = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+        return f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    where = f"{path}: " if path else ""
+    if error["type"].startswith(("value_error", "assertion_error")) and "input" in error and isinstance(
+        error["input"], dict
+    ):
+        return f"{where}{message}"
+    return f"{where}{message} (got {error.get('input')!r})"
+
+
+def _key_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _is_validator_tag(part):
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _is_validator_tag(part: str) -> bool:
+    # pydantic inserts the validator or union member name into loc for some errors, e.g. 'function-before[...]'.
+    return "[" in part or part in {"int", "float", "str", "literal", "list", "dict"}
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """The field names of the model found by walking ``loc`` down from GridSpec."""
+    model: Any = GridSpec
+    for part in loc:
+        if isinstance(part, int) or _is_validator_tag(str(part)):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = _model_in(annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
