@@ -146,7 +146,7 @@ def build_plan(spec: GridSpec) -> Plan:
     if spec.parent.preset is not None:
         parent_cfg = {"preset": spec.parent.preset, "overrides": spec.parent.overrides, "tokens": parent_tokens,
                       "seed": spec.parent.seed, "vocab_size": vocab_size(spec), "seq_len": spec.seq_len,
-                      "schedule": schedule, "validation_sequences": spec.evaluation.max_sequences}
+                      "schedule": spec.parent.schedule.model_dump(), "validation_sequences": spec.evaluation.max_sequences}
     else:
         parent_cfg = {"path": spec.parent.path, "tokens": parent_tokens,
                       "validation_sequences": spec.evaluation.max_sequences}

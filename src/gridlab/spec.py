@@ -52,14 +52,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+class ScheduleSpec(_Strict):
+    """gridlab.train.TrainConfig: WSD (budget branches of one trajectory) or independent cosine runs."""
+
+    kind: Literal["wsd", "cosine"] = "wsd"
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_tokens: Tokens = 10_000
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    batch_size: int = Field(16, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_tokens: Tokens = 50_000
+
+
 class ParentSpec(_Strict):
-    """Either pretrain a preset for ``tokens`` tokens, or load ``path`` and declare what it cost (``tokens``)."""
+    """Either pretrain a preset for ``tokens`` tokens, or load ``path`` and declare what it cost (``tokens``).
+    The parent has its own schedule, so tuning the retraining schedule never re-pretrains the parent."""
 
     preset: str | None = None
     overrides: dict[str, int | float] = Field(default_factory=dict)
     path: str | None = None
     tokens: Tokens
     seed: int = 0
+    schedule: ScheduleSpec = ScheduleSpec()
 
     @model_validator(mode="after")
     def _one_source(self) -> "ParentSpec":
@@ -69,6 +89,9 @@ class ParentSpec(_Strict):
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if self.path is not None and self.overrides:
             raise ValueError("parent.overrides only apply to a preset parent")
+        if self.preset is not None and self.schedule.warmup_tokens >= self.tokens:
+            raise ValueError(f"parent.schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below "
+                             f"parent.tokens ({self.tokens})")
         return self
 
 
@@ -175,24 +198,6 @@ class MethodSpec(_Strict):
         if self.fixed_ratio is not None and self.ratios is not None:
             raise ValueError(f"{self.name!r} prunes at its own ratio {self.fixed_ratio:g} (N:M); remove 'ratios'")
         return self
-
-
-class ScheduleSpec(_Strict):
-    """gridlab.train.TrainConfig: WSD (budget branches of one trajectory) or independent cosine runs."""
-
-    kind: Literal["wsd", "cosine"] = "wsd"
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_tokens: Tokens = 10_000
-    decay_fraction: float = Field(0.2, gt=0, le=1)
-    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    batch_size: int = Field(16, ge=1)
-    grad_clip: float = Field(1.0, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_tokens: Tokens = 50_000
 
 
 class EvalCorpusSpec(CorpusSpec):
