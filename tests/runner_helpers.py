@@ -85,3 +85,28 @@ def slurm_available() -> bool:
         return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def fake_payload(stage: dict, curve_points: int = 5) -> dict:
+    """A result payload shaped like the real stage's (see gridlab.stages), without running anything."""
+    kind, config = stage["kind"], stage["config"]
+    if kind == "data":
+        return {"tokenizer_dir": "tok", "shards": {}, "vocab_size": 512, "corpus_fingerprint": "f00d", "manifest": {}}
+    if kind in ("parent", "init"):
+        return {"model_path": f"m/{stage['id']}", "val_loss": 5.0, "val_ppl": 148.4, "params": {}}
+    if kind == "prune":
+        return {"model_path": f"m/{stage['id']}", "achieved_ratio": config["ratio"] + 0.01, "granularity": "depth",
+                "removed": None, "note": None, "val_loss": 6.0, "val_ppl": 403.4, "params": {}}
+    if kind == "train":
+        branches = []
+        for budget in config["budgets"]:
+            curve = [{"tokens": budget * (i + 1) // curve_points, "loss": 5.0 - i * 0.1, "lr": 1e-3}
+                     for i in range(curve_points)]
+            branches.append({"budget_tokens": budget, "trained_tokens": budget, "path": f"b/{budget}",
+                             "curve": curve})
+        return {"branches": branches, "curve": []}
+    if kind == "eval":
+        return {"branches": [{"budget_tokens": b, "trained_tokens": b, "path": f"b/{b}",
+                              "metrics": [{"name": "val_loss", "value": 4.0}, {"name": "val_ppl", "value": 54.6}]}
+                             for b in config["budgets"]]}
+    raise ValueError(kind)

@@ -278,13 +278,13 @@ def _upstream(stage_by_id: dict[str, dict], stage_id: str) -> list[str]:
 
 
 def _cell_status(chain: list[str], status: dict[str, str], error: dict[str, str | None]) -> tuple[str, str | None]:
-    """A cell is done when its eval stage is; otherwise it takes the worst state along its upstream chain."""
-    if status[chain[0]] == "done":
-        return "done", None
+    """A failed or cancelled stage anywhere upstream makes the cell so; otherwise it is done when its eval stage is."""
     for state in ("failed", "cancelled"):
         for stage_id in chain:
             if status[stage_id] == state:
                 return state, f"{stage_id}: {error[stage_id] or state}"
+    if status[chain[0]] == "done":
+        return "done", None
     if any(status[stage_id] == "running" for stage_id in chain):
         return "running", None
     return "pending", None
