@@ -116,21 +116,21 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
         block_pruned = torch.zeros_like(block, dtype=torch.bool)
         if nm is None:
             block_pruned = ~keep_mask(block ** 2 / d.unsqueeze(0) ** 2, ratio, "matrix")
+        # err_j = (w_j - q_j) / U_jj, and w_j - q_j is w_j where pruned, 0 where kept.
+        error_scale = block_pruned / d.unsqueeze(0)
         errors = torch.zeros_like(block)
         for j in range(end - start):
             if nm is not None and j % nm[1] == 0:
                 run = block[:, j:j + nm[1]] ** 2 / d[j:j + nm[1]].unsqueeze(0) ** 2
                 block_pruned[:, j:j + nm[1]] = ~keep_mask(run, ratio, "row", nm)
-            w = block[:, j]
-            q = torch.where(block_pruned[:, j], torch.zeros_like(w), w)
-            err = (w - q) / d[j]
-            block[:, j:] -= err.unsqueeze(1) * U_block[j, j:].unsqueeze(0)
-            block[:, j] = q
+                error_scale[:, j:j + nm[1]] = block_pruned[:, j:j + nm[1]] / d[j:j + nm[1]].unsqueeze(0)
+            err = block[:, j] * error_scale[:, j]
+            block[:, j:].addr_(err, U_block[j, j:], alpha=-1.0)
             errors[:, j] = err
+        block.masked_fill_(block_pruned, 0.0)  # column j ends as q_j; make the pruned entries exactly zero
         W[:, start:end] = block
         pruned[:, start:end] = block_pruned
         W[:, end:] -= errors @ U[start:end, end:]
-    W[pruned] = 0.0
     return W.to(weight.dtype), ~pruned
 
 
