@@ -1,0 +1,105 @@
+"""Held-out loss/perplexity on token shards, and zero/few-shot tasks through lm-eval (offline)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from gridlab.data import TokenShard
+from gridlab.tasks import TASKS_DIR
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def heldout_loss(model, data: TokenShard, max_sequences: int | None = None, batch_size: int = 16) -> dict:
+    """Mean next-token loss over the first `max_sequences` sequences: {loss, ppl, tokens} (tokens = predictions)."""
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"max_sequences must be a positive integer or None, got {max_sequences}")
+    n_sequences = data.n_sequences if max_sequences is None else min(max_sequences, data.n_sequences)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, n_sequences, batch_size):
+        batch = data[slice(start, min(start + batch_size, n_sequences))].to(device)
+        with _autocast(device):
+            logits = model(input_ids=batch).logits
+        total_loss += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        ).double()
+    model.train(was_training)
+    tokens = n_sequences * (data.seq_len - 1)
+    loss = total_loss.item() / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def lm_eval_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    trained_tokens: int | None = None,
+    batch_size: int = 16,
+) -> list[dict]:
+    """Run lm-eval tasks (its registry plus gridlab/tasks/*.yaml) on an in-memory model, offline.
+
+    Returns metric records {name: "lm_eval/<task>/<metric>", value, stderr, tokens} where tokens is
+    `trained_tokens` (the training tokens of the evaluated model, as the metrics table stores it).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(TASKS_DIR))
+    unknown = [task for task in tasks if task not in task_manager.all_tasks]
+    if unknown:
+        local = sorted(name for name in task_manager.all_tasks if name.startswith("gridlab_"))
+        raise ValueError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}; gridlab's own: {', '.join(local)} "
+            f"(or any task of lm-eval's registry whose data is cached locally)"
+        )
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager,
+        log_samples=False,
+        verbosity="ERROR",
+    )
+    model.train(was_training)
+    return _records(output["results"], trained_tokens)
+
+
+def _records(results: dict, trained_tokens: int | None) -> list[dict]:
+    records = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            records.append(
+                {
+                    "name": f"lm_eval/{task}/{name}",
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "tokens": trained_tokens,
+                }
+            )
+    return records
