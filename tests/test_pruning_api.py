@@ -232,3 +232,8 @@ def test_pruned_config_checks_its_arguments_too(config):
     width = pruned_config(config, "minitron-width", 0.5)
     assert width.head_dim == config.head_dim and width.hidden_size % width.num_attention_heads == 0
     assert pruned_config(config, "shortgpt", 0.5).num_hidden_layers == 6
+
+
+def test_magnitude_needs_no_calibration(parent):
+    result = prune(copy.deepcopy(parent), "magnitude", 0.5)
+    assert result.achieved_ratio == 0.5 and result.options == {"nm": None}
