@@ -202,8 +202,8 @@ def test_wanda_on_a_hand_made_layer_zeroes_what_the_formula_says():
         [True, False, True, False], [True, False, True, False]]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
-@pytest.mark.parametrize("ratio", [0.5, 0.7])
+@pytest.mark.parametrize("method, ratio", [("wanda", 0.5), ("wanda", 0.7), ("sparsegpt", 0.7), ("magnitude", 0.5),
+                                           ("magnitude", 0.7)])
 def test_sparse_methods_zero_exactly_floor_r_n_per_comparison_group(method, ratio, parent, calibration):
     result = prune(copy.deepcopy(parent), method, ratio, calibration, **({"blocksize": 64} if method == "sparsegpt" else {}))
     params = dict(result.model.named_parameters())
@@ -223,8 +223,8 @@ def test_sparse_methods_zero_exactly_floor_r_n_per_comparison_group(method, rati
                 assert int(tile.sum()) == math.floor(ratio * tile.numel())
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
-@pytest.mark.parametrize("nm", ["2:4", "4:8"])
+@pytest.mark.parametrize("method, nm", [("wanda", "2:4"), ("sparsegpt", "4:8"), ("magnitude", "2:4"),
+                                        ("magnitude", "4:8")])
 def test_nm_zeroes_n_of_every_m_consecutive_inputs(method, nm, parent, calibration):
     n, m = map(int, nm.split(":"))
     result = prune(copy.deepcopy(parent), method, 0.5, calibration, nm=nm)

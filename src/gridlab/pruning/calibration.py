@@ -67,7 +67,7 @@ def capture_layer_inputs(model, calibration: torch.Tensor, batch_size: int, laye
     try:
         for batch in batches(calibration, batch_size):
             try:
-                model(batch.to(device), use_cache=False)
+                model.model(batch.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:

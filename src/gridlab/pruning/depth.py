@@ -55,7 +55,7 @@ def block_influence(model, calibration: torch.Tensor, batch_size: int) -> list[f
     try:
         device = model_device(model)
         for batch in batches(calibration, batch_size):
-            model(batch.to(device), use_cache=False)
+            model.model(batch.to(device), use_cache=False)  # hidden states only: no logits
             count += batch.numel()
     finally:
         for handle in handles:

@@ -206,7 +206,7 @@ def activation_importance(model, calibration: torch.Tensor, batch_size: int):
     try:
         device = model_device(model)
         for batch in batches(calibration, batch_size):
-            model(batch.to(device), use_cache=False)
+            model.model(batch.to(device), use_cache=False)  # hidden states only: no logits
     finally:
         for handle in handles:
             handle.remove()
