@@ -11,11 +11,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from transformers import LlamaForCausalLM
 
 from gridlab.model import param_counts
 from gridlab.pruning.calibration import batches, decoder_layers, model_device, select_samples
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
-from transformers import LlamaForCausalLM
 
 AXES = ("heads", "ffn", "hidden")
 LLM_PRUNER_AXES = ("heads", "ffn")  # LLM-Pruner keeps the hidden size
@@ -54,9 +54,9 @@ def width_sizes(config, ratio: float, axes) -> WidthSizes:
     best_key, best = None, None
     for kv in (range(1, total_kv + 1) if "heads" in axes else [total_kv]):
         heads = group_size * kv
+        # transformers validates hidden_size % num_attention_heads == 0 even when head_dim is explicit.
         if "hidden" not in axes and total_hidden % heads:
             continue
-        # transformers validates hidden_size % num_attention_heads == 0 even when head_dim is explicit.
         hidden_options = range(heads, total_hidden + 1, heads) if "hidden" in axes else [total_hidden]
         for hidden in hidden_options:
             attention = 2 * hidden * hd * (heads + kv)
