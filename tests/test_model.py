@@ -1,0 +1,69 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gridlab.model import PRESETS, init_model, load_model, make_config, param_counts, save_model
+
+
+def test_micro_preset_has_the_documented_size_and_grouped_query_attention():
+    config = make_config("micro", vocab_size=4096, seq_len=256)
+    counts = param_counts(config)
+    assert counts.total == pytest.approx(2.0e6, rel=0.03)
+    assert config.num_key_value_heads < config.num_attention_heads
+
+
+@pytest.mark.parametrize("preset", ["micro", "nano"])
+def test_small_presets_have_enough_layers_for_distinct_depth_ratios(preset):
+    layers = make_config(preset, 4096, 256).num_hidden_layers
+    assert layers >= 12
+    assert len({round(layers * (1 - ratio)) for ratio in (0.5, 0.6, 0.7, 0.8)}) == 4
+
+
+def test_llama_8b_preset_counts_eight_billion_parameters():
+    counts = param_counts(make_config("llama-3.1-8b", vocab_size=128256, seq_len=8192))
+    assert counts.total == pytest.approx(8.03e9, rel=0.01)
+    assert counts.decoder == pytest.approx(6.98e9, rel=0.01)
+
+
+@pytest.mark.parametrize("preset", ["micro", "nano"])
+def test_config_counts_match_the_built_model(preset):
+    config = make_config(preset, vocab_size=512, seq_len=64)
+    assert param_counts(config) == param_counts(init_model(config, 0))
+
+
+def test_unknown_preset_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown model preset 'tiny'; valid presets: micro, nano") as error:
+        make_config("tiny", 512, 64)
+    assert "\n" not in str(error.value)
+
+
+def test_overrides_replace_preset_fields():
+    config = make_config("micro", 512, 64, num_hidden_layers=3)
+    assert config.num_hidden_layers == 3 and config.hidden_size == PRESETS["micro"]["hidden_size"]
+
+
+def test_init_is_seeded_and_truncated():
+    config = make_config("micro", 512, 64, num_hidden_layers=2)
+    a, b, c = init_model(config, 1), init_model(config, 1), init_model(config, 2)
+    weight = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a.state_dict()[weight], b.state_dict()[weight])
+    assert not torch.equal(a.state_dict()[weight], c.state_dict()[weight])
+    values = a.state_dict()[weight]
+    assert values.abs().max() <= 0.04 and values.std().item() == pytest.approx(0.0176, rel=0.05)
+
+
+def test_saved_model_loads_without_gridlab_and_keeps_its_mask(tmp_path):
+    config = make_config("micro", 512, 64, num_hidden_layers=2)
+    model = init_model(config, 0)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    mask = {name: torch.rand(dict(model.named_parameters())[name].shape) > 0.5}
+    path = save_model(model, tmp_path / "model", mask=mask)
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+    loaded, loaded_mask = load_model(path)
+    assert torch.equal(loaded_mask[name], mask[name])
+    save_model(init_model(config, 1), tmp_path / "model")  # replaces the old folder whole: the mask goes too
+    assert load_model(tmp_path / "model")[1] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
