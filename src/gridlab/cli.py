@@ -80,7 +80,7 @@ def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
     spec = load_grid(grid)
     the_plan = build_plan(spec)
     run_dir = spec.run_dir
-    states = execute.stage_states(run_dir, list(the_plan.stages.values()))
+    states = execute.stage_states(run_dir, list(the_plan.stages.values()), verify=True)
     selection = execute.select(the_plan, states, retry_failed)
     typer.echo(format_plan(the_plan, workers))
     typer.echo(f"stages: {len(selection.done)} done (skipped), {len(selection.active)} running or queued "
@@ -121,35 +121,20 @@ def collect_status(run_dir: Path, log_lines: int = 5) -> dict:
     from gridlab import execute, store
     from gridlab.spec import STAGE_KINDS
 
-    saved = store.read_plan(run_dir)
-    states = execute.stage_states(run_dir, saved["stages"])
+    index = store.read_index(run_dir)
+    states = execute.stage_states(run_dir, index["stages"])
     by_kind = {kind: {state: 0 for state in store.STATES} for kind in STAGE_KINDS}
     for state in states.values():
         by_kind[state.kind][state.status] += 1
-    effective = _effective_states(saved["stages"], states)
+    effective, _ = store.effective_states(index["stages"], {sid: s.status for sid, s in states.items()})
     cells = {state: 0 for state in store.STATES}
-    for cell in saved["cells"]:
-        cells[effective[cell["eval_stage"]]] += 1
+    for eval_stage in index["cell_eval_stages"]:
+        cells[effective[eval_stage]] += 1
     failed = [{"stage_id": s.stage_id, "kind": s.kind, "status": s.status, "job_id": s.job_id,
                "attempts": s.attempts, "error": s.error, "log_path": s.log_path,
                "log_tail": store.tail(s.log_path, log_lines)}
               for s in states.values() if s.status in ("failed", "cancelled")]
-    return {"grid": saved["grid"]["name"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells,
-            "failed": failed}
-
-
-def _effective_states(stages: list[dict], states) -> dict[str, str]:
-    """A stage's own state, or the worst state upstream of it when it has not finished (a cell's view)."""
-    effective: dict[str, str] = {}
-    rank = {"failed": 0, "cancelled": 1, "running": 2, "pending": 3}
-    for stage in stages:  # plan.json lists stages in dependency order
-        own = states[stage["id"]].status
-        if own == "done":
-            effective[stage["id"]] = "done"
-            continue
-        candidates = [own] + [effective[dep] for dep in stage["deps"].values() if effective[dep] != "done"]
-        effective[stage["id"]] = min(candidates, key=rank.__getitem__)
-    return effective
+    return {"grid": index["grid"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells, "failed": failed}
 
 
 def format_status(report: dict) -> str:

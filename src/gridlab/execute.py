@@ -54,18 +54,37 @@ class StageState:
         return dict(self.__dict__)
 
 
-def stage_states(run_dir: Path, stages: list[dict[str, Any]]) -> dict[str, StageState]:
-    """Every stage's state from its files, asking SLURM (one squeue + one sacct call) about submitted jobs."""
-    scanned = [store.scan_stage(run_dir, stage) for stage in stages]
-    slurm_jobs = [f.submit["job_id"] for f in scanned
-                  if f.submit and f.submit.get("executor") == "slurm" and not f.has_result]
+def stage_states(run_dir: Path, stages: list[dict[str, Any]], verify: bool = False) -> dict[str, StageState]:
+    """Every stage's state from its files, asking SLURM (one squeue + one sacct call) about submitted jobs.
+
+    A stage is done when its done marker exists; with ``verify`` its result.json is read and checked instead, so a
+    corrupt result counts as failed (submit verifies; status trusts the markers, which keeps it fast).
+    """
+    done = store.done_markers(run_dir)
+    states: dict[str, StageState] = {}
+    unfinished: list[store.StageFiles] = []
+    for stage in stages:
+        if verify:
+            try:
+                store.read_result(run_dir / "stages" / stage["id"], stage["id"])
+                states[stage["id"]] = StageState(stage["id"], stage["kind"], "done")
+                continue
+            except FileNotFoundError:
+                pass
+            except store.CorruptResult as corrupt:
+                states[stage["id"]] = StageState(stage["id"], stage["kind"], "failed", error=str(corrupt),
+                                                 submitted=True)
+                continue
+        elif stage["id"] in done:
+            states[stage["id"]] = StageState(stage["id"], stage["kind"], "done")
+            continue
+        unfinished.append(store.scan_stage(run_dir, stage))
+    slurm_jobs = [f.submit["job_id"] for f in unfinished if f.submit and f.submit.get("executor") == "slurm"]
     scheduler = slurm_job_states(slurm_jobs) if slurm_jobs else {}
-    states = {}
-    for files in scanned:
-        state = StageState(files.stage_id, files.kind, "pending", attempts=files.attempts, log_path=files.log_path,
-                           submitted=files.submit is not None)
+    for files in unfinished:
         submit = files.submit or {}
-        state.job_id = submit.get("job_id")
+        state = StageState(files.stage_id, files.kind, "pending", job_id=submit.get("job_id"),
+                           attempts=files.attempts, log_path=files.log_path, submitted=files.submit is not None)
         if files.has_result:
             state.status = "done"
         elif files.error is not None and files.error.get("finished", 0) >= submit.get("submitted_at", 0):
@@ -176,10 +195,6 @@ def select(plan, states: dict[str, StageState], retry_failed: bool) -> Selection
     return selection
 
 
-def _clear_failure(run_dir: Path, stage_id: str) -> None:
-    (run_dir / "stages" / stage_id / store.ERROR).unlink(missing_ok=True)
-
-
 def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -242,7 +257,7 @@ class LocalExecutor:
 
     def _launch(self, run_dir: Path, stage: dict[str, Any]) -> subprocess.Popen:
         stage_dir = run_dir / "stages" / stage["id"]
-        _clear_failure(run_dir, stage["id"])
+        store.clear_outcome(run_dir, stage["id"])
         environment = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
                        "GRIDLAB_THREADS": str(self.threads)}
         process = subprocess.Popen(
@@ -283,7 +298,7 @@ class DebugExecutor(LocalExecutor):
                 failed.add(stage["id"])
                 outcome[stage["id"]] = "blocked"
                 continue
-            _clear_failure(run_dir, stage["id"])
+            store.clear_outcome(run_dir, stage["id"])
             store.write_json_atomic(run_dir / "stages" / stage["id"] / store.SUBMIT, {
                 "executor": "debug", "job_id": None, "submitted_at": time.time(),
                 "log_path": str(run_dir / "stages" / stage["id"] / store.LOG)})
@@ -364,7 +379,7 @@ class SlurmExecutor:
             parameters["slurm_additional_parameters"] = {"dependency": dependency}
         executor.update_parameters(**parameters)
         for stage in chunk:
-            _clear_failure(run_dir, stage["id"])
+            store.clear_outcome(run_dir, stage["id"])
         ids = [stage["id"] for stage in chunk]
         return executor.map_array(StageJob(), [str(run_dir)] * len(ids), ids)
 

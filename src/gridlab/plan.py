@@ -32,24 +32,26 @@ _UNMEASURED_TOKENS_PER_S = 100.0
 
 def canonical(value: Any) -> Any:
     """Normalise a config for hashing: integral floats become ints, floats keep 12 significant digits."""
-    if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, float):
+    kind = type(value)
+    if kind is float:
         if math.isfinite(value) and value == int(value):
             return int(value)
         return float(f"{value:.12g}")
+    if kind is dict:
+        return {str(k): canonical(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [canonical(v) for v in value]
     return value
 
 
 def content_id(payload: dict[str, Any]) -> str:
-    text = json.dumps(canonical(payload), sort_keys=True, separators=(",", ":"))
+    """The id of a canonical payload: sha256 of its sorted-keys JSON."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def make_stage(kind: str, config: dict[str, Any], deps: dict[str, str]) -> dict[str, Any]:
-    config = canonical(config)
+    """A stage from a config already in canonical form (build_plan canonicalises each shared piece once)."""
     return {"id": content_id({"kind": kind, "config": config, "deps": deps}), "kind": kind, "config": config,
             "deps": deps}
 
@@ -137,11 +139,12 @@ def pruned_architecture(spec: GridSpec, method: MethodSpec, ratio: float, parent
 
 
 def build_plan(spec: GridSpec) -> Plan:
-    schedule = spec.schedule.model_dump()
-    data = make_stage("data", {
+    schedule = canonical(spec.schedule.model_dump())
+    evaluation = canonical(spec.evaluation.model_dump())
+    data = make_stage("data", canonical({
         "corpus": spec.corpus.model_dump(), "splits": spec.splits.model_dump(),
         "tokenizer": spec.tokenizer.model_dump(), "seq_len": spec.seq_len,
-    }, {})
+    }), {})
     parent_tokens = spec.parent.tokens
     if spec.parent.preset is not None:
         parent_cfg = {"preset": spec.parent.preset, "overrides": spec.parent.overrides, "tokens": parent_tokens,
@@ -150,10 +153,11 @@ def build_plan(spec: GridSpec) -> Plan:
     else:
         parent_cfg = {"path": spec.parent.path, "tokens": parent_tokens,
                       "validation_sequences": spec.evaluation.max_sequences}
-    parent = make_stage("parent", parent_cfg, {"data": data["id"]})
+    parent = make_stage("parent", canonical(parent_cfg), {"data": data["id"]})
 
     stages: dict[str, dict[str, Any]] = {data["id"]: data, parent["id"]: parent}
     budgets_of: dict[str, set[int]] = {}     # model stage id → budgets its train stage must reach
+    seed_of: dict[str, int] = {}
     drafts: list[dict[str, Any]] = []
     excluded = 0
     parent_architecture = None
@@ -161,10 +165,11 @@ def build_plan(spec: GridSpec) -> Plan:
 
     for method in spec.methods:
         kind = granularity(method)
+        options = canonical(method.prune_options)
         for ratio in spec.method_ratios(method):
             for seed in spec.seeds:
                 prune = make_stage("prune", {
-                    "method": method.method, "options": method.prune_options, "ratio": ratio, "seed": seed,
+                    "method": method.method, "options": options, "ratio": canonical(float(ratio)), "seed": seed,
                     "calibration_sequences": spec.calibration.sequences,
                     "validation_sequences": spec.evaluation.max_sequences,
                 }, {"parent": parent["id"], "data": data["id"]})
@@ -179,7 +184,8 @@ def build_plan(spec: GridSpec) -> Plan:
                         if arch_key not in architectures:
                             if parent_architecture is None:
                                 parent_architecture = parent_config(spec)
-                            architectures[arch_key] = pruned_architecture(spec, method, ratio, parent_architecture)
+                            architectures[arch_key] = canonical(
+                                pruned_architecture(spec, method, ratio, parent_architecture))
                         init = make_stage("init", {"architecture": architectures[arch_key], "seed": seed,
                                                    "validation_sequences": spec.evaluation.max_sequences},
                                           {"data": data["id"]})
@@ -199,28 +205,28 @@ def build_plan(spec: GridSpec) -> Plan:
                             if model is not prune:
                                 stages.setdefault(model["id"], model)
                             budgets_of.setdefault(model["id"], set()).add(trained)
+                            seed_of[model["id"]] = seed
                             drafts.append({**cell, "model_stage": model["id"], "prune_stage": prune["id"]})
 
     train_of: dict[str, dict[str, Any]] = {}
     eval_of: dict[str, dict[str, Any]] = {}
     for model_id, budgets in budgets_of.items():
-        seed = next(d["seed"] for d in drafts if d["model_stage"] == model_id)
-        train = make_stage("train", {"budgets": sorted(budgets), "schedule": schedule, "seed": seed,
+        train = make_stage("train", {"budgets": sorted(budgets), "schedule": schedule, "seed": seed_of[model_id],
                                      "seq_len": spec.seq_len}, {"model": model_id, "data": data["id"]})
-        evaluation = make_stage("eval", {"budgets": sorted(budgets), "evaluation": spec.evaluation.model_dump()},
-                                {"train": train["id"], "data": data["id"]})
+        evaluate = make_stage("eval", {"budgets": sorted(budgets), "evaluation": evaluation},
+                              {"train": train["id"], "data": data["id"]})
         stages[train["id"]] = train
-        stages[evaluation["id"]] = evaluation
+        stages[evaluate["id"]] = evaluate
         train_of[model_id] = train
-        eval_of[model_id] = evaluation
+        eval_of[model_id] = evaluate
 
     cells = []
     for draft in drafts:
         model_id = draft.pop("model_stage")
         cell = {**draft, "train_stage": train_of[model_id]["id"], "eval_stage": eval_of[model_id]["id"],
                 "model_stage": model_id}
-        cell["cell_id"] = content_id({key: cell[key] for key in (
-            "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage")})
+        cell["cell_id"] = content_id(canonical({key: cell[key] for key in (
+            "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage")}))
         cells.append(cell)
 
     ordered = dict(sorted(stages.items(), key=lambda item: STAGE_KINDS.index(item[1]["kind"])))

@@ -239,7 +239,8 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
 
                 torch.set_num_threads(int(threads))
             payload = run_stage(stage, run_dir)
-            store.write_result(folder, stage, payload)
+            store.write_result(folder, stage, payload, job_id=_job_id(), attempts=_attempts(folder),
+                               started=_started(folder))
             print(f"== done in {time.time() - _started(folder):.1f} s", flush=True)
             return True
         except Exception as error:
@@ -254,6 +255,16 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
 
 def _started(folder: Path) -> float:
     return float((folder / store.ATTEMPTS).read_text().split()[-1])
+
+
+def _attempts(folder: Path) -> int:
+    return len((folder / store.ATTEMPTS).read_text().split())
+
+
+def _job_id() -> str:
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID", str(os.getpid()))
 
 
 def main(argv: list[str]) -> int:

@@ -2,13 +2,16 @@
 
 Layout (every file written atomically: temp file + os.replace):
     plan.json                       the planned stages and cells (written by `gridlab submit`)
+    index.json                      stage ids, kinds, deps and each cell's eval stage (what status reads)
+    done/<id>                       an empty marker a worker leaves after its result.json (status lists this folder)
     results.duckdb                  written only by the CLI (one writer); workers never open it
     stages/<id>/stage.json          the stage dict the worker runs
     stages/<id>/submit.json         executor, job id, log path, submission time (written by the submitter)
     stages/<id>/attempts.log        one line per worker start (appended)
     stages/<id>/stage.log           the worker's stdout/stderr
     stages/<id>/error.json          written when a worker fails: error line and traceback tail
-    stages/<id>/result.json         written last by a finished worker: {stage_id, kind, finished, payload, checksum}
+    stages/<id>/result.json         written last by a finished worker: {stage_id, kind, finished, job_id, attempts,
+                                    started, checksum, payload}
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
+import polars as pl
 
 import gridlab
 
@@ -34,6 +37,8 @@ ATTEMPTS = "attempts.log"
 LOG = "stage.log"
 STAGE = "stage.json"
 PLAN = "plan.json"
+INDEX = "index.json"
+DONE = "done"
 DATABASE = "results.duckdb"
 
 SCHEMA = {
@@ -61,10 +66,34 @@ class CorruptResult(Exception):
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(path, json.dumps(data, separators=(",", ":")))
+
+
+def write_result(stage_dir: Path, stage: dict[str, Any], payload: dict[str, Any], **bookkeeping: Any) -> None:
+    """Write result.json (atomically) and then the stage's done marker.
+
+    The file is JSON whose last key is the payload; the checksum covers the payload's bytes exactly as written, so
+    reading verifies it without serialising again. ``bookkeeping`` (job_id, attempts, started) goes in the header.
+    """
+    payload_text = json.dumps(payload, separators=(",", ":"))
+    header = {"stage_id": stage["id"], "kind": stage["kind"], "finished": time.time(),
+              "gridlab_version": gridlab.__version__, **bookkeeping,
+              "checksum": hashlib.sha256(payload_text.encode()).hexdigest()}
+    _write_text_atomic(stage_dir / RESULT, json.dumps(header, separators=(",", ":"))[:-1]
+                       + _PAYLOAD_KEY.decode() + payload_text + "}")
+    markers = stage_dir.parent.parent / DONE
+    markers.mkdir(exist_ok=True)
+    (markers / stage["id"]).touch()
+
+
+_PAYLOAD_KEY = b',"payload":'
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, separators=(",", ":"))
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -73,30 +102,44 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def _checksum(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_result(stage_dir: Path, stage: dict[str, Any], payload: dict[str, Any]) -> None:
-    write_json_atomic(stage_dir / RESULT, {
-        "stage_id": stage["id"], "kind": stage["kind"], "finished": time.time(),
-        "gridlab_version": gridlab.__version__, "payload": payload, "checksum": _checksum(payload),
-    })
-
-
-def read_result(stage_dir: Path, stage_id: str) -> dict[str, Any]:
-    """The result's full record; raises CorruptResult for a truncated, edited or foreign file."""
+def read_result(stage_dir: Path | str, stage_id: str) -> dict[str, Any]:
+    """The result's header and payload; FileNotFoundError when absent, CorruptResult for a truncated, edited or
+    foreign file."""
+    with open(os.path.join(stage_dir, RESULT), "rb") as handle:
+        data = handle.read()
+    split = data.find(_PAYLOAD_KEY)
+    if split < 0 or not data.endswith(b"}"):
+        raise CorruptResult("result.json is incomplete (no payload or not closed)")
+    payload_bytes = data[split + len(_PAYLOAD_KEY):-1]
     try:
-        record = json.loads((stage_dir / RESULT).read_bytes())
-    except (OSError, ValueError) as error:
-        raise CorruptResult(f"unreadable result.json: {error}") from None
-    if not isinstance(record, dict) or not {"stage_id", "payload", "checksum", "finished"} <= record.keys():
-        raise CorruptResult("result.json lacks stage_id/payload/checksum/finished")
-    if record["stage_id"] != stage_id:
-        raise CorruptResult(f"result.json belongs to stage {record['stage_id']}, not {stage_id}")
-    if record["checksum"] != _checksum(record["payload"]):
+        header = json.loads(data[:split] + b"}")
+    except ValueError as error:
+        raise CorruptResult(f"unreadable result.json header: {error}") from None
+    if not isinstance(header, dict) or not {"stage_id", "checksum", "finished"} <= header.keys():
+        raise CorruptResult("result.json lacks stage_id/checksum/finished")
+    if header["stage_id"] != stage_id:
+        raise CorruptResult(f"result.json belongs to stage {header['stage_id']}, not {stage_id}")
+    if hashlib.sha256(payload_bytes).hexdigest() != header["checksum"]:
         raise CorruptResult("result.json checksum does not match its payload")
-    return record
+    try:
+        header["payload"] = json.loads(payload_bytes)
+    except ValueError as error:
+        raise CorruptResult(f"unreadable result.json payload: {error}") from None
+    return header
+
+
+def clear_outcome(run_dir: Path, stage_id: str) -> None:
+    """Forget a stage's failure or (corrupt) result before it runs again."""
+    folder = run_dir / "stages" / stage_id
+    for path in (folder / ERROR, folder / RESULT, run_dir / DONE / stage_id):
+        path.unlink(missing_ok=True)
+
+
+def done_markers(run_dir: Path) -> set[str]:
+    try:
+        return set(os.listdir(run_dir / DONE))
+    except FileNotFoundError:
+        return set()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -107,10 +150,23 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_plan(run_dir: Path, plan) -> None:
+    """plan.json (everything) and index.json (what status needs: stage ids, kinds, deps, each cell's eval stage)."""
     write_json_atomic(run_dir / PLAN, {
         "grid": plan.spec.model_dump(mode="json"), "submitted_at": time.time(),
         "stages": list(plan.stages.values()), "cells": plan.cells,
     })
+    write_json_atomic(run_dir / INDEX, {
+        "grid": plan.spec.name,
+        "stages": [{"id": s["id"], "kind": s["kind"], "deps": s["deps"]} for s in plan.stages.values()],
+        "cell_eval_stages": [cell["eval_stage"] for cell in plan.cells],
+    })
+
+
+def read_index(run_dir: Path) -> dict[str, Any]:
+    index = read_json(run_dir / INDEX)
+    if index is None:
+        raise ValueError(f"{run_dir}: no index.json; run `gridlab submit GRID` first")
+    return index
 
 
 def read_plan(run_dir: Path) -> dict[str, Any]:
@@ -166,47 +222,52 @@ def tail(path: str | Path, lines: int = 5) -> list[str]:
 def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
     """Rebuild results.duckdb from plan.json and the stage folders (idempotent: same files, same rows).
 
-    ``states`` (stage id → {status, job_id, error}) comes from the executor's view (scheduler states); stages not in
-    it are classified from their files alone. A corrupt result.json makes its stage failed and is not ingested.
+    ``states`` (stage id → {status, error}) is the executor's view (scheduler states) of stages without a result;
+    stages not in it are classified from their files alone. A corrupt result.json makes its stage failed and is not
+    ingested.
     """
     run_dir = Path(run_dir)
     plan = read_plan(run_dir)
     states = states or {}
     records: dict[str, dict[str, Any]] = {}
     stage_rows = {name: [] for name, _ in SCHEMA["stages"]}
+    stages_dir = os.path.join(run_dir, "stages")
     for stage in plan["stages"]:
-        files = scan_stage(run_dir, stage)
-        view = states.get(stage["id"], {})
-        status, error, finished = view.get("status"), view.get("error"), None
-        if files.has_result:
-            try:
-                record = read_result(run_dir / "stages" / stage["id"], stage["id"])
-                records[stage["id"]] = record["payload"]
-                status, error, finished = "done", None, record["finished"]
-            except CorruptResult as corrupt:
-                status, error = "failed", str(corrupt)
-        elif files.error is not None:
-            status, error = "failed", files.error.get("error")
-        status = status or ("running" if files.attempts and files.submit else "pending")
-        for name, value in (("stage_id", stage["id"]), ("kind", stage["kind"]), ("status", status),
-                            ("job_id", (files.submit or {}).get("job_id")), ("attempts", files.attempts),
-                            ("started", files.started), ("finished", finished), ("log_path", files.log_path),
-                            ("error", error)):
-            stage_rows[name].append(value)
-    stage_status = dict(zip(stage_rows["stage_id"], stage_rows["status"]))
-    stage_error = dict(zip(stage_rows["stage_id"], stage_rows["error"]))
-    stage_by_id = {stage["id"]: stage for stage in plan["stages"]}
+        folder = os.path.join(stages_dir, stage["id"])
+        row = {"stage_id": stage["id"], "kind": stage["kind"], "log_path": os.path.join(folder, LOG)}
+        try:
+            header = read_result(folder, stage["id"])
+            records[stage["id"]] = header["payload"]
+            row.update(status="done", job_id=header.get("job_id"), attempts=header.get("attempts"),
+                       started=header.get("started"), finished=header["finished"])
+        except (FileNotFoundError, CorruptResult) as problem:
+            files = scan_stage(run_dir, stage)
+            view = states.get(stage["id"], {})
+            row.update(job_id=(files.submit or {}).get("job_id"), attempts=files.attempts, started=files.started)
+            if isinstance(problem, CorruptResult):
+                row.update(status="failed", error=str(problem))
+            elif files.error is not None:
+                row.update(status="failed", error=files.error.get("error"))
+            else:
+                row.update(status=view.get("status") or ("running" if files.attempts and files.submit else "pending"),
+                           error=view.get("error"))
+        for name, _ in SCHEMA["stages"]:
+            stage_rows[name].append(row.get(name))
+    status_of = dict(zip(stage_rows["stage_id"], stage_rows["status"]))
+    error_of = dict(zip(stage_rows["stage_id"], stage_rows["error"]))
+    effective, culprit = effective_states(plan["stages"], status_of)
 
     cell_rows = {name: [] for name, _ in SCHEMA["cells"]}
     metric_rows = {name: [] for name, _ in SCHEMA["metrics"]}
     for cell in plan["cells"]:
-        chain = _upstream(stage_by_id, cell["eval_stage"])
-        status, error = _cell_status(chain, stage_status, stage_error)
+        status = effective[cell["eval_stage"]]
+        blamed = culprit.get(cell["eval_stage"])
         prune = records.get(cell["prune_stage"], {})
         train = records.get(cell["train_stage"])
         evaluation = records.get(cell["eval_stage"])
         branch = _branch(train, cell["trained_tokens"]) if train else None
-        row = {**cell, "status": status, "error": error,
+        row = {**cell, "status": status,
+               "error": f"{blamed}: {error_of[blamed] or status_of[blamed]}" if blamed else None,
                "achieved_ratio": prune.get("achieved_ratio"),
                "trained_tokens": branch["trained_tokens"] if branch else cell["trained_tokens"],
                "branch_path": branch["path"] if branch else None}
@@ -241,12 +302,37 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
     }
     tables = {"grid": grid_rows, "cells": cell_rows, "metrics": metric_rows, "stages": stage_rows}
     _write_tables(run_dir / DATABASE, tables)
-    counts = {"cells": len(cell_rows["cell_id"]), "metrics": len(metric_rows["cell_id"]),
-              "stages": len(stage_rows["stage_id"]), "results": len(records)}
-    return counts
+    return {"cells": len(cell_rows["cell_id"]), "metrics": len(metric_rows["cell_id"]),
+            "stages": len(stage_rows["stage_id"]), "results": len(records)}
+
+
+def effective_states(stages: list[dict[str, Any]], status: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Each stage's state as the cells below it see it, and the stage to blame when that is failed or cancelled.
+
+    A failed (else cancelled) stage upstream dominates; then a stage is done when it is; running when it or
+    something upstream runs; pending otherwise. ``stages`` must be in dependency order (as plans list them).
+    """
+    effective: dict[str, str] = {}
+    culprit: dict[str, str] = {}
+    for stage in stages:
+        sid, own = stage["id"], status[stage["id"]]
+        blamed = [sid] if own in ("failed", "cancelled") else []
+        blamed += [culprit[dep] for dep in stage["deps"].values() if dep in culprit]
+        if blamed:
+            failed = [b for b in blamed if status[b] == "failed"]
+            culprit[sid] = (failed or blamed)[0]
+            effective[sid] = status[culprit[sid]]
+        elif own == "done":
+            effective[sid] = "done"
+        elif own == "running" or any(effective[dep] == "running" for dep in stage["deps"].values()):
+            effective[sid] = "running"
+        else:
+            effective[sid] = "pending"
+    return effective, culprit
 
 
 def _write_tables(database: Path, tables: dict[str, dict[str, list]]) -> None:
+    """Replace every table's rows in one transaction; rows go in as polars frames (bulk, no per-row inserts)."""
     connection = duckdb.connect(str(database))
     try:
         connection.execute("BEGIN TRANSACTION")
@@ -255,39 +341,15 @@ def _write_tables(database: Path, tables: dict[str, dict[str, list]]) -> None:
             connection.execute(f"CREATE TABLE IF NOT EXISTS {table} ("
                                + ", ".join(f"{name} {kind}" for name, kind in schema) + ")")
             connection.execute(f"DELETE FROM {table}")
-            arrow = pa.table({name: pa.array(columns[name], type=_ARROW[kind]) for name, kind in schema})
-            connection.register("incoming", arrow)
-            connection.execute(f"INSERT INTO {table} SELECT * FROM incoming")
-            connection.unregister("incoming")
+            frame = pl.DataFrame({name: columns[name] for name, _ in schema},
+                                 schema={name: _POLARS[kind] for name, kind in schema}, strict=False)
+            connection.execute(f"INSERT INTO {table} SELECT * FROM frame")
         connection.execute("COMMIT")
     finally:
         connection.close()
 
 
-_ARROW = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(), "DOUBLE": pa.float64()}
-
-
-def _upstream(stage_by_id: dict[str, dict], stage_id: str) -> list[str]:
-    chain, todo = [], [stage_id]
-    while todo:
-        current = todo.pop()
-        if current not in chain:
-            chain.append(current)
-            todo.extend(stage_by_id[current]["deps"].values())
-    return chain
-
-
-def _cell_status(chain: list[str], status: dict[str, str], error: dict[str, str | None]) -> tuple[str, str | None]:
-    """A failed or cancelled stage anywhere upstream makes the cell so; otherwise it is done when its eval stage is."""
-    for state in ("failed", "cancelled"):
-        for stage_id in chain:
-            if status[stage_id] == state:
-                return state, f"{stage_id}: {error[stage_id] or state}"
-    if status[chain[0]] == "done":
-        return "done", None
-    if any(status[stage_id] == "running" for stage_id in chain):
-        return "running", None
-    return "pending", None
+_POLARS = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64}
 
 
 def _branch(train: dict[str, Any], budget: int) -> dict[str, Any] | None:

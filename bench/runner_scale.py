@@ -1,0 +1,88 @@
+"""Runner scale on a 10,000-cell grid: plan, submit --dry-run, ingest of every stage's result file, status.
+
+Each figure is printed with its target and with a ratio against a floor measured in the same process:
+    plan      vs hashing the plan's stage configs alone (canonical JSON + sha256 of every stage)
+    dry-run   same floor
+    ingest    vs json.loads of every result file (reading the files is the least any ingest must do)
+    status    vs listing every stage folder
+Result files are synthetic (shaped like the real ones, 5 curve points per branch); nothing is trained.
+
+    python bench/runner_scale.py [--seeds 105]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from runner_helpers import fake_payload, tiny_grid, write_grid  # noqa: E402
+
+from gridlab import execute, store  # noqa: E402
+from gridlab.cli import collect_status  # noqa: E402
+from gridlab.plan import build_plan, content_id  # noqa: E402
+from gridlab.spec import load_grid  # noqa: E402
+
+SIX = [{"name": n} for n in ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")]
+
+
+def timed(function, *args):
+    start = time.perf_counter()
+    value = function(*args)
+    return time.perf_counter() - start, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=105, help="96 cells per seed")
+    seeds = parser.parse_args().seeds
+    with tempfile.TemporaryDirectory() as folder:
+        grid = tiny_grid(name="scale", runs_dir=str(Path(folder) / "runs"), methods=SIX,
+                         ratios=[0.5, 0.6, 0.7, 0.8], budgets=[2048], seeds=list(range(seeds)))
+        grid["parent"]["overrides"]["num_hidden_layers"] = 12
+        grid_file = write_grid(Path(folder), grid)
+
+        plan_s, plan = timed(lambda: build_plan(load_grid(grid_file)))
+        stages = list(plan.stages.values())
+        floor_s, _ = timed(lambda: [content_id({"kind": s["kind"], "config": s["config"], "deps": s["deps"]})
+                                    for s in stages])
+        print(f"grid: {len(plan.cells):,} cells, {len(stages):,} stages")
+        print(f"plan            {plan_s:6.2f} s  (target ≤ 2 s)  {plan_s / floor_s:5.1f}× hashing the stages alone "
+              f"({floor_s:.2f} s)")
+
+        def dry_run():
+            fresh = build_plan(load_grid(grid_file))
+            return execute.select(fresh, execute.stage_states(fresh.spec.run_dir, list(fresh.stages.values())),
+                                  retry_failed=False)
+
+        dry_s, selection = timed(dry_run)
+        assert len(selection.to_run) == len(stages)
+        print(f"submit --dry-run {dry_s:5.2f} s  (target ≤ 2 s)  {dry_s / floor_s:5.1f}× hashing the stages alone")
+
+        run_dir = plan.spec.run_dir
+        execute.prepare(plan, run_dir)
+        for stage in stages:
+            store.write_result(run_dir / "stages" / stage["id"], stage, fake_payload(stage))
+        result_files = [run_dir / "stages" / s["id"] / store.RESULT for s in stages]
+        read_s, _ = timed(lambda: [json.loads(path.read_bytes()) for path in result_files])
+        ingest_s, counts = timed(store.ingest, run_dir)
+        assert counts["results"] == len(stages) and counts["cells"] == len(plan.cells)
+        print(f"ingest          {ingest_s:6.2f} s  (target ≤ 5 s)  {ingest_s / read_s:5.1f}× json.loads of the "
+              f"{len(result_files):,} result files ({read_s:.2f} s); {counts['metrics']:,} metric rows")
+
+        list_s, _ = timed(lambda: [os.listdir(run_dir / "stages" / s["id"]) for s in stages])
+        status_s, report = timed(collect_status, run_dir)
+        assert report["cells"]["done"] == len(plan.cells)
+        print(f"status          {status_s:6.2f} s  (target ≤ 1 s)  {status_s / list_s:5.1f}× listing the stage "
+              f"folders ({list_s:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
