@@ -217,11 +217,12 @@ def test_a_model_that_is_not_a_decoder_only_llama_is_refused(calibration):
 
 def test_nm_that_does_not_divide_the_input_widths_is_refused(calibration):
     config = make_config("micro", vocab_size=256, seq_len=64, intermediate_size=250)
-    model = init_model(config, seed=0)
+    model = init_model(config, seed=0).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="divisible by 4"):
         prune(model, "wanda", 0.5, calibration, nm="2:4")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
 
 
 def test_pruned_config_checks_its_arguments_too(config):

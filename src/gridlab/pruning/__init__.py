@@ -35,7 +35,10 @@ def prune(model, method: str, ratio: float, calibration: torch.Tensor | None = N
         calibration = check_calibration(calibration, model.config)
     was_training = model.training
     model.eval()
-    result = spec.run(model, ratio, calibration, resolved)
+    try:
+        result = spec.run(model, ratio, calibration, resolved)
+    finally:
+        model.train(was_training)
     result.model.train(was_training)
     return result
 
