@@ -1,4 +1,4 @@
-"""Synthetic results databases that follow docs/architecture.md's DuckDB schema exactly, with known answers."""
+"""Synthetic results databases in the store's exact schema (docs/architecture.md), with known answers."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ import duckdb
 import numpy as np
 import polars as pl
 
-SCHEMA = """
-create table grid (name varchar, parent varchar, parent_tokens bigint, calibration_tokens bigint,
-                   corpus_fingerprint varchar, gridlab_version varchar, spec_json varchar, submitted_at timestamp);
-create table cells (cell_id varchar primary key, method varchar, granularity varchar, ratio double,
-                    achieved_ratio double, init varchar, setting integer, budget_tokens bigint, trained_tokens bigint,
-                    seed integer, status varchar, error varchar, train_stage varchar, branch_path varchar);
-create table metrics (cell_id varchar, tokens bigint, name varchar, value double, stderr double);
-create table stages (stage_id varchar, kind varchar, status varchar, job_id varchar, attempts integer,
-                     started timestamp, finished timestamp, log_path varchar, error varchar);
-"""
+from gridlab.store import SCHEMA as STORE_SCHEMA
+
+# The runner's own table definitions, so these databases follow the schema exactly as the store writes it.
+SCHEMA = {table: dict(columns) for table, columns in STORE_SCHEMA.items()}
+
+_POLARS = {"VARCHAR": pl.Utf8, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64}
 
 GRANULARITY = {"shortgpt": "depth", "minitron-depth": "depth", "minitron-width": "width", "llm-pruner": "width",
                "wanda": "sparse", "sparsegpt": "sparse"}
@@ -75,26 +71,27 @@ def finish(cells: list[dict], loss: LossFunction, metric: str = "val_loss", curv
     return rows
 
 
-def write_db(path: Path, cells: list[dict], metrics: list[dict] | pl.DataFrame, *, name: str = "synthetic", parent: str = "nano",
-             parent_tokens: int = 50_000_000, calibration_tokens: int = 65_536, spec: dict | None = None) -> Path:
+def _frame(rows: list[dict] | pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
+    """Rows in the table's column order and types; columns a row does not name are null."""
+    frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(
+        [{c: row.get(c) for c in columns} for row in rows], schema={c: _POLARS[t] for c, t in columns.items()})
+    return frame.with_columns(*(pl.lit(None, dtype=_POLARS[t]).alias(c) for c, t in columns.items()
+                                if c not in frame.columns)).select(list(columns))
+
+
+def write_db(path: Path, cells: list[dict], metrics: list[dict] | pl.DataFrame, *, name: str = "synthetic",
+             parent: str = "nano", parent_tokens: int = 50_000_000, calibration_tokens: int = 65_536,
+             spec: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    grid = dict(name=name, parent=parent, parent_tokens=parent_tokens, calibration_tokens=calibration_tokens,
+                corpus_fingerprint="sha256:0123abcd", gridlab_version="0.1.0", spec_json=json.dumps(spec or {}),
+                submitted_at=1_764_000_000.0)
     with duckdb.connect(str(path)) as con:
-        con.execute(SCHEMA)
-        con.execute(
-            "insert into grid values (?, ?, ?, ?, ?, ?, ?, now())",
-            [name, parent, parent_tokens, calibration_tokens, "sha256:0123abcd", "0.1.0", json.dumps(spec or {})],
-        )
-        if cells:
-            cell_frame = pl.DataFrame(cells, schema={
-                "cell_id": pl.Utf8, "method": pl.Utf8, "granularity": pl.Utf8, "ratio": pl.Float64,
-                "achieved_ratio": pl.Float64, "init": pl.Utf8, "setting": pl.Int32, "budget_tokens": pl.Int64,
-                "trained_tokens": pl.Int64, "seed": pl.Int32, "status": pl.Utf8, "error": pl.Utf8,
-                "train_stage": pl.Utf8, "branch_path": pl.Utf8})
-            con.register("cell_frame", cell_frame)
-            con.execute("insert into cells select * from cell_frame")
-        if len(metrics):
-            metric_frame = pl.DataFrame(metrics, schema={
-                "cell_id": pl.Utf8, "tokens": pl.Int64, "name": pl.Utf8, "value": pl.Float64, "stderr": pl.Float64})
-            con.register("metric_frame", metric_frame)
-            con.execute("insert into metrics select * from metric_frame")
+        for table, rows in (("grid", [grid]), ("cells", cells), ("metrics", metrics), ("stages", [])):
+            columns = SCHEMA[table]
+            con.execute(f"create table {table} (" + ", ".join(f"{c} {t}" for c, t in columns.items()) + ")")
+            if len(rows):
+                con.register("frame", _frame(rows, columns))
+                con.execute(f"insert into {table} select * from frame")
+                con.unregister("frame")
     return path

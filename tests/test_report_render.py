@@ -63,6 +63,7 @@ def test_pdf_has_every_section_heading_and_the_answers(full_report):
         assert heading in flat, heading
         assert heading.split(" — ")[0] in html
     assert "gridlab report — full-grid" in flat
+    assert "2025-11-24 16:00 UTC" in flat  # grid.submitted_at, epoch seconds as the store writes it
     assert "prune (shortgpt)" in flat and "prune (wanda)" in flat
     assert "extrapolated" in flat
 

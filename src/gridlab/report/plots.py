@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from gridlab.report.analyse import GRANULARITY_ORDER, Analysis, Crossover, format_tokens  # noqa: E402
 
@@ -71,7 +71,7 @@ def _panel_grid(n_rows: int, n_cols: int, panel=(3.0, 2.3), sharex: bool = True,
 def _log_x(ax) -> None:
     ax.set_xscale("log")
     ax.minorticks_off()  # minor labels (2×10^6, 3×10^6, ...) collide, and minor ticks are costly to lay out
-    ax.grid(True, which="major", linewidth=0.3, alpha=0.6)
+    ax.yaxis.set_major_locator(MaxNLocator(4))
     ax.tick_params(labelsize=7)
 
 
@@ -123,7 +123,7 @@ def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figur
         figures.append(Figure(
             key=key,
             title=f"Crossover plot — {granularity}",
-            caption=("Seed mean with 95 % t-interval (error bars) per budget B for pruned init (method colour), "
+            caption=("Seed mean (markers) with its 95 % t-interval (band) per budget B for pruned init (method colour), "
                      "random init in setting 1 (black, B tokens) and in setting 2 (grey, parent + B tokens, drawn at "
                      "B). Lines: fitted L(D) = E + A·D^(−α) where the fit converged. Dotted vertical lines: "
                      "crossover budgets (1 and 2 name the setting)."),
@@ -148,8 +148,12 @@ def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list[Crossover]
         if arm.height == 0:
             continue
         budgets = arm["budget_tokens"].to_numpy().astype(float)
-        ax.errorbar(budgets, arm["mean"].to_numpy(), yerr=arm["half"].fill_null(0).to_numpy(), linestyle="none",
-                    capsize=2, markersize=3, elinewidth=0.8, label=label, **style)
+        means = arm["mean"].to_numpy()
+        # Intervals as a band (one path per arm): error bars cost several SVG nodes per point.
+        if arm["half"].null_count() < arm.height:
+            half = arm["half"].fill_null(0).to_numpy()
+            ax.fill_between(budgets, means - half, means + half, color=style["color"], alpha=0.18, linewidth=0)
+        ax.plot(budgets, means, linestyle="none", markersize=3, label=label, **style)
         crossover = by_setting.get(setting) if setting else next(iter(by_setting.values()), None)
         fit = crossover.fits.get(init) if crossover else None
         if fit is not None and fit.converged:

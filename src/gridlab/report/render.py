@@ -54,12 +54,21 @@ def _signed(value, digits: int = 3) -> str:
     return f"{value:+.{digits}g}"
 
 
+def _when(value) -> str:
+    """A timestamp from the grid table (epoch seconds as the store writes it, or a datetime) in UTC."""
+    if value is None:
+        return "–"
+    if isinstance(value, int | float):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return str(value)
+
+
 def environment(folder: Path) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(folder), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters.update(tokens=format_tokens, number=_number, signed=_signed)
+    env.filters.update(tokens=format_tokens, number=_number, signed=_signed, when=_when)
     return env
 
 
