@@ -168,3 +168,9 @@ def test_corpus_too_small_for_the_splits_is_a_one_line_error(tokenizer_dir, tmp_
 
 def test_token_dtype_widens_past_uint16():
     assert _token_dtype(65536) == np.uint16 and _token_dtype(65537) == np.uint32
+
+
+def test_unreachable_hub_dataset_is_a_one_line_error():
+    with pytest.raises(ValueError, match="cannot load Hugging Face dataset 'nobody/nothing'") as error:
+        list(iter_documents(CorpusSource(kind="hf", name="nobody/nothing")))
+    assert "\n" not in str(error.value)
