@@ -59,12 +59,19 @@ def to_svg(figure: plt.Figure, key: str) -> str:
     return svg.replace("<svg ", f'<svg class="figure" role="img" aria-label="{key}" ', 1)
 
 
-def _panel_grid(n_rows: int, n_cols: int, panel=(3.0, 2.3), sharex: bool = True, hspace: float = 0.45):
-    """Small multiples with fixed margins (no constrained/tight layout: those redraw the figure several times)."""
-    width, height = max(4.5, panel[0] * n_cols + 0.9), panel[1] * n_rows + 1.1
+LEGEND_ROW_INCHES = 0.22
+
+
+def _panel_grid(n_rows: int, n_cols: int, panel=(3.0, 2.3), sharex: bool = True, hspace: float = 0.45,
+                right: float = 0.15, legend_rows: int = 2):
+    """Small multiples with fixed margins in inches (no constrained/tight layout: those redraw the figure several
+    times); room below for a figure legend of `legend_rows` rows."""
+    width = max(5.0, panel[0] * n_cols + 0.75 + right)
+    bottom = 0.55 + LEGEND_ROW_INCHES * legend_rows
+    height = panel[1] * n_rows + bottom + 0.35
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False, sharex=sharex)
-    figure.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=1.0 / height, top=1 - 0.35 / height,
-                           wspace=0.35, hspace=hspace)
+    figure.subplots_adjust(left=0.75 / width, right=1 - right / width, bottom=bottom / height,
+                           top=1 - 0.35 / height, wspace=0.35, hspace=hspace)
     return figure, axes
 
 
@@ -81,7 +88,8 @@ def _figure_legend(figure, axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=7.5,
+        columns = max(1, min(len(handles), int(figure.get_figwidth() / 2.4)))
+        figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize=7.5,
                       frameon=False, bbox_to_anchor=(0.5, 0.0))
 
 
@@ -184,7 +192,7 @@ def gap_heatmaps(analysis: Analysis) -> list[Figure]:
         methods, ratios = _methods_and_ratios(gaps, granularity)
         part = gaps.filter(pl.col("granularity") == granularity)
         budgets = sorted(part["budget_tokens"].unique().to_list())
-        figure, axes = _panel_grid(len(methods), len(settings), sharex=False, hspace=0.9,
+        figure, axes = _panel_grid(len(methods), len(settings), sharex=False, hspace=0.9, right=1.1, legend_rows=0,
                                    panel=(0.55 * len(budgets) + 1.4, 0.35 * len(ratios) + 1.6))
         image = None
         for r, method in enumerate(methods):
@@ -203,14 +211,17 @@ def gap_heatmaps(analysis: Analysis) -> list[Figure]:
                 for i in range(len(ratios)):
                     for j in range(len(budgets)):
                         if labels[i][j]:
-                            ax.text(j + 0.5, i + 0.5, labels[i][j], ha="center", va="center", fontsize=7)
+                            dark = abs(grid[i, j]) > 0.6 * limit
+                            ax.text(j + 0.5, i + 0.5, labels[i][j], ha="center", va="center", fontsize=7,
+                                    color="white" if dark else "black")
                 ax.set_xticks(np.arange(len(budgets)) + 0.5, [format_tokens(b) for b in budgets], fontsize=7,
                               rotation=45)
                 ax.set_yticks(np.arange(len(ratios)) + 0.5, [f"{x:g}" for x in ratios], fontsize=7)
                 ax.set_title(f"{plain(method)}, setting {setting}", fontsize=9)
                 ax.set_xlabel("budget B (tokens)", fontsize=8)
                 ax.set_ylabel("pruning ratio", fontsize=8)
-        colourbar = figure.colorbar(image, ax=axes, shrink=0.8, fraction=0.04, pad=0.03)
+        colourbar = figure.colorbar(image, cax=figure.add_axes(
+            (1 - 0.75 / figure.get_figwidth(), 0.25, 0.12 / figure.get_figwidth(), 0.5)))
         colourbar.set_label(f"gap: pruned − random ({plain(analysis.metric)})", fontsize=8)
         key = f"heatmap-{granularity}"
         better = "negative" if analysis.lower_is_better else "positive"
