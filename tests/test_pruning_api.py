@@ -238,3 +238,15 @@ def test_pruned_config_checks_its_arguments_too(config):
 def test_magnitude_needs_no_calibration(parent):
     result = prune(copy.deepcopy(parent), "magnitude", 0.5)
     assert result.achieved_ratio == 0.5 and result.options == {"nm": None}
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "minitron-width", "wanda"])
+def test_the_callers_config_object_still_describes_the_parent(method, calibration):
+    config = make_config("micro", vocab_size=256, seq_len=64)
+    before = config.to_dict()
+    result = prune(init_model(config, seed=0), method, 0.5, calibration)
+    assert config.to_dict() == before
+    planned = pruned_config(config, method, 0.5)
+    assert (planned is None) == (result.granularity == "sparse")
+    if planned is not None:
+        assert planned.to_dict() == result.model.config.to_dict()

@@ -33,7 +33,12 @@ def remove_layers(model, removed: list[int]):
     model.model.layers = nn.ModuleList(kept)
     for new_index, layer in enumerate(kept):
         layer.self_attn.layer_idx = new_index
-    model.config.num_hidden_layers = len(kept)
+    # A fresh config object: the caller's LlamaConfig (often shared with the model) keeps describing the parent.
+    parent_config, config = model.config, copy.deepcopy(model.config)
+    config.num_hidden_layers = len(kept)
+    for module in model.modules():
+        if getattr(module, "config", None) is parent_config:
+            module.config = config
     return 1.0 - param_counts(model).decoder / parent_decoder
 
 
