@@ -156,8 +156,8 @@ def shrink(model, kept_groups: list[list[int]], kept_ffn: list[list[int]], kept_
 
 def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
     """Indices of the `keep` highest scores, ascending; ties go to the lower index."""
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:keep])
+    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices[:keep]
+    return sorted(order.tolist())
 
 
 def _finish(model, method, ratio, options, axes, group_scores, ffn_scores, hidden_scores):
