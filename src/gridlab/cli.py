@@ -119,11 +119,10 @@ def _scheduler_view(states) -> dict[str, dict]:
 def collect_status(run_dir: Path, log_lines: int = 5) -> dict:
     """Stage counts by kind × state, cell counts, and the failed stages with their log tails."""
     from gridlab import execute, store
-    from gridlab.spec import STAGE_KINDS
 
     index = store.read_index(run_dir)
     states = execute.stage_states(run_dir, index["stages"])
-    by_kind = {kind: {state: 0 for state in store.STATES} for kind in STAGE_KINDS}
+    by_kind = {kind: {state: 0 for state in store.STATES} for kind in store.STAGE_KINDS}
     for state in states.values():
         by_kind[state.kind][state.status] += 1
     effective, _ = store.effective_states(index["stages"], {sid: s.status for sid, s in states.items()})

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import submitit
 
 from gridlab import store
-from gridlab.spec import STAGE_KINDS
 
 ACTIVE = ("pending", "running")
 # How many explicit array-task dependencies one job may list before we depend on whole arrays instead.
@@ -199,11 +198,45 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+class _Worker:
+    """A long-lived worker process (``python -m gridlab.stages --serve RUN_DIR``) that runs the stage ids written to
+    its stdin one at a time and answers "done ID" or "failed ID" on its stdout. Keeping workers alive pays the
+    torch/transformers import once per worker instead of once per stage."""
+
+    def __init__(self, run_dir: Path, threads: int):
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                       "GRIDLAB_THREADS": str(threads)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gridlab.stages", "--serve", str(run_dir)], env=environment, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
+        self.stage_id: str | None = None
+        self.started = 0.0
+
+    def assign(self, run_dir: Path, stage_id: str) -> None:
+        stage_dir = run_dir / "stages" / stage_id
+        store.clear_outcome(run_dir, stage_id)
+        store.write_json_atomic(stage_dir / store.SUBMIT, {
+            "executor": "local", "job_id": f"local-{self.process.pid}", "pid": self.process.pid,
+            "submitted_at": time.time(), "log_path": str(stage_dir / store.LOG)})
+        self.stage_id, self.started = stage_id, time.time()
+        self.process.stdin.write(stage_id + "\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 class LocalExecutor:
     """A scheduler loop in this process running ready stages in parallel worker processes.
 
     Each worker gets cores ÷ workers torch threads (OMP_NUM_THREADS and torch.set_num_threads), so workers share the
-    machine without oversubscribing it.
+    machine without oversubscribing it. A worker that dies (killed, crashed) fails its stage and is replaced.
     """
 
     name = "local"
@@ -219,62 +252,63 @@ class LocalExecutor:
         done = set(selection.done)
         waiting = list(selection.to_run)
         blocked_by = {s.stage_id for s in selection.failed}
-        running: dict[str, tuple[subprocess.Popen, float]] = {}
+        workers: list[_Worker] = []
         outcome: dict[str, str] = {}
-        total, finished = len(waiting), 0
+        total = len(waiting)
+
+        def finish(stage_id: str, status: str, detail: str) -> None:
+            outcome[stage_id] = status
+            (done if status == "done" else blocked_by).add(stage_id)
+            self.report(f"[{len(outcome)}/{total}] {status:7} {plan.stages[stage_id]['kind']:6} {stage_id} {detail}")
+
         try:
-            while waiting or running:
-                for stage_id, (process, started) in list(running.items()):
-                    if process.poll() is None:
-                        continue
-                    del running[stage_id]
-                    finished += 1
-                    status = self._settle(run_dir, stage_id, process.returncode)
-                    outcome[stage_id] = status
-                    (done if status == "done" else blocked_by).add(stage_id)
-                    kind = plan.stages[stage_id]["kind"]
-                    self.report(f"[{finished}/{total}] {status:6} {kind:6} {stage_id} ({time.time() - started:.0f} s)")
+            while waiting or any(w.stage_id for w in workers):
+                for worker in [w for w in workers if w.stage_id]:
+                    status = self._poll(run_dir, worker)
+                    if status:
+                        stage_id, worker.stage_id = worker.stage_id, None
+                        finish(stage_id, status, f"({time.time() - worker.started:.0f} s)")
+                workers = [w for w in workers if w.process.poll() is None]
                 for stage in list(waiting):
                     deps = set(stage["deps"].values())
                     if deps & blocked_by:
                         waiting.remove(stage)
-                        blocked_by.add(stage["id"])
-                        outcome[stage["id"]] = "blocked"
-                        finished += 1
-                        self.report(f"[{finished}/{total}] blocked {stage['kind']:6} {stage['id']} (upstream failed)")
-                    elif deps <= done and len(running) < self.workers:
+                        finish(stage["id"], "blocked", "(upstream failed)")
+                    elif deps <= done:
+                        idle = next((w for w in workers if w.stage_id is None), None)
+                        if idle is None and len(workers) < self.workers:
+                            idle = _Worker(run_dir, self.threads)
+                            workers.append(idle)
+                        if idle is None:
+                            break
                         waiting.remove(stage)
-                        running[stage["id"]] = (self._launch(run_dir, stage), time.time())
-                if waiting or running:
+                        idle.assign(run_dir, stage["id"])
+                if waiting or any(w.stage_id for w in workers):
                     time.sleep(self.poll_s)
-        except KeyboardInterrupt:
-            for process, _ in running.values():
-                process.terminate()
-            for process, _ in running.values():
-                process.wait()
-            raise
+        finally:
+            for worker in workers:
+                if worker.stage_id:
+                    worker.process.terminate()
+                worker.stop()
         return outcome
 
-    def _launch(self, run_dir: Path, stage: dict[str, Any]) -> subprocess.Popen:
-        stage_dir = run_dir / "stages" / stage["id"]
-        store.clear_outcome(run_dir, stage["id"])
-        environment = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-                       "GRIDLAB_THREADS": str(self.threads)}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gridlab.stages", str(run_dir), stage["id"]], env=environment,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        store.write_json_atomic(stage_dir / store.SUBMIT, {
-            "executor": "local", "job_id": str(process.pid), "pid": process.pid, "submitted_at": time.time(),
-            "log_path": str(stage_dir / store.LOG)})
-        return process
+    def _poll(self, run_dir: Path, worker: _Worker) -> str | None:
+        """The status of the worker's stage once it has finished, else None."""
+        import select
 
-    @staticmethod
-    def _settle(run_dir: Path, stage_id: str, returncode: int) -> str:
-        stage_dir = run_dir / "stages" / stage_id
+        readable, _, _ = select.select([worker.process.stdout], [], [], 0)
+        if readable:
+            answer = worker.process.stdout.readline().split()
+            if answer and answer[-1] == worker.stage_id:
+                return answer[0]
+        if worker.process.poll() is None:
+            return None
+        stage_dir = run_dir / "stages" / worker.stage_id
         if (stage_dir / store.RESULT).exists():
             return "done"
         if not (stage_dir / store.ERROR).exists():
-            how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+            code = worker.process.returncode
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             store.write_json_atomic(stage_dir / store.ERROR, {
                 "error": f"worker {how} before writing its result", "finished": time.time(), "traceback": []})
         return "failed"
@@ -344,7 +378,7 @@ class SlurmExecutor:
         chunk_size = max(1, max_array_size() - 1)
         folder = run_dir / "slurm"
         outcome = {}
-        for kind in STAGE_KINDS:
+        for kind in store.STAGE_KINDS:
             stages = [s for s in selection.to_run if s["kind"] == kind]
             for start in range(0, len(stages), chunk_size):
                 chunk = stages[start:start + chunk_size]

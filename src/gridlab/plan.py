@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridlab.spec import STAGE_KINDS, GridSpec, MethodSpec
+from gridlab.spec import GridSpec, MethodSpec
+from gridlab.store import STAGE_KINDS
 
 # Measured training throughput in tokens/s per worker (fp32, 1 thread, seq 128, CPU of the development machine; see
 # /work/shared/environment.md). Used only for `gridlab plan`'s time estimate; a pruned model is assumed to train

@@ -4,7 +4,8 @@
 depends on; ``execute_stage`` wraps it with the bookkeeping every executor shares (attempt count, log file, error
 file, result file written last and atomically). Workers never open the DuckDB file.
 
-    python -m gridlab.stages RUN_DIR STAGE_ID      # what a local worker process runs
+    python -m gridlab.stages RUN_DIR STAGE_ID      # run one stage
+    python -m gridlab.stages --serve RUN_DIR       # a local worker: stage ids on stdin, "done|failed ID" on stdout
 """
 
 from __future__ import annotations
@@ -267,9 +268,24 @@ def _job_id() -> str:
     return os.environ.get("SLURM_JOB_ID", str(os.getpid()))
 
 
+def serve(run_dir: Path) -> None:
+    """Run the stage ids read from stdin one at a time, answering "done ID" or "failed ID" on stdout."""
+    import torch
+
+    for line in sys.stdin:
+        stage_id = line.strip()
+        torch.manual_seed(0)  # a stage's numbers must not depend on what this worker ran before
+        ok = execute_stage(run_dir, stage_id)
+        sys.stdout.write(f"{'done' if ok else 'failed'} {stage_id}\n")
+        sys.stdout.flush()
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--serve":
+        serve(Path(argv[1]))
+        return 0
     if len(argv) != 2:
-        print("usage: python -m gridlab.stages RUN_DIR STAGE_ID", file=sys.stderr)
+        print("usage: python -m gridlab.stages RUN_DIR STAGE_ID | --serve RUN_DIR", file=sys.stderr)
         return 2
     return 0 if execute_stage(Path(argv[0]), argv[1]) else 1
 

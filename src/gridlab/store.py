@@ -25,9 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
-import polars as pl
-
 import gridlab
 
 RESULT = "result.json"
@@ -58,6 +55,7 @@ SCHEMA = {
 }
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
+STAGE_KINDS = ("data", "parent", "prune", "init", "train", "eval")
 
 
 class CorruptResult(Exception):
@@ -333,6 +331,10 @@ def effective_states(stages: list[dict[str, Any]], status: dict[str, str]) -> tu
 
 def _write_tables(database: Path, tables: dict[str, dict[str, list]]) -> None:
     """Replace every table's rows in one transaction; rows go in as polars frames (bulk, no per-row inserts)."""
+    import duckdb
+    import polars as pl
+
+    polars_type = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64}
     connection = duckdb.connect(str(database))
     try:
         connection.execute("BEGIN TRANSACTION")
@@ -342,14 +344,11 @@ def _write_tables(database: Path, tables: dict[str, dict[str, list]]) -> None:
                                + ", ".join(f"{name} {kind}" for name, kind in schema) + ")")
             connection.execute(f"DELETE FROM {table}")
             frame = pl.DataFrame({name: columns[name] for name, _ in schema},
-                                 schema={name: _POLARS[kind] for name, kind in schema}, strict=False)
+                                 schema={name: polars_type[kind] for name, kind in schema}, strict=False)
             connection.execute(f"INSERT INTO {table} SELECT * FROM frame")
         connection.execute("COMMIT")
     finally:
         connection.close()
-
-
-_POLARS = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64}
 
 
 def _branch(train: dict[str, Any], budget: int) -> dict[str, Any] | None:
