@@ -288,3 +288,14 @@ def test_sparsegpt_with_no_pruning_leaves_the_weights_unchanged():
     new_weight, keep = sparsegpt_prune(W, X.T @ X, 0.0)
     assert keep.all()
     torch.testing.assert_close(new_weight, W)
+
+
+def test_sparsegpt_zeroes_the_weights_of_inputs_never_seen():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 32, generator=generator)
+    X[:, 5] = 0
+    W = torch.randn(16, 32, generator=generator)
+    new_weight, keep = sparsegpt_prune(W, X.T @ X, 0.25)
+    assert torch.isfinite(new_weight).all()
+    assert (new_weight[:, 5] == 0).all() and not keep[:, 5].any()  # zero score: pruned first
+    assert (~keep).sum() == math.floor(0.25 * W.numel())

@@ -101,7 +101,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
     """
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
-    rows, cols = W.shape
+    cols = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
