@@ -45,7 +45,8 @@ def build_cells(methods: list[str], ratios: list[float], budgets: list[int], see
                                 granularity=granularity.get(method, "depth"), ratio=ratio, achieved_ratio=ratio,
                                 init=init, setting=setting, budget_tokens=budget, trained_tokens=trained, seed=seed,
                                 status="pending", error=None,
-                                train_stage=f"train-{method}-{ratio}-{init}-{setting if init == 'random' else 0}-{seed}",
+                                train_stage=f"train-{method}-{ratio}-{init}-"
+                                            f"{setting if init == 'random' else 0}-{seed}",
                                 branch_path=None,
                             ))
     return cells

@@ -133,7 +133,6 @@ def seed_summary(values: pl.DataFrame) -> pl.DataFrame:
             mean=pl.col("value").mean(),
             sd=pl.col("value").std(),
             trained_tokens=pl.col("trained_tokens").mean(),
-            seeds=pl.col("seed").sort(),
         )
         .sort(GROUP_KEYS)
     )
@@ -165,7 +164,8 @@ def gap_table(summary: pl.DataFrame, lower_is_better: bool) -> pl.DataFrame:
     )
     if joined.height == 0:
         return joined.with_columns(
-            *(pl.lit(None, dtype=pl.Float64).alias(c) for c in ("gap", "half", "benefit", "benefit_low", "benefit_high")),
+            *(pl.lit(None, dtype=pl.Float64).alias(c)
+              for c in ("gap", "half", "benefit", "benefit_low", "benefit_high")),
             pl.lit(None, dtype=pl.Utf8).alias("verdict"),
         )
     n_p, n_r = joined["n_pruned"].to_numpy().astype(float), joined["n_random"].to_numpy().astype(float)
@@ -410,7 +410,8 @@ def crossovers(
         if inside is not None:
             at, low, high = inside
             text = (
-                f"{_direction(rows['benefit'][0])} at {format_tokens(at)} tokens, interpolated in log tokens between the measured budgets "
+                f"{_direction(rows['benefit'][0])} at {format_tokens(at)} tokens, interpolated in log tokens "
+                f"between the measured budgets "
                 f"{format_tokens(low)} and {format_tokens(high)}"
             )
             results.append(Crossover(**key, kind="interpolated", budget=at, low=low, high=high, text=text,
@@ -432,7 +433,8 @@ def crossovers(
             results.append(Crossover(**key, kind="none", budget=None, low=None, high=None, text=text,
                                      fits=fits, random_offset=offset))
         else:
-            text = f"{_direction(rows['benefit'][-1])} at {format_tokens(at)} tokens, extrapolated from fitted L(D) = E + A·D^(−α) per arm " \
+            text = f"{_direction(rows['benefit'][-1])} at {format_tokens(at)} tokens, extrapolated from fitted " \
+                   f"L(D) = E + A·D^(−α) per arm " \
                    f"(95 % bootstrap interval {format_tokens(low)}–{format_tokens(high)}; " \
                    f"{fraction:.0%} of draws cross within {horizon:g}×)"
             results.append(Crossover(**key, kind="extrapolated", budget=at, low=low, high=high, text=text,

@@ -131,7 +131,8 @@ def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figur
         figures.append(Figure(
             key=key,
             title=f"Crossover plot — {granularity}",
-            caption=("Seed mean (markers) with its 95 % t-interval (band) per budget B for pruned init (method colour), "
+            caption=("Seed mean (markers) with its 95 % t-interval (band) per budget B for pruned init "
+                     "(method colour), "
                      "random init in setting 1 (black, B tokens) and in setting 2 (grey, parent + B tokens, drawn at "
                      "B). Lines: fitted L(D) = E + A·D^(−α) where the fit converged. Dotted vertical lines: "
                      "crossover budgets (1 and 2 name the setting)."),
