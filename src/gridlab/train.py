@@ -251,7 +251,7 @@ class _Run:
         path = self.checkpoint_dir / name
         if not path.is_file():
             return None
-        payload = torch.load(path, map_location=self.device, weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
         if payload["identity"] != self.identity:
             raise ValueError(
                 f"{self.checkpoint_dir} holds a checkpoint of a different training run (other config, budgets or "
