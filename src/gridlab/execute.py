@@ -364,8 +364,13 @@ def max_array_size() -> int:
 
 
 class SlurmExecutor:
-    """Submits one job array per stage kind (chunked below MaxArraySize) with afterok dependencies along the DAG,
-    and returns at once."""
+    """Submits one job array per stage kind (chunked below MaxArraySize) with dependencies along the DAG, and
+    returns at once.
+
+    A SLURM dependency holds a whole array, so one failed task under `afterok` would cancel every task of the next
+    kind, including those that do not need it. Arrays therefore wait with `afterany` for their upstream tasks to end,
+    and each task checks its own upstream results first: a stage whose input is missing fails at once, naming it,
+    while its siblings run."""
 
     name = "slurm"
 
@@ -424,7 +429,7 @@ def _dependency(deps: list[str], job_of: dict[str, str]) -> str | None:
         return None
     if len(jobs) > _MAX_TASK_DEPENDENCIES:
         jobs = sorted({job.split("_")[0] for job in jobs})
-    return "afterok:" + ":".join(jobs)
+    return "afterany:" + ":".join(jobs)
 
 
 def make_executor(name: str, workers: int, report: Callable[[str], None] = print):

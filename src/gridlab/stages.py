@@ -235,6 +235,7 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
         print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage['kind']} stage {stage_id} "
               f"(pid {os.getpid()}, threads {threads or 'default'})", flush=True)
         try:
+            _check_upstream(run_dir, stage)
             if threads:
                 import torch
 
@@ -252,6 +253,16 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
                 "error": f"{type(error).__name__}: {first_line}", "traceback": lines[-20:],
                 "finished": time.time()})
             return False
+
+
+def _check_upstream(run_dir: Path, stage: dict[str, Any]) -> None:
+    for role, dep in stage["deps"].items():
+        if not (stage_dir(run_dir, dep) / store.RESULT).exists():
+            raise UpstreamMissing(f"upstream {role} stage {dep} has no result (it failed or was cancelled)")
+
+
+class UpstreamMissing(RuntimeError):
+    """A stage was started before the stages it consumes finished (SLURM afterany after a failure)."""
 
 
 def _started(folder: Path) -> float:

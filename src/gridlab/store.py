@@ -307,18 +307,18 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
 def effective_states(stages: list[dict[str, Any]], status: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Each stage's state as the cells below it see it, and the stage to blame when that is failed or cancelled.
 
-    A failed (else cancelled) stage upstream dominates; then a stage is done when it is; running when it or
-    something upstream runs; pending otherwise. ``stages`` must be in dependency order (as plans list them).
+    A failed or cancelled stage upstream dominates (the one furthest upstream is blamed); then a stage is done when
+    it is; running when it or something upstream runs; pending otherwise. ``stages`` must be in dependency order (as plans list them).
     """
     effective: dict[str, str] = {}
     culprit: dict[str, str] = {}
     for stage in stages:
         sid, own = stage["id"], status[stage["id"]]
-        blamed = [sid] if own in ("failed", "cancelled") else []
-        blamed += [culprit[dep] for dep in stage["deps"].values() if dep in culprit]
+        # Blame the problem furthest upstream: a stage that failed because its input is missing is not the cause.
+        blamed = [culprit[dep] for dep in stage["deps"].values() if dep in culprit]
+        blamed += [sid] if own in ("failed", "cancelled") else []
         if blamed:
-            failed = [b for b in blamed if status[b] == "failed"]
-            culprit[sid] = (failed or blamed)[0]
+            culprit[sid] = blamed[0]
             effective[sid] = status[culprit[sid]]
         elif own == "done":
             effective[sid] = "done"
