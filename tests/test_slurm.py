@@ -1,0 +1,117 @@
+"""The slurm executor against a real cluster (scripts/slurm-local.sh start): submit returns at once, scancel shows up
+in status and --retry-failed completes it, a preempted (USR2) training job requeues and resumes, resubmitting a
+finished grid submits nothing, and the smoke grid runs end to end. Skipped when no cluster answers `sinfo`."""
+
+import json
+import subprocess
+import time
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from gridlab import execute, store
+from gridlab.cli import app, collect_status
+from runner_helpers import SMOKE, slurm_available, tiny_grid, write_grid
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster answers sinfo")]
+
+BUDGET = 24576
+
+
+def _submit(grid_file, *options):
+    return CliRunner().invoke(app, ["submit", str(grid_file), "--executor", "slurm", *options])
+
+
+def _job_of(run_dir, stage_id):
+    return json.loads((run_dir / "stages" / stage_id / store.SUBMIT).read_text())["job_id"]
+
+
+def _wait_until_settled(run_dir, timeout_s=900):
+    plan = store.read_plan(run_dir)
+    deadline = time.time() + timeout_s
+    while True:
+        states = execute.stage_states(run_dir, plan["stages"])
+        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
+            return states
+        assert time.time() < deadline, "SLURM jobs did not finish in time"
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def cancelled_grid(tmp_path_factory):
+    """A grid submitted to SLURM whose parent job was scancel'led right away."""
+    folder = tmp_path_factory.mktemp("slurm")
+    grid_file = write_grid(folder, tiny_grid(name="slurm", budgets=[BUDGET]))
+    run_dir = folder / "runs" / "slurm"
+    started = time.time()
+    result = _submit(grid_file)
+    submit_seconds = time.time() - started
+    assert result.exit_code == 0, result.output
+    plan = store.read_plan(run_dir)
+    parent = next(s["id"] for s in plan["stages"] if s["kind"] == "parent")
+    states_right_after = execute.stage_states(run_dir, plan["stages"])
+    subprocess.run(["scancel", _job_of(run_dir, parent)], check=True)
+    return grid_file, run_dir, parent, submit_seconds, states_right_after
+
+
+def test_submit_returns_at_once(cancelled_grid):
+    _, _, _, _, states = cancelled_grid
+    assert all(s.submitted for s in states.values())
+    assert not all(s.status == "done" for s in states.values())
+
+
+def test_scancel_shows_in_status_and_blocks_downstream(cancelled_grid):
+    _, run_dir, parent, _, _ = cancelled_grid
+    _wait_until_settled(run_dir)
+    status = collect_status(run_dir)
+    failed = {f["stage_id"]: f for f in status["failed"]}
+    assert failed[parent]["status"] == "cancelled"
+    assert status["stages"]["parent"]["cancelled"] == 1
+    assert status["stages"]["data"]["done"] == 1
+    # pruned cells sit below the parent; random cells do not (their model is initialised from the architecture)
+    assert status["cells"]["cancelled"] == 2
+    assert status["cells"]["done"] == 2
+
+
+def test_retry_failed_completes_and_a_preempted_training_job_resumes(cancelled_grid):
+    grid_file, run_dir, _, _, _ = cancelled_grid
+    result = _submit(grid_file)
+    assert "--retry-failed" in result.output and "0 to run" in result.output    # reported, not resubmitted
+    result = _submit(grid_file, "--retry-failed")
+    assert result.exit_code == 0, result.output
+    plan = store.read_plan(run_dir)
+    cell = next(c for c in plan["cells"] if c["init"] == "pruned")
+    train_dir = run_dir / "stages" / cell["train_stage"]
+    deadline = time.time() + 900
+    while not (train_dir / "train" / "checkpoint").exists():
+        assert time.time() < deadline, "training never checkpointed"
+        time.sleep(0.1)
+    # Preemption: SLURM signals the job (USR2, as before a time limit); submitit checkpoints and requeues it.
+    subprocess.run(["scancel", "--signal=USR2", _job_of(run_dir, cell["train_stage"])], check=True)
+    states = _wait_until_settled(run_dir)
+    assert all(s.status == "done" for s in states.values()), {s.stage_id: s.error for s in states.values()}
+    attempts = (train_dir / store.ATTEMPTS).read_text().split()
+    assert len(attempts) >= 2, "the preempted job was not requeued"
+    store.ingest(run_dir)
+    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+        assert connection.execute("SELECT DISTINCT status FROM cells").fetchall() == [("done",)]
+
+
+def test_resubmitting_a_finished_grid_submits_nothing(cancelled_grid):
+    grid_file, run_dir, _, _, _ = cancelled_grid
+    jobs_before = sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json"))
+    result = _submit(grid_file)
+    assert result.exit_code == 0, result.output
+    assert "8 done (skipped)" in result.output and "0 to run" in result.output
+    assert sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json")) == jobs_before
+
+
+def test_smoke_grid_end_to_end_on_slurm(tmp_path):
+    grid_file = tmp_path / "smoke.toml"
+    grid_file.write_text(SMOKE.read_text().replace('runs_dir = "../runs"', 'runs_dir = "runs"'))
+    result = _submit(grid_file, "--wait")
+    assert result.exit_code == 0, result.output
+    with duckdb.connect(str(tmp_path / "runs" / "smoke" / store.DATABASE), read_only=True) as connection:
+        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 96)]
