@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gridlab import store
 from gridlab.cli import app, collect_status
-from runner_helpers import tiny_grid, write_grid
+from runner_helpers import SMOKE, tiny_grid, write_grid
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,14 @@ def test_editing_one_value_reruns_only_what_it_changes(finished_grid, tmp_path):
     new = set(os.listdir(run_dir / "stages")) - before
     kinds = {json.loads((run_dir / "stages" / stage_id / store.STAGE).read_text())["kind"] for stage_id in new}
     assert len(new) == 2 and kinds == {"eval"}
+
+
+def test_smoke_grid_end_to_end_locally(tmp_path):
+    grid_file = tmp_path / "smoke.toml"
+    grid_file.write_text(SMOKE.read_text().replace('runs_dir = "../runs"', 'runs_dir = "runs"'))
+    result = _submit(grid_file)
+    assert result.exit_code == 0, result.output
+    with duckdb.connect(str(tmp_path / "runs" / "smoke" / store.DATABASE), read_only=True) as connection:
+        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 96)]
+        methods = connection.execute("SELECT count(DISTINCT method), count(DISTINCT granularity) FROM cells").fetchone()
+    assert methods == (6, 3)

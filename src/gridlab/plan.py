@@ -51,9 +51,15 @@ def content_id(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_stage(kind: str, config: dict[str, Any], deps: dict[str, str]) -> dict[str, Any]:
-    """A stage from a config already in canonical form (build_plan canonicalises each shared piece once)."""
-    return {"id": content_id({"kind": kind, "config": config, "deps": deps}), "kind": kind, "config": config,
+def make_stage(kind: str, config: dict[str, Any], deps: dict[str, str],
+               digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """A stage from a config already in canonical form (build_plan canonicalises each shared piece once).
+
+    ``digests`` maps config keys holding a large shared piece (schedule, evaluation, architecture) to that piece's
+    content_id, which is hashed in its place: the same content still gives the same id, at a fraction of the cost.
+    """
+    hashed = {**config, **digests} if digests else config
+    return {"id": content_id({"kind": kind, "config": hashed, "deps": deps}), "kind": kind, "config": config,
             "deps": deps}
 
 
@@ -142,6 +148,7 @@ def pruned_architecture(spec: GridSpec, method: MethodSpec, ratio: float, parent
 def build_plan(spec: GridSpec) -> Plan:
     schedule = canonical(spec.schedule.model_dump())
     evaluation = canonical(spec.evaluation.model_dump())
+    schedule_digest, evaluation_digest = content_id(schedule), content_id(evaluation)
     data = make_stage("data", canonical({
         "corpus": spec.corpus.model_dump(), "splits": spec.splits.model_dump(),
         "tokenizer": spec.tokenizer.model_dump(), "seq_len": spec.seq_len,
@@ -162,7 +169,7 @@ def build_plan(spec: GridSpec) -> Plan:
     drafts: list[dict[str, Any]] = []
     excluded = 0
     parent_architecture = None
-    architectures: dict[tuple, dict | None] = {}
+    architectures: dict[tuple, tuple[dict, str]] = {}
 
     for method in spec.methods:
         kind = granularity(method)
@@ -185,11 +192,12 @@ def build_plan(spec: GridSpec) -> Plan:
                         if arch_key not in architectures:
                             if parent_architecture is None:
                                 parent_architecture = parent_config(spec)
-                            architectures[arch_key] = canonical(
-                                pruned_architecture(spec, method, ratio, parent_architecture))
-                        init = make_stage("init", {"architecture": architectures[arch_key], "seed": seed,
+                            architecture = canonical(pruned_architecture(spec, method, ratio, parent_architecture))
+                            architectures[arch_key] = (architecture, content_id(architecture))
+                        architecture, digest = architectures[arch_key]
+                        init = make_stage("init", {"architecture": architecture, "seed": seed,
                                                    "validation_sequences": spec.evaluation.max_sequences},
-                                          {"data": data["id"]})
+                                          {"data": data["id"]}, {"architecture": digest})
                 for init_kind in spec.inits:
                     model = prune if init_kind == "pruned" else init
                     for budget in spec.budgets:
@@ -213,9 +221,10 @@ def build_plan(spec: GridSpec) -> Plan:
     eval_of: dict[str, dict[str, Any]] = {}
     for model_id, budgets in budgets_of.items():
         train = make_stage("train", {"budgets": sorted(budgets), "schedule": schedule, "seed": seed_of[model_id],
-                                     "seq_len": spec.seq_len}, {"model": model_id, "data": data["id"]})
+                                     "seq_len": spec.seq_len}, {"model": model_id, "data": data["id"]},
+                           {"schedule": schedule_digest})
         evaluate = make_stage("eval", {"budgets": sorted(budgets), "evaluation": evaluation},
-                              {"train": train["id"], "data": data["id"]})
+                              {"train": train["id"], "data": data["id"]}, {"evaluation": evaluation_digest})
         stages[train["id"]] = train
         stages[evaluate["id"]] = evaluate
         train_of[model_id] = train
@@ -226,8 +235,9 @@ def build_plan(spec: GridSpec) -> Plan:
         model_id = draft.pop("model_stage")
         cell = {**draft, "train_stage": train_of[model_id]["id"], "eval_stage": eval_of[model_id]["id"],
                 "model_stage": model_id}
-        cell["cell_id"] = content_id(canonical({key: cell[key] for key in (
-            "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage")}))
+        identity = "|".join(str(canonical(cell[key])) for key in (
+            "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage"))
+        cell["cell_id"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
         cells.append(cell)
 
     ordered = dict(sorted(stages.items(), key=lambda item: STAGE_KINDS.index(item[1]["kind"])))
