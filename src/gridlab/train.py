@@ -14,23 +14,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
 
+from gridlab import distributed
 from gridlab.data import TokenShard
 from gridlab.model import save_model
 
 CHECKPOINT_DIR = "checkpoint"
-MAIN_STATE = "main.pt"
+MAIN_STATE = "main"
+# Fields that change how a run executes but not what it computes; a checkpoint resumes across them.
+_EXECUTION_FIELDS = ("device", "strategy", "activation_checkpointing")
 
 
 def _branch_state(budget_tokens: int) -> str:
-    return f"branch-{budget_tokens}.pt"
+    return f"branch-{budget_tokens}"
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,10 +65,14 @@ class TrainConfig:
     checkpoint_every_tokens: int = 1_000_000
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
+    strategy: Literal["fsdp", "ddp"] = "fsdp"  # how a multi-process job splits the model (one process: unused)
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.schedule not in ("wsd", "cosine"):
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: wsd, cosine")
+        if self.strategy not in ("fsdp", "ddp"):
+            raise ValueError(f"unknown strategy {self.strategy!r}; valid: fsdp, ddp")
         if self.decay_shape not in ("1-sqrt", "linear"):
             raise ValueError(f"unknown decay_shape {self.decay_shape!r}; valid: 1-sqrt, linear")
         if not 0 < self.decay_fraction <= 1:
@@ -159,9 +169,9 @@ class _DataOrder:
         return torch.stack([self._permutation(int(p) // self.n)[int(p) % self.n] for p in positions])
 
 
-def _atomic_save(obj, path: Path) -> None:
+def _atomic_write_json(obj, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, temporary)
+    temporary.write_text(json.dumps(obj))
     os.replace(temporary, path)
 
 
@@ -189,13 +199,25 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
 
 
 class _Run:
-    """The state of one call to train(); the hot loop is `_steps`."""
+    """The state of one call to train(); the hot loop is `_steps`.
+
+    Every process of a job runs it: the global batch of each step is split into equal contiguous slices, one per
+    rank, and gradients are averaged across ranks (FSDP2 or DDP), so N processes compute what one process does.
+    """
 
     def __init__(self, model, data, config, budgets, out_dir, mask):
-        self.model, self.data, self.config, self.out_dir = model, data, config, Path(out_dir)
+        self.data, self.config, self.out_dir = data, config, Path(out_dir)
         self.plans = plan_branches(config, budgets)
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+        self.topology = distributed.setup(config.device)
+        if config.batch_size % self.topology.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} does not split evenly over {self.topology.world_size} processes; "
+                f"give a multiple of {self.topology.world_size}"
+            )
+        self.device = self.topology.device
+        self.model_config = model.config
+        self.model = distributed.wrap(model, self.topology, config.strategy, bf16=self.device.type == "cuda",
+                                      activation_checkpointing=config.activation_checkpointing)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
@@ -203,9 +225,12 @@ class _Run:
         self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
         self.mask = mask
         self.masked_params, self.mask_values = self._mask_tensors(mask)
-        self.optimizer = make_optimizer(model, config)
+        self.optimizer = make_optimizer(self.model, config)
+        execution = dataclasses.asdict(config)
+        for name in _EXECUTION_FIELDS:
+            execution.pop(name)
         self.identity = {
-            "config": dataclasses.asdict(config),
+            "config": execution,
             "budgets": sorted(set(budgets)),
             "n_sequences": data.n_sequences,
             "seq_len": data.seq_len,
@@ -214,7 +239,7 @@ class _Run:
     def _mask_tensors(self, mask):
         if not mask:
             return [], []
-        named = dict(self.model.named_parameters())
+        named = dict(distributed.unwrap(self.model).named_parameters())
         unknown = sorted(set(mask) - set(named))
         if unknown:
             raise ValueError(f"mask names parameters the model does not have: {', '.join(unknown[:3])}")
@@ -223,45 +248,96 @@ class _Run:
             if keep.shape != named[name].shape:
                 raise ValueError(f"mask for {name} has shape {tuple(keep.shape)}, parameter has {tuple(named[name].shape)}")
             params.append(named[name])
-            values.append(keep.to(device=self.device, dtype=named[name].dtype))
+            values.append(distributed.shard_like(keep, named[name]).to(dtype=named[name].dtype))
         return params, values
 
     def apply_mask(self) -> None:
         if self.masked_params:
             with torch.no_grad():
-                torch._foreach_mul_(self.masked_params, self.mask_values)
+                torch._foreach_mul_([distributed.local_tensor(p) for p in self.masked_params], self.mask_values)
+
+    def local_batch(self, step: int) -> torch.Tensor:
+        indices = self.order.batch(step).view(self.topology.world_size, -1)[self.topology.rank]
+        return self.data[indices].to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------------------------------------ state
+    # A checkpoint is a folder written by torch.distributed.checkpoint (each rank writes its own shards, so any
+    # world size can read it back) plus <name>.json, written last and atomically by rank 0, naming that folder and
+    # holding the loop's position. A folder that no .json names is an unfinished write and is ignored.
 
     def fresh_state(self) -> dict:
         return {"step": 0, "curve": [], "pending_losses": [], "branches_done": {}}
 
     def save_state(self, name: str, state: dict) -> None:
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        payload = {
-            **state,
-            "identity": self.identity,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": _rng_state(),
-        }
-        _atomic_save(payload, self.checkpoint_dir / name)
+        folder_name = f"{name}-{state['step']:09d}"
+        folder = self.checkpoint_dir / folder_name
+        pointer = self.checkpoint_dir / f"{name}.json"
+        previous = json.loads(pointer.read_text())["folder"] if pointer.is_file() else None
+        if self.topology.is_main:
+            if folder.exists() and folder_name != previous:
+                shutil.rmtree(folder)
+        distributed.barrier(self.topology)
+        has_optimizer_state = bool(self.optimizer.state)  # none before the first step
+        if has_optimizer_state:
+            tensors = distributed.training_state(self.model, self.optimizer)
+        else:
+            tensors = {"model": distributed.model_state(self.model)}
+        if folder_name != previous:
+            dcp.save(tensors, checkpoint_id=folder, no_dist=not self.topology.distributed)
+            torch.save(_rng_state(), folder / f"rng-{self.topology.rank}.pt")
+        distributed.barrier(self.topology)
+        if self.topology.is_main:
+            record = {**state, "identity": self.identity, "folder": folder_name,
+                      "optimizer": has_optimizer_state, "world_size": self.topology.world_size}
+            _atomic_write_json(record, pointer)
+            if previous and previous != folder_name:
+                shutil.rmtree(self.checkpoint_dir / previous, ignore_errors=True)
+        distributed.barrier(self.topology)
 
     def load_state(self, name: str) -> dict | None:
-        path = self.checkpoint_dir / name
-        if not path.is_file():
+        pointer = self.checkpoint_dir / f"{name}.json"
+        if not pointer.is_file():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
-        if payload["identity"] != self.identity:
+        record = json.loads(pointer.read_text())
+        if record.pop("identity") != self.identity:
             raise ValueError(
                 f"{self.checkpoint_dir} holds a checkpoint of a different training run (other config, budgets or "
                 f"data); use a fresh out_dir or delete that folder"
             )
-        self.model.load_state_dict(payload.pop("model"))
-        self.optimizer.load_state_dict(payload.pop("optimizer"))
-        _set_rng_state(payload.pop("rng"))
-        payload.pop("identity")
-        return payload
+        folder = self.checkpoint_dir / record.pop("folder")
+        if record.pop("optimizer"):
+            tensors = distributed.training_state(self.model, self.optimizer)
+            dcp.load(tensors, checkpoint_id=folder, no_dist=not self.topology.distributed)
+            distributed.load_training_state(self.model, self.optimizer, tensors)
+        else:
+            tensors = {"model": distributed.model_state(self.model)}
+            dcp.load(tensors, checkpoint_id=folder, no_dist=not self.topology.distributed)
+            distributed.load_model_state(self.model, tensors["model"])
+            self.optimizer = make_optimizer(self.model, self.config)
+        # RNG streams are per process; a job resumed at another world size restarts the extra ranks' streams.
+        rng_file = folder / f"rng-{self.topology.rank}.pt"
+        if record.pop("world_size") == self.topology.world_size and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        return record
+
+    def drop_state(self, name: str) -> None:
+        pointer = self.checkpoint_dir / f"{name}.json"
+        if self.topology.is_main and pointer.is_file():
+            folder = self.checkpoint_dir / json.loads(pointer.read_text())["folder"]
+            pointer.unlink()
+            shutil.rmtree(folder, ignore_errors=True)
+        distributed.barrier(self.topology)
+
+    def save_branch_model(self, budget_tokens: int) -> Path:
+        """The branch's final weights as a plain HF checkpoint, gathered from the shards and written by rank 0."""
+        path = self.out_dir / "branches" / str(budget_tokens)
+        if not self.topology.distributed:
+            return save_model(self.model, path, self.mask)
+        state = distributed.full_model_state(self.model)
+        if self.topology.is_main:
+            save_model(distributed.plain_model(self.model_config, state), path, self.mask)
+        distributed.barrier(self.topology)
+        return path
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -278,7 +354,7 @@ class _Run:
             lr = learning_rate(config, step, plan)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = self.data[self.order.batch(step)].to(self.device, non_blocking=True)
+            batch = self.local_batch(step)
             with self.autocast:
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
@@ -307,7 +383,7 @@ class _Run:
         state["step"] = step
 
     def _check_finite(self, window: list[torch.Tensor], step: int) -> list[float]:
-        values = torch.stack(window).float().cpu().tolist()
+        values = distributed.all_reduce_mean(torch.stack(window).float(), self.topology).cpu().tolist()
         for offset, value in enumerate(values):
             if not math.isfinite(value):
                 bad_step = step - len(values) + offset
@@ -334,7 +410,7 @@ class _Run:
                 "pending_losses": list(main["pending_losses"]),
             }
             self._steps(branch, plan.steps, plan, branch_state)
-            path = save_model(self.model, self.out_dir / "branches" / str(plan.budget_tokens), self.mask)
+            path = self.save_branch_model(plan.budget_tokens)
             main = self.load_state(MAIN_STATE)
             main["branches_done"][str(plan.budget_tokens)] = {
                 "trained_tokens": plan.steps * self.config.tokens_per_step,
@@ -343,7 +419,7 @@ class _Run:
                 "tail": branch["curve"],
             }
             self.save_state(MAIN_STATE, main)
-            (self.checkpoint_dir / branch_state).unlink(missing_ok=True)
+            self.drop_state(branch_state)
         return self._result(main)
 
     def _result(self, main: dict) -> TrainResult:
