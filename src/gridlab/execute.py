@@ -92,6 +92,8 @@ def stage_states(run_dir: Path, stages: list[dict[str, Any]], verify: bool = Fal
             state.status, state.error = scheduler.get(state.job_id, ("failed", "job unknown to SLURM"))
         elif submit.get("executor") == "local" and _alive(submit.get("pid")):
             state.status = "running"
+        else:
+            state.submitted = False  # a local/debug stage whose worker is gone: nobody holds it any more
         states[files.stage_id] = state
     return states
 
@@ -283,6 +285,11 @@ class LocalExecutor:
                             break
                         waiting.remove(stage)
                         idle.assign(run_dir, stage["id"])
+                if waiting and not any(w.stage_id for w in workers):
+                    # Nothing runs and nothing could start: the rest waits on stages another submission holds.
+                    for stage in list(waiting):
+                        waiting.remove(stage)
+                        finish(stage["id"], "blocked", "(waits on a stage queued or running elsewhere)")
                 if waiting or any(w.stage_id for w in workers):
                     time.sleep(self.poll_s)
         finally:
