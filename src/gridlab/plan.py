@@ -17,16 +17,16 @@ from typing import Any
 from gridlab.spec import GridSpec, MethodSpec
 from gridlab.store import STAGE_KINDS
 
-# Measured training throughput in tokens/s per worker (fp32, 1 thread, seq 128, CPU of the development machine; see
-# /work/shared/environment.md). Used only for `gridlab plan`'s time estimate; a pruned model is assumed to train
-# faster in proportion to the decoder parameters it keeps.
+# Measured fp32 training throughput in tokens/s of one 2-thread worker on the 2-core development machine, batch 16 ×
+# seq 256 (docs/engine.md, bench/train_throughput.py): micro on an idle machine; nano and mini while the machine was
+# shared with three other busy processes (idle is 2-3× faster); small from /work/shared/environment.md (a 135M model).
+# Used only for `gridlab plan`'s time estimate; a pruned model is assumed to train faster in proportion to the decoder
+# parameters it keeps. Presets without a measurement fall back to _UNMEASURED_TOKENS_PER_S, and the plan says so.
 MEASURED_TOKENS_PER_S: dict[str, float] = {
-    "micro": 2600.0,
-    "nano": 1150.0,
-    "mini": 600.0,
-    "small": 262.0,
-    "1b": 10.0,
-    "llama-3.1-8b": 1.0,
+    "micro": 790.0,
+    "nano": 220.0,
+    "mini": 136.0,
+    "small": 94.0,
 }
 _UNMEASURED_TOKENS_PER_S = 100.0
 
@@ -265,8 +265,11 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
     lines.append(f"  tokens to train: {planned:,} (naive one run per cell: {naive:,}; "
                  f"{naive / max(planned, 1):.1f}× saved)")
     seconds = plan.estimated_seconds(workers)
-    lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) "
-                 f"(measured {spec.parent.preset or 'unknown'} throughput)")
+    preset = spec.parent.preset
+    basis = (f"measured {preset} throughput, {MEASURED_TOKENS_PER_S[preset]:,.0f} tokens/s per worker"
+             if preset in MEASURED_TOKENS_PER_S else
+             f"no measured throughput for this parent; assumed {_UNMEASURED_TOKENS_PER_S:,.0f} tokens/s per worker")
+    lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({basis})")
     return "\n".join(lines)
 
 
