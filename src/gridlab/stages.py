@@ -56,7 +56,7 @@ def _run_data(config, stage, run_dir, out) -> dict[str, Any]:
     shards = build_shards(source, tokenizer_dir, fractions, config["seq_len"], out / "shards")
     manifest = shard_manifest(shards["pretrain"])
     return {"tokenizer_dir": str(tokenizer_dir), "shards": {split: str(path) for split, path in shards.items()},
-            "vocab_size": len(load_tokenizer(tokenizer_dir)), "corpus_fingerprint": manifest.get("fingerprint"),
+            "vocab_size": len(load_tokenizer(tokenizer_dir)), "corpus_fingerprint": manifest["corpus_fingerprint"],
             "manifest": manifest}
 
 
