@@ -12,7 +12,7 @@ def test_micro_preset_has_the_documented_size_and_grouped_query_attention():
     assert config.num_key_value_heads < config.num_attention_heads
 
 
-@pytest.mark.parametrize("preset", ["micro", "nano"])
+@pytest.mark.parametrize("preset", ["pico", "micro", "nano"])
 def test_small_presets_have_enough_layers_for_distinct_depth_ratios(preset):
     layers = make_config(preset, 4096, 256).num_hidden_layers
     assert layers >= 12
@@ -25,14 +25,14 @@ def test_llama_8b_preset_counts_eight_billion_parameters():
     assert counts.decoder == pytest.approx(6.98e9, rel=0.01)
 
 
-@pytest.mark.parametrize("preset", ["micro", "nano"])
+@pytest.mark.parametrize("preset", ["pico", "micro", "nano"])
 def test_config_counts_match_the_built_model(preset):
     config = make_config(preset, vocab_size=512, seq_len=64)
     assert param_counts(config) == param_counts(init_model(config, 0))
 
 
 def test_unknown_preset_is_a_one_line_error():
-    with pytest.raises(ValueError, match="unknown model preset 'tiny'; valid presets: micro, nano") as error:
+    with pytest.raises(ValueError, match="unknown model preset 'tiny'; valid presets: pico, micro, nano") as error:
         make_config("tiny", 512, 64)
     assert "\n" not in str(error.value)
 

@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 # Shapes only; vocab size and context length come from the tokenizer and the grid.
-# micro/nano have >= 12 layers so that depth ratios 0.5-0.8 remove distinct layer counts.
+# pico/micro/nano have >= 12 layers so that depth ratios 0.5-0.8 remove distinct layer counts.
 PRESETS: dict[str, dict] = {
+    "pico": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=12,
+                 num_attention_heads=4, num_key_value_heads=2),
     "micro": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=12,
                   num_attention_heads=4, num_key_value_heads=2),
     "nano": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=12,
