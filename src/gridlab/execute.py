@@ -200,29 +200,80 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _stage_ranks(plan, stage: dict[str, Any]) -> int:
+    return plan.spec.resources.for_kind(stage["kind"])["ranks"]
+
+
+def _assigned(run_dir: Path, stage_id: str, pid: int) -> None:
+    store.clear_outcome(run_dir, stage_id)
+    _write_submit(run_dir, stage_id, pid)
+
+
+def _write_submit(run_dir: Path, stage_id: str, pid: int) -> None:
+    stage_dir = run_dir / "stages" / stage_id
+    store.write_json_atomic(stage_dir / store.SUBMIT, {
+        "executor": "local", "job_id": f"local-{pid}", "pid": pid, "submitted_at": time.time(),
+        "log_path": str(stage_dir / store.LOG)})
+
+
+def _thread_environment(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "GRIDLAB_THREADS": str(threads)}
+
+
+def _fail_unless_reported(run_dir: Path, stage_id: str, how: str) -> str:
+    """A stage whose process(es) ended: done if its result exists, else failed (with an error file saying how)."""
+    stage_dir = run_dir / "stages" / stage_id
+    if (stage_dir / store.RESULT).exists():
+        return "done"
+    if not (stage_dir / store.ERROR).exists():
+        store.write_json_atomic(stage_dir / store.ERROR, {
+            "error": f"{how} before writing its result", "finished": time.time(), "traceback": []})
+    return "failed"
+
+
+def _how_it_ended(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
 class _Worker:
     """A long-lived worker process (``python -m gridlab.stages --serve RUN_DIR``) that runs the stage ids written to
     its stdin one at a time and answers "done ID" or "failed ID" on its stdout. Keeping workers alive pays the
     torch/transformers import once per worker instead of once per stage."""
 
+    slots = 1
+
     def __init__(self, run_dir: Path, threads: int):
-        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                       "GRIDLAB_THREADS": str(threads)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gridlab.stages", "--serve", str(run_dir)], env=environment, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
+            [sys.executable, "-m", "gridlab.stages", "--serve", str(run_dir)], env=_thread_environment(threads),
+            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
         self.stage_id: str | None = None
         self.started = 0.0
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
     def assign(self, run_dir: Path, stage_id: str) -> None:
-        stage_dir = run_dir / "stages" / stage_id
-        store.clear_outcome(run_dir, stage_id)
-        store.write_json_atomic(stage_dir / store.SUBMIT, {
-            "executor": "local", "job_id": f"local-{self.process.pid}", "pid": self.process.pid,
-            "submitted_at": time.time(), "log_path": str(stage_dir / store.LOG)})
+        _assigned(run_dir, stage_id, self.process.pid)
         self.stage_id, self.started = stage_id, time.time()
         self.process.stdin.write(stage_id + "\n")
         self.process.stdin.flush()
+
+    def finished(self, run_dir: Path) -> str | None:
+        """The status of the worker's stage once it has finished, else None."""
+        import select
+
+        readable, _, _ = select.select([self.process.stdout], [], [], 0)
+        if readable:
+            answer = self.process.stdout.readline().split()
+            if answer and answer[-1] == self.stage_id:
+                return answer[0]
+        if self.process.poll() is None:
+            return None
+        return _fail_unless_reported(run_dir, self.stage_id, f"worker {_how_it_ended(self.process.returncode)}")
+
+    def terminate(self) -> None:
+        self.process.terminate()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -234,11 +285,73 @@ class _Worker:
                 self.process.wait()
 
 
+class _RankGroup:
+    """One multi-process stage run locally: ``ranks`` processes of ``python -m gridlab.stages RUN_DIR STAGE_ID``
+    joined the way torchrun joins them (MASTER_ADDR/MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE; gloo on CPU). It
+    holds ``ranks`` of the local executor's worker slots and ends with its stage; if one rank dies, the others are
+    stopped rather than left waiting in a collective."""
+
+    def __init__(self, run_dir: Path, stage_id: str, ranks: int, threads: int):
+        port = _free_port()
+        self.slots = ranks
+        self.processes = []
+        store.clear_outcome(run_dir, stage_id)
+        for rank in range(ranks):
+            environment = {**_thread_environment(threads), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                           "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+                           "LOCAL_WORLD_SIZE": str(ranks)}
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "gridlab.stages", str(run_dir), stage_id], env=environment,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _write_submit(run_dir, stage_id, self.processes[0].pid)
+        self.stage_id: str | None = stage_id
+        self.started = time.time()
+
+    def alive(self) -> bool:
+        return any(process.poll() is None for process in self.processes)
+
+    def finished(self, run_dir: Path) -> str | None:
+        codes = [process.poll() for process in self.processes]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            self.terminate()
+            for process in self.processes:
+                process.wait()
+            rank, code = failed[0]
+            return _fail_unless_reported(run_dir, self.stage_id, f"rank {rank} {_how_it_ended(code)}")
+        if any(code is None for code in codes):
+            return None
+        return _fail_unless_reported(run_dir, self.stage_id, "all ranks exited")
+
+    def terminate(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class LocalExecutor:
     """A scheduler loop in this process running ready stages in parallel worker processes.
 
     Each worker gets cores ÷ workers torch threads (OMP_NUM_THREADS and torch.set_num_threads), so workers share the
-    machine without oversubscribing it. A worker that dies (killed, crashed) fails its stage and is replaced.
+    machine without oversubscribing it. A worker that dies (killed, crashed) fails its stage and is replaced. A stage
+    whose resources ask for N ranks (nodes × tasks_per_node, train and parent only) runs as N processes that take N
+    worker slots (all of them, waiting for the others to finish, when N exceeds the pool).
     """
 
     name = "local"
@@ -254,7 +367,7 @@ class LocalExecutor:
         done = set(selection.done)
         waiting = list(selection.to_run)
         blocked_by = {s.stage_id for s in selection.failed}
-        workers: list[_Worker] = []
+        workers: list[_Worker | _RankGroup] = []
         outcome: dict[str, str] = {}
         total = len(waiting)
 
@@ -266,19 +379,27 @@ class LocalExecutor:
         try:
             while waiting or any(w.stage_id for w in workers):
                 for worker in [w for w in workers if w.stage_id]:
-                    status = self._poll(run_dir, worker)
+                    status = worker.finished(run_dir)
                     if status:
                         stage_id, worker.stage_id = worker.stage_id, None
                         finish(stage_id, status, f"({time.time() - worker.started:.0f} s)")
-                workers = [w for w in workers if w.process.poll() is None]
+                workers = [w for w in workers if w.stage_id or (isinstance(w, _Worker) and w.alive())]
                 for stage in list(waiting):
                     deps = set(stage["deps"].values())
                     if deps & blocked_by:
                         waiting.remove(stage)
                         finish(stage["id"], "blocked", "(upstream failed)")
                     elif deps <= done:
+                        ranks = _stage_ranks(plan, stage)
+                        if ranks > 1:
+                            group = self._start_group(run_dir, stage["id"], ranks, workers)
+                            if group is None:
+                                break
+                            workers.append(group)
+                            waiting.remove(stage)
+                            continue
                         idle = next((w for w in workers if w.stage_id is None), None)
-                        if idle is None and len(workers) < self.workers:
+                        if idle is None and sum(w.slots for w in workers) < self.workers:
                             idle = _Worker(run_dir, self.threads)
                             workers.append(idle)
                         if idle is None:
@@ -295,30 +416,22 @@ class LocalExecutor:
         finally:
             for worker in workers:
                 if worker.stage_id:
-                    worker.process.terminate()
+                    worker.terminate()
                 worker.stop()
         return outcome
 
-    def _poll(self, run_dir: Path, worker: _Worker) -> str | None:
-        """The status of the worker's stage once it has finished, else None."""
-        import select
-
-        readable, _, _ = select.select([worker.process.stdout], [], [], 0)
-        if readable:
-            answer = worker.process.stdout.readline().split()
-            if answer and answer[-1] == worker.stage_id:
-                return answer[0]
-        if worker.process.poll() is None:
+    def _start_group(self, run_dir: Path, stage_id: str, ranks: int, workers: list) -> _RankGroup | None:
+        """Start a rank group when its slots are free, stopping idle workers to make room; None: not yet."""
+        busy = sum(w.slots for w in workers if w.stage_id)
+        if busy and busy + ranks > self.workers:
             return None
-        stage_dir = run_dir / "stages" / worker.stage_id
-        if (stage_dir / store.RESULT).exists():
-            return "done"
-        if not (stage_dir / store.ERROR).exists():
-            code = worker.process.returncode
-            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            store.write_json_atomic(stage_dir / store.ERROR, {
-                "error": f"worker {how} before writing its result", "finished": time.time(), "traceback": []})
-        return "failed"
+        idle = [w for w in workers if w.stage_id is None]
+        while idle and busy + sum(w.slots for w in idle) + ranks > self.workers:
+            worker = idle.pop()
+            worker.stop()
+            workers.remove(worker)
+        threads = max(1, available_cores() // max(self.workers, ranks))
+        return _RankGroup(run_dir, stage_id, ranks, threads)
 
 
 class DebugExecutor(LocalExecutor):
@@ -351,8 +464,10 @@ class DebugExecutor(LocalExecutor):
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """The callable a SLURM array task runs. On preemption or timeout submitit requeues it with the same arguments;
-    the stage then resumes from its own checkpoint (training resumes from out_dir/checkpoint)."""
+    """The callable a SLURM array task runs, once per task (rank) of a multi-task job: each rank runs the stage,
+    training joins the job's process group from submitit's JobEnvironment, and rank 0 writes the result. On
+    preemption or timeout submitit requeues it with the same arguments; the stage then resumes from its own
+    checkpoint (training resumes from out_dir/checkpoint, at any world size)."""
 
     def __call__(self, run_dir: str, stage_id: str) -> bool:
         from gridlab.stages import execute_stage
@@ -412,9 +527,10 @@ class SlurmExecutor:
             "name": f"gridlab-{plan.spec.name}-{kind}", "cpus_per_task": resources["cpus"],
             "mem_gb": resources["mem_gb"], "timeout_min": resources["time_min"],
             "slurm_array_parallelism": resources["array_parallelism"],
+            "nodes": resources["nodes"], "tasks_per_node": resources["tasks_per_node"],
         }
-        if resources["gpus"]:
-            parameters["gpus_per_node"] = resources["gpus"]
+        if resources["gpus_per_node"]:
+            parameters["gpus_per_node"] = resources["gpus_per_node"]
         if resources["partition"]:
             parameters["slurm_partition"] = resources["partition"]
         if resources["account"]:

@@ -83,7 +83,7 @@ class Plan:
 
     def naive_train_tokens(self) -> int:
         """One run per cell: the parent once, then every cell trains its own model from its start."""
-        parent = self.spec.parent.tokens if self.spec.parent.preset else 0
+        parent = self.spec.parent.tokens if self.spec.parent.pretrains else 0
         return parent + sum(cell["trained_tokens"] for cell in self.cells)
 
     def estimated_seconds(self, workers: int) -> float:
@@ -119,7 +119,10 @@ def parent_config(spec: GridSpec):
     if spec.parent.preset is not None:
         from gridlab.model import make_config
 
-        return make_config(spec.parent.preset, vocab_size(spec), spec.seq_len, **spec.parent.overrides)
+        # A loaded parent that declares its preset may declare its vocabulary too (no tokenizer download at plan time).
+        overrides = dict(spec.parent.overrides)
+        vocab = int(overrides.pop("vocab_size")) if "vocab_size" in overrides else vocab_size(spec)
+        return make_config(spec.parent.preset, vocab, spec.seq_len, **overrides)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(spec.parent.path)
@@ -154,7 +157,7 @@ def build_plan(spec: GridSpec) -> Plan:
         "tokenizer": spec.tokenizer.model_dump(), "seq_len": spec.seq_len,
     }), {})
     parent_tokens = spec.parent.tokens
-    if spec.parent.preset is not None:
+    if spec.parent.pretrains:
         parent_cfg = {"preset": spec.parent.preset, "overrides": spec.parent.overrides, "tokens": parent_tokens,
                       "seed": spec.parent.seed, "vocab_size": vocab_size(spec), "seq_len": spec.seq_len,
                       "schedule": spec.parent.schedule.model_dump(), "validation_sequences": spec.evaluation.max_sequences}
@@ -252,7 +255,7 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
     workers = workers or spec.local.workers
     lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded) → {plan.spec.run_dir}"]
     parent = spec.parent
-    source = f"pretrain {parent.preset} for {parent.tokens:,} tokens" if parent.preset else f"load {parent.path}"
+    source = f"pretrain {parent.preset} for {parent.tokens:,} tokens" if parent.pretrains else f"load {parent.path}"
     lines.append(f"  parent: {source} (parent tokens P = {parent.tokens:,})")
     lines.append("  methods: " + ", ".join(
         f"{m.key} [{granularity(m)}] ratios {'/'.join(f'{r:g}' for r in spec.method_ratios(m))}"
@@ -270,7 +273,61 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
              if preset in MEASURED_TOKENS_PER_S else
              f"no measured throughput for this parent; assumed {_UNMEASURED_TOKENS_PER_S:,.0f} tokens/s per worker")
     lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({basis})")
+    lines.extend(_job_lines(plan))
     return "\n".join(lines)
+
+
+# The GPU-hour estimate assumes this share of an H100/H200's dense bf16 peak (PyTorch-native FSDP trainers reach it).
+_ASSUMED_MFU = 0.4
+_GPU_PEAK_FLOPS = 989e12
+
+
+def _job_lines(plan: Plan) -> list[str]:
+    """Each multi-process or GPU stage kind's job shape, and the training compute in GPU-hours."""
+    spec = plan.spec
+    lines = []
+    for kind in ("parent", "prune", "init", "train", "eval"):
+        r = spec.resources.for_kind(kind)
+        if r["ranks"] > 1 or r["gpus_per_node"]:
+            where = f" partition {r['partition']}" if r["partition"] else ""
+            lines.append(f"  {kind} jobs: {r['nodes']} node(s) × {r['tasks_per_node']} rank(s), "
+                         f"{r['gpus_per_node']} GPU(s)/node, {r['mem_gb']:g} GB/node, {r['time_min']} min{where}")
+    train = spec.resources.for_kind("train")
+    if train["gpus_per_node"] and (spec.parent.preset is not None or not spec.parent.pretrains):
+        flops = _training_flops(plan)
+        if flops is not None:
+            gpu_hours = flops / (_ASSUMED_MFU * _GPU_PEAK_FLOPS) / 3600
+            gpus = train["nodes"] * train["gpus_per_node"]
+            lines.append(f"  training compute: {flops:.2e} FLOPs (6·params·tokens) ≈ {gpu_hours:,.0f} GPU-hours "
+                         f"(≈ {gpu_hours / gpus:,.0f} h per {gpus}-GPU train job in sequence) at an assumed "
+                         f"{_ASSUMED_MFU:.0%} MFU of {_GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100 bf16)")
+    return lines
+
+
+def _training_flops(plan: Plan) -> float | None:
+    """6·N·tokens over the train stages, N = the parent's parameters × the kept fraction of each cell."""
+    if plan.spec.parent.preset is None:
+        return None
+    parent_params = _param_count(parent_config(plan.spec))
+    kept_fraction = {c["train_stage"]: 1 - c["ratio"] for c in plan.cells}
+    flops = 0.0
+    for stage in plan.stages.values():
+        if stage["kind"] == "parent" and "preset" in stage["config"]:
+            flops += 6 * parent_params * stage["config"]["tokens"]
+        elif stage["kind"] == "train":
+            tokens = trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
+            flops += 6 * parent_params * kept_fraction.get(stage["id"], 1.0) * tokens
+    return flops
+
+
+def _param_count(config) -> int:
+    """A Llama's parameter count from its config alone (no weights are built)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    mlp = 3 * config.hidden_size * config.intermediate_size
+    layer = attention + mlp + 2 * config.hidden_size
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return config.num_hidden_layers * layer + embeddings + config.hidden_size
 
 
 def _duration(seconds: float) -> str:

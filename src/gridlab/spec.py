@@ -68,11 +68,15 @@ class ScheduleSpec(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_tokens: Tokens = 50_000
+    strategy: Literal["fsdp", "ddp"] = "fsdp"
+    activation_checkpointing: bool = False
 
 
 class ParentSpec(_Strict):
     """Either pretrain a preset for ``tokens`` tokens, or load ``path`` and declare what it cost (``tokens``).
-    The parent has its own schedule, so tuning the retraining schedule never re-pretrains the parent."""
+    A loaded parent may also name the preset (and overrides, e.g. ``vocab_size``) its architecture matches, so the
+    plan is built without fetching the parent's config. The parent has its own schedule, so tuning the retraining
+    schedule never re-pretrains the parent."""
 
     preset: str | None = None
     overrides: dict[str, int | float] = Field(default_factory=dict)
@@ -83,16 +87,21 @@ class ParentSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ParentSpec":
-        if (self.preset is None) == (self.path is None):
-            raise ValueError("give exactly one of parent.preset (pretrain) or parent.path (load a pretrained model)")
+        if self.preset is None and self.path is None:
+            raise ValueError("give parent.preset (pretrain) or parent.path (load a pretrained model)")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
-        if self.path is not None and self.overrides:
-            raise ValueError("parent.overrides only apply to a preset parent")
-        if self.preset is not None and self.schedule.warmup_tokens >= self.tokens:
+        if self.preset is None and self.overrides:
+            raise ValueError("parent.overrides change a preset's shape; give parent.preset too")
+        if self.pretrains and self.schedule.warmup_tokens >= self.tokens:
             raise ValueError(f"parent.schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below "
                              f"parent.tokens ({self.tokens})")
         return self
+
+    @property
+    def pretrains(self) -> bool:
+        """True when the grid pretrains this parent; False when it loads ``path``."""
+        return self.path is None
 
 
 class CorpusSpec(_Strict):
@@ -215,10 +224,13 @@ class EvaluationSpec(_Strict):
 
 
 class ResourceSpec(_Strict):
-    """What one stage job asks the scheduler for. Unset keys of a per-kind table fall back to [resources.default]."""
+    """What one stage job asks the scheduler for. Unset keys of a per-kind table fall back to [resources.default].
+    ``cpus`` and ``mem_gb`` are per task and per node; a job runs ``nodes × tasks_per_node`` processes (ranks)."""
 
+    nodes: int | None = Field(default=None, ge=1)
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    tasks_per_node: int | None = Field(default=None, ge=1)
     cpus: int | None = Field(default=None, ge=1)
-    gpus: int | None = Field(default=None, ge=0)
     mem_gb: float | None = Field(default=None, gt=0)
     time_min: int | None = Field(default=None, ge=1)
     partition: str | None = None
@@ -226,7 +238,9 @@ class ResourceSpec(_Strict):
     array_parallelism: int | None = Field(default=None, ge=1)
 
 
-_RESOURCE_DEFAULTS = ResourceSpec(cpus=1, gpus=0, mem_gb=2.0, time_min=60, array_parallelism=64)
+_RESOURCE_DEFAULTS = ResourceSpec(nodes=1, gpus_per_node=0, cpus=1, mem_gb=2.0, time_min=60, array_parallelism=64)
+# Stages that run as one process; only training (train, a pretrained parent) runs as many ranks.
+_SINGLE_PROCESS_KINDS = ("data", "prune", "init", "eval")
 
 
 class ResourcesSpec(_Strict):
@@ -239,10 +253,25 @@ class ResourcesSpec(_Strict):
     eval: ResourceSpec = ResourceSpec()
 
     def for_kind(self, kind: str) -> dict[str, Any]:
+        """The merged resources of a stage kind; ``tasks_per_node`` defaults to ``gpus_per_node`` (one rank per
+        GPU), or 1 without GPUs, and ``ranks`` is the job's world size."""
         merged = _RESOURCE_DEFAULTS.model_dump()
         for layer in (self.default, getattr(self, kind)):
             merged.update({key: value for key, value in layer.model_dump().items() if value is not None})
+        if merged["tasks_per_node"] is None:
+            merged["tasks_per_node"] = merged["gpus_per_node"] or 1
+        merged["ranks"] = merged["nodes"] * merged["tasks_per_node"]
         return merged
+
+    @model_validator(mode="after")
+    def _multi_process_only_for_training(self) -> "ResourcesSpec":
+        for kind in _SINGLE_PROCESS_KINDS:
+            ranks = self.for_kind(kind)["ranks"]
+            if ranks > 1:
+                raise ValueError(f"resources.{kind} asks for {ranks} processes (nodes × tasks_per_node), but {kind} "
+                                 f"stages run as one process; only train and parent stages run as many ranks "
+                                 f"(set tasks_per_node = 1 and nodes = 1 for {kind}, e.g. in [resources.{kind}])")
+        return self
 
 
 class LocalSpec(_Strict):
@@ -315,6 +344,12 @@ class GridSpec(_Strict):
                 raise ValueError(f"exclude[{index}].method {rule.method!r} names no method; methods: {', '.join(labels)}")
             if rule.budget is not None and rule.budget not in self.budgets:
                 raise ValueError(f"exclude[{index}].budget {rule.budget} is not one of the budgets")
+        for kind, schedule in (("train", self.schedule), ("parent", self.parent.schedule)):
+            ranks = self.resources.for_kind(kind)["ranks"]
+            if ranks > 1 and schedule.batch_size % ranks:
+                where = "schedule" if kind == "train" else "parent.schedule"
+                raise ValueError(f"{where}.batch_size {schedule.batch_size} does not split over the {ranks} ranks of "
+                                 f"resources.{kind}; give a multiple of {ranks}")
         batch_tokens = self.schedule.batch_size * self.seq_len
         if min(self.budgets) < batch_tokens:
             raise ValueError(f"budget {min(self.budgets)} is smaller than one batch (schedule.batch_size × seq_len = "

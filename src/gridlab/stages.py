@@ -72,8 +72,11 @@ def _run_parent(config, stage, run_dir, out) -> dict[str, Any]:
         result = train(model, TokenShard.open(data["shards"]["pretrain"]),
                        _train_config(config["schedule"], config["seq_len"], config["seed"]),
                        [config["tokens"]], out / "train")
+        if process_rank() != 0:
+            return {}
         branch = result.branches[0]
         model_path, curve, trained = str(branch.path), branch.curve, branch.trained_tokens
+        model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
         model_path, curve, trained = config["path"], [], config["tokens"]
         model, _ = load_model(model_path)
@@ -131,6 +134,8 @@ def _run_train(config, stage, run_dir, out) -> dict[str, Any]:
     result = train(model, TokenShard.open(data["shards"]["retrain"]),
                    _train_config(config["schedule"], config["seq_len"], config["seed"]),
                    config["budgets"], out / "train", mask=mask)
+    if process_rank() != 0:
+        return {}
     return {"branches": [{"budget_tokens": b.budget_tokens, "trained_tokens": b.trained_tokens, "path": str(b.path),
                           "curve": b.curve} for b in result.branches], "curve": result.curve}
 
@@ -202,6 +207,18 @@ def _validation(model, data: dict[str, Any], max_sequences: int | None) -> dict[
 
 # ------------------------------------------------------------------------------------------------ worker wrapper
 
+def process_rank() -> int:
+    """This process's global rank in its stage's job: RANK (torchrun, the local executor's rank groups), else
+    submitit's JobEnvironment inside a submitit job, else 0."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    return 0
+
+
 @contextlib.contextmanager
 def _output_to(log_path: Path):
     """Send this process's stdout/stderr (file descriptors 1 and 2, so C libraries too) to the stage log."""
@@ -223,27 +240,37 @@ def _output_to(log_path: Path):
 
 
 def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) -> bool:
-    """Run a stage with its bookkeeping; True when its result file was written."""
+    """Run a stage with its bookkeeping; True when it ran without error (rank 0: its result file was written).
+
+    Every rank of a multi-process stage runs this; only rank 0 counts the attempt and writes the result, and the
+    process group training joined is torn down before returning. Any rank that fails writes the error file.
+    """
     run_dir = Path(run_dir)
     folder = stage_dir(run_dir, stage_id)
     stage = json.loads((folder / store.STAGE).read_text())
-    with open(folder / store.ATTEMPTS, "a") as attempts:
-        attempts.write(f"{time.time()}\n")
+    rank = process_rank()
+    if rank == 0:
+        with open(folder / store.ATTEMPTS, "a") as attempts:
+            attempts.write(f"{time.time()}\n")
     threads = os.environ.get("GRIDLAB_THREADS")
     redirect = _output_to(folder / store.LOG) if redirect_output else contextlib.nullcontext()
     with redirect:
         print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage['kind']} stage {stage_id} "
-              f"(pid {os.getpid()}, threads {threads or 'default'})", flush=True)
+              f"(pid {os.getpid()}, rank {rank}, threads {threads or 'default'})", flush=True)
         try:
             _check_upstream(run_dir, stage)
             if threads:
                 import torch
 
                 torch.set_num_threads(int(threads))
-            payload = run_stage(stage, run_dir)
-            store.write_result(folder, stage, payload, job_id=_job_id(), attempts=_attempts(folder),
-                               started=_started(folder))
-            print(f"== done in {time.time() - _started(folder):.1f} s", flush=True)
+            try:
+                payload = run_stage(stage, run_dir)
+            finally:
+                _leave_process_group()
+            if rank == 0:
+                store.write_result(folder, stage, payload, job_id=_job_id(), attempts=_attempts(folder),
+                                   started=_started(folder))
+                print(f"== done in {time.time() - _started(folder):.1f} s", flush=True)
             return True
         except Exception as error:
             lines = traceback.format_exc().splitlines()
@@ -259,6 +286,13 @@ def _check_upstream(run_dir: Path, stage: dict[str, Any]) -> None:
     for role, dep in stage["deps"].items():
         if not (stage_dir(run_dir, dep) / store.RESULT).exists():
             raise UpstreamMissing(f"upstream {role} stage {dep} has no result (it failed or was cancelled)")
+
+
+def _leave_process_group() -> None:
+    if "torch" in sys.modules:
+        from gridlab import distributed
+
+        distributed.teardown()
 
 
 class UpstreamMissing(RuntimeError):

@@ -1,0 +1,96 @@
+"""Multi-process (2-rank) training stages through the runner: the local executor's rank groups give the numbers one
+process gives, and a 2-task SLURM job on the local cluster runs a 2-rank cell end to end."""
+
+import json
+import os
+import time
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from gridlab import execute, store
+from gridlab.cli import app
+from runner_helpers import REPO, slurm_available, tiny_grid, write_grid
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _workers_import_this_checkout(monkeypatch):
+    """Worker processes (local rank groups, SLURM tasks) run sys.executable with this environment."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _grid(name, train_ranks, **changes):
+    train = {"tasks_per_node": train_ranks, "cpus": 1}
+    return tiny_grid(name=name, settings=[1], resources={"default": {"cpus": 1, "mem_gb": 1, "time_min": 10},
+                                                         "train": train}, **changes)
+
+
+def _val_losses(run_dir):
+    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+        return dict(connection.execute(
+            "SELECT cell_id, value FROM metrics WHERE name = 'val_loss' AND tokens > 0").fetchall())
+
+
+def _train_results(run_dir):
+    plan = store.read_plan(run_dir)
+    return [store.read_result(run_dir / "stages" / stage["id"], stage["id"])
+            for stage in plan["stages"] if stage["kind"] == "train"]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_rank_train_stages_match_one_process(tmp_path, strategy):
+    schedule = {**tiny_grid()["schedule"], "strategy": strategy}
+    losses = {}
+    for ranks in (1, 2):
+        folder = tmp_path / f"ranks{ranks}"
+        folder.mkdir()
+        grid_file = write_grid(folder, _grid("multirank", ranks, schedule=schedule))
+        result = CliRunner().invoke(app, ["submit", str(grid_file)])
+        assert result.exit_code == 0, result.output
+        run_dir = folder / "runs" / "multirank"
+        losses[ranks] = _val_losses(run_dir)
+        if ranks == 2:
+            for train_result in _train_results(run_dir):
+                assert train_result["attempts"] == 1  # rank 1 neither counts attempts nor writes the result
+            logs = [(run_dir / "stages" / r["stage_id"] / store.LOG).read_text() for r in _train_results(run_dir)]
+            assert all("rank 0" in log and "rank 1" in log for log in logs)
+    assert len(losses[1]) == 2 and losses[1].keys() == losses[2].keys()
+    for cell, loss in losses[1].items():
+        assert losses[2][cell] == pytest.approx(loss, rel=1e-3)
+
+
+def test_more_ranks_than_workers_still_run(tmp_path):
+    """A 2-rank stage on a 1-worker pool takes the whole pool rather than waiting forever."""
+    grid_file = write_grid(tmp_path, _grid("wide", 2, inits=["pruned"], local={"workers": 1}))
+    result = CliRunner().invoke(app, ["submit", str(grid_file)])
+    assert result.exit_code == 0, result.output
+    assert len(_val_losses(tmp_path / "runs" / "wide")) == 1
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster answers sinfo")
+def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
+    grid_file = write_grid(tmp_path, _grid("slurm-ranks", 2, inits=["pruned"]))
+    result = CliRunner().invoke(app, ["submit", str(grid_file), "--executor", "slurm"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "slurm-ranks"
+    plan = store.read_plan(run_dir)
+    deadline = time.time() + 600
+    while True:
+        states = execute.stage_states(run_dir, plan["stages"])
+        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
+            break
+        assert time.time() < deadline, "SLURM jobs did not finish in time"
+        time.sleep(2)
+    assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
+    (train,) = [s for s in plan["stages"] if s["kind"] == "train"]
+    log = (run_dir / "stages" / train["id"] / store.LOG).read_text()
+    assert "rank 0" in log and "rank 1" in log
+    submit = json.loads((run_dir / "stages" / train["id"] / store.SUBMIT).read_text())
+    assert submit["executor"] == "slurm"
+    assert CliRunner().invoke(app, ["ingest", str(grid_file)]).exit_code == 0
+    assert len(_val_losses(run_dir)) == 1
