@@ -6,8 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gridlab.cli import app
+from gridlab.plan import build_plan, format_plan
 from gridlab.spec import load_grid, parse_tokens
-from runner_helpers import tiny_grid, to_toml, write_grid
+from runner_helpers import REPO, tiny_grid, to_toml, write_grid
 
 
 def _edit(grid: dict, path: tuple, value) -> dict:
@@ -105,3 +106,18 @@ def test_nm_name_sets_its_own_ratio(tmp_path):
     assert spec.method_ratios(nm) == [0.5]
     assert nm.method == "wanda" and nm.prune_options == {"nm": "2:4"}
     assert spec.method_ratios(magnitude) == [0.5]
+
+
+def test_llama31_8b_example_plans_offline_from_its_declared_architecture(monkeypatch):
+    """The full-scale example validates and plans without network or the model: the parent declares its shape."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = load_grid(REPO / "examples" / "llama31-8b.toml")
+    train = spec.resources.for_kind("train")
+    assert (train["nodes"], train["gpus_per_node"], train["tasks_per_node"], train["ranks"]) == (4, 8, 8, 32)
+    assert spec.resources.for_kind("eval")["ranks"] == 1
+    assert spec.schedule.strategy == "fsdp" and spec.schedule.activation_checkpointing
+    plan = build_plan(spec)
+    assert len({m.method for m in spec.methods}) == 6
+    text = format_plan(plan)
+    assert "train jobs: 4 node(s) × 8 rank(s), 8 GPU(s)/node" in text
+    assert "GPU-hours" in text and "local worker" not in text

@@ -267,12 +267,13 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
     planned, naive = plan.train_tokens(), plan.naive_train_tokens()
     lines.append(f"  tokens to train: {planned:,} (naive one run per cell: {naive:,}; "
                  f"{naive / max(planned, 1):.1f}× saved)")
-    seconds = plan.estimated_seconds(workers)
-    preset = spec.parent.preset
-    basis = (f"measured {preset} throughput, {MEASURED_TOKENS_PER_S[preset]:,.0f} tokens/s per worker"
-             if preset in MEASURED_TOKENS_PER_S else
-             f"no measured throughput for this parent; assumed {_UNMEASURED_TOKENS_PER_S:,.0f} tokens/s per worker")
-    lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({basis})")
+    if not spec.resources.for_kind("train")["gpus_per_node"]:
+        seconds = plan.estimated_seconds(workers)
+        preset = spec.parent.preset
+        basis = (f"measured {preset} throughput, {MEASURED_TOKENS_PER_S[preset]:,.0f} tokens/s per worker"
+                 if preset in MEASURED_TOKENS_PER_S else
+                 f"no measured throughput for this parent; assumed {_UNMEASURED_TOKENS_PER_S:,.0f} tokens/s per worker")
+        lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({basis})")
     lines.extend(_job_lines(plan))
     return "\n".join(lines)
 
@@ -297,10 +298,11 @@ def _job_lines(plan: Plan) -> list[str]:
         flops = _training_flops(plan)
         if flops is not None:
             gpu_hours = flops / (_ASSUMED_MFU * _GPU_PEAK_FLOPS) / 3600
-            gpus = train["nodes"] * train["gpus_per_node"]
-            lines.append(f"  training compute: {flops:.2e} FLOPs (6·params·tokens) ≈ {gpu_hours:,.0f} GPU-hours "
-                         f"(≈ {gpu_hours / gpus:,.0f} h per {gpus}-GPU train job in sequence) at an assumed "
-                         f"{_ASSUMED_MFU:.0%} MFU of {_GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100 bf16)")
+            gpus = train["nodes"] * train["gpus_per_node"] * train["array_parallelism"]
+            lines.append(f"  training compute: {flops:.2e} FLOPs (6·params·tokens) ≈ {gpu_hours:,.0f} GPU-hours at an "
+                         f"assumed {_ASSUMED_MFU:.0%} MFU of {_GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100 bf16); "
+                         f"≈ {_duration(gpu_hours * 3600 / gpus)} with {train['array_parallelism']} train jobs at once "
+                         f"({gpus} GPUs)")
     return lines
 
 
@@ -335,4 +337,6 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 4 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.1f} days"
