@@ -7,6 +7,7 @@ from pypdf import PdfReader
 from report_synthetic import build_cells, finish, power_law, write_db
 
 from gridlab.report import build_report
+from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
@@ -23,14 +24,16 @@ def _loss(method, ratio, init, setting, tokens, seed):
     return curve(tokens) + 0.002 * (seed - 0.5) + 0.05 * ratio
 
 
-@pytest.fixture(scope="module")
-def full_report(tmp_path_factory):
+@pytest.fixture(scope="module", params=["chromium", "weasyprint"])
+def full_report(request, tmp_path_factory):
+    if request.param == "chromium" and find_chromium() is None:
+        pytest.skip("chromium is not installed")
     folder = tmp_path_factory.mktemp("full")
     cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS, [0, 1], 50_000_000)
     metrics = finish(cells, _loss)
     db = write_db(folder / "results.duckdb", cells, metrics, name="full-grid",
                   spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]})
-    return build_report(db, folder / "report")
+    return build_report(db, folder / "report", pdf_engine=request.param)
 
 
 def _text(paths):
@@ -102,3 +105,9 @@ def test_templates_are_found_from_the_checkout_and_overridable(tmp_path, monkeyp
         templates_dir()
     with pytest.raises(ValueError, match="the templates argument points at"):
         templates_dir(tmp_path / "nowhere")
+
+
+def test_unknown_pdf_engine_is_refused(tmp_path):
+    db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], 50_000_000), [])
+    with pytest.raises(ValueError, match="unknown PDF engine 'latex'; valid: auto, chromium, weasyprint"):
+        build_report(db, tmp_path / "report", pdf_engine="latex")

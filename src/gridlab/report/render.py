@@ -1,4 +1,5 @@
-"""Analysis + figures → index.html (self-contained) and report.pdf (WeasyPrint), written atomically."""
+"""Analysis + figures → index.html (self-contained) and report.pdf (headless Chromium, else WeasyPrint), written
+atomically."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from markupsafe import Markup
 import gridlab
 from gridlab.report import plots
 from gridlab.report.analyse import Analysis, analyse, format_tokens, read_results
+from gridlab.report.chromium import DevTools, find_chromium
 
 TEMPLATES_ENV = "GRIDLAB_TEMPLATES"
 TEMPLATE = "report.html.j2"
@@ -115,35 +117,58 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
+PDF_ENGINES = ("auto", "chromium", "weasyprint")
+
+
 def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templates: Path | None = None,
-                 timings: dict | None = None) -> dict[str, Path]:
+                 timings: dict | None = None, pdf_engine: str = "auto") -> dict[str, Path]:
     """Write out_dir/index.html and out_dir/report.pdf for a results database; returns {"html": ..., "pdf": ...}.
 
-    `timings`, when given, receives the seconds spent in analysis, plotting, HTML rendering and PDF rendering.
+    The PDF is index.html printed by headless Chromium when it is installed (`pdf_engine="auto"` or "chromium"),
+    else by WeasyPrint (`"weasyprint"`, or "auto" without Chromium). Chromium starts before the analysis so that its
+    start-up overlaps it. `timings`, when given, receives the seconds spent in analysis, plotting, HTML rendering
+    and PDF rendering, and the engine used.
     """
-    import weasyprint  # imported here: it loads Pango, which only the PDF step needs
-
+    if pdf_engine not in PDF_ENGINES:
+        raise ValueError(f"unknown PDF engine {pdf_engine!r}; valid: {', '.join(PDF_ENGINES)}")
+    executable = find_chromium() if pdf_engine != "weasyprint" else None
+    if pdf_engine == "chromium" and executable is None:
+        raise ValueError("PDF engine chromium requested but no chromium executable is on PATH "
+                         "(Debian: apt-get install chromium), or use pdf_engine='weasyprint'")
     folder = templates_dir(templates)
     out_dir = Path(out_dir)
     clock = time.perf_counter()
-    analysis = analyse(read_results(Path(db_path)), metric)
-    after_analysis = time.perf_counter()
-    colours = plots.method_colours(analysis.summary["method"].to_list() + analysis.curves["method"].to_list())
-    figures = {
-        "crossover": plots.crossover_figures(analysis, colours),
-        "heatmap": plots.gap_heatmaps(analysis),
-        "curves": plots.training_curve_figures(analysis, colours),
-    }
-    after_plots = time.perf_counter()
-    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    html = render_html(analysis, figures, folder, generated)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, pdf_path = out_dir / "index.html", out_dir / "report.pdf"
-    _write_atomically(html_path, lambda temp: temp.write_text(html, encoding="utf-8"))
-    after_html = time.perf_counter()
-    pdf_html = render_html(analysis, figures, folder, generated, for_pdf=True)
-    _write_atomically(pdf_path, lambda temp: weasyprint.HTML(string=pdf_html, base_url=str(out_dir)).write_pdf(temp))
+    browser = DevTools(executable) if executable else None
+    try:
+        analysis = analyse(read_results(Path(db_path)), metric)
+        after_analysis = time.perf_counter()
+        colours = plots.method_colours(analysis.summary["method"].to_list() + analysis.curves["method"].to_list())
+        figures = {
+            "crossover": plots.crossover_figures(analysis, colours),
+            "heatmap": plots.gap_heatmaps(analysis),
+            "curves": plots.training_curve_figures(analysis, colours),
+        }
+        after_plots = time.perf_counter()
+        generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        html = render_html(analysis, figures, folder, generated)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        html_path, pdf_path = out_dir / "index.html", out_dir / "report.pdf"
+        _write_atomically(html_path, lambda temp: temp.write_text(html, encoding="utf-8"))
+        after_html = time.perf_counter()
+        if browser is not None:
+            pdf = browser.print_to_pdf(html_path)
+            _write_atomically(pdf_path, lambda temp: temp.write_bytes(pdf))
+        else:
+            import weasyprint  # imported here: it loads Pango, which only this route needs
+
+            pdf_html = render_html(analysis, figures, folder, generated, for_pdf=True)
+            _write_atomically(pdf_path, lambda temp: weasyprint.HTML(string=pdf_html, base_url=str(out_dir))
+                              .write_pdf(temp))
+    finally:
+        if browser is not None:
+            browser.close()
     if timings is not None:
         timings.update(analysis=after_analysis - clock, plots=after_plots - after_analysis,
-                       html=after_html - after_plots, pdf=time.perf_counter() - after_html)
+                       html=after_html - after_plots, pdf=time.perf_counter() - after_html,
+                       engine="chromium" if browser is not None else "weasyprint")
     return {"html": html_path, "pdf": pdf_path}
