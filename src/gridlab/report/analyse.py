@@ -224,20 +224,21 @@ def _power_law_jacobian(x, e, a, alpha):
 
 
 def _starting_point(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Best (E, A, α) over a grid of α, with E and A solved by linear least squares for each α."""
-    best, best_error = None, np.inf
-    for alpha in np.geomspace(0.01, 3.0, 48):
-        design = np.column_stack([np.ones_like(x), x ** (-alpha)])
-        (e, a), *_ = np.linalg.lstsq(design, y, rcond=None)
-        if a < 0 or e > y.min():
-            continue
-        error = float(np.sum((design @ (e, a) - y) ** 2))
-        if error < best_error:
-            best, best_error = (float(e), float(a), float(alpha)), error
-    if best is None:
+    """Best (E, A, α) over a grid of α, with E and A solved by linear least squares for each α (all α at once:
+    a straight-line fit of y on x^(−α))."""
+    alphas = np.geomspace(0.01, 3.0, 48)
+    z = x[None, :] ** -alphas[:, None]
+    z_centred = z - z.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = (z_centred @ (y - y.mean())) / np.einsum("ij,ij->i", z_centred, z_centred)
+    e = y.mean() - a * z.mean(axis=1)
+    error = ((e[:, None] + a[:, None] * z - y[None, :]) ** 2).sum(axis=1)
+    error[~((a >= 0) & (e <= y.min()) & np.isfinite(error))] = np.inf
+    best = int(np.argmin(error))
+    if np.isinf(error[best]):
         spread = float(np.ptp(y)) or 1.0
-        best = (float(y.min()) - 0.1 * spread, spread, 0.3)
-    return best
+        return float(y.min()) - 0.1 * spread, spread, 0.3
+    return float(e[best]), float(a[best]), float(alphas[best])
 
 
 def fit_power_law(
