@@ -7,6 +7,7 @@ from pypdf import PdfReader
 from report_synthetic import build_cells, finish, power_law, write_db
 
 from gridlab.report import build_report
+from gridlab.report import render
 from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
 
@@ -111,3 +112,15 @@ def test_unknown_pdf_engine_is_refused(tmp_path):
     db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], 50_000_000), [])
     with pytest.raises(ValueError, match="unknown PDF engine 'latex'; valid: auto, chromium, weasyprint"):
         build_report(db, tmp_path / "report", pdf_engine="latex")
+
+
+def test_auto_engine_falls_back_to_weasyprint_when_chromium_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(render, "find_chromium", lambda: "/bin/false")  # exits at once: the DevTools pipe closes
+    db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], 50_000_000), [])
+    timings = {}
+    with pytest.warns(UserWarning, match="chromium could not print the report to PDF"):
+        paths = build_report(db, tmp_path / "report", timings=timings)
+    assert timings["engine"] == "weasyprint"
+    assert "Results per cell group" in _text(paths)[1]
+    with pytest.raises(RuntimeError, match="chromium could not print .*index.html to PDF"):
+        build_report(db, tmp_path / "again", pdf_engine="chromium")

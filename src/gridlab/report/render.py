@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import jinja2
@@ -125,8 +126,8 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
     """Write out_dir/index.html and out_dir/report.pdf for a results database; returns {"html": ..., "pdf": ...}.
 
     The PDF is index.html printed by headless Chromium when it is installed (`pdf_engine="auto"` or "chromium"),
-    else by WeasyPrint (`"weasyprint"`, or "auto" without Chromium). Chromium starts before the analysis so that its
-    start-up overlaps it. `timings`, when given, receives the seconds spent in analysis, plotting, HTML rendering
+    else by WeasyPrint (`"weasyprint"`, or "auto" when Chromium is missing or fails, with a warning). Chromium starts
+    before the analysis so that its start-up overlaps it. `timings`, when given, receives the seconds spent in analysis, plotting, HTML rendering
     and PDF rendering, and the engine used.
     """
     if pdf_engine not in PDF_ENGINES:
@@ -155,10 +156,18 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
         html_path, pdf_path = out_dir / "index.html", out_dir / "report.pdf"
         _write_atomically(html_path, lambda temp: temp.write_text(html, encoding="utf-8"))
         after_html = time.perf_counter()
+        engine = "weasyprint"
         if browser is not None:
-            pdf = browser.print_to_pdf(html_path)
-            _write_atomically(pdf_path, lambda temp: temp.write_bytes(pdf))
-        else:
+            try:
+                pdf = browser.print_to_pdf(html_path)
+                _write_atomically(pdf_path, lambda temp: temp.write_bytes(pdf))
+                engine = "chromium"
+            except (TimeoutError, EOFError, RuntimeError, OSError) as error:
+                if pdf_engine == "chromium":
+                    raise RuntimeError(f"chromium could not print {html_path} to PDF: {error}") from error
+                warnings.warn(f"chromium could not print the report to PDF ({error}); WeasyPrint prints it instead",
+                              stacklevel=2)
+        if engine == "weasyprint":
             import weasyprint  # imported here: it loads Pango, which only this route needs
 
             pdf_html = render_html(analysis, figures, folder, generated, for_pdf=True)
@@ -169,6 +178,5 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
             browser.close()
     if timings is not None:
         timings.update(analysis=after_analysis - clock, plots=after_plots - after_analysis,
-                       html=after_html - after_plots, pdf=time.perf_counter() - after_html,
-                       engine="chromium" if browser is not None else "weasyprint")
+                       html=after_html - after_plots, pdf=time.perf_counter() - after_html, engine=engine)
     return {"html": html_path, "pdf": pdf_path}
