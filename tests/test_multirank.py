@@ -30,9 +30,12 @@ def _grid(name, train_ranks, **changes):
 
 
 def _val_losses(run_dir):
+    """(method, ratio, init, setting, budget) → final val_loss (cell ids change with the schedule's strategy)."""
     with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
-        return dict(connection.execute(
-            "SELECT cell_id, value FROM metrics WHERE name = 'val_loss' AND tokens > 0").fetchall())
+        rows = connection.execute(
+            "SELECT c.method, c.ratio, c.init, c.setting, c.budget_tokens, m.value FROM metrics m "
+            "JOIN cells c USING (cell_id) WHERE m.name = 'val_loss' AND m.tokens > 0").fetchall()
+    return {row[:-1]: row[-1] for row in rows}
 
 
 def _train_results(run_dir):
@@ -41,34 +44,35 @@ def _train_results(run_dir):
             for stage in plan["stages"] if stage["kind"] == "train"]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_two_rank_train_stages_match_one_process(tmp_path, strategy):
-    schedule = {**tiny_grid()["schedule"], "strategy": strategy}
-    losses = {}
-    for ranks in (1, 2):
-        folder = tmp_path / f"ranks{ranks}"
-        folder.mkdir()
-        grid_file = write_grid(folder, _grid("multirank", ranks, schedule=schedule))
-        result = CliRunner().invoke(app, ["submit", str(grid_file)])
-        assert result.exit_code == 0, result.output
-        run_dir = folder / "runs" / "multirank"
-        losses[ranks] = _val_losses(run_dir)
-        if ranks == 2:
-            for train_result in _train_results(run_dir):
-                assert train_result["attempts"] == 1  # rank 1 neither counts attempts nor writes the result
-            logs = [(run_dir / "stages" / r["stage_id"] / store.LOG).read_text() for r in _train_results(run_dir)]
-            assert all("rank 0" in log and "rank 1" in log for log in logs)
-    assert len(losses[1]) == 2 and losses[1].keys() == losses[2].keys()
-    for cell, loss in losses[1].items():
-        assert losses[2][cell] == pytest.approx(loss, rel=1e-3)
-
-
-def test_more_ranks_than_workers_still_run(tmp_path):
-    """A 2-rank stage on a 1-worker pool takes the whole pool rather than waiting forever."""
-    grid_file = write_grid(tmp_path, _grid("wide", 2, inits=["pruned"], local={"workers": 1}))
+def _run_local(folder, grid):
+    folder.mkdir()
+    grid_file = write_grid(folder, grid)
     result = CliRunner().invoke(app, ["submit", str(grid_file)])
     assert result.exit_code == 0, result.output
-    assert len(_val_losses(tmp_path / "runs" / "wide")) == 1
+    return folder / "runs" / grid["name"]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    run_dir = _run_local(tmp_path_factory.mktemp("one") / "grid", _grid("multirank", 1))
+    losses = _val_losses(run_dir)
+    assert len(losses) == 2
+    return losses
+
+
+# ddp runs on a 1-worker pool: a 2-rank stage takes the whole pool rather than waiting forever.
+@pytest.mark.parametrize("strategy, workers", [("fsdp", 2), ("ddp", 1)])
+def test_two_rank_train_stages_match_one_process(tmp_path, one_process_losses, strategy, workers):
+    schedule = {**tiny_grid()["schedule"], "strategy": strategy}
+    run_dir = _run_local(tmp_path / "grid", _grid("multirank", 2, schedule=schedule, local={"workers": workers}))
+    for train_result in _train_results(run_dir):
+        assert train_result["attempts"] == 1  # rank 1 neither counts attempts nor writes the result
+        log = (run_dir / "stages" / train_result["stage_id"] / store.LOG).read_text()
+        assert "rank 0" in log and "rank 1" in log
+    losses = _val_losses(run_dir)
+    assert losses.keys() == one_process_losses.keys()
+    for cell, loss in one_process_losses.items():
+        assert losses[cell] == pytest.approx(loss, rel=1e-3)
 
 
 @pytest.mark.slurm
