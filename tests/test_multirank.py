@@ -23,10 +23,10 @@ def _workers_import_this_checkout(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _grid(name, train_ranks, **changes):
-    train = {"tasks_per_node": train_ranks, "cpus": 1}
-    return tiny_grid(name=name, settings=[1], resources={"default": {"cpus": 1, "mem_gb": 1, "time_min": 10},
-                                                         "train": train}, **changes)
+def _grid(name, train_ranks, parent_ranks=1, **changes):
+    resources = {"default": {"cpus": 1, "mem_gb": 1, "time_min": 10},
+                 "train": {"tasks_per_node": train_ranks}, "parent": {"tasks_per_node": parent_ranks}}
+    return tiny_grid(name=name, settings=[1], resources=resources, **changes)
 
 
 def _val_losses(run_dir):
@@ -38,10 +38,9 @@ def _val_losses(run_dir):
     return {row[:-1]: row[-1] for row in rows}
 
 
-def _train_results(run_dir):
+def _stage_results(run_dir):
     plan = store.read_plan(run_dir)
-    return [store.read_result(run_dir / "stages" / stage["id"], stage["id"])
-            for stage in plan["stages"] if stage["kind"] == "train"]
+    return [store.read_result(run_dir / "stages" / stage["id"], stage["id"]) for stage in plan["stages"]]
 
 
 def _run_local(folder, grid):
@@ -60,14 +59,19 @@ def one_process_losses(tmp_path_factory):
     return losses
 
 
-# ddp runs on a 1-worker pool: a 2-rank stage takes the whole pool rather than waiting forever.
-@pytest.mark.parametrize("strategy, workers", [("fsdp", 2), ("ddp", 1)])
-def test_two_rank_train_stages_match_one_process(tmp_path, one_process_losses, strategy, workers):
+# ddp runs on a 1-worker pool (a 2-rank stage takes the whole pool rather than waiting forever) and also pretrains
+# the parent with 2 ranks (FSDP, parent.schedule's default).
+@pytest.mark.parametrize("strategy, workers, parent_ranks", [("fsdp", 2, 1), ("ddp", 1, 2)])
+def test_two_rank_train_stages_match_one_process(tmp_path, one_process_losses, strategy, workers, parent_ranks):
     schedule = {**tiny_grid()["schedule"], "strategy": strategy}
-    run_dir = _run_local(tmp_path / "grid", _grid("multirank", 2, schedule=schedule, local={"workers": workers}))
-    for train_result in _train_results(run_dir):
-        assert train_result["attempts"] == 1  # rank 1 neither counts attempts nor writes the result
-        log = (run_dir / "stages" / train_result["stage_id"] / store.LOG).read_text()
+    run_dir = _run_local(tmp_path / "grid", _grid("multirank", 2, parent_ranks, schedule=schedule,
+                                                  local={"workers": workers}))
+    multi_rank = [r for r in _stage_results(run_dir) if r["kind"] == "train" or (r["kind"] == "parent" and
+                                                                                   parent_ranks == 2)]
+    assert len(multi_rank) == 2 + (parent_ranks == 2)
+    for result in multi_rank:
+        assert result["attempts"] == 1  # rank 1 neither counts attempts nor writes the result
+        log = (run_dir / "stages" / result["stage_id"] / store.LOG).read_text()
         assert "rank 0" in log and "rank 1" in log
     losses = _val_losses(run_dir)
     assert losses.keys() == one_process_losses.keys()
