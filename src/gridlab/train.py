@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -169,6 +170,13 @@ class _DataOrder:
         return torch.stack([self._permutation(int(p) // self.n)[int(p) % self.n] for p in positions])
 
 
+def _quiet_dcp(operation, tensors: dict, folder: Path, topology: distributed.Topology) -> None:
+    """torch.distributed.checkpoint save/load; one process needs no process group, and DCP need not warn about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        operation(tensors, checkpoint_id=folder, no_dist=not topology.distributed)
+
+
 def _atomic_write_json(obj, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(obj))
@@ -283,7 +291,7 @@ class _Run:
         else:
             tensors = {"model": distributed.model_state(self.model)}
         if folder_name != previous:
-            dcp.save(tensors, checkpoint_id=folder, no_dist=not self.topology.distributed)
+            _quiet_dcp(dcp.save, tensors, folder, self.topology)
             torch.save(_rng_state(), folder / f"rng-{self.topology.rank}.pt")
         distributed.barrier(self.topology)
         if self.topology.is_main:
@@ -307,11 +315,11 @@ class _Run:
         folder = self.checkpoint_dir / record.pop("folder")
         if record.pop("optimizer"):
             tensors = distributed.training_state(self.model, self.optimizer)
-            dcp.load(tensors, checkpoint_id=folder, no_dist=not self.topology.distributed)
+            _quiet_dcp(dcp.load, tensors, folder, self.topology)
             distributed.load_training_state(self.model, self.optimizer, tensors)
         else:
             tensors = {"model": distributed.model_state(self.model)}
-            dcp.load(tensors, checkpoint_id=folder, no_dist=not self.topology.distributed)
+            _quiet_dcp(dcp.load, tensors, folder, self.topology)
             distributed.load_model_state(self.model, tensors["model"])
             self.optimizer = make_optimizer(self.model, self.config)
         # RNG streams are per process; a job resumed at another world size restarts the extra ranks' streams.
