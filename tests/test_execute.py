@@ -119,3 +119,11 @@ def test_smoke_grid_end_to_end_locally(tmp_path):
         assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 96)]
         methods = connection.execute("SELECT count(DISTINCT method), count(DISTINCT granularity) FROM cells").fetchone()
     assert methods == (6, 3)
+
+    report = CliRunner().invoke(app, ["report", str(grid_file), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    html = (tmp_path / "report" / "index.html").read_text()
+    for heading in ("Recommendation", "Crossover", "Cost"):
+        assert heading in html
+    assert "smoke" in html and "What is missing" in html
+    assert (tmp_path / "report" / "report.pdf").read_bytes().startswith(b"%PDF")
