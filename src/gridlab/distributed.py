@@ -41,15 +41,20 @@ class Topology:
         return self.world_size > 1
 
 
-def _launched_by_submitit() -> bool:
-    return "SUBMITIT_FOLDER" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
+def _submitit_tasks() -> int:
+    """Processes in the submitit job this process belongs to (SLURM or submitit's LocalExecutor); 1 outside one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return 1
+    from submitit import JobEnvironment
+
+    return JobEnvironment().num_tasks
 
 
 def setup(device: str | None = None) -> Topology:
     """Join the job's process group if there is one; otherwise describe the single local process."""
     if dist.is_initialized():
         return _topology(device)
-    if _launched_by_submitit() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if _submitit_tasks() > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
