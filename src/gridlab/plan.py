@@ -19,10 +19,12 @@ from gridlab.store import STAGE_KINDS
 
 # Measured fp32 training throughput in tokens/s of one 2-thread worker on the 2-core development machine, batch 16 ×
 # seq 256 (docs/engine.md, bench/train_throughput.py): micro on an idle machine; nano and mini while the machine was
-# shared with three other busy processes (idle is 2-3× faster); small from /work/shared/environment.md (a 135M model).
+# shared with three other busy processes (idle is 2-3× faster); small from /work/shared/environment.md (a 135M model);
+# pico: one 1-thread worker at seq 64 (6,685 tokens/s at batch 32 with another process running; 5,000 for batch 16).
 # Used only for `gridlab plan`'s time estimate; a pruned model is assumed to train faster in proportion to the decoder
 # parameters it keeps. Presets without a measurement fall back to _UNMEASURED_TOKENS_PER_S, and the plan says so.
 MEASURED_TOKENS_PER_S: dict[str, float] = {
+    "pico": 5000.0,
     "micro": 790.0,
     "nano": 220.0,
     "mini": 136.0,
