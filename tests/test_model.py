@@ -67,3 +67,14 @@ def test_saved_model_loads_without_gridlab_and_keeps_its_mask(tmp_path):
     save_model(init_model(config, 1), tmp_path / "model")  # replaces the old folder whole: the mask goes too
     assert load_model(tmp_path / "model")[1] is None
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_save_that_fails_midway_leaves_neither_a_folder_nor_debris(tmp_path):
+    model = init_model(make_config("micro", 512, 64, num_hidden_layers=2), 0)
+    save_model(model, tmp_path / "ckpt")
+    bad_mask = {"model.layers.0.mlp.up_proj.weight": "not a tensor"}
+    with pytest.raises(AttributeError):
+        save_model(model, tmp_path / "ckpt", mask=bad_mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the old checkpoint stays whole
+    reloaded, mask = load_model(tmp_path / "ckpt")
+    assert mask is None

@@ -16,6 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from gridlab.atomic import staged_directory
+
 SPLITS = ("pretrain", "retrain", "calibration", "validation")
 SOURCE_KINDS = ("stdlib", "hf", "disk", "files")
 EOS_TOKEN = "<|endoftext|>"
@@ -207,18 +209,9 @@ def train_tokenizer(source: CorpusSource, fractions: SplitFractions, vocab_size:
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
     )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(Path(out_dir)) as staging:
         wrapped.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def load_tokenizer(name_or_path: str | Path):

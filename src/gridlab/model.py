@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from gridlab.atomic import staged_directory
 
 # Shapes only; vocab size and context length come from the tokenizer and the grid.
 # pico/micro/nano have >= 12 layers so that depth ratios 0.5-0.8 remove distinct layer counts.
@@ -105,20 +104,11 @@ def _config_param_counts(config: LlamaConfig) -> ParamCounts:
 
 def save_model(model: LlamaForCausalLM, out_dir: Path, mask: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a plain HF checkpoint (safetensors) atomically: it appears complete or not at all."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(Path(out_dir)) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if mask:
             save_file({name: m.to(torch.bool).contiguous() for name, m in mask.items()}, staging / MASK_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def load_model(path: str | Path) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor] | None]:
