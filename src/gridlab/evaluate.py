@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gridlab.data import TokenShard
+from gridlab.pruning.calibration import batches, final_hidden_states
+from gridlab.pruning.offload import layer_store
 from gridlab.tasks import TASKS_DIR
 
 
@@ -17,6 +19,21 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _batch_logits(model, data: TokenShard, n_sequences: int, batch_size: int, device: torch.device):
+    """(token batch, logits) pairs over the first n_sequences sequences."""
+    if layer_store(model) is not None:  # decoder layers on disk: run the sequences layer by layer
+        sequences = data[slice(0, n_sequences)]
+        hidden = final_hidden_states(model, sequences, batch_size)
+        for batch, h in zip(batches(sequences, batch_size), hidden):
+            yield batch.to(device), model.lm_head(model.model.norm(h))
+        return
+    for start in range(0, n_sequences, batch_size):
+        batch = data[slice(start, min(start + batch_size, n_sequences))].to(device)
+        with _autocast(device):
+            logits = model(input_ids=batch).logits
+        yield batch, logits
 
 
 @torch.no_grad()
@@ -29,10 +46,7 @@ def heldout_loss(model, data: TokenShard, max_sequences: int | None = None, batc
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, n_sequences, batch_size):
-        batch = data[slice(start, min(start + batch_size, n_sequences))].to(device)
-        with _autocast(device):
-            logits = model(input_ids=batch).logits
+    for batch, logits in _batch_logits(model, data, n_sequences, batch_size, device):
         total_loss += F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
         ).double()

@@ -183,7 +183,7 @@ def build_plan(spec: GridSpec) -> Plan:
             for seed in spec.seeds:
                 prune = make_stage("prune", {
                     "method": method.method, "options": options, "ratio": canonical(float(ratio)), "seed": seed,
-                    "calibration_sequences": spec.calibration.sequences,
+                    "calibration_sequences": spec.calibration.sequences, "layerwise": spec.calibration.layerwise,
                     "validation_sequences": spec.evaluation.max_sequences,
                 }, {"parent": parent["id"], "data": data["id"]})
                 init = None

@@ -156,6 +156,8 @@ class TokenizerSpec(_Strict):
 
 class CalibrationSpec(_Strict):
     sequences: int = Field(32, ge=1)
+    # prune with the parent's decoder layers left on disk, one in memory at a time (methods that support it)
+    layerwise: bool = False
 
 
 class MethodSpec(_Strict):

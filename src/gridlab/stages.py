@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -85,22 +86,38 @@ def _run_parent(config, stage, run_dir, out) -> dict[str, Any]:
 
 
 def _run_prune(config, stage, run_dir, out) -> dict[str, Any]:
+    import torch
+
     from gridlab.data import TokenShard
     from gridlab.model import load_model, param_counts, save_model
-    from gridlab.pruning import prune
+    from gridlab.pruning import get_method, prune
+    from gridlab.pruning.offload import open_layerwise, save_layerwise
 
     data = upstream(run_dir, stage, "data")
     parent = upstream(run_dir, stage, "parent")
-    model, _ = load_model(parent["model_path"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layerwise = config["layerwise"] and get_method(config["method"]).layerwise
+    spill_dir = out / "layer-spill"
+    if layerwise:
+        model = open_layerwise(parent["model_path"], device, spill_dir)
+    else:
+        model = load_model(parent["model_path"])[0].to(device)
     calibration_shard = TokenShard.open(data["shards"]["calibration"])
     count = min(config["calibration_sequences"], calibration_shard.n_sequences)
-    calibration = calibration_shard[list(range(count))]
+    # Each seed calibrates on its own sample of the calibration split, so seeds replicate pruning too.
+    sample = torch.randperm(calibration_shard.n_sequences, generator=torch.Generator().manual_seed(config["seed"]))
+    calibration = calibration_shard[sorted(sample[:count].tolist())]
     result = prune(model, config["method"], config["ratio"], calibration, **config["options"])
-    model_path = save_model(result.model, out / "model", mask=result.mask)
+    validation = _validation(result.model, data, config["validation_sequences"])
+    if layerwise:
+        model_path = save_layerwise(result.model, out / "model", mask=result.mask)
+        shutil.rmtree(spill_dir)
+    else:
+        model_path = save_model(result.model, out / "model", mask=result.mask)
     return {"model_path": str(model_path), "achieved_ratio": result.achieved_ratio,
             "granularity": result.granularity, "removed": result.removed if result.granularity == "depth" else None,
-            "note": result.note, "calibration_sequences": count, "params": param_counts(result.model).__dict__,
-            **_validation(result.model, data, config["validation_sequences"])}
+            "note": result.note, "calibration_sequences": count, "layerwise": layerwise,
+            "params": param_counts(result.model).__dict__, **validation}
 
 
 def _run_init(config, stage, run_dir, out) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pkgutil
 import torch
 
 from gridlab.pruning.counterpart import random_counterpart
+from gridlab.pruning.offload import layer_store
 from gridlab.pruning.registry import (
     METHODS, Method, PruneResult, check_calibration, check_model, check_ratio, get_method, resolve_options,
 )
@@ -31,6 +32,10 @@ def prune(model, method: str, ratio: float, calibration: torch.Tensor | None = N
     ratio = check_ratio(ratio)
     resolved = resolve_options(spec, options)
     check_model(model)
+    if layer_store(model) is not None and not spec.layerwise:
+        layerwise = ", ".join(name for name, m in METHODS.items() if m.layerwise)
+        raise ValueError(f"{method} needs the whole parent in memory; methods that prune a parent layer by layer "
+                         f"from disk: {layerwise}")
     if spec.needs_calibration or calibration is not None:
         calibration = check_calibration(calibration, model.config)
     was_training = model.training

@@ -1,8 +1,9 @@
 """Calibration plumbing shared by the methods: layer-input capture and the layer-by-layer flow.
 
-The sequential flow holds the inputs of one decoder layer at a time (all calibration sequences), so a parent that
-does not fit twice in memory can still be pruned: the full model runs once, up to the first layer, and from then on
-each layer maps the held activations to the next layer's inputs.
+The sequential flow holds the inputs of one decoder layer at a time (all calibration sequences): the model runs once,
+up to the first layer, and from then on each layer maps the held activations to the next layer's inputs. A model
+opened with `offload.open_layerwise` keeps its layers on disk, and the flow materializes each one only while it is
+being worked on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from gridlab.pruning.offload import resident
 
 
 class _StopForward(Exception):
@@ -88,8 +91,25 @@ def sequential_layers(model, calibration: torch.Tensor, batch_size: int) -> Iter
     """
     inputs = capture_layer_inputs(model, calibration, batch_size)
     for index, layer in enumerate(decoder_layers(model)):
-        yield index, layer, inputs
-        inputs = LayerInputs(hidden=run_layer(layer, inputs), kwargs=inputs.kwargs)
+        with resident(model, layer):
+            yield index, layer, inputs
+            inputs = LayerInputs(hidden=run_layer(layer, inputs), kwargs=inputs.kwargs)
+
+
+def each_layer(model) -> Iterator[tuple[int, nn.Module]]:
+    """Yield (index, layer) for each decoder layer, materialized for the duration of its turn."""
+    for index, layer in enumerate(decoder_layers(model)):
+        with resident(model, layer):
+            yield index, layer
+
+
+def final_hidden_states(model, sequences: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The last decoder layer's outputs (before the final norm), one tensor per batch, computed layer by layer."""
+    last = len(decoder_layers(model)) - 1
+    for index, layer, inputs in sequential_layers(model, sequences, batch_size):
+        if index == last:
+            return run_layer(layer, inputs)
+    raise ValueError("the model has no decoder layers")
 
 
 @contextmanager

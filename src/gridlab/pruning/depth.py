@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from gridlab.model import param_counts
-from gridlab.pruning.calibration import (
-    batches, decoder_layers, layer_output, mean_loss, model_device, select_samples,
-)
+from gridlab.pruning.calibration import decoder_layers, mean_loss, run_layer, select_samples, sequential_layers
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 
@@ -44,28 +42,26 @@ def remove_layers(model, removed: list[int]):
 
 @torch.no_grad()
 def block_influence(model, calibration: torch.Tensor, batch_size: int) -> list[float]:
-    """ShortGPT's BI_i = 1 - mean over tokens of cos(layer input, layer output)."""
-    layers = decoder_layers(model)
-    sums = [0.0] * len(layers)
-    count = 0
+    """ShortGPT's BI_i = 1 - mean over tokens of cos(layer input, layer output).
 
-    def make_hook(index):
-        def hook(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            cos = torch.nn.functional.cosine_similarity(hidden_in.float(), layer_output(output).float(), dim=-1)
-            sums[index] += float(cos.sum())
-        return hook
+    Computed in the sequential flow: layer i's output is layer i+1's input, so only the last layer runs twice.
+    """
+    last = len(decoder_layers(model)) - 1
+    tokens = calibration.numel()
 
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        device = model_device(model)
-        for batch in batches(calibration, batch_size):
-            model.model(batch.to(device), use_cache=False)  # hidden states only: no logits
-            count += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [1.0 - s / count for s in sums]
+    def influence(hidden_in: list[torch.Tensor], hidden_out: list[torch.Tensor]) -> float:
+        cos = sum(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).sum())
+                  for a, b in zip(hidden_in, hidden_out))
+        return 1.0 - cos / tokens
+
+    scores, previous = [], None
+    for index, layer, inputs in sequential_layers(model, calibration, batch_size):
+        if previous is not None:
+            scores.append(influence(previous, inputs.hidden))
+        previous = inputs.hidden
+        if index == last:
+            scores.append(influence(inputs.hidden, run_layer(layer, inputs)))
+    return scores
 
 
 def _prune_shortgpt(model, ratio, calibration, options):
@@ -105,6 +101,6 @@ def _prune_minitron_depth(model, ratio, calibration, options):
 
 
 register(Method(name="shortgpt", granularity="depth", run=_prune_shortgpt, config=depth_config,
-                defaults=dict(nsamples=None, batch_size=8), check_options=check_nsamples))
+                defaults=dict(nsamples=None, batch_size=8), check_options=check_nsamples, layerwise=True))
 register(Method(name="minitron-depth", granularity="depth", run=_prune_minitron_depth, config=depth_config,
                 defaults=dict(nsamples=None, batch_size=8), check_options=check_nsamples))

@@ -35,6 +35,8 @@ class Method:
     needs_calibration: bool = True
     # extra checks on the resolved options; raise ValueError
     check_options: Callable[[dict], None] | None = None
+    # visits the decoder layers one at a time, in order, so it can prune a parent whose layers stay on disk
+    layerwise: bool = False
 
 
 METHODS: dict[str, Method] = {}

@@ -14,7 +14,7 @@ import math
 import torch
 
 from gridlab.model import DECODER_WEIGHTS, param_counts
-from gridlab.pruning.calibration import decoder_layers, input_hooks, run_layer, select_samples, sequential_layers
+from gridlab.pruning.calibration import each_layer, input_hooks, run_layer, select_samples, sequential_layers
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 
@@ -157,7 +157,7 @@ def _prune_magnitude(model, ratio, calibration, options):
     nm = parse_nm(options["nm"])
     _check_nm_fits(model, nm)
     mask: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in each_layer(model):
         for name, linear in _linears(layer).items():
             _apply(i, name, linear, magnitude_mask(linear.weight, ratio, nm), mask)
     return _result(model, "magnitude", ratio, options, mask, nm)
@@ -216,9 +216,10 @@ def _no_config_change(parent_config, ratio, options):
 
 
 register(Method(name="magnitude", granularity="sparse", run=_prune_magnitude, config=_no_config_change,
-                defaults=dict(nm=None), needs_calibration=False, check_options=check_sparse_options))
+                defaults=dict(nm=None), needs_calibration=False, check_options=check_sparse_options,
+                layerwise=True))
 register(Method(name="wanda", granularity="sparse", run=_prune_wanda, config=_no_config_change,
-                defaults=dict(nm=None, nsamples=128, batch_size=8), check_options=check_sparse_options))
+                defaults=dict(nm=None, nsamples=128, batch_size=8), check_options=check_sparse_options, layerwise=True))
 register(Method(name="sparsegpt", granularity="sparse", run=_prune_sparsegpt, config=_no_config_change,
                 defaults=dict(nm=None, nsamples=128, batch_size=8, blocksize=128, percdamp=0.01),
-                check_options=check_sparse_options))
+                check_options=check_sparse_options, layerwise=True))
