@@ -79,6 +79,16 @@ def test_two_rank_train_stages_match_one_process(tmp_path, one_process_losses, s
         assert losses[cell] == pytest.approx(loss, rel=1e-3)
 
 
+def _wait_for_slurm(run_dir, plan, timeout_s=600):
+    deadline = time.time() + timeout_s
+    while True:
+        states = execute.stage_states(run_dir, plan["stages"])
+        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
+            return states
+        assert time.time() < deadline, "SLURM jobs did not finish in time"
+        time.sleep(2)
+
+
 @pytest.mark.slurm
 @pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster answers sinfo")
 def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
@@ -87,18 +97,40 @@ def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "slurm-ranks"
     plan = store.read_plan(run_dir)
-    deadline = time.time() + 600
-    while True:
-        states = execute.stage_states(run_dir, plan["stages"])
-        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
-            break
-        assert time.time() < deadline, "SLURM jobs did not finish in time"
-        time.sleep(2)
+    states = _wait_for_slurm(run_dir, plan)
     assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
     (train,) = [s for s in plan["stages"] if s["kind"] == "train"]
     log = (run_dir / "stages" / train["id"] / store.LOG).read_text()
     assert "rank 0" in log and "rank 1" in log
     submit = json.loads((run_dir / "stages" / train["id"] / store.SUBMIT).read_text())
     assert submit["executor"] == "slurm"
+    assert CliRunner().invoke(app, ["ingest", str(grid_file)]).exit_code == 0
+    assert len(_val_losses(run_dir)) == 1
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster answers sinfo")
+def test_a_preempted_two_task_training_job_requeues_and_resumes(tmp_path):
+    import subprocess
+
+    grid_file = write_grid(tmp_path, _grid("slurm-preempt", 2, inits=["pruned"], budgets=[24576]))
+    result = CliRunner().invoke(app, ["submit", str(grid_file), "--executor", "slurm"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "slurm-preempt"
+    plan = store.read_plan(run_dir)
+    (train,) = [s for s in plan["stages"] if s["kind"] == "train"]
+    train_dir = run_dir / "stages" / train["id"]
+    deadline = time.time() + 600
+    while not (train_dir / "train" / "checkpoint").exists():
+        assert time.time() < deadline, "training never checkpointed"
+        time.sleep(0.1)
+    job_id = json.loads((train_dir / store.SUBMIT).read_text())["job_id"]
+    # Preemption: SLURM signals every task (USR2, as before a time limit); the job is requeued with both ranks.
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    states = _wait_for_slurm(run_dir, plan)
+    assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
+    assert len((train_dir / store.ATTEMPTS).read_text().split()) >= 2, "the preempted job was not requeued"
+    log = (train_dir / store.LOG).read_text()
+    assert "rank 0" in log and "rank 1" in log
     assert CliRunner().invoke(app, ["ingest", str(grid_file)]).exit_code == 0
     assert len(_val_losses(run_dir)) == 1

@@ -3,6 +3,8 @@
 import copy
 import json
 
+import pytest
+
 from gridlab.plan import build_plan, canonical, content_id, parent_config
 from gridlab.pruning import pruned_config
 from gridlab.spec import load_grid, parse_grid
@@ -130,3 +132,15 @@ def test_canonical_normalises_numbers():
     assert canonical({"b": 1.0, "a": [0.1 + 0.2, 3]}) == {"b": 1, "a": [0.3, 3]}
     assert content_id(canonical({"x": 1, "y": 2.0})) == content_id(canonical({"y": 2, "x": 1.0}))
     assert content_id({"x": 1}) != content_id({"x": 2})
+
+
+def test_time_estimate_charges_sparse_models_the_parents_cost_and_smaller_models_less():
+    from gridlab.model import make_config, param_counts
+    from gridlab.plan import relative_step_cost
+
+    counts = param_counts(make_config("pico", 1024, 64))
+    assert relative_step_cost(counts, "sparse", 0.8) == 1.0
+    half_depth = relative_step_cost(counts, "depth", 0.5)
+    assert half_depth == pytest.approx((counts.embedding + 0.5 * counts.decoder) / (counts.embedding + counts.decoder))
+    assert relative_step_cost(counts, "width", 0.8) < half_depth < 1.0
+    assert relative_step_cost(None, "depth", 0.5) == 1.0

@@ -20,11 +20,12 @@ from gridlab.store import STAGE_KINDS
 # Measured fp32 training throughput in tokens/s of one 2-thread worker on the 2-core development machine, batch 16 ×
 # seq 256 (docs/engine.md, bench/train_throughput.py): micro on an idle machine; nano and mini while the machine was
 # shared with three other busy processes (idle is 2-3× faster); small from /work/shared/environment.md (a 135M model);
-# pico: one 1-thread worker at seq 64 (6,685 tokens/s at batch 32 with another process running; 5,000 for batch 16).
-# Used only for `gridlab plan`'s time estimate; a pruned model is assumed to train faster in proportion to the decoder
-# parameters it keeps. Presets without a measurement fall back to _UNMEASURED_TOKENS_PER_S, and the plan says so.
+# pico: a 1-thread local worker of the default study (batch 16 × seq 64, two workers busy): the 12-layer parent and
+# the sparse models, which keep its dense shapes, trained at 5,000-5,400 tokens/s.
+# Used only for `gridlab plan`'s time estimate (see relative_step_cost for pruned models). Presets without a
+# measurement fall back to _UNMEASURED_TOKENS_PER_S, and the plan says so.
 MEASURED_TOKENS_PER_S: dict[str, float] = {
-    "pico": 5000.0,
+    "pico": 5200.0,
     "micro": 790.0,
     "nano": 220.0,
     "mini": 136.0,
@@ -91,15 +92,30 @@ class Plan:
     def estimated_seconds(self, workers: int) -> float:
         preset = self.spec.parent.preset
         speed = MEASURED_TOKENS_PER_S.get(preset, _UNMEASURED_TOKENS_PER_S) if preset else _UNMEASURED_TOKENS_PER_S
+        counts = None
+        if preset:
+            from gridlab.model import param_counts
+
+            counts = param_counts(parent_config(self.spec))
+        cost = {c["train_stage"]: relative_step_cost(counts, c["granularity"], c["ratio"]) for c in self.cells}
         seconds = 0.0
-        kept_fraction = {c["train_stage"]: 1 - c["ratio"] for c in self.cells}
         for stage in self.stages.values():
             if stage["kind"] == "parent" and "preset" in stage["config"]:
                 seconds += stage["config"]["tokens"] / speed
             elif stage["kind"] == "train":
                 tokens = trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
-                seconds += tokens * kept_fraction.get(stage["id"], 1.0) / speed
+                seconds += tokens * cost.get(stage["id"], 1.0) / speed
         return seconds / max(1, workers)
+
+
+def relative_step_cost(parent_counts, granularity: str, ratio: float) -> float:
+    """A pruned model's training cost per token relative to its parent's. Depth and width models compute their
+    embeddings and what is left of the decoder; sparse models keep dense shapes and cost what the parent does.
+    (Measured on pico: 6 of its 12 layers train 1.7× faster; this gives 1.6×.) Unknown parent: 1."""
+    if granularity == "sparse" or parent_counts is None:
+        return 1.0
+    dense = parent_counts.embedding + parent_counts.decoder
+    return (parent_counts.embedding + (1 - ratio) * parent_counts.decoder) / dense
 
 
 def trajectory_tokens(budgets: list[int], schedule: dict[str, Any]) -> int:
