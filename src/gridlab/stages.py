@@ -81,6 +81,7 @@ def _run_parent(config, stage, run_dir, out) -> dict[str, Any]:
     else:
         model_path, curve, trained = config["path"], [], config["tokens"]
         model, _ = load_model(model_path)
+    model.to(compute_device())
     return {"model_path": model_path, "trained_tokens": trained, "curve": curve,
             "params": param_counts(model).__dict__, **_validation(model, data, config["validation_sequences"])}
 
@@ -95,7 +96,7 @@ def _run_prune(config, stage, run_dir, out) -> dict[str, Any]:
 
     data = upstream(run_dir, stage, "data")
     parent = upstream(run_dir, stage, "parent")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     layerwise = config["layerwise"] and get_method(config["method"]).layerwise
     spill_dir = out / "layer-spill"
     if layerwise:
@@ -136,6 +137,7 @@ def _run_init(config, stage, run_dir, out) -> dict[str, Any]:
                              method="", granularity=pruned["granularity"], options={})
         model = random_counterpart(result, config["seed"]).model
     model_path = save_model(model, out / "model", mask=mask)
+    model.to(compute_device())
     return {"model_path": str(model_path), "params": param_counts(model).__dict__,
             **_validation(model, data, config["validation_sequences"])}
 
@@ -174,7 +176,7 @@ def _run_eval(config, stage, run_dir, out) -> dict[str, Any]:
     tokenizer = load_tokenizer(data["tokenizer_dir"]) if evaluation["lm_eval_tasks"] else None
     branches = []
     for branch in trained["branches"]:
-        model, _ = load_model(branch["path"])
+        model = load_model(branch["path"])[0].to(compute_device())  # lm-eval runs on the model's device too
         held_out = _validation(model, data, evaluation["max_sequences"])
         metrics = [{"name": "val_loss", "value": held_out["val_loss"]},
                    {"name": "val_ppl", "value": held_out["val_ppl"]}]
@@ -212,6 +214,13 @@ def _train_config(schedule: dict[str, Any], seq_len: int, seed: int):
 
     fields = {key: value for key, value in schedule.items() if key != "kind"}
     return TrainConfig(schedule=schedule["kind"], seq_len=seq_len, seed=seed, **fields)
+
+
+def compute_device() -> str:
+    """Where single-process stages (parent validation, pruning, init, eval) compute: the job's GPU if it has one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _validation(model, data: dict[str, Any], max_sequences: int | None) -> dict[str, float]:
