@@ -133,3 +133,14 @@ def test_a_grid_with_layerwise_calibration_prunes_from_disk_and_trains_the_resul
     with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
         statuses = connection.execute("SELECT method, status FROM cells ORDER BY method").fetchall()
     assert statuses == [("minitron-width", "done"), ("wanda", "done")]
+
+
+def test_reopening_discards_the_spill_of_an_interrupted_attempt(parent_dir, calibration, tmp_path):
+    first = open_layerwise(parent_dir, "cpu", tmp_path / "spill")
+    prune(first, "wanda", 0.5, calibration, batch_size=3)  # leaves pruned layers in the spill folder
+    second = open_layerwise(parent_dir, "cpu", tmp_path / "spill")
+    assert not any((tmp_path / "spill").iterdir())
+    layer = second.model.layers[0]
+    tensors = second.layer_store.layer_tensors(layer)
+    parent_weight = load_model(parent_dir)[0].model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(tensors["mlp.down_proj.weight"], parent_weight)

@@ -15,6 +15,7 @@ forward or backward passes.
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,7 +60,9 @@ class LayerStore:
         self.files = checkpoint_files(checkpoint)
         self.device = device
         self.spill_dir = spill_dir
-        spill_dir.mkdir(parents=True, exist_ok=True)
+        # Spill files of an earlier, interrupted attempt hold half-done work: every attempt starts from the parent.
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        spill_dir.mkdir(parents=True)
         # Layers are identified by their index in the parent: depth pruning reorders the ModuleList, not the objects.
         self.origin = {id(layer): index for index, layer in enumerate(layers)}
         self.peak_resident = 0
@@ -90,7 +93,9 @@ class LayerStore:
     def release(self, layer, keep_changes: bool = True) -> None:
         if keep_changes:
             state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layer.state_dict().items()}
-            save_file(state, self._spill_path(layer))
+            partial = self._spill_path(layer).with_suffix(".partial")
+            save_file(state, partial)
+            partial.replace(self._spill_path(layer))  # a spill file is whole or absent
         layer.to("meta")
         self._resident.discard(id(layer))
 
