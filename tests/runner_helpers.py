@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,17 @@ def fake_payload(stage: dict, curve_points: int = 5) -> dict:
                               "metrics": [{"name": "val_loss", "value": 4.0}, {"name": "val_ppl", "value": 54.6}]}
                              for b in config["budgets"]]}
     raise ValueError(kind)
+
+
+def wait_until_settled(run_dir: Path, timeout_s: float = 900):
+    """Poll until no submitted stage of the run is still active; return the stage states."""
+    from gridlab import execute, store
+
+    plan = store.read_plan(run_dir)
+    deadline = time.time() + timeout_s
+    while True:
+        states = execute.stage_states(run_dir, plan["stages"])
+        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
+            return states
+        assert time.time() < deadline, "SLURM jobs did not finish in time"
+        time.sleep(2)

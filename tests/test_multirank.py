@@ -9,9 +9,9 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from gridlab import execute, store
+from gridlab import store
 from gridlab.cli import app
-from runner_helpers import REPO, slurm_available, tiny_grid, write_grid
+from runner_helpers import REPO, slurm_available, tiny_grid, wait_until_settled, write_grid
 
 pytestmark = pytest.mark.slow
 
@@ -79,16 +79,6 @@ def test_two_rank_train_stages_match_one_process(tmp_path, one_process_losses, s
         assert losses[cell] == pytest.approx(loss, rel=1e-3)
 
 
-def _wait_for_slurm(run_dir, plan, timeout_s=600):
-    deadline = time.time() + timeout_s
-    while True:
-        states = execute.stage_states(run_dir, plan["stages"])
-        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
-            return states
-        assert time.time() < deadline, "SLURM jobs did not finish in time"
-        time.sleep(2)
-
-
 @pytest.mark.slurm
 @pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster answers sinfo")
 def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
@@ -97,7 +87,7 @@ def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "slurm-ranks"
     plan = store.read_plan(run_dir)
-    states = _wait_for_slurm(run_dir, plan)
+    states = wait_until_settled(run_dir, 600)
     assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
     (train,) = [s for s in plan["stages"] if s["kind"] == "train"]
     log = (run_dir / "stages" / train["id"] / store.LOG).read_text()
@@ -127,7 +117,7 @@ def test_a_preempted_two_task_training_job_requeues_and_resumes(tmp_path):
     job_id = json.loads((train_dir / store.SUBMIT).read_text())["job_id"]
     # Preemption: SLURM signals every task (USR2, as before a time limit); the job is requeued with both ranks.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    states = _wait_for_slurm(run_dir, plan)
+    states = wait_until_settled(run_dir, 600)
     assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
     assert len((train_dir / store.ATTEMPTS).read_text().split()) >= 2, "the preempted job was not requeued"
     log = (train_dir / store.LOG).read_text()

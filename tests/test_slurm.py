@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from gridlab import execute, store
 from gridlab.cli import app, collect_status
-from runner_helpers import SMOKE, slurm_available, tiny_grid, write_grid
+from runner_helpers import SMOKE, slurm_available, tiny_grid, wait_until_settled, write_grid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster answers sinfo")]
@@ -26,17 +26,6 @@ def _submit(grid_file, *options):
 
 def _job_of(run_dir, stage_id):
     return json.loads((run_dir / "stages" / stage_id / store.SUBMIT).read_text())["job_id"]
-
-
-def _wait_until_settled(run_dir, timeout_s=900):
-    plan = store.read_plan(run_dir)
-    deadline = time.time() + timeout_s
-    while True:
-        states = execute.stage_states(run_dir, plan["stages"])
-        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
-            return states
-        assert time.time() < deadline, "SLURM jobs did not finish in time"
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +53,7 @@ def test_submit_returns_at_once(cancelled_grid):
 
 def test_scancel_shows_in_status_and_blocks_downstream(cancelled_grid):
     _, run_dir, parent, _, _ = cancelled_grid
-    _wait_until_settled(run_dir)
+    wait_until_settled(run_dir)
     status = collect_status(run_dir)
     failed = {f["stage_id"]: f for f in status["failed"]}
     assert failed[parent]["status"] == "cancelled"
@@ -90,7 +79,7 @@ def test_retry_failed_completes_and_a_preempted_training_job_resumes(cancelled_g
         time.sleep(0.1)
     # Preemption: SLURM signals the job (USR2, as before a time limit); submitit checkpoints and requeues it.
     subprocess.run(["scancel", "--signal=USR2", _job_of(run_dir, cell["train_stage"])], check=True)
-    states = _wait_until_settled(run_dir)
+    states = wait_until_settled(run_dir)
     assert all(s.status == "done" for s in states.values()), {s.stage_id: s.error for s in states.values()}
     attempts = (train_dir / store.ATTEMPTS).read_text().split()
     assert len(attempts) >= 2, "the preempted job was not requeued"
