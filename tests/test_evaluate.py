@@ -54,7 +54,7 @@ def test_gridlab_task_runs_offline_from_any_directory(tmp_path, monkeypatch):
     assert set(by_name) == {"lm_eval/gridlab_stdlib_identifiers/acc", "lm_eval/gridlab_stdlib_identifiers/acc_norm"}
     for record in records:
         assert 0 <= record["value"] <= 1 and record["value"] * 8 == round(record["value"] * 8)
-        assert record["stderr"] > 0 and record["tokens"] == 1234
+        assert record["stderr"] > 0 and record["tokens"] == 1234 and record["higher_is_better"] is True
 
 
 @pytest.mark.slow  # indexes lm-eval's whole task registry (~30 s)
@@ -67,7 +67,7 @@ def test_unknown_task_is_a_one_line_error():
 def test_records_flatten_lm_eval_results():
     results = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc,strict": 0.25,
                      "acc_stderr,strict": "N/A"}}
-    assert _records(results, 7) == [
-        {"name": "lm_eval/t/acc", "value": 0.5, "stderr": 0.1, "tokens": 7},
-        {"name": "lm_eval/t/acc_strict", "value": 0.25, "stderr": None, "tokens": 7},
+    assert _records(results, {"t": {"acc": True}}, 7) == [
+        {"name": "lm_eval/t/acc", "value": 0.5, "stderr": 0.1, "tokens": 7, "higher_is_better": True},
+        {"name": "lm_eval/t/acc_strict", "value": 0.25, "stderr": None, "tokens": 7, "higher_is_better": True},
     ]

@@ -98,10 +98,11 @@ def lm_eval_tasks(
         verbosity="ERROR",
     )
     model.train(was_training)
-    return _records(output["results"], trained_tokens)
+    return _records(output["results"], output.get("higher_is_better", {}), trained_tokens)
 
 
-def _records(results: dict, trained_tokens: int | None) -> list[dict]:
+def _records(results: dict, directions: dict, trained_tokens: int | None) -> list[dict]:
+    """One record per metric; its direction is what the task declares (lm-eval's higher_is_better)."""
     records = []
     for task, metrics in results.items():
         for key, value in metrics.items():
@@ -110,12 +111,14 @@ def _records(results: dict, trained_tokens: int | None) -> list[dict]:
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")
             name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            declared = directions.get(task, {}).get(metric)
             records.append(
                 {
                     "name": f"lm_eval/{task}/{name}",
                     "value": float(value),
                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                     "tokens": trained_tokens,
+                    "higher_is_better": bool(declared) if declared is not None else None,
                 }
             )
     return records

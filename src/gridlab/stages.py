@@ -178,16 +178,17 @@ def _run_eval(config, stage, run_dir, out) -> dict[str, Any]:
     for branch in trained["branches"]:
         model = load_model(branch["path"])[0].to(compute_device())  # lm-eval runs on the model's device too
         held_out = _validation(model, data, evaluation["max_sequences"])
-        metrics = [{"name": "val_loss", "value": held_out["val_loss"]},
-                   {"name": "val_ppl", "value": held_out["val_ppl"]}]
+        metrics = [{"name": "val_loss", "value": held_out["val_loss"], "higher_is_better": False},
+                   {"name": "val_ppl", "value": held_out["val_ppl"], "higher_is_better": False}]
         for label, shard in extra.items():
             loss = heldout_loss(model, shard, max_sequences=evaluation["max_sequences"])
-            metrics.append({"name": f"eval/{label}/loss", "value": loss["loss"]})
+            metrics.append({"name": f"eval/{label}/loss", "value": loss["loss"], "higher_is_better": False})
         if evaluation["lm_eval_tasks"]:
             for record in lm_eval_tasks(model, tokenizer, evaluation["lm_eval_tasks"], limit=evaluation["limit"],
                                         num_fewshot=evaluation["num_fewshot"]):
                 name = record["name"] if record["name"].startswith("lm_eval/") else f"lm_eval/{record['name']}"
-                metrics.append({"name": name, "value": record["value"], "stderr": record.get("stderr")})
+                metrics.append({"name": name, "value": record["value"], "stderr": record.get("stderr"),
+                                "higher_is_better": record["higher_is_better"]})
         branches.append({"budget_tokens": branch["budget_tokens"], "trained_tokens": branch["trained_tokens"],
                          "path": branch["path"], "metrics": metrics})
     return {"branches": branches}

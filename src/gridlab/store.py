@@ -48,7 +48,7 @@ SCHEMA = {
               ("error", "VARCHAR"), ("train_stage", "VARCHAR"), ("branch_path", "VARCHAR"),
               ("prune_stage", "VARCHAR"), ("model_stage", "VARCHAR"), ("eval_stage", "VARCHAR")],
     "metrics": [("cell_id", "VARCHAR"), ("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"),
-                ("stderr", "DOUBLE")],
+                ("stderr", "DOUBLE"), ("higher_is_better", "BOOLEAN")],
     "stages": [("stage_id", "VARCHAR"), ("kind", "VARCHAR"), ("status", "VARCHAR"), ("job_id", "VARCHAR"),
                ("attempts", "INTEGER"), ("started", "DOUBLE"), ("finished", "DOUBLE"), ("log_path", "VARCHAR"),
                ("error", "VARCHAR")],
@@ -274,7 +274,8 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
         start = records.get(cell["model_stage"])
         if start and "val_loss" in start:
             _add_metrics(metric_rows, cell["cell_id"], 0, [
-                {"name": "val_loss", "value": start["val_loss"]}, {"name": "val_ppl", "value": start["val_ppl"]}])
+                {"name": "val_loss", "value": start["val_loss"], "higher_is_better": False},
+                {"name": "val_ppl", "value": start["val_ppl"], "higher_is_better": False}])
         if branch:
             curve = branch["curve"]  # the trunk up to its fork, then its own tail
             count = len(curve)
@@ -283,6 +284,7 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
             metric_rows["name"].extend(["train_loss"] * count + ["lr"] * count)
             metric_rows["value"].extend([p["loss"] for p in curve] + [p["lr"] for p in curve])
             metric_rows["stderr"].extend([None] * 2 * count)
+            metric_rows["higher_is_better"].extend([False] * count + [None] * count)  # lr is not a score
         if evaluation:
             for evaluated in evaluation["branches"]:
                 if evaluated["budget_tokens"] == cell["trained_tokens"]:
@@ -334,7 +336,8 @@ def _write_tables(database: Path, tables: dict[str, dict[str, list]]) -> None:
     import duckdb
     import polars as pl
 
-    polars_type = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64}
+    polars_type = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64,
+                   "BOOLEAN": pl.Boolean}
     connection = duckdb.connect(str(database))
     try:
         connection.execute("BEGIN TRANSACTION")
@@ -362,3 +365,4 @@ def _add_metrics(rows: dict[str, list], cell_id: str, tokens: int, metrics: list
         rows["name"].append(metric["name"])
         rows["value"].append(metric["value"])
         rows["stderr"].append(metric.get("stderr"))
+        rows["higher_is_better"].append(metric.get("higher_is_better"))
