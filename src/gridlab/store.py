@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gridlab
+from gridlab import atomic
 
 RESULT = "result.json"
 ERROR = "error.json"
@@ -63,8 +63,7 @@ class CorruptResult(Exception):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, json.dumps(data, separators=(",", ":")))
+    atomic.write_json(path, data)
 
 
 def write_result(stage_dir: Path, stage: dict[str, Any], payload: dict[str, Any], **bookkeeping: Any) -> None:
@@ -77,7 +76,7 @@ def write_result(stage_dir: Path, stage: dict[str, Any], payload: dict[str, Any]
     header = {"stage_id": stage["id"], "kind": stage["kind"], "finished": time.time(),
               "gridlab_version": gridlab.__version__, **bookkeeping,
               "checksum": hashlib.sha256(payload_text.encode()).hexdigest()}
-    _write_text_atomic(stage_dir / RESULT, json.dumps(header, separators=(",", ":"))[:-1]
+    atomic.write_text(stage_dir / RESULT, json.dumps(header, separators=(",", ":"))[:-1]
                        + _PAYLOAD_KEY.decode() + payload_text + "}")
     markers = stage_dir.parent.parent / DONE
     markers.mkdir(exist_ok=True)
@@ -85,19 +84,6 @@ def write_result(stage_dir: Path, stage: dict[str, Any], payload: dict[str, Any]
 
 
 _PAYLOAD_KEY = b',"payload":'
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def read_result(stage_dir: Path | str, stage_id: str) -> dict[str, Any]:
