@@ -49,6 +49,9 @@ SCHEMA = {
               ("prune_stage", "VARCHAR"), ("model_stage", "VARCHAR"), ("eval_stage", "VARCHAR")],
     "metrics": [("cell_id", "VARCHAR"), ("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"),
                 ("stderr", "DOUBLE"), ("higher_is_better", "BOOLEAN")],
+    # The parent's own measurements (its validation loss after P tokens …), beside the cells it is pruned into.
+    "parent_metrics": [("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"), ("stderr", "DOUBLE"),
+                       ("higher_is_better", "BOOLEAN")],
     "stages": [("stage_id", "VARCHAR"), ("kind", "VARCHAR"), ("status", "VARCHAR"), ("job_id", "VARCHAR"),
                ("attempts", "INTEGER"), ("started", "DOUBLE"), ("finished", "DOUBLE"), ("log_path", "VARCHAR"),
                ("error", "VARCHAR")],
@@ -286,7 +289,16 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
         "gridlab_version": [gridlab.__version__], "spec_json": [json.dumps(grid, sort_keys=True)],
         "submitted_at": [plan.get("submitted_at")],
     }
-    tables = {"grid": grid_rows, "cells": cell_rows, "metrics": metric_rows, "stages": stage_rows}
+    parent_rows = {name: [] for name, _ in SCHEMA["parent_metrics"]}
+    parent_stage = next(s for s in plan["stages"] if s["kind"] == "parent")
+    parent_payload = records.get(parent_stage["id"])
+    if parent_payload and "val_loss" in parent_payload:
+        for name in ("val_loss", "val_ppl"):
+            for column, value in (("tokens", parent_payload["trained_tokens"]), ("name", name),
+                                  ("value", parent_payload[name]), ("stderr", None), ("higher_is_better", False)):
+                parent_rows[column].append(value)
+    tables = {"grid": grid_rows, "cells": cell_rows, "metrics": metric_rows, "parent_metrics": parent_rows,
+              "stages": stage_rows}
     _write_tables(run_dir / DATABASE, tables)
     return {"cells": len(cell_rows["cell_id"]), "metrics": len(metric_rows["cell_id"]),
             "stages": len(stage_rows["stage_id"]), "results": len(records)}
