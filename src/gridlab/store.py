@@ -294,7 +294,7 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
     parent_payload = records.get(parent_stage["id"])
     if parent_payload and "val_loss" in parent_payload:
         for name in ("val_loss", "val_ppl"):
-            for column, value in (("tokens", parent_payload["trained_tokens"]), ("name", name),
+            for column, value in (("tokens", parent["tokens"]), ("name", name),
                                   ("value", parent_payload[name]), ("stderr", None), ("higher_is_better", False)):
                 parent_rows[column].append(value)
     tables = {"grid": grid_rows, "cells": cell_rows, "metrics": metric_rows, "parent_metrics": parent_rows,
