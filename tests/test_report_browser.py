@@ -1,4 +1,4 @@
-"""The report's HTML in real headless Chromium, driven over the DevTools protocol on a pipe (gridlab.report.chromium)."""
+"""The report's HTML in real headless Chromium, driven over the DevTools protocol on a pipe (report/chromium.py)."""
 
 import base64
 import json

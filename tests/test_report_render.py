@@ -1,26 +1,32 @@
-"""build_report end to end on synthetic databases: both files, self-contained HTML, escaping, partial grids."""
+"""build_report end to end on synthetic databases: the files, self-contained HTML, alt text, escaping, summary.md,
+partial and all-pending grids, template lookup, PDF engines."""
 
+import os
 import re
 
 import pytest
 from pypdf import PdfReader
-from report_synthetic import build_cells, finish, power_law, write_db
+from report_synthetic import build_cells, finish, parent_loss, power_law, write_db
 
-from gridlab.report import build_report
-from gridlab.report import render
+from gridlab.errors import UserError
+from gridlab.report import build_report, render
 from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
+P = 50_000_000
 HOSTILE = "<script>alert('x')</script>"
 SECTION_HEADINGS = [
-    "Methods", "Summary", "Recommendation table — Setting 1 — same budget",
-    "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Gap heatmaps",
-    "Training curves", "Cost of pruning", "Results per cell group", "What is missing", "Grid specification",
+    "Methods", "Recommendation table — Setting 1 — same budget",
+    "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Is setting 2 meaningful here?",
+    "Gap heatmaps", "Training curves", "Cost of pruning", "Results per cell group", "What is missing",
+    "Grid specification",
 ]
 
 
 def _loss(method, ratio, init, setting, tokens, seed):
+    if tokens == 0:
+        return 8.0 + 0.01 * seed
     curve = power_law(2.0, 0.5, 0.3) if init == "pruned" else power_law(1.9, 2.0, 0.5)
     return curve(tokens) + 0.002 * (seed - 0.5) + 0.05 * ratio
 
@@ -30,51 +36,77 @@ def full_report(request, tmp_path_factory):
     if request.param == "chromium" and find_chromium() is None:
         pytest.skip("chromium is not installed")
     folder = tmp_path_factory.mktemp("full")
-    cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS, [0, 1], 50_000_000)
+    cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS, [0, 1], P, references=True)
     metrics = finish(cells, _loss)
-    db = write_db(folder / "results.duckdb", cells, metrics, name="full-grid",
-                  spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]})
+    db = write_db(folder / "results.duckdb", cells, metrics, name="full-grid", parent_tokens=P,
+                  spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]}, parent_metrics=parent_loss(2.3, P))
     return build_report(db, folder / "report", pdf_engine=request.param)
 
 
 def _text(paths):
     html = paths["html"].read_text(encoding="utf-8")
     pdf = "\n".join(page.extract_text() for page in PdfReader(paths["pdf"]).pages)
-    return html, pdf
+    return html, re.sub(r"\s+", " ", pdf)
 
 
-def test_both_files_written_atomically(full_report):
-    assert set(full_report) == {"html", "pdf"}
-    assert full_report["html"].name == "index.html" and full_report["pdf"].name == "report.pdf"
+def test_three_files_written_whole_and_shareable(full_report):
+    assert set(full_report) == {"html", "summary", "pdf"}
+    assert [full_report[k].name for k in ("html", "summary", "pdf")] == ["index.html", "summary.md", "report.pdf"]
     assert full_report["pdf"].read_bytes().startswith(b"%PDF")
-    assert sorted(p.name for p in full_report["html"].parent.iterdir()) == ["index.html", "report.pdf"]
+    assert sorted(p.name for p in full_report["html"].parent.iterdir()) == ["index.html", "report.pdf", "summary.md"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in full_report.values():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: a report is meant to be shared
 
 
-def test_html_is_self_contained(full_report):
+def test_html_is_self_contained_and_every_figure_has_alt_text(full_report):
     html, _ = _text(full_report)
     assert "<script" not in html and "<link" not in html
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", html)
     assert not re.search(r"url\((?!#)", html)  # only in-document references such as clip paths
-    svgs = re.findall(r"<svg class=\"figure\"", html)
-    # crossover + heatmap + training curves, one each per granularity (depth, sparse)
-    assert len(svgs) == 6
+    svgs = re.findall(r'<svg class="figure" role="img" aria-label="([^"]+)"[^>]*>\s*<title>([^<]+)</title>', html)
+    # the verdict map, a gap trend per setting, and crossover + heatmap + training curves per granularity
+    assert len(svgs) == 1 + 2 + 3 * 2 == len(re.findall("<svg ", html))
+    assert all(len(label) > 40 and label == title for label, title in svgs)
+    assert svgs[0][0].startswith("Verdict map. Setting 1: 20 prune, 0 tie, 0 scratch of 20 squares.")
+
+
+def test_the_answer_comes_first(full_report):
+    html, _ = _text(full_report)
+    body = html.split("<body>", 1)[1]
+    first = re.sub(r"<[^>]+>", " ", body.split('<table class="facts">', 1)[0])
+    assert "gridlab report — full-grid" in first
+    assert first.count("Setting 1 (random init trains the same B tokens)") == 1
+    assert "At P = 50M tokens the parent is" in first
+    assert body.index('id="verdict-map"') < body.index('<table class="facts">') < body.index('id="methods"')
 
 
 def test_pdf_has_every_section_heading_and_the_answers(full_report):
     html, pdf = _text(full_report)
-    flat = re.sub(r"\s+", " ", pdf)
     for heading in SECTION_HEADINGS:
-        assert heading in flat, heading
+        assert heading in pdf, heading
         assert heading.split(" — ")[0] in html
-    assert "gridlab report — full-grid" in flat
-    assert "2025-11-24 16:00 UTC" in flat  # grid.submitted_at, epoch seconds as the store writes it
-    assert "prune (shortgpt)" in flat and "prune (wanda)" in flat
-    assert "extrapolated" in flat
+    assert "gridlab report — full-grid" in pdf
+    assert "2025-11-24 16:00 UTC" in pdf  # grid.submitted_at, epoch seconds as the store writes it
+    assert "The answer: prune or train from scratch" in pdf
+    assert "extrapolation" in pdf
+    assert "data-limited" in pdf or "capacity-limited" in pdf
+
+
+def test_summary_markdown_has_the_verdict_tables_and_sentences(full_report):
+    summary = full_report["summary"].read_text(encoding="utf-8")
+    assert summary.startswith("# gridlab report — full-grid: summary\n")
+    assert "## The answer — Setting 1 — same budget" in summary
+    assert "## Verdicts per method — Setting 2 — whole-pipeline budget" in summary
+    assert "| granularity | method | ratio | B = 1M | B = 2M | B = 4M | B = 8M | B = 16M |" in summary
+    assert re.search(r"\| depth \| shortgpt \| 0\.5 \| -[0-9.]+ ± [0-9.e-]+ prune \|", summary)
+    assert "## Is setting 2 meaningful here?" in summary and "## Crossovers" in summary
+    assert "−" not in summary.split("## The answer", 1)[1].split("## Crossovers")[0]  # ASCII signs in the tables
 
 
 def test_partial_grid_with_hostile_names_is_escaped_and_lists_what_is_missing(tmp_path):
-    cells = build_cells([HOSTILE, "wanda"], [0.5], BUDGETS, [0, 1], 50_000_000,
-                        granularity={HOSTILE: "depth"})
+    cells = build_cells([HOSTILE, "wanda"], [0.5], BUDGETS, [0, 1], P, granularity={HOSTILE: "depth"})
     metrics = finish(cells, _loss, done=lambda c: c["budget_tokens"] <= 4_000_000)
     failed = next(c for c in cells if c["status"] == "pending" and c["method"] == "wanda")
     failed["status"], failed["error"] = "failed", f"RuntimeError: {HOSTILE}"
@@ -88,10 +120,12 @@ def test_partial_grid_with_hostile_names_is_escaped_and_lists_what_is_missing(tm
     assert "pending" in missing and "failed" in missing and "RuntimeError: &lt;script&gt;" in missing
     assert "8M, 16M" in missing
     assert "What is missing" in pdf and "pending" in pdf
+    assert "Not available: the grid has no setting-2 random branch at B = 0" in pdf
+    assert "| grid <script>" not in paths["summary"].read_text()  # pipes are escaped, text stays literal
 
 
 def test_all_pending_grid_renders(tmp_path):
-    cells = build_cells(["shortgpt"], [0.5], BUDGETS[:2], [0], 50_000_000)
+    cells = build_cells(["shortgpt"], [0.5], BUDGETS[:2], [0], P)
     db = write_db(tmp_path / "results.duckdb", cells, [])
     html, pdf = _text(build_report(db, tmp_path / "report"))
     assert "pending 8" in re.sub(r"<[^>]+>", "", html)
@@ -100,23 +134,27 @@ def test_all_pending_grid_renders(tmp_path):
 
 
 def test_templates_are_found_from_the_checkout_and_overridable(tmp_path, monkeypatch):
-    assert (templates_dir() / "report.html.j2").is_file()
+    found = templates_dir()
+    assert found.joinpath("report.html.j2").is_file()
+    assert str(found) == str(render._checkout_templates())  # this checkout's own templates/, not another install's
     monkeypatch.setenv(TEMPLATES_ENV, str(tmp_path))
-    with pytest.raises(ValueError, match=r"\$GRIDLAB_TEMPLATES points at .* which has no report.html.j2"):
+    with pytest.raises(UserError, match=r"\$GRIDLAB_TEMPLATES points at .* which has no report.html.j2"):
         templates_dir()
-    with pytest.raises(ValueError, match="the templates argument points at"):
+    with pytest.raises(UserError, match="the templates argument points at"):
         templates_dir(tmp_path / "nowhere")
 
 
-def test_unknown_pdf_engine_is_refused(tmp_path):
-    db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], 50_000_000), [])
-    with pytest.raises(ValueError, match="unknown PDF engine 'latex'; valid: auto, chromium, weasyprint"):
+def test_unknown_pdf_engine_and_pooling_are_refused(tmp_path):
+    db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], P), [])
+    with pytest.raises(UserError, match="unknown PDF engine 'latex'; valid: auto, chromium, weasyprint"):
         build_report(db, tmp_path / "report", pdf_engine="latex")
+    with pytest.raises(UserError, match="unknown pooling 'all'; valid: none, seeds, ratios"):
+        build_report(db, tmp_path / "report", pool="all")
 
 
 def test_auto_engine_falls_back_to_weasyprint_when_chromium_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "find_chromium", lambda: "/bin/false")  # exits at once: the DevTools pipe closes
-    db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], 50_000_000), [])
+    db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], P), [])
     timings = {}
     with pytest.warns(UserWarning, match="chromium could not print the report to PDF"):
         paths = build_report(db, tmp_path / "report", timings=timings)

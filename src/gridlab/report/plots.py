@@ -1,11 +1,13 @@
-"""Analysis tables → SVG figures (matplotlib, Agg).
+"""Analysis → SVG figures (matplotlib, Agg), each with a title, a caption and alt text.
 
-One figure per granularity (small multiples: rows = methods, columns = ratios), so the figure count grows with
-granularities × settings and the panel count with methods × ratios, never with cells or seeds.
+The figure count grows with granularities × settings and the panel count with methods × ratios, never with cells or
+seeds. Colours are colour-blind safe (Okabe–Ito): blue for what favours pruning, vermillion for what favours
+scratch, grey for ties; every verdict is also written in its square, so no reading depends on colour alone.
 """
 
 from __future__ import annotations
 
+import html
 import io
 import re
 from dataclasses import dataclass
@@ -17,14 +19,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from gridlab.report.analyse import GRANULARITY_ORDER, Analysis, Crossover, format_tokens  # noqa: E402
+from gridlab.report.analyse import Analysis  # noqa: E402
+from gridlab.report.scaling import LINEAR_HORIZON, LinearGapFit  # noqa: E402
+from gridlab.report.tables import (  # noqa: E402
+    SETTING_PHRASES,
+    format_signed,
+    format_tokens,
+    granularity_key,
+    inference_phrase,
+)
 
-# Okabe–Ito, without black (kept for the random-init arm) and yellow (too light on white).
+# Okabe–Ito, without black (kept for the random-init arm); yellow last (light on white).
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442"]
 RANDOM_COLOURS = {1: "#000000", 2: "#777777"}
+PRUNE_BLUE, SCRATCH_VERMILLION = "#0072B2", "#D55E00"
+VERDICT_FILL = {"prune": "#A6CEE9", "scratch": "#F5B78E", "tie": "#E4E4E4"}
+# Diverging, colour-blind safe: vermillion (scratch better) – white – blue (pruning better), in benefit orientation.
+BENEFIT_CMAP = LinearSegmentedColormap.from_list("scratch_prune", [SCRATCH_VERMILLION, "#FFFFFF", PRUNE_BLUE])
+RATIO_COLOURS = ["#0072B2", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#D55E00"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class Figure:
     key: str
     title: str
     caption: str
+    alt: str  # what the figure shows, in words, for readers who cannot see it
     svg: str
 
 
@@ -47,31 +64,36 @@ def plain(text) -> str:
 
 _SVG_HEAD = re.compile(r"^.*?(?=<svg)", re.S)
 _SVG_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
+_SVG_OPEN = re.compile(r"<svg [^>]*>", re.S)
 
 
-def to_svg(figure: plt.Figure, key: str) -> str:
-    """Inline-ready SVG: no XML prolog, no metadata (it names external vocabularies), ids unique per figure."""
+def to_svg(figure: plt.Figure, key: str, alt: str) -> str:
+    """Inline-ready SVG: no XML prolog, no metadata (it names external vocabularies), ids unique per figure, and the
+    alt text as its accessible name (role="img", aria-label and a <title>)."""
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": key, "svg.fonttype": "none"}):
         figure.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(figure)
     svg = _SVG_METADATA.sub("", _SVG_HEAD.sub("", buffer.getvalue(), count=1))
-    return svg.replace("<svg ", f'<svg class="figure" role="img" aria-label="{key}" ', 1)
+    label = html.escape(alt, quote=True)
+    svg = svg.replace("<svg ", f'<svg class="figure" role="img" aria-label="{label}" ', 1)
+    opening = _SVG_OPEN.search(svg)
+    return svg[:opening.end()] + f"\n<title>{label}</title>" + svg[opening.end():]
 
 
 LEGEND_ROW_INCHES = 0.22
 
 
 def _panel_grid(n_rows: int, n_cols: int, panel=(3.0, 2.3), sharex: bool = True, hspace: float = 0.45,
-                right: float = 0.15, legend_rows: int = 2):
+                right: float = 0.15, legend_rows: int = 2, left: float = 0.75, wspace: float = 0.35):
     """Small multiples with fixed margins in inches (no constrained/tight layout: those redraw the figure several
     times); room below for a figure legend of `legend_rows` rows."""
-    width = max(5.0, panel[0] * n_cols + 0.75 + right)
+    width = max(5.0, panel[0] * n_cols + left + right)
     bottom = 0.55 + LEGEND_ROW_INCHES * legend_rows
     height = panel[1] * n_rows + bottom + 0.35
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False, sharex=sharex)
-    figure.subplots_adjust(left=0.75 / width, right=1 - right / width, bottom=bottom / height,
-                           top=1 - 0.35 / height, wspace=0.35, hspace=hspace)
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                           top=1 - 0.35 / height, wspace=wspace, hspace=hspace)
     return figure, axes
 
 
@@ -90,19 +112,19 @@ def _log_x(ax) -> None:
     ax.tick_params(labelsize=7)
 
 
-def _figure_legend(figure, axes) -> None:
-    handles = {}
+def _figure_legend(figure, axes, handles: dict | None = None) -> None:
+    handles = dict(handles or {})
     for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     if handles:
-        columns = max(1, min(len(handles), int(figure.get_figwidth() / 2.4)))
+        columns = max(1, min(len(handles), int(figure.get_figwidth() / 1.9)))
         figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize=7.5,
                       frameon=False, bbox_to_anchor=(0.5, 0.0))
 
 
 def _by_granularity(frame: pl.DataFrame) -> list[str]:
-    return sorted(frame["granularity"].unique().to_list(), key=lambda g: (GRANULARITY_ORDER.get(g, 9), g))
+    return sorted(frame["granularity"].unique().to_list(), key=granularity_key)
 
 
 def _methods_and_ratios(frame: pl.DataFrame, granularity: str) -> tuple[list[str], list[float]]:
@@ -110,14 +132,98 @@ def _methods_and_ratios(frame: pl.DataFrame, granularity: str) -> tuple[list[str
     return sorted(part["method"].unique().to_list()), sorted(part["ratio"].unique().to_list())
 
 
+def _counts_text(calls: list[str]) -> str:
+    return ", ".join(f"{calls.count(word)} {word}" for word in ("prune", "tie", "scratch"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The answer
+
+
+SQUARE_INCHES = (1.08, 0.36)
+
+
+def verdict_map(analysis: Analysis) -> Figure | None:
+    """One square per granularity × ratio × budget and setting: colour and word = the call, text = the best method's
+    gap ± its 95 % half-width. Settings side by side when they fit, else one above the other."""
+    squares = analysis.squares
+    if squares.height == 0:
+        return None
+    settings = sorted(squares["setting"].unique().to_list())
+    rows = squares.select("granularity", "ratio").unique().sort(
+        [pl.col("granularity").replace_strict({g: i for i, g in enumerate(_by_granularity(squares))},
+                                              return_dtype=pl.Int64), "ratio"]).rows()
+    multi = dict(squares.group_by("granularity").agg((pl.col("methods").max() > 1).alias("m")).iter_rows())
+    budgets = {s: sorted(squares.filter(pl.col("setting") == s)["budget_tokens"].unique().to_list())
+               for s in settings}
+    columns = max(len(b) for b in budgets.values())
+    side_by_side = columns * len(settings) <= 10
+    grid_shape = (1, len(settings)) if side_by_side else (len(settings), 1)
+    panel = (SQUARE_INCHES[0] * columns, SQUARE_INCHES[1] * len(rows) + 0.15)
+    figure, axes = _panel_grid(*grid_shape, panel=panel, sharex=False, hspace=0.35, wspace=0.08, right=0.1,
+                               legend_rows=1, left=0.95)
+    fontsize = 6.8
+    for index, setting in enumerate(settings):
+        ax = axes.flat[index]
+        part = squares.filter(pl.col("setting") == setting)
+        cols = budgets[setting]
+        ax.set_xlim(0, len(cols))
+        ax.set_ylim(len(rows), 0)
+        for square in part.iter_rows(named=True):
+            i = rows.index((square["granularity"], square["ratio"]))
+            j = cols.index(square["budget_tokens"])
+            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=VERDICT_FILL[square["call"]], edgecolor="white",
+                                       linewidth=1.2, hatch="////" if square["single_seed"] else None))
+            half = "" if square["half"] is None else f" ± {square['half']:.2g}"
+            word = square["call"] + (" (n=1)" if square["single_seed"] else "")
+            if multi.get(square["granularity"]) and square["call"] != "scratch":
+                word += f" · {plain(square['method'])}"
+            ax.text(j + 0.5, i + 0.36, f"{format_signed(square['gap'], 2)}{half}", ha="center", va="center",
+                    fontsize=fontsize)
+            ax.text(j + 0.5, i + 0.74, word, ha="center", va="center", fontsize=fontsize - 1.3, color="#222222")
+        ax.set_xticks(np.arange(len(cols)) + 0.5, [f"B = {format_tokens(b)}" for b in cols], fontsize=7)
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0, pad=2)
+        first_column = index == 0 or not side_by_side
+        ax.set_yticks(np.arange(len(rows)) + 0.5,
+                      [f"{plain(g)} {r:g}" for g, r in rows] if first_column else [], fontsize=7)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_xlabel(f"Setting {setting}: {SETTING_PHRASES.get(setting, '')}", fontsize=8, labelpad=4)
+    handles = {f"{word} ({meaning})": Patch(facecolor=VERDICT_FILL[word], edgecolor="#999999")
+               for word, meaning in (("prune", "pruned init better"), ("tie", "interval contains 0"),
+                                     ("scratch", "random init better"))}
+    handles["single seed (no interval)"] = Patch(facecolor="white", edgecolor="#999999", hatch="////")
+    _figure_legend(figure, np.array([]), handles)
+    sign = "positive" if analysis.higher_is_better else "negative"
+    alt = "Verdict map. " + " ".join(
+        f"Setting {s}: {_counts_text(squares.filter(pl.col('setting') == s)['call'].to_list())} of "
+        f"{squares.filter(pl.col('setting') == s).height} squares." for s in settings)
+    return Figure(
+        key="verdict-map",
+        title="The answer: prune or train from scratch",
+        caption=(f"Each square: one granularity × pruning ratio (rows) × budget B (columns). The granularity's best "
+                 f"method stands for pruning: the square says prune when its interval favours pruned init, scratch "
+                 f"when every method's interval favours random init, tie otherwise. Text: that method's gap pruned − "
+                 f"random in {plain(analysis.metric)} ({sign} = pruning better) ± the half-width of its 95 % "
+                 f"interval ({inference_phrase(analysis.gaps, analysis.pool)})."),
+        alt=alt,
+        svg=to_svg(figure, "verdict-map", alt),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crossovers
+
+
 def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figure]:
     """Per granularity, one panel per method × ratio: metric vs budget (log x) for pruned init and random init in
-    each setting, seed-mean ± 95 % interval, fitted curves, and the crossover budgets marked."""
+    each setting, seed-mean ± 95 % interval, fitted power-law curves where they converged, crossovers marked."""
     figures = []
-    summary = analysis.summary
+    summary = analysis.summary.filter(pl.col("budget_tokens") > 0)
     if summary.height == 0:
         return figures
-    found: dict[tuple, list[Crossover]] = {}
+    found: dict[tuple, list] = {}
     for c in analysis.crossovers:
         found.setdefault((c.granularity, c.method, c.ratio), []).append(c)
     parts = summary.partition_by(["granularity", "method", "ratio"], as_dict=True)
@@ -127,8 +233,8 @@ def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figur
         for r, method in enumerate(methods):
             for c, ratio in enumerate(ratios):
                 ax = axes[r][c]
-                panel = parts.get((granularity, method, ratio))
-                _crossover_panel(ax, panel, found.get((granularity, method, ratio), []), colours[method])
+                _crossover_panel(ax, parts.get((granularity, method, ratio)),
+                                 found.get((granularity, method, ratio), []), colours[method])
                 _title(ax, f"{plain(method)}, ratio {ratio:g}", 8.5)
                 if r == len(methods) - 1:
                     ax.set_xlabel("budget B (tokens)", fontsize=8)
@@ -136,20 +242,25 @@ def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figur
                     ax.set_ylabel(plain(analysis.metric), fontsize=8)
         _figure_legend(figure, axes)
         key = f"crossover-{granularity}"
+        marked = sum(1 for c in analysis.crossovers if c.granularity == granularity and c.budget is not None)
+        alt = (f"Crossover plot for {granularity} pruning: {plain(analysis.metric)} against budget for "
+               f"{len(methods)} method(s) × {len(ratios)} ratio(s), pruned init and random init in each setting; "
+               f"{marked} crossover budget(s) marked.")
         figures.append(Figure(
             key=key,
             title=f"Crossover plot — {granularity}",
             caption=("Seed mean (markers) with its 95 % t-interval (band) per budget B for pruned init "
-                     "(method colour), "
-                     "random init in setting 1 (black, B tokens) and in setting 2 (grey, parent + B tokens, drawn at "
-                     "B). Lines: fitted L(D) = E + A·D^(−α) where the fit converged. Dotted vertical lines: "
-                     "crossover budgets (1 and 2 name the setting)."),
-            svg=to_svg(figure, key),
+                     "(method colour), random init in setting 1 (black, B tokens) and in setting 2 (grey, parent + B "
+                     "tokens, drawn at B). Lines: fitted L(D) = E + A·D^(−α) where the fit converged. Dotted vertical "
+                     "lines: crossover budgets (1 and 2 name the setting; beyond the largest budget they are "
+                     "extrapolations)."),
+            alt=alt,
+            svg=to_svg(figure, key, alt),
         ))
     return figures
 
 
-def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list[Crossover], colour: str) -> None:
+def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list, colour: str) -> None:
     _log_x(ax)
     if panel is None or panel.height == 0:
         ax.text(0.5, 0.5, "no finished cells", ha="center", va="center", transform=ax.transAxes, fontsize=8)
@@ -188,23 +299,94 @@ def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list[Crossover]
                     fontsize=7, color="#CC79A7", va="top")
 
 
+def gap_trend_figures(analysis: Analysis) -> list[Figure]:
+    """Per setting, one panel per method: the mean gap against the budget (markers, one colour per ratio) and its
+    linear trend in log tokens (line), continued dashed into the extrapolation range up to the linear horizon
+    (shaded); crosses mark extrapolated crossovers."""
+    gaps = analysis.gaps
+    if gaps.height == 0:
+        return []
+    fits = {(c.granularity, c.method, c.ratio, c.setting): c for c in analysis.crossovers}
+    figures = []
+    for setting in sorted(gaps["setting"].unique().to_list()):
+        part = gaps.filter(pl.col("setting") == setting)
+        methods = sorted(part.select("granularity", "method").unique().rows(), key=lambda gm: (*granularity_key(gm[0]),
+                                                                                               gm[1]))
+        ratios = sorted(part["ratio"].unique().to_list())
+        columns = min(3, len(methods))
+        n_rows = -(-len(methods) // columns)
+        figure, axes = _panel_grid(n_rows, columns, panel=(3.1, 2.2), sharex=False, legend_rows=1)
+        for ax in axes.flat[len(methods):]:
+            ax.set_visible(False)
+        crossings = 0
+        for index, (granularity, method) in enumerate(methods):
+            ax = axes.flat[index]
+            _log_x(ax)
+            ax.axhline(0, color="#444444", linewidth=0.8)
+            largest = part["budget_tokens"].max()
+            for k, ratio in enumerate(ratios):
+                colour = RATIO_COLOURS[k % len(RATIO_COLOURS)]
+                rows = part.filter((pl.col("method") == method) & (pl.col("granularity") == granularity)
+                                   & (pl.col("ratio") == ratio)).sort("budget_tokens")
+                if rows.height == 0:
+                    continue
+                ax.plot(rows["budget_tokens"].to_numpy(), rows["gap"].to_numpy(), marker="o", markersize=2.5,
+                        linestyle="none", color=colour, label=f"ratio {ratio:g}")
+                crossover = fits.get((granularity, method, ratio, setting))
+                linear = crossover.linear if crossover else None
+                if isinstance(linear, LinearGapFit):
+                    inside = np.geomspace(linear.smallest_budget, linear.largest_budget, 12)
+                    beyond = np.geomspace(linear.largest_budget, linear.largest_budget * LINEAR_HORIZON, 12)
+                    ax.plot(inside, linear.predict(inside)[0], color=colour, linewidth=0.9)
+                    ax.plot(beyond, linear.predict(beyond)[0], color=colour, linewidth=0.9, linestyle="--")
+                if crossover and crossover.kind == "extrapolated" and crossover.model == "linear gap in log tokens":
+                    crossings += 1
+                    ax.plot([crossover.budget], [0], marker="x", color=colour, markersize=5, linestyle="none")
+            ax.axvspan(largest, largest * LINEAR_HORIZON, color="#EEEEEE", zorder=0, linewidth=0)
+            _title(ax, f"{plain(method)} ({granularity})", 8.5)
+            ax.set_xlabel("budget B (tokens)", fontsize=8)
+            if index % columns == 0:
+                ax.set_ylabel(f"gap in {plain(analysis.metric)}", fontsize=8)
+        handles = {"extrapolation range (linear trend)": Patch(facecolor="#EEEEEE")}
+        _figure_legend(figure, axes, handles)
+        key = f"gap-trend-{setting}"
+        sign = "positive" if analysis.higher_is_better else "negative"
+        alt = (f"Gap trend in setting {setting}: mean gap pruned − random against budget for {len(methods)} "
+               f"method(s) × {len(ratios)} ratio(s), with linear trends in log tokens; {crossings} extrapolated "
+               f"crossover(s) marked.")
+        figures.append(Figure(
+            key=key,
+            title=f"Gap against budget — setting {setting}",
+            caption=(f"Markers: mean gap pruned − random ({sign} = pruning better) per budget, one colour per ratio. "
+                     f"Solid lines: the gap's linear trend in log tokens (least squares over the seeds), continued "
+                     f"dashed into the shaded extrapolation range up to {LINEAR_HORIZON:g}× the largest budget; "
+                     f"crosses: extrapolated crossovers. Outside the measured budgets the lines are extrapolations."),
+            alt=alt,
+            svg=to_svg(figure, key, alt),
+        ))
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detail figures
+
+
 def gap_heatmaps(analysis: Analysis) -> list[Figure]:
-    """Per granularity: ratio × budget panels (methods × settings), colour = gap, diverging and centred at 0."""
+    """Per granularity: ratio × budget panels (methods × settings), colour = benefit, diverging and centred at 0."""
     gaps = analysis.gaps
     figures = []
     if gaps.height == 0:
         return figures
     limit = float(np.nanmax(np.abs(gaps["gap"].to_numpy()))) or 1.0
-    # The prune-better side is blue in every report: negative gaps for losses, positive for accuracies.
-    cmap = "RdBu_r" if analysis.lower_is_better else "RdBu"
     norm = TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit)
     settings = sorted(gaps["setting"].unique().to_list())
     for granularity in _by_granularity(gaps):
         methods, ratios = _methods_and_ratios(gaps, granularity)
         part = gaps.filter(pl.col("granularity") == granularity)
         budgets = sorted(part["budget_tokens"].unique().to_list())
-        figure, axes = _panel_grid(len(methods), len(settings), sharex=False, hspace=0.9, right=1.1, legend_rows=0,
-                                   panel=(0.55 * len(budgets) + 1.4, 0.35 * len(ratios) + 1.6))
+        colourbar_inches = 1.25
+        figure, axes = _panel_grid(len(methods), len(settings), sharex=False, hspace=0.9, right=colourbar_inches,
+                                   legend_rows=0, panel=(0.55 * len(budgets) + 1.4, 0.35 * len(ratios) + 1.6))
         image = None
         for r, method in enumerate(methods):
             for c, setting in enumerate(settings):
@@ -214,10 +396,10 @@ def gap_heatmaps(analysis: Analysis) -> list[Figure]:
                 rows = part.filter((pl.col("method") == method) & (pl.col("setting") == setting))
                 for row in rows.iter_rows(named=True):
                     i, j = ratios.index(row["ratio"]), budgets.index(row["budget_tokens"])
-                    grid[i, j] = row["gap"]
+                    grid[i, j] = row["benefit"]
                     labels[i][j] = row["verdict"].split(" ")[0][0].upper()
                 # pcolormesh stays vector in SVG (imshow would embed a raster image)
-                image = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, edgecolors="white",
+                image = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=BENEFIT_CMAP, norm=norm, edgecolors="white",
                                       linewidth=0.5)
                 for i in range(len(ratios)):
                     for j in range(len(budgets)):
@@ -231,17 +413,23 @@ def gap_heatmaps(analysis: Analysis) -> list[Figure]:
                 _title(ax, f"{plain(method)}, setting {setting}", 9)
                 ax.set_xlabel("budget B (tokens)", fontsize=8)
                 ax.set_ylabel("pruning ratio", fontsize=8)
-        colourbar = figure.colorbar(image, cax=figure.add_axes(
-            (1 - 0.75 / figure.get_figwidth(), 0.25, 0.12 / figure.get_figwidth(), 0.5)))
-        colourbar.set_label(f"gap: pruned − random ({plain(analysis.metric)})", fontsize=8)
+        width = figure.get_figwidth()
+        colourbar = figure.colorbar(image, cax=figure.add_axes((1 - (colourbar_inches - 0.15) / width, 0.2,
+                                                                0.14 / width, 0.6)))
+        colourbar.ax.tick_params(labelsize=7)
+        colourbar.set_label("benefit of pruning\n(+ pruned better)", fontsize=7.5)
         key = f"heatmap-{granularity}"
-        better = "negative" if analysis.lower_is_better else "positive"
+        sign = "−gap" if not analysis.higher_is_better else "gap"
+        alt = (f"Gap heatmap for {granularity} pruning: ratio × budget for {len(methods)} method(s) and "
+               f"{len(settings)} setting(s), coloured by the benefit of pruning, with verdict letters.")
         figures.append(Figure(
             key=key,
             title=f"Gap heatmap — {granularity}",
-            caption=(f"Colour: mean gap pruned − random; blue ({better}) means pruning is better. Letters: verdict "
-                     "(P prune, S scratch, T tie); empty squares have no finished pair."),
-            svg=to_svg(figure, key),
+            caption=(f"Colour: the benefit of pruning ({sign} in {plain(analysis.metric)}); blue means pruning is "
+                     "better, vermillion that scratch is. Letters: verdict (P prune, S scratch, T tie); empty squares "
+                     "have no finished pair."),
+            alt=alt,
+            svg=to_svg(figure, key, alt),
         ))
     return figures
 
@@ -279,11 +467,14 @@ def training_curve_figures(analysis: Analysis, colours: dict[str, str]) -> list[
                     ax.set_ylabel("train_loss", fontsize=8)
         _figure_legend(figure, axes)
         key = f"curves-{granularity}"
+        alt = (f"Training curves for {granularity} pruning: train_loss against tokens for {len(methods)} method(s) × "
+               f"{len(ratios)} ratio(s), pruned init and random init in each setting.")
         figures.append(Figure(
             key=key,
             title=f"Training curves — {granularity}",
             caption=("Training loss against tokens trained, mean over seeds, at each arm's largest finished budget "
                      "(random init in setting 2 trains parent + B tokens)."),
-            svg=to_svg(figure, key),
+            alt=alt,
+            svg=to_svg(figure, key, alt),
         ))
     return figures

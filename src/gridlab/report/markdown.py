@@ -1,0 +1,115 @@
+"""Analysis → summary.md: the answer, the verdict tables and the key sentences as Markdown, so that a README's
+results section can be regenerated from the report (numbers with ASCII signs, tables GitHub renders)."""
+
+from __future__ import annotations
+
+import math
+
+from gridlab.report.analyse import Analysis
+from gridlab.report.read import LM_EVAL_AVERAGE
+from gridlab.report.tables import (
+    SETTING_NAMES,
+    SETTING_PHRASES,
+    capacity_sentence,
+    format_number,
+    format_tokens,
+    inference_phrase,
+    square_rows,
+)
+
+
+def _gap(entry: dict | None, with_method: bool = False) -> str:
+    if entry is None:
+        return "–"
+    text = f"{entry['gap']:+.3g}"
+    if entry.get("half") is not None and not math.isnan(entry["half"]):
+        text += f" ± {entry['half']:.2g}"
+    word = entry.get("call") or entry["verdict"]
+    if entry.get("single_seed") and "(n=1)" not in word:
+        word += " (n=1)"
+    text += f" {word}"
+    if with_method and entry.get("call") and entry["call"] != "scratch":
+        text += f" ({entry['method']})"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def clean(cell) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    return (["| " + " | ".join(map(clean, header)) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(clean, row)) + " |" for row in rows])
+
+
+def summary_markdown(analysis: Analysis, generated: str) -> str:
+    a = analysis
+    direction = "higher is better" if a.higher_is_better else "lower is better"
+    lines = [f"# gridlab report — {a.grid.get('name') or 'unnamed grid'}: summary", ""]
+    lines += [sentence for s in a.answer for sentence in (s, "")]
+    lines += [f"Headline metric `{a.metric}` ({direction}); gap = pruned − random ± the half-width of its 95 % "
+              f"interval ({inference_phrase(a.gaps, a.pool)}). Generated {generated} from the results database; "
+              f"index.html has the details.", ""]
+
+    for setting in (1, 2):
+        budgets, rows = a.answer_tables[setting]
+        if not rows:
+            continue
+        lines += [f"## The answer — {SETTING_NAMES[setting]}", "",
+                  f"One call per granularity × ratio × budget ({SETTING_PHRASES[setting]}); the granularity's best "
+                  f"method stands for pruning.", ""]
+        lines += _table(["granularity", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
+                        [[r["granularity"], f"{r['ratio']:g}", *[_gap(e, True) for e in r["entries"]]] for r in rows])
+        lines.append("")
+
+    for setting in (1, 2):
+        budgets, rows = a.recommendations[setting]
+        if not rows:
+            continue
+        counts = a.verdicts.get(setting, {})
+        lines += [f"## Verdicts per method — {SETTING_NAMES[setting]}", ""]
+        lines += _table(["granularity", "method", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
+                        [[r["granularity"], r["method"], f"{r['ratio']:g}", *[_gap(e) for e in r["entries"]]]
+                         for r in rows])
+        total = sum(counts.values())
+        lines += ["", f"Verdicts: {', '.join(f'{k} {v}' for k, v in counts.items())} of {total} groups.", ""]
+
+    if a.crossover_lines:
+        lines += ["## Crossovers", ""]
+        lines += [f"- {line}" for line in a.crossover_lines.values()]
+        if a.crossover_table:
+            lines.append("")
+            lines += _table(["granularity", "method", "ratio", "setting", "crossover"],
+                            [[c["granularity"], c["method"], f"{c['ratio']:g}", c["setting"], c["text"]]
+                             for c in a.crossover_table])
+        lines.append("")
+
+    capacity = a.capacity
+    lines += ["## Is setting 2 meaningful here?", ""]
+    if capacity.available:
+        lines += [capacity_sentence(capacity), ""]
+        lines += _table(
+            ["granularity", "ratio", "small architecture from scratch on P (seeds)", "parent at P",
+             "small − parent", "regime"],
+            [[r["granularity"], f"{r['ratio']:g}",
+              f"{format_number(r['small'], 4)}" + (f" ± {r['small_half']:.2g}" if r["small_half"] else "")
+              + f" (n={r['n']})", format_number(r["parent"], 4), f"{r['difference']:+.3g}"
+              + (f" ± {r['half']:.2g}" if r["half"] is not None else ""), r["regime"]] for r in a.capacity_table])
+    else:
+        lines.append(f"Not available: {capacity.reason}.")
+    lines.append("")
+
+    if a.downstream is not None:
+        d = a.downstream
+        lines += [f"## Downstream accuracy (`{LM_EVAL_AVERAGE}`, higher is better)", "",
+                  f"Average over {len(d.tasks)} lm-eval task score(s): {', '.join(f'`{t}`' for t in d.tasks)}.", ""]
+        lines += [s for sentence in d.sentences for s in (sentence, "")]
+        for setting in (1, 2):
+            budgets, rows = square_rows(d.squares, setting)
+            if rows:
+                lines += [f"### {SETTING_NAMES[setting]}", ""]
+                lines += _table(["granularity", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
+                                [[r["granularity"], f"{r['ratio']:g}", *[_gap(e, True) for e in r["entries"]]]
+                                 for r in rows])
+                lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
