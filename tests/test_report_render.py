@@ -162,3 +162,29 @@ def test_auto_engine_falls_back_to_weasyprint_when_chromium_fails(tmp_path, monk
     assert "Results per cell group" in _text(paths)[1]
     with pytest.raises(RuntimeError, match="chromium could not print .*index.html to PDF"):
         build_report(db, tmp_path / "again", pdf_engine="chromium")
+
+
+def test_a_second_process_draws_the_same_figures_and_a_failing_one_is_replaced(tmp_path, monkeypatch):
+    cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS[:4], [0, 1], P)
+    db = write_db(tmp_path / "results.duckdb", cells, finish(cells, _loss), parent_tokens=P)
+    from gridlab.report.analyse import analyse
+    from gridlab.report.plotworker import PlotWorker
+    from gridlab.report.read import read_results
+
+    analysis = analyse(read_results(db))
+    here = render.make_figures(analysis)
+    worker = PlotWorker()
+    try:
+        there = render.make_figures(analysis, worker)
+    finally:
+        worker.close()
+    assert {k: [f.svg for f in v] for k, v in there.items()} == {k: [f.svg for f in v] for k, v in here.items()}
+    broken = PlotWorker()
+    broken.process.kill()
+    try:
+        with pytest.warns(UserWarning, match="the plotting process failed"):
+            again = render.make_figures(analysis, broken)
+    finally:
+        broken.close()
+    assert [f.key for f in again["crossover"]] == [f.key for f in here["crossover"]]
+    assert render.plot_worker(read_results(db)) is None  # 4 method × ratio pairs: not worth a process

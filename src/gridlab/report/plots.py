@@ -85,11 +85,12 @@ LEGEND_ROW_INCHES = 0.22
 
 
 def _panel_grid(n_rows: int, n_cols: int, panel=(3.0, 2.3), sharex: bool = True, hspace: float = 0.45,
-                right: float = 0.15, legend_rows: int = 2, left: float = 0.75, wspace: float = 0.35):
+                right: float = 0.15, legend_rows: int = 2, left: float = 0.75, wspace: float = 0.35,
+                axis_label: float = 0.55):
     """Small multiples with fixed margins in inches (no constrained/tight layout: those redraw the figure several
-    times); room below for a figure legend of `legend_rows` rows."""
+    times); room below for the x-axis labels (`axis_label`) and a figure legend of `legend_rows` rows."""
     width = max(5.0, panel[0] * n_cols + left + right)
-    bottom = 0.55 + LEGEND_ROW_INCHES * legend_rows
+    bottom = axis_label + LEGEND_ROW_INCHES * legend_rows
     height = panel[1] * n_rows + bottom + 0.35
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False, sharex=sharex)
     figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
@@ -161,7 +162,7 @@ def verdict_map(analysis: Analysis) -> Figure | None:
     grid_shape = (1, len(settings)) if side_by_side else (len(settings), 1)
     panel = (SQUARE_INCHES[0] * columns, SQUARE_INCHES[1] * len(rows) + 0.15)
     figure, axes = _panel_grid(*grid_shape, panel=panel, sharex=False, hspace=0.35, wspace=0.08, right=0.1,
-                               legend_rows=1, left=0.95)
+                               legend_rows=1, left=0.95, axis_label=0.3)
     fontsize = 6.8
     for index, setting in enumerate(settings):
         ax = axes.flat[index]
@@ -178,9 +179,9 @@ def verdict_map(analysis: Analysis) -> Figure | None:
             word = square["call"] + (" (n=1)" if square["single_seed"] else "")
             if multi.get(square["granularity"]) and square["call"] != "scratch":
                 word += f" · {plain(square['method'])}"
-            ax.text(j + 0.5, i + 0.36, f"{format_signed(square['gap'], 2)}{half}", ha="center", va="center",
-                    fontsize=fontsize)
-            ax.text(j + 0.5, i + 0.74, word, ha="center", va="center", fontsize=fontsize - 1.3, color="#222222")
+            # One text of two lines per square (half as many text artists to lay out as two texts).
+            ax.text(j + 0.5, i + 0.55, f"{format_signed(square['gap'], 2)}{half}\n{word}", ha="center",
+                    va="center", fontsize=fontsize - 0.6, linespacing=1.25)
         ax.set_xticks(np.arange(len(cols)) + 0.5, [f"B = {format_tokens(b)}" for b in cols], fontsize=7)
         ax.xaxis.tick_top()
         ax.tick_params(length=0, pad=2)
@@ -478,3 +479,31 @@ def training_curve_figures(analysis: Analysis, colours: dict[str, str]) -> list[
             svg=to_svg(figure, key, alt),
         ))
     return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All figures of a report
+
+
+FIGURE_KINDS = ("answer", "trend", "crossover", "heatmap", "curves")
+
+
+def draw(analysis: Analysis, kinds=FIGURE_KINDS) -> dict[str, list[Figure]]:
+    """The figures of the given kinds (a module-level function: a worker process can run it on a pickled Analysis;
+    the colours depend only on the analysis, so figures drawn in two processes match)."""
+    colours = method_colours(analysis.summary["method"].to_list() + analysis.curves["method"].to_list())
+    makers = {
+        "answer": lambda: [f for f in (verdict_map(analysis),) if f is not None],
+        "trend": lambda: gap_trend_figures(analysis),
+        "crossover": lambda: crossover_figures(analysis, colours),
+        "heatmap": lambda: gap_heatmaps(analysis),
+        "curves": lambda: training_curve_figures(analysis, colours),
+    }
+    return {kind: makers[kind]() for kind in kinds}
+
+
+def warm_up() -> None:
+    """Import matplotlib and load its fonts (a worker process does this while the report is being analysed)."""
+    figure = plt.figure(figsize=(1, 1))
+    figure.text(0.5, 0.5, "warm-up")
+    to_svg(figure, "warm-up", "warm-up")

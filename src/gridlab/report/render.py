@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import json
 import os
+import pickle
 import time
 import warnings
 from importlib import resources
@@ -23,7 +24,8 @@ from gridlab.report import plots
 from gridlab.report.analyse import Analysis, analyse
 from gridlab.report.chromium import DevTools, find_chromium
 from gridlab.report.markdown import summary_markdown
-from gridlab.report.read import read_results
+from gridlab.report.plotworker import PlotWorker
+from gridlab.report.read import Results, read_results
 from gridlab.report.stats import POOLING
 from gridlab.report.tables import SETTING_NAMES, format_number, format_signed, format_tokens
 
@@ -122,16 +124,34 @@ def render_html(analysis: Analysis, figures: dict[str, list[plots.Figure]], fold
     )
 
 
-def make_figures(analysis: Analysis) -> dict[str, list[plots.Figure]]:
-    colours = plots.method_colours(analysis.summary["method"].to_list() + analysis.curves["method"].to_list())
-    answer = plots.verdict_map(analysis)
-    return {
-        "answer": [answer] if answer else [],
-        "trend": plots.gap_trend_figures(analysis),
-        "crossover": plots.crossover_figures(analysis, colours),
-        "heatmap": plots.gap_heatmaps(analysis),
-        "curves": plots.training_curve_figures(analysis, colours),
-    }
+# A second process draws the crossover plots and training curves while this one draws the rest, when the grid has
+# at least this many method × ratio pairs (the default study has 24): matplotlib is single-threaded, and the report's
+# other core is otherwise idle until Chromium prints.
+PARALLEL_MIN_PAIRS = 12
+REMOTE_KINDS = ("crossover", "curves")
+
+
+def plot_worker(results: Results) -> PlotWorker | None:
+    """A second process that imports matplotlib now (while this one analyses), or None for a small grid or a single
+    core."""
+    pairs = results.cells.select("method", "ratio").unique().height
+    if pairs < PARALLEL_MIN_PAIRS or (os.cpu_count() or 1) < 2:
+        return None
+    return PlotWorker()
+
+
+def make_figures(analysis: Analysis, worker: PlotWorker | None = None) -> dict[str, list[plots.Figure]]:
+    """Every figure, by kind; with a worker, REMOTE_KINDS are drawn there in parallel (and here if it fails)."""
+    if worker is not None:
+        worker.draw(analysis, REMOTE_KINDS)
+    figures = plots.draw(analysis, [k for k in plots.FIGURE_KINDS if worker is None or k not in REMOTE_KINDS])
+    if worker is not None:
+        try:
+            figures.update(worker.result())
+        except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as error:
+            warnings.warn(f"the plotting process failed ({error}); drawing its figures here", stacklevel=2)
+            figures.update(plots.draw(analysis, REMOTE_KINDS))
+    return {kind: figures[kind] for kind in plots.FIGURE_KINDS}
 
 
 def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templates: Path | None = None,
@@ -142,7 +162,8 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
     `pool` is the pooling model of the intervals (stats.POOLING: "none", "seeds", "ratios"). The PDF is index.html
     printed by headless Chromium when it is installed (`pdf_engine="auto"` or "chromium"), else by WeasyPrint
     (`"weasyprint"`, or "auto" when Chromium is missing or fails, with a warning). Chromium starts before the
-    analysis so that its start-up overlaps it. `timings`, when given, receives the seconds spent in analysis,
+    analysis so that its start-up overlaps it; for a large grid a second process draws half of the figures
+    (PARALLEL_MIN_PAIRS). `timings`, when given, receives the seconds spent in analysis,
     plotting, HTML rendering and PDF rendering, and the engine used.
     """
     if pdf_engine not in PDF_ENGINES:
@@ -157,10 +178,13 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
     out_dir = Path(out_dir)
     clock = time.perf_counter()
     browser = DevTools(executable) if executable else None
+    worker = None
     try:
-        analysis = analyse(read_results(Path(db_path)), metric, pool)
+        results = read_results(Path(db_path))
+        worker = plot_worker(results)
+        analysis = analyse(results, metric, pool)
         after_analysis = time.perf_counter()
-        figures = make_figures(analysis)
+        figures = make_figures(analysis, worker)
         after_plots = time.perf_counter()
         generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         html = render_html(analysis, figures, folder, generated)
@@ -184,6 +208,8 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
             pdf_html = render_html(analysis, figures, folder, generated, for_pdf=True)
             atomic.write_bytes(paths["pdf"], weasyprint.HTML(string=pdf_html, base_url=str(out_dir)).write_pdf())
     finally:
+        if worker is not None:
+            worker.close()
         if browser is not None:
             browser.close()
     if timings is not None:
