@@ -161,8 +161,11 @@ def verdict_map(analysis: Analysis) -> Figure | None:
     side_by_side = columns * len(settings) <= 10
     grid_shape = (1, len(settings)) if side_by_side else (len(settings), 1)
     panel = (SQUARE_INCHES[0] * columns, SQUARE_INCHES[1] * len(rows) + 0.15)
-    figure, axes = _panel_grid(*grid_shape, panel=panel, sharex=False, hspace=0.35, wspace=0.08, right=0.1,
-                               legend_rows=1, left=0.95, axis_label=0.3)
+    if not side_by_side:  # room for the 0.75 in between stacked panels, so that the squares keep their size
+        panel = (panel[0], panel[1] + 0.75 * (len(settings) - 1) / len(settings))
+    # Stacked panels: 0.75 in between them, for the upper panel's setting label and the lower one's budget labels.
+    figure, axes = _panel_grid(*grid_shape, panel=panel, sharex=False, hspace=0.75 / panel[1], wspace=0.08,
+                               right=0.1, legend_rows=1, left=0.95, axis_label=0.3)
     fontsize = 6.8
     for index, setting in enumerate(settings):
         ax = axes.flat[index]
@@ -273,9 +276,9 @@ def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list, colour: s
               f"random init, setting {s}", "--" if s == 1 else ":") for s in random_settings]
     for init, setting, style, label, line_style in arms:
         arm = panel.filter(pl.col("init") == init)
-        arm = arm.filter(pl.col("setting") == (setting if setting else arm["setting"].min())).sort("budget_tokens")
         if arm.height == 0:
             continue
+        arm = arm.filter(pl.col("setting") == (setting or arm["setting"].min())).sort("budget_tokens")
         budgets = arm["budget_tokens"].to_numpy().astype(float)
         means = arm["mean"].to_numpy()
         # Intervals as a band (one path per arm): error bars cost several SVG nodes per point.

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
-from scipy import optimize
 
 from gridlab.report.stats import t_quantile
 
@@ -94,6 +93,8 @@ def fit_power_law(
     A fit that does not converge, or whose covariance cannot be estimated (e.g. a flat curve, where α is not
     identifiable), or that ends with A = 0 or α on a bound, is returned with `converged=False` and the reason.
     """
+    from scipy import optimize  # here: ~0.7 s to import, and the plotting process unpickles fits without fitting
+
     tokens = np.asarray(tokens, dtype=float)
     sign = -1.0 if higher_is_better else 1.0
     y = sign * np.asarray(values, dtype=float)
