@@ -64,7 +64,7 @@ LAYOUT = """JSON.stringify((() => {
 })())"""
 
 PRINT_LAYOUT = """JSON.stringify(Array.from(document.querySelectorAll('figure')).map(f => [f.id,
-  f.getBoundingClientRect().height, getComputedStyle(f).breakInside]))"""
+  f.getBoundingClientRect().height, getComputedStyle(f).breakInside, f.getBoundingClientRect().bottom]))"""
 
 
 @pytest.mark.parametrize("width", [1400, 800])
@@ -118,9 +118,11 @@ def test_every_figure_fits_a_pdf_page_with_its_caption(report, tmp_path):
     finally:
         browser.close()
     assert len(figures) == 12
-    for key, height, breaking in figures:
+    for key, height, breaking, _ in figures:
         assert breaking == "avoid" and height <= PRINT_HEIGHT, (key, height, breaking)
-    # In the printed PDF the verdict map's caption and its squares are on one page.
+    assert figures[0][0] == "verdict-map" and figures[0][3] <= PRINT_HEIGHT  # on the first page, under the title
+    # In the printed PDF the title, the answer's sentences, the verdict map's caption and its squares are on page 1.
     pages = [re.sub(r"\s+", " ", page.extract_text()) for page in PdfReader(report["pdf"]).pages]
-    (page,) = [p for p in pages if "The answer: prune or train from scratch." in p]
-    assert "B = 10k" in page and "depth 0.5" in page and "sparse 0.8" in page
+    first = pages[0]
+    assert "gridlab report — browser-grid" in first and "The answer: prune or train from scratch." in first
+    assert "B = 10k" in first and "depth 0.5" in first and "sparse 0.8" in first
