@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gridlab.model import PRESETS
-from gridlab.store import STAGE_KINDS
+from gridlab.errors import UserError
 
 
 _TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -379,11 +379,11 @@ def load_grid(path: str | Path) -> GridSpec:
     try:
         text = path.read_text()
     except OSError as error:
-        raise ValueError(f"{path}: cannot read grid file ({error.strerror})") from None
+        raise UserError(f"{path}: cannot read grid file ({error.strerror})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
+        raise UserError(f"{path}: not valid TOML: {error}") from None
     spec = parse_grid(raw, source=str(path))
     runs_dir = Path(spec.runs_dir)
     if not runs_dir.is_absolute():
@@ -395,7 +395,7 @@ def parse_grid(raw: dict[str, Any], source: str = "grid") -> GridSpec:
     try:
         return GridSpec.model_validate(raw)
     except ValidationError as error:
-        raise ValueError(f"{source}: {_describe(error.errors()[0])}") from None
+        raise UserError(f"{source}: {_describe(error.errors()[0])}") from None
 
 
 def _describe(error: dict[str, Any]) -> str:
