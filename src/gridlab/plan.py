@@ -115,7 +115,13 @@ def parent_config(spec: GridSpec):
         return make_config(spec.parent.preset, vocab, spec.seq_len, **overrides)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(spec.parent.path)
+    try:
+        return AutoConfig.from_pretrained(spec.parent.path)
+    except (OSError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"parent.path: cannot read the config of {spec.parent.path!r} (a Hugging Face model folder, "
+                        f"or a hub name in the local cache; or declare parent.preset to plan without it): "
+                        f"{first}") from None
 
 
 def vocab_size(spec: GridSpec) -> int:
@@ -123,7 +129,10 @@ def vocab_size(spec: GridSpec) -> int:
         return spec.tokenizer.vocab_size
     from gridlab.data import load_tokenizer
 
-    return len(load_tokenizer(spec.tokenizer.path))
+    try:
+        return len(load_tokenizer(spec.tokenizer.path))
+    except ValueError as error:
+        raise UserError(f"tokenizer.path: {error}") from None
 
 
 _VOLATILE_CONFIG_FIELDS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")

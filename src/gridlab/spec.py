@@ -7,6 +7,7 @@ the offending value and, for unknown keys, the nearest valid key. The file is da
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 import typing
@@ -49,7 +50,12 @@ Tokens = Annotated[int, BeforeValidator(parse_tokens)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+
+# A seed is stored in DuckDB's INTEGER column and fed to torch.Generator.manual_seed.
+MAX_SEED = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class ScheduleSpec(_Strict):
@@ -72,6 +78,51 @@ class ScheduleSpec(_Strict):
     activation_checkpointing: bool = False
 
 
+# LlamaConfig fields that are sizes: positive integers.
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str, Any]) -> None:
+    """parent.overrides against LlamaConfig's real fields and their types, and the shape they give with the preset's
+    own fields; one ValueError naming the key."""
+    from transformers import LlamaConfig
+
+    defaults = LlamaConfig().to_dict()
+    for key, value in overrides.items():
+        where = f"parent.overrides.{key}"
+        if key not in defaults or key.startswith("_") or key in ("transformers_version", "architectures"):
+            fields = [k for k in defaults if not k.startswith("_")]
+            hint = difflib.get_close_matches(key, fields, n=1)
+            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+            raise ValueError(f"{where}: not a LlamaConfig field; {did_you_mean}e.g. {', '.join(_SIZE_FIELDS[:5])}")
+        if key == "vocab_size" and pretrains:
+            raise ValueError(f"{where}: a pretrained parent's vocabulary is its tokenizer's (tokenizer.vocab_size or "
+                             f"tokenizer.path); remove it here")
+        expected = defaults[key]
+        if key in _SIZE_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {value!r} is not a positive whole number")
+        elif isinstance(expected, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {value!r} is not true or false")
+        elif isinstance(expected, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where}: {value!r} is not a finite number")
+        elif isinstance(expected, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: {value!r} is not a whole number")
+        elif isinstance(expected, str):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: {value!r} is not a string (LlamaConfig.{key} is, e.g. {expected!r})")
+    shape = {**preset, **overrides}
+    hidden, heads, kv = (shape.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if heads and kv and heads % kv:
+        raise ValueError(f"parent.overrides: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+    if hidden and heads and hidden % heads:
+        raise ValueError(f"parent.overrides: num_attention_heads {heads} does not divide hidden_size {hidden}")
+
+
 class ParentSpec(_Strict):
     """Either pretrain a preset for ``tokens`` tokens, or load ``path`` and declare what it cost (``tokens``).
     A loaded parent may also name the preset (and overrides, e.g. ``vocab_size``) its architecture matches, so the
@@ -79,10 +130,10 @@ class ParentSpec(_Strict):
     schedule never re-pretrains the parent."""
 
     preset: str | None = None
-    overrides: dict[str, int | float] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None
     tokens: Tokens
-    seed: int = 0
+    seed: Seed = 0
     schedule: ScheduleSpec = ScheduleSpec()
 
     @model_validator(mode="after")
@@ -93,6 +144,7 @@ class ParentSpec(_Strict):
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if self.preset is None and self.overrides:
             raise ValueError("parent.overrides change a preset's shape; give parent.preset too")
+        check_overrides(self.overrides, self.pretrains, PRESETS[self.preset] if self.preset else {})
         if self.pretrains and self.schedule.warmup_tokens >= self.tokens:
             raise ValueError(f"parent.schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below "
                              f"parent.tokens ({self.tokens})")
@@ -290,7 +342,7 @@ class ExcludeRule(_Strict):
     init: Literal["pruned", "random"] | None = None
     budget: Tokens | None = None
     setting: Literal[1, 2] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> "ExcludeRule":
@@ -325,7 +377,7 @@ class GridSpec(_Strict):
     inits: list[Literal["pruned", "random"]] = Field(default_factory=lambda: ["pruned", "random"], min_length=1)
     budgets: list[Tokens] = Field(min_length=1)
     settings: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     schedule: ScheduleSpec = ScheduleSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
