@@ -164,3 +164,67 @@ def test_time_estimate_charges_sparse_models_the_parents_cost_and_smaller_models
     assert half_depth == pytest.approx((counts.embedding + 0.5 * counts.decoder) / (counts.embedding + counts.decoder))
     assert relative_step_cost(counts, "width", 0.8) < half_depth < 1.0
     assert relative_step_cost(None, "depth", 0.5) == 1.0
+
+
+EXECUTION_ONLY = [
+    ("schedule", "strategy", "ddp"), ("schedule", "activation_checkpointing", True),
+    ("schedule", "log_every_steps", 7), ("schedule", "checkpoint_every_tokens", 4096),
+    ("parent.schedule", "strategy", "ddp"), ("parent.schedule", "activation_checkpointing", True),
+    ("parent.schedule", "log_every_steps", 3), ("parent.schedule", "checkpoint_every_tokens", 2048),
+    ("calibration", "layerwise", True), ("local", "workers", 1),
+    ("resources", "train", {"cpus": 2, "mem_gb": 3, "time_min": 99, "array_parallelism": 4}),
+]
+
+
+@pytest.mark.parametrize("table, key, value", EXECUTION_ONLY, ids=[f"{t}.{k}" for t, k, _ in EXECUTION_ONLY])
+def test_settings_that_only_change_how_a_stage_runs_change_no_id(table, key, value):
+    grid = tiny_grid(methods=SIX, budgets=[2048, 4096])
+    before = build_plan(parse_grid(grid))
+    edited = copy.deepcopy(grid)
+    target = edited
+    for part in table.split("."):
+        target = target.setdefault(part, {})
+    target[key] = value
+    assert _ids(build_plan(parse_grid(edited))) == _ids(before)
+
+
+def test_an_evaluation_setting_changes_only_eval_ids():
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    after = _plan(methods=SIX, budgets=[2048, 4096], evaluation={"max_sequences": 9})
+    removed, added = _changed(before, after)
+    assert removed == {i for i, s in before.stages.items() if s.kind == "eval"} and len(added) == len(removed)
+
+
+def test_a_bumped_method_version_reruns_exactly_its_stages(monkeypatch):
+    import dataclasses
+
+    from gridlab.pruning import METHODS
+
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    monkeypatch.setitem(METHODS, "wanda", dataclasses.replace(METHODS["wanda"], version=METHODS["wanda"].version + 1))
+    after = _plan(methods=SIX, budgets=[2048, 4096])
+    removed, added = _changed(before, after)
+    wanda = {i for i, s in before.stages.items() if s.kind == "prune" and s.config.method == "wanda"}
+    assert wanda and removed == _downstream(before, wanda) and len(added) == len(removed)
+
+
+def test_a_bumped_stage_kind_version_reruns_that_kind_and_what_depends_on_it(monkeypatch):
+    from gridlab import contracts
+
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    monkeypatch.setitem(contracts.VERSION, "prune", contracts.VERSION["prune"] + 1)
+    after = _plan(methods=SIX, budgets=[2048, 4096])
+    removed, _ = _changed(before, after)
+    assert removed == _downstream(before, {i for i, s in before.stages.items() if s.kind == "prune"})
+
+
+def test_one_more_budget_keeps_every_existing_branch_eval_and_the_trajectories():
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    after = _plan(methods=SIX, budgets=[2048, 4096, 8192])
+    removed, added = _changed(before, after)
+    # the train stages are new (they reach one more budget) but extend the same trajectories; no eval is redone
+    assert {before.stages[i].kind for i in removed} == {"train"}
+    trajectories = lambda plan: {s.config.trajectory for s in plan.stages.values() if s.kind == "train"}
+    assert trajectories(before) == trajectories(after)
+    assert {after.stages[i].kind for i in added} == {"train", "eval"}
+    assert all(after.stages[i].config.budget in (8192, 4096 + 8192) for i in added if after.stages[i].kind == "eval")
