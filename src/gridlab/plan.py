@@ -328,7 +328,9 @@ def _training_flops(plan: Plan) -> float | None:
     """6·N·tokens over the train stages, N = the parent's parameters × the kept fraction of each cell."""
     if plan.spec.parent.preset is None:
         return None
-    parent_params = _param_count(parent_config(plan.spec))
+    from gridlab.model import param_counts
+
+    parent_params = param_counts(parent_config(plan.spec)).total
     kept_fraction = {c["train_stage"]: 1 - c["ratio"] for c in plan.cells}
     flops = 0.0
     for stage in plan.stages.values():
@@ -338,16 +340,6 @@ def _training_flops(plan: Plan) -> float | None:
             tokens = trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
             flops += 6 * parent_params * kept_fraction.get(stage["id"], 1.0) * tokens
     return flops
-
-
-def _param_count(config) -> int:
-    """A Llama's parameter count from its config alone (no weights are built)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = 3 * config.hidden_size * config.intermediate_size
-    layer = attention + mlp + 2 * config.hidden_size
-    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    return config.num_hidden_layers * layer + embeddings + config.hidden_size
 
 
 def _duration(seconds: float) -> str:
