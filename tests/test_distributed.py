@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import tiny_config, tiny_model, weights, write_shard
+from test_train import STEP, tiny_config, tiny_model, weights, write_shard
 
 from gridlab.data import TokenShard
 from gridlab.train import train
@@ -49,8 +49,9 @@ def single_process(tmp_path: Path, masked: bool = False):
         from distributed_worker import checkerboard_mask
 
         mask = checkerboard_mask(model)
-    budgets = [steps * config.tokens_per_step for steps in BUDGETS]
-    return train(model, TokenShard.open(tmp_path / "data" / "train.bin"), config, budgets, tmp_path / "single", mask)
+    budgets = [steps * STEP for steps in BUDGETS]
+    return train(model, TokenShard.open(tmp_path / "data" / "train.bin"), config, budgets, tmp_path / "single",
+                 seed=0, mask=mask)
 
 
 def assert_close_curves(a: list[dict], b: list[dict]) -> None:

@@ -70,12 +70,13 @@ def _run_parent(config, stage, run_dir, out) -> dict[str, Any]:
     if "preset" in config:
         model = init_model(make_config(config["preset"], config["vocab_size"], config["seq_len"],
                                        **config["overrides"]), config["seed"])
-        result = train(model, TokenShard.open(data["shards"]["pretrain"]),
-                       _train_config(config["schedule"], config["seq_len"], config["seed"]),
-                       [config["tokens"]], out / "train")
+        result = train(model, TokenShard.open(data["shards"]["pretrain"]), _schedule(config["schedule"]),
+                       [config["tokens"]], out / "train", seed=config["seed"])
         if process_rank() != 0:
             return {}
         branch = result.branches[0]
+        if branch.status != "done":
+            raise RuntimeError(branch.error)
         model_path, curve, trained = str(branch.path), branch.curve, branch.trained_tokens
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
@@ -150,13 +151,13 @@ def _run_train(config, stage, run_dir, out) -> dict[str, Any]:
     data = upstream(run_dir, stage, "data")
     start = upstream(run_dir, stage, "model")
     model, mask = load_model(start["model_path"])
-    result = train(model, TokenShard.open(data["shards"]["retrain"]),
-                   _train_config(config["schedule"], config["seq_len"], config["seed"]),
-                   config["budgets"], out / "train", mask=mask)
+    result = train(model, TokenShard.open(data["shards"]["retrain"]), _schedule(config["schedule"]),
+                   config["budgets"], out / "train", seed=config["seed"], mask=mask)
     if process_rank() != 0:
         return {}
-    return {"branches": [{"budget_tokens": b.budget_tokens, "trained_tokens": b.trained_tokens, "path": str(b.path),
-                          "curve": b.curve} for b in result.branches], "curve": result.curve}
+    return {"branches": [{"budget_tokens": b.budget_tokens, "trained_tokens": b.trained_tokens,
+                          "path": str(b.path) if b.path else None, "curve": b.curve, "status": b.status,
+                          "error": b.error} for b in result.branches], "curve": result.curve}
 
 
 def _run_eval(config, stage, run_dir, out) -> dict[str, Any]:
@@ -176,6 +177,8 @@ def _run_eval(config, stage, run_dir, out) -> dict[str, Any]:
     tokenizer = load_tokenizer(data["tokenizer_dir"]) if evaluation["lm_eval_tasks"] else None
     branches = []
     for branch in trained["branches"]:
+        if branch.get("status", "done") != "done":  # a diverged branch has no model to evaluate
+            continue
         model = load_model(branch["path"])[0].to(compute_device())  # lm-eval runs on the model's device too
         held_out = _validation(model, data, evaluation["max_sequences"])
         metrics = [{"name": "val_loss", "value": held_out["val_loss"], "higher_is_better": False},
@@ -210,11 +213,10 @@ def _fractions(config: dict[str, Any]):
     return SplitFractions(**config)
 
 
-def _train_config(schedule: dict[str, Any], seq_len: int, seed: int):
-    from gridlab.train import TrainConfig
+def _schedule(schedule: dict[str, Any]):
+    from gridlab.config import Schedule
 
-    fields = {key: value for key, value in schedule.items() if key != "kind"}
-    return TrainConfig(schedule=schedule["kind"], seq_len=seq_len, seed=seed, **fields)
+    return Schedule.model_validate(schedule)
 
 
 def compute_device() -> str:

@@ -258,6 +258,8 @@ def ingest(run_dir: Path, states: dict[str, dict[str, Any]] | None = None) -> di
                "achieved_ratio": prune.get("achieved_ratio"),
                "trained_tokens": branch["trained_tokens"] if branch else cell["trained_tokens"],
                "branch_path": branch["path"] if branch else None}
+        if branch and branch.get("status", "done") != "done":  # this budget's branch diverged; the others stand
+            row.update(status="failed", error=f"{cell['train_stage']}: {branch['error']}")
         for name, _ in SCHEMA["cells"]:
             cell_rows[name].append(row.get(name))
         start = records.get(cell["model_stage"])
