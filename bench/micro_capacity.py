@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.model import init_model, load_model, make_config  # noqa: E402
 from gridlab.spec import load_grid, parse_tokens  # noqa: E402
-from gridlab.config import Schedule  # noqa: E402
 from gridlab.train import train  # noqa: E402
 
 

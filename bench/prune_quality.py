@@ -20,11 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import CorpusSource, SplitFractions, TokenShard, build_shards, load_tokenizer, train_tokenizer  # noqa: E402
 from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.model import init_model, load_model, make_config  # noqa: E402
 from gridlab.pruning import METHODS, prune  # noqa: E402
-from gridlab.config import Schedule  # noqa: E402
 from gridlab.train import train  # noqa: E402
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)

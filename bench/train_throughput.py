@@ -5,8 +5,8 @@
 
 Both loops run in this process, alternating in rounds so that load from other processes hits both alike; each
 reports its best round. gridlab's time is a whole train() call: optimizer creation, the finite-weights checks, the
-fork checkpoint, the branch's HF save, the trajectory record and the lr/log/checkpoint bookkeeping of every step. The bare loop is
-forward, backward, grad clip, fused AdamW step and zero_grad on batches drawn from an in-memory tensor.
+fork checkpoint, the branch's HF save, the trajectory record and the lr/log/checkpoint bookkeeping of every step.
+The bare loop is forward, backward, grad clip, fused AdamW step and zero_grad on batches drawn from an in-memory tensor.
 `--presets-only` instead prints bare-loop tokens/s for micro, nano and mini.
 
 `--world-sizes` measures train() launched with torchrun at each world size (one thread per rank on CPU, one GPU per
@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gridlab import distributed  # noqa: E402
+from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.model import init_model, make_config, param_counts  # noqa: E402
-from gridlab.config import Schedule  # noqa: E402
 from gridlab.train import make_optimizer, train  # noqa: E402
 
 VOCAB = 4096

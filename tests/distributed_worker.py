@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_train import STEP, tiny_config, tiny_model  # noqa: E402
-
 from gridlab import distributed  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.train import train  # noqa: E402
+
+from test_train import STEP, tiny_config, tiny_model  # noqa: E402
 
 
 def checkerboard_mask(model) -> dict[str, torch.Tensor]:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import STEP, tiny_config, tiny_model, weights, write_shard
-
 from gridlab.data import TokenShard
 from gridlab.train import train
+
+from test_train import STEP, tiny_config, tiny_model, weights, write_shard
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 BUDGETS = [8, 12]  # steps; WSD branches fork at 6 and 9

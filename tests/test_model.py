@@ -3,7 +3,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gridlab.model import (
-    PRESETS, decoder_layer_params, head_dim, init_model, load_model, make_config, param_counts, save_model,
+    PRESETS,
+    decoder_layer_params,
+    head_dim,
+    init_model,
+    load_model,
+    make_config,
+    param_counts,
+    save_model,
 )
 
 

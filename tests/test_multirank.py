@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from gridlab import store
 from gridlab.cli import app
+
 from runner_helpers import REPO, slurm_available, tiny_grid, wait_until_settled, write_grid
 
 pytestmark = pytest.mark.slow

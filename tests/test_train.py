@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gridlab.data import TokenShard
-from gridlab.model import init_model, load_model, make_config
 from gridlab.checkpoint import checkpoint_bytes
 from gridlab.config import Schedule
+from gridlab.data import TokenShard
+from gridlab.model import init_model, load_model, make_config
 from gridlab.train import _DataOrder, learning_rate, plan_branches, remaining_tokens, train
 
 VOCAB, SEQ = 256, 32

@@ -91,9 +91,9 @@ def _run_prune(config, stage, run_dir, out) -> dict[str, Any]:
     import torch
 
     from gridlab.data import TokenShard
+    from gridlab.layerwise import open_layerwise, save_layerwise
     from gridlab.model import load_model, param_counts, save_model
     from gridlab.pruning import get_method, prune
-    from gridlab.pruning.offload import open_layerwise, save_layerwise
 
     data = upstream(run_dir, stage, "data")
     parent = upstream(run_dir, stage, "parent")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM
 
+from gridlab.layerwise import batches, decoder_layers, model_device, select_samples
 from gridlab.model import decoder_layer_params, head_dim, param_counts
-from gridlab.pruning.calibration import batches, decoder_layers, model_device, select_samples
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 AXES = ("heads", "ffn", "hidden")
