@@ -201,13 +201,14 @@ def slow_forward(*args, **kwargs):  # slow enough for the parent to kill us mid-
     return original_forward(*args, **kwargs)
 model.forward = slow_forward
 config = tiny_config()
-result = train(model, TokenShard.open({data!r}), config, [8 * STEP, 16 * STEP], Path({out!r}), seed=0)
+result = train(model, TokenShard.open({data!r}), config, {budgets!r}, Path({out!r}), seed=0)
 print("DONE")
 """
 
 
-def _start(tmp_path: Path, out: Path, delay: float) -> subprocess.Popen:
+def _start(tmp_path: Path, out: Path, delay: float, budgets=(8 * STEP, 16 * STEP)) -> subprocess.Popen:
     script = RUNNER.format(tests=str(Path(__file__).parent), data=str(tmp_path / "data" / "train.bin"),
+                           budgets=list(budgets),
                            out=str(out), delay=delay)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -450,3 +451,31 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     assert branch.status == "diverged" and "non-finite weights after step 8" in branch.error
     assert json.loads((tmp_path / "run" / "checkpoint" / "main.json").read_text())["step"] == 6
     assert not (tmp_path / "run" / "branches").exists()
+
+
+def test_an_extension_killed_midway_resumes_bit_exactly(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    budgets = [8 * STEP, 16 * STEP]
+    train(tiny_model(), data, config, budgets[:1], tmp_path / "killed", seed=0)  # main kept at fork 6
+    main = tmp_path / "killed" / "checkpoint" / "main.json"
+
+    def trunk_extended() -> bool:
+        try:
+            return json.loads(main.read_text())["step"] > 6
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    _kill_when(_start(tmp_path, tmp_path / "killed", delay=0.05, budgets=budgets), trunk_extended)
+    branch = main.with_name(f"branch-{16 * STEP}.json")
+    if branch.exists():  # killed in the decay: the branch resumes
+        left = 16 - json.loads(branch.read_text())["step"]
+    else:  # killed on the trunk: from its last checkpoint to fork 12, then the decay
+        left = 12 - json.loads(main.read_text())["step"] + 4
+    assert remaining_tokens(config, budgets, SEQ, tmp_path / "killed") == left * STEP < 10 * STEP
+    resumed = train(tiny_model(), data, config, budgets, tmp_path / "killed", seed=0)
+    straight = train(tiny_model(), data, config, budgets, tmp_path / "straight", seed=0)
+    assert resumed.curve == straight.curve
+    for a, b in zip(resumed.branches, straight.branches):
+        assert a.curve == b.curve
+        assert_same_weights(weights(a.path), weights(b.path))
