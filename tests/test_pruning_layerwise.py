@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from gridlab.data import TokenShard
 from gridlab.evaluate import heldout_loss
+from gridlab.layerwise import INDEX_FILE, open_layerwise, save_layerwise
 from gridlab.model import MASK_FILE, init_model, load_model, make_config, save_model
 from gridlab.pruning import prune
-from gridlab.pruning.offload import INDEX_FILE, open_layerwise, save_layerwise
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_a_method_that_needs_the_whole_model_refuses_a_layerwise_parent(parent_d
 
 
 def test_a_failure_inside_a_layer_leaves_no_half_pruned_layer_behind(parent_dir, calibration, tmp_path):
-    from gridlab.pruning.calibration import sequential_layers
+    from gridlab.layerwise import sequential_layers
 
     model = open_layerwise(parent_dir, "cpu", tmp_path / "spill")
     flow = sequential_layers(model, calibration, 4)

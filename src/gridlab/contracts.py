@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gridlab.config import Schedule
+
 STAGE_KINDS = ("data", "parent", "prune", "init", "train", "eval")
 StageKind = Literal["data", "parent", "prune", "init", "train", "eval"]
 
@@ -79,10 +81,10 @@ class PretrainParent(StageConfig):
     architecture: dict[str, Any]      # the LlamaConfig it is built from (to_dict, volatile fields dropped)
     tokens: int                       # P
     seed: int
-    schedule: dict[str, Any]          # gridlab.config.Schedule fields
+    schedule: Schedule
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "schedule": schedule_identity(self.schedule)}
+        return {**super().identity(), "schedule": self.schedule.identity()}
 
 
 class LoadedParent(StageConfig):
@@ -135,12 +137,12 @@ class TrainConfig(StageConfig):
 
     kind: Literal["train"] = "train"
     budgets: list[int]
-    schedule: dict[str, Any]          # gridlab.config.Schedule fields
+    schedule: Schedule
     seed: int
     trajectory: str                   # the trajectory folder's id: model, data, schedule identity, seed (no budgets)
 
     def identity(self) -> dict[str, Any]:
-        return {"budgets": self.budgets, "schedule": schedule_identity(self.schedule), "seed": self.seed}
+        return {"budgets": self.budgets, "schedule": self.schedule.identity(), "seed": self.seed}
 
 
 class EvalModel(StageConfig):
@@ -177,15 +179,6 @@ class Stage(Contract):
     dep_identities: dict[str, str] = Field(default_factory=dict)
 
 
-# Schedule fields that change how a run executes, not what it computes (gridlab.config.Schedule.EXECUTION_FIELDS).
-SCHEDULE_EXECUTION_FIELDS = ("strategy", "activation_checkpointing", "device", "log_every_steps",
-                             "checkpoint_every_tokens", "keep_checkpoints")
-
-
-def schedule_identity(schedule: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in schedule.items() if k not in SCHEDULE_EXECUTION_FIELDS}
-
-
 # ------------------------------------------------------------------------------------------------------ identity
 
 def canonical(value: Any) -> Any:
@@ -216,11 +209,11 @@ def make_stage(config: StageConfig, deps: dict[str, str], dep_identities: dict[s
     return Stage(id=stage_id, kind=kind, config=config, deps=deps, dep_identities=dep_identities or {})
 
 
-def trajectory_id(model_stage: str, data_stage: str, schedule: dict[str, Any], seed: int) -> str:
+def trajectory_id(model_stage: str, data_stage: str, schedule: Schedule, seed: int) -> str:
     """The id of a training trajectory: a model trained on a dataset with a schedule and seed, whatever budgets it
     is taken to (each train stage with more budgets extends the same trajectory)."""
     return content_id({"trajectory": VERSION["train"], "model": model_stage, "data": data_stage,
-                       "schedule": schedule_identity(schedule), "seed": seed})
+                       "schedule": schedule.identity(), "seed": seed})
 
 
 def branch_identity(trajectory: str, budget: int) -> str:

@@ -20,6 +20,7 @@ from gridlab.contracts import (
     STAGE_KINDS, ArchitectureInit, Cell, DataConfig, EvalBranch, EvalModel, LoadedParent, MaskInit, PretrainParent,
     PruneConfig, Stage, TrainConfig, branch_identity, canonical, content_id, make_stage, trajectory_id,
 )
+from gridlab.config import Schedule
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.results import read_json
@@ -56,15 +57,46 @@ class Plan:
 
     def train_tokens(self) -> int:
         """Tokens this plan trains from nothing, the parent's pretraining included."""
-        total = self.spec.parent.tokens if self.spec.parent.pretrains else 0
-        return total + sum(trajectory_tokens(s.config.budgets, s.config.schedule) for s in self.train_stages())
+        return self._parent_tokens(remaining=False) + sum(self._stage_tokens(s, remaining=False)
+                                                          for s in self.train_stages())
+
+    def remaining_train_tokens(self) -> int:
+        """Tokens a submit would still train, given what the run folder already holds: finished stages train
+        nothing, and a train stage with one more budget only extends its trajectory (gridlab.train)."""
+        return self._parent_tokens(remaining=True) + sum(self._stage_tokens(s, remaining=True)
+                                                         for s in self.train_stages())
 
     def naive_train_tokens(self) -> int:
         """One run per cell: the parent once, then every cell trains its own model from its start."""
         parent = self.spec.parent.tokens if self.spec.parent.pretrains else 0
         return parent + sum(cell.trained_tokens for cell in self.cells)
 
-    def estimated_seconds(self, workers: int) -> float:
+    def _parent_tokens(self, remaining: bool) -> int:
+        parent = next(s for s in self.stages.values() if s.kind == "parent")
+        if not isinstance(parent.config, PretrainParent):
+            return 0
+        if not remaining:
+            return parent.config.tokens
+        from gridlab.train import remaining_tokens
+
+        files = RunPaths(self.spec.run_dir).stage(parent.id)
+        if files.result.exists():
+            return 0
+        return remaining_tokens(parent.config.schedule, [parent.config.tokens], self.spec.seq_len,
+                                files.output("train"))
+
+    def _stage_tokens(self, stage: Stage, remaining: bool) -> int:
+        if not remaining:
+            return trajectory_tokens(stage.config.budgets, stage.config.schedule)
+        from gridlab.train import remaining_tokens
+
+        run = RunPaths(self.spec.run_dir)
+        if run.stage(stage.id).result.exists():
+            return 0
+        return remaining_tokens(stage.config.schedule, stage.config.budgets, self.spec.seq_len,
+                                run.trajectory(stage.config.trajectory))
+
+    def estimated_seconds(self, workers: int, remaining: bool = True) -> float:
         preset = self.spec.parent.preset
         speed = MEASURED_TOKENS_PER_S.get(preset, _UNMEASURED_TOKENS_PER_S) if preset else _UNMEASURED_TOKENS_PER_S
         counts = None
@@ -73,10 +105,9 @@ class Plan:
 
             counts = param_counts(parent_config(self.spec))
         cost = {c.train_stage: relative_step_cost(counts, c.granularity, c.ratio) for c in self.cells}
-        seconds = self.spec.parent.tokens / speed if self.spec.parent.pretrains else 0.0
+        seconds = self._parent_tokens(remaining) / speed
         for stage in self.train_stages():
-            tokens = trajectory_tokens(stage.config.budgets, stage.config.schedule)
-            seconds += tokens * cost.get(stage.id, 1.0) / speed
+            seconds += self._stage_tokens(stage, remaining) * cost.get(stage.id, 1.0) / speed
         return seconds / max(1, workers)
 
 
@@ -90,11 +121,12 @@ def relative_step_cost(parent_counts, granularity: str, ratio: float) -> float:
     return (parent_counts.embedding + (1 - ratio) * parent_counts.decoder) / dense
 
 
-def trajectory_tokens(budgets: list[int], schedule: dict[str, Any]) -> int:
-    """Tokens one train stage processes: WSD shares the stable trunk between branches; cosine runs each budget."""
-    if schedule["kind"] == "cosine":
+def trajectory_tokens(budgets: list[int], schedule: Schedule) -> int:
+    """Tokens one train stage processes from nothing: WSD shares the stable trunk between branches; cosine runs
+    each budget."""
+    if schedule.kind == "cosine":
         return sum(budgets)
-    decay = schedule["decay_fraction"]
+    decay = schedule.decay_fraction
     return round(max(budgets) * (1 - decay) + decay * sum(budgets))
 
 
@@ -161,7 +193,7 @@ def _corpus_identity(corpus: dict[str, Any]) -> dict[str, Any]:
 def build_plan(spec: GridSpec) -> Plan:
     from gridlab.pruning import METHODS
 
-    schedule = canonical(spec.schedule.model_dump())
+    schedule = spec.schedule
     evaluation = canonical(spec.evaluation.model_dump())
     corpus = canonical(spec.corpus.model_dump())
     data = make_stage(DataConfig(corpus=corpus, corpus_identity=_corpus_identity(corpus),
@@ -171,8 +203,7 @@ def build_plan(spec: GridSpec) -> Plan:
     parent_architecture = parent_config(spec) if spec.parent.preset is not None or spec.parent.pretrains else None
     if spec.parent.pretrains:
         parent = make_stage(PretrainParent(architecture=config_dict(parent_architecture), tokens=parent_tokens,
-                                           seed=spec.parent.seed,
-                                           schedule=canonical(spec.parent.schedule.model_dump())),
+                                           seed=spec.parent.seed, schedule=spec.parent.schedule),
                             {"data": data.id})
     else:
         declared = config_dict(parent_architecture) if parent_architecture is not None else None
@@ -301,9 +332,12 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
                  f" × settings {', '.join(map(str, spec.settings))} × seeds {', '.join(map(str, spec.seeds))}")
     lines.append("  stages: " + ", ".join(f"{kind} {count}" for kind, count in plan.counts.items())
                  + f" (total {len(plan.stages)})")
-    planned, naive = plan.train_tokens(), plan.naive_train_tokens()
+    planned, naive, remaining = plan.train_tokens(), plan.naive_train_tokens(), plan.remaining_train_tokens()
     lines.append(f"  tokens to train: {planned:,} (naive one run per cell: {naive:,}; "
                  f"{naive / max(planned, 1):.1f}× saved)")
+    if remaining != planned:
+        lines.append(f"  still to train: {remaining:,} tokens ({planned - remaining:,} are trained already in "
+                     f"{spec.run_dir})")
     if not spec.resources.for_kind("train")["gpus_per_node"]:
         seconds = plan.estimated_seconds(workers)
         preset = spec.parent.preset
@@ -347,23 +381,15 @@ def _training_flops(plan: Plan) -> float | None:
     """6·N·tokens over the train stages, N = the parent's parameters × the kept fraction of each cell."""
     if plan.spec.parent.preset is None:
         return None
-    parent_params = _param_count(parent_config(plan.spec))
+    from gridlab.model import param_counts
+
+    parent_params = param_counts(parent_config(plan.spec)).total
     kept_fraction = {c.train_stage: 1 - c.ratio for c in plan.cells}
     flops = 6 * parent_params * plan.spec.parent.tokens if plan.spec.parent.pretrains else 0.0
     for stage in plan.train_stages():
         tokens = trajectory_tokens(stage.config.budgets, stage.config.schedule)
         flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * tokens
     return flops
-
-
-def _param_count(config) -> int:
-    """A Llama's parameter count from its config alone (no weights are built)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = 3 * config.hidden_size * config.intermediate_size
-    layer = attention + mlp + 2 * config.hidden_size
-    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    return config.num_hidden_layers * layer + embeddings + config.hidden_size
 
 
 def _duration(seconds: float) -> str:

@@ -14,39 +14,15 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
 from gridlab.model import PRESETS
 from gridlab.errors import UserError
 
 
-_TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_TOKEN_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NM_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<n>\d+):(?P<m>\d+)$")
-
-
-def parse_tokens(value: Any) -> int:
-    """A token count: an integer, or a string with an optional k/M/B/T suffix ("40k", "1.5M", "2e6")."""
-    if isinstance(value, bool):
-        raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
-    if isinstance(value, int):
-        number = float(value)
-    elif isinstance(value, float):
-        number = value
-    elif isinstance(value, str):
-        match = _TOKEN_PATTERN.match(value)
-        if not match:
-            raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
-        number = float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()]
-    else:
-        raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
-    if number != int(number) or number < 1:
-        raise ValueError("a token count must be a positive whole number of tokens")
-    return int(number)
-
-
-Tokens = Annotated[int, BeforeValidator(parse_tokens)]
 
 
 class _Strict(BaseModel):
@@ -56,26 +32,6 @@ class _Strict(BaseModel):
 # A seed is stored in DuckDB's INTEGER column and fed to torch.Generator.manual_seed.
 MAX_SEED = 2**31 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-
-
-class ScheduleSpec(_Strict):
-    """gridlab.train.TrainConfig: WSD (budget branches of one trajectory) or independent cosine runs."""
-
-    kind: Literal["wsd", "cosine"] = "wsd"
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_tokens: Tokens = 10_000
-    decay_fraction: float = Field(0.2, gt=0, le=1)
-    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    batch_size: int = Field(16, ge=1)
-    grad_clip: float = Field(1.0, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_tokens: Tokens = 50_000
-    strategy: Literal["fsdp", "ddp"] = "fsdp"
-    activation_checkpointing: bool = False
 
 
 # LlamaConfig fields that are sizes: positive integers.
@@ -134,7 +90,7 @@ class ParentSpec(_Strict):
     path: str | None = None
     tokens: Tokens
     seed: Seed = 0
-    schedule: ScheduleSpec = ScheduleSpec()
+    schedule: Schedule = Schedule()
 
     @model_validator(mode="after")
     def _one_source(self) -> "ParentSpec":
@@ -378,7 +334,7 @@ class GridSpec(_Strict):
     budgets: list[Tokens] = Field(min_length=1)
     settings: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    schedule: ScheduleSpec = ScheduleSpec()
+    schedule: Schedule = Schedule()
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     local: LocalSpec = LocalSpec()

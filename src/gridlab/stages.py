@@ -84,11 +84,13 @@ def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) ->
     if isinstance(config, PretrainParent):
         model = init_model(LlamaConfig.from_dict(config.architecture), config.seed)
         shard = TokenShard.open(data.shards["pretrain"])
-        result = train(model, shard, _train_config(config.schedule, shard.seq_len, config.seed),
-                       [config.tokens], context.out.output("train"))
+        result = train(model, shard, config.schedule, [config.tokens],
+                       context.out.output("train"), seed=config.seed)
         if process_rank() != 0:
             return None
         branch = result.branches[0]
+        if branch.status != "done":
+            raise RuntimeError(branch.error)
         model_path, trained, metrics = str(branch.path), branch.trained_tokens, curve_metrics(branch.curve)
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
@@ -102,9 +104,9 @@ def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
     import torch
 
     from gridlab.data import TokenShard
+    from gridlab.layerwise import open_layerwise, save_layerwise
     from gridlab.model import load_model, param_counts, save_model
     from gridlab.pruning import get_method, prune
-    from gridlab.pruning.offload import open_layerwise, save_layerwise
 
     data: DataPayload = context.upstream("data")
     parent: ParentPayload = context.upstream("parent")
@@ -159,13 +161,14 @@ def _run_train(config: TrainConfig, context: StageContext) -> TrainPayload | Non
     start = context.upstream("model")
     model, mask = load_model(start.model_path)
     shard = TokenShard.open(data.shards["retrain"])
-    result = train(model, shard, _train_config(config.schedule, shard.seq_len, config.seed), config.budgets,
-                   context.run.trajectory(config.trajectory), mask=mask)
+    result = train(model, shard, config.schedule, config.budgets,
+                   context.run.trajectory(config.trajectory), seed=config.seed, mask=mask)
     if process_rank() != 0:
         return None
     return TrainPayload(trajectory=config.trajectory, branches=[
-        BranchResult(budget_tokens=b.budget_tokens, trained_tokens=b.trained_tokens, path=str(b.path),
-                     metrics=curve_metrics(b.curve)) for b in result.branches])
+        BranchResult(budget_tokens=b.budget_tokens, trained_tokens=b.trained_tokens, status=b.status,
+                     path=str(b.path) if b.path else None, error=b.error, metrics=curve_metrics(b.curve))
+        for b in result.branches])
 
 
 def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayload:
@@ -229,13 +232,6 @@ def _fractions(config: dict[str, Any]):
     from gridlab.data import SplitFractions
 
     return SplitFractions(**config)
-
-
-def _train_config(schedule: dict[str, Any], seq_len: int, seed: int):
-    from gridlab.train import TrainConfig
-
-    fields = {key: value for key, value in schedule.items() if key != "kind"}
-    return TrainConfig(schedule=schedule["kind"], seq_len=seq_len, seed=seed, **fields)
 
 
 def compute_device() -> str:
