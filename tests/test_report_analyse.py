@@ -7,12 +7,13 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from report_synthetic import build_cells, finish, power_law, write_db
 from scipy import optimize
 
 from gridlab.errors import UserError
 from gridlab.report import analyse as A
 from gridlab.report.read import LM_EVAL_AVERAGE, lm_eval_average, read_results
+
+from report_synthetic import build_cells, finish, power_law, write_db
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
 PARENT = 50_000_000

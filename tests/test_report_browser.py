@@ -7,10 +7,11 @@ import re
 
 import pytest
 from pypdf import PdfReader
-from report_synthetic import build_cells, finish, parent_loss, write_db
 
 from gridlab.report import build_report
 from gridlab.report.chromium import DevTools, find_chromium
+
+from report_synthetic import build_cells, finish, parent_loss, write_db
 
 CHROMIUM = find_chromium()
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")]

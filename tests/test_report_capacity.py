@@ -3,10 +3,11 @@ the parent's P tokens (setting-2 random cells at B = 0) against the parent's own
 
 import polars as pl
 import pytest
-from report_synthetic import build_cells, finish, parent_loss, write_db
 
 from gridlab.report import analyse as A
 from gridlab.report.read import read_results
+
+from report_synthetic import build_cells, finish, parent_loss, write_db
 
 P = 150_000
 BUDGETS = [10_000, 20_000, 40_000, 80_000]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import setuptools
+
 from report_synthetic import build_cells, finish, parent_loss, power_law, write_db
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,12 +6,13 @@ import re
 
 import pytest
 from pypdf import PdfReader
-from report_synthetic import build_cells, finish, parent_loss, power_law, write_db
 
 from gridlab.errors import UserError
 from gridlab.report import build_report, render
 from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
+
+from report_synthetic import build_cells, finish, parent_loss, power_law, write_db
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
 P = 50_000_000

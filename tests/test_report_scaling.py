@@ -6,10 +6,11 @@ import math
 import numpy as np
 import polars as pl
 import pytest
-from report_synthetic import power_law
 
 from gridlab.report import scaling as F
 from gridlab.report.stats import gap_table
+
+from report_synthetic import power_law
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
 
