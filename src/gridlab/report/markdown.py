@@ -88,7 +88,7 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
     if capacity.available:
         lines += [capacity_sentence(capacity), ""]
         lines += _table(
-            ["granularity", "ratio", "small architecture from scratch on P (seeds)", "parent at P",
+            ["granularity", "ratio", "small architecture from scratch on P (n trajectories)", "parent at P",
              "small − parent", "regime"],
             [[r["granularity"], f"{r['ratio']:g}",
               f"{format_number(r['small'], 4)}" + (f" ± {r['small_half']:.2g}" if r["small_half"] else "")
