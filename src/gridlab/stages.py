@@ -51,7 +51,8 @@ def _run_data(config, stage, run_dir, out) -> dict[str, Any]:
     if tokenizer_config["vocab_size"] is not None:
         tokenizer_dir = out / "tokenizer"
         if not (tokenizer_dir / "tokenizer.json").exists():
-            train_tokenizer(source, fractions, tokenizer_config["vocab_size"], tokenizer_dir)
+            train_tokenizer(source, fractions, tokenizer_config["vocab_size"], tokenizer_dir,
+                            tokenizer_config["sample_documents"])
     else:
         tokenizer_dir = Path(tokenizer_config["path"])
     shards = build_shards(source, tokenizer_dir, fractions, config["seq_len"], out / "shards")
