@@ -221,6 +221,8 @@ class _TextCursor:
                 return None
 
     def value(self, decoder: json.JSONDecoder) -> Any:
+        if self.peek() is None:
+            raise UserError(f"{self.path}: line {self.current_line()}: the file ends where a record should be")
         while True:
             try:
                 value, end = decoder.raw_decode(self.buffer, self.pos)
@@ -254,6 +256,7 @@ def _json_values(chunks: Iterator[bytes], path: Path) -> Iterator[tuple[int, Any
         cursor.pos += 1
     else:
         while True:
+            cursor.peek()
             line = cursor.current_line()
             yield line, cursor.value(decoder)
             separator = cursor.peek()
