@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
 from data_helpers import jsonl_bytes, records, write
-from gridlab.data import CorpusSource, check_corpus, describe_corpus, iter_documents, list_files, read_documents
-from gridlab.data import formats
+
+from gridlab.data import (
+    CorpusSource,
+    check_corpus,
+    describe_corpus,
+    formats,
+    iter_documents,
+    list_files,
+    read_documents,
+)
 from gridlab.errors import UserError
 
 FORMATS = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.gz", ".parquet")
