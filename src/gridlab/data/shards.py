@@ -196,26 +196,26 @@ class _Work:
     eos_id: int
     dtype: str
     pieces: Path
-    prefix: list[int] = field(default_factory=lambda: [0])  # documents before unit i, as far as known
+    prefix: list[int] = field(default_factory=lambda: [0])  # documents before unit i, as far as known yet
 
     def piece_key(self, unit: Unit) -> str:
         identity = [SHARD_FORMAT_VERSION, unit.name, unit.stamp, unit.limit, self.source.text_column,
                     self.fractions.model_dump(), self.tokenizer_digest]
         return hashlib.blake2b(json.dumps(identity).encode(), digest_size=12).hexdigest()
 
-    def documents_before(self, index: int) -> int | None:
-        """Documents of the units before ``index``: known when every earlier unit has a known count or a finished
-        piece; None while some are still being tokenized."""
-        while len(self.prefix) <= index:
+    def beyond_cap(self, index: int, cap: int) -> bool:
+        """True when the units before ``index`` are known to hold at least ``cap`` documents (every earlier unit
+        has a known count or a finished piece, up to where the cap is reached)."""
+        while len(self.prefix) <= index and self.prefix[-1] < cap:
             unit = self.units[len(self.prefix) - 1]
             count = unit.count
             if count is None:
                 piece = read_piece(self.pieces / piece_name(unit), self.piece_key(unit))
                 if piece is None:
-                    return None
+                    return False  # still being tokenized: this unit may be needed
                 count = piece["documents"]
             self.prefix.append(self.prefix[-1] + count)
-        return self.prefix[index]
+        return self.prefix[min(index, len(self.prefix) - 1)] >= cap
 
 
 def piece_name(unit: Unit) -> str:
@@ -303,10 +303,8 @@ def _tokenize_unit(work: _Work, backend, unit: Unit) -> str:
     key = work.piece_key(unit)
     if read_piece(folder, key) is not None:
         return "complete"
-    if work.source.max_documents is not None:
-        before = work.documents_before(unit.index)
-        if before is not None and before >= work.source.max_documents:
-            return "beyond"
+    if work.source.max_documents is not None and work.beyond_cap(unit.index, work.source.max_documents):
+        return "beyond"
     work.pieces.mkdir(parents=True, exist_ok=True)
     for stale in work.pieces.glob(f".{folder.name}.*"):  # the staging folder of a killed attempt
         shutil.rmtree(stale, ignore_errors=True)
