@@ -45,10 +45,14 @@ def test_txt_is_one_document_and_json_files_may_be_json_lines_or_concatenated(tm
     (tmp_path / "lines.json").write_bytes(jsonl_bytes(records(3)))
     (tmp_path / "pretty.json").write_text("\n".join(json.dumps(r, indent=1) for r in records(3)))
     (tmp_path / "empty_array.json").write_text(" [ ] ")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records(3)).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(records(3)))
     expected = [r["text"] for r in records(3)]
     assert [t for _, t in read_documents(tmp_path / "lines.json", "k", "text")] == expected
     assert [t for _, t in read_documents(tmp_path / "pretty.json", "k", "text")] == expected
     assert list(read_documents(tmp_path / "empty_array.json", "k", "text")) == []
+    for name in ("bom.json", "bom.jsonl"):  # a UTF-8 byte-order mark, as some Windows tools write
+        assert [t for _, t in read_documents(tmp_path / name, "k", "text")] == expected
 
 
 def test_multi_frame_zstd_and_multi_member_gzip(tmp_path):
@@ -176,3 +180,25 @@ def test_plan_time_check_reads_only_each_files_first_record(tmp_path):
     (tmp_path / "c.jsonl").unlink()
     _truncated_line(tmp_path / "d.jsonl")
     check_corpus(source)
+
+
+def test_gridlab_plan_lists_the_corpus_and_stops_on_a_pattern_that_matches_nothing(tmp_path):
+    from runner_helpers import tiny_grid
+
+    from gridlab.plan import build_plan, format_plan
+    from gridlab.spec import parse_grid
+
+    write(tmp_path / "c" / "a.jsonl.zst", records(30))
+    write(tmp_path / "c" / "b.parquet", records(30, 1))
+    eval_corpus = {"label": "heldout", "kind": "files", "files": [str(tmp_path / "c" / "*.parquet")]}
+    grid = tiny_grid(corpus={"kind": "files", "files": [str(tmp_path / "c")]},
+                     evaluation={"max_sequences": 8, "corpora": [eval_corpus]})
+    text = format_plan(build_plan(parse_grid(grid)))
+    size = sum(f.stat().st_size for f in (tmp_path / "c").iterdir())
+    listed = f"  corpus: files: 2 file(s), {size / 1e3:,.1f} kB (1 .jsonl.zst, 1 .parquet): a.jsonl.zst, b.parquet"
+    assert listed in text
+    assert "  eval corpus heldout: files: 1 file(s)" in text
+    missing = tiny_grid(corpus={"kind": "files", "files": [str(tmp_path / "nowhere" / "*.jsonl.zst")]})
+    with pytest.raises(UserError, match=r"corpus\.files\[0\] .*nowhere/\*\.jsonl\.zst' matches nothing") as error:
+        format_plan(build_plan(parse_grid(missing)))
+    assert "\n" not in str(error.value)

@@ -63,6 +63,9 @@ def read_documents(path: Path, key: str, text_column: str) -> Iterator[tuple[str
 
 def check_file(path: Path, text_column: str) -> None:
     """Read the first document of a file (cheap): a UserError if it cannot be read or holds no document."""
+    if format_of(path) == ".txt":  # the whole file is the document: reading its first bytes is the check
+        next(_raw_chunks(path), None)
+        return
     documents = read_documents(path, "", text_column)
     try:
         next(documents)
@@ -186,7 +189,7 @@ class _TextCursor:
 
     def __init__(self, chunks: Iterator[bytes], path: Path):
         self.chunks, self.path = chunks, path
-        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()  # a leading byte-order mark is not text
         self.buffer, self.pos = "", 0
         self.line, self.counted = 1, 0  # line number at buffer[counted]
         self.eof = False
