@@ -19,7 +19,6 @@ A shard folder (build_shards makes ``cache_dir/<key>/``):
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import multiprocessing
 import os
@@ -173,15 +172,11 @@ def shard_manifest(shard_path: Path) -> dict:
 
 
 def assign_partitions(units: list[Unit], partitions: int) -> list[int]:
-    """The partition of each unit: largest first, each to the least loaded partition (by bytes). Deterministic for
-    a given corpus and number of partitions; only the work split depends on it, never the shards."""
-    loads = [(0, partition) for partition in range(partitions)]
-    owner = [0] * len(units)
-    for unit in sorted(units, key=lambda u: (-u.size, u.index)):
-        load, partition = heapq.heappop(loads)
-        owner[unit.index] = partition
-        heapq.heappush(loads, (load + max(unit.size, 1), partition))
-    return owner
+    """The partition of each unit: round-robin in reading order (unit i → i mod partitions). Balanced for files of
+    similar size (DCLM's), and the tasks advance through the corpus together, so with max_documents at most one
+    round of units past the cap is read before the finished pieces show it is reached. Only the work split depends
+    on it, never the shards."""
+    return [unit.index % partitions for unit in units]
 
 
 @dataclass
