@@ -171,15 +171,21 @@ def snapshot_files(root: Path, source: CorpusSource) -> list[CorpusFile]:
     else:
         chosen = next((c for c in configs if c.get("default")), None) or next(
             (c for c in configs if c.get("config_name", "default") == "default"), configs[0])
-    data_files = chosen.get("data_files", [])
-    if isinstance(data_files, (str, list)) and not (isinstance(data_files, list) and data_files
-                                                     and isinstance(data_files[0], dict)):
-        data_files = [{"split": "train", "path": data_files}]
-    splits = {entry.get("split", "train"): entry.get("path") for entry in data_files}
+    splits = _data_files_by_split(chosen.get("data_files", []))
     if source.split not in splits:
         raise UserError(f"{where}: no split {source.split!r}; its splits: {', '.join(splits)}")
     patterns = splits[source.split]
     return list_files([patterns] if isinstance(patterns, str) else list(patterns), where=where, root=str(root))
+
+
+def _data_files_by_split(data_files) -> dict:
+    """A config's data_files in the hub's forms: a pattern or list of patterns (split "train"), a list of
+    {split, path} entries, or a {split: pattern(s)} mapping."""
+    if isinstance(data_files, dict):
+        return dict(data_files)
+    if isinstance(data_files, list) and data_files and all(isinstance(entry, dict) for entry in data_files):
+        return {entry.get("split", "train"): entry.get("path", []) for entry in data_files}
+    return {"train": data_files}
 
 
 def _readme_configs(root: Path) -> list[dict]:
