@@ -5,9 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import records, write
 from pydantic import ValidationError
-from runner_helpers import tiny_grid
 
 from gridlab.data import (
     DEFAULT_FRACTIONS,
@@ -27,6 +25,9 @@ from gridlab.data import (
 )
 from gridlab.errors import UserError
 from gridlab.spec import parse_grid
+
+from data_helpers import records, write
+from runner_helpers import tiny_grid
 
 SMALL_STDLIB = CorpusSource(kind="stdlib", max_documents=50)
 SMALL_FRACTIONS = SplitFractions(pretrain=0.4, retrain=0.2, calibration=0.2, validation=0.2)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from data_helpers import jsonl_bytes, records, write
 
 from gridlab.data import (
     CorpusSource,
@@ -18,6 +17,8 @@ from gridlab.data import (
     read_documents,
 )
 from gridlab.errors import UserError
+
+from data_helpers import jsonl_bytes, records, write
 
 FORMATS = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
@@ -183,10 +184,10 @@ def test_plan_time_check_reads_only_each_files_first_record(tmp_path):
 
 
 def test_gridlab_plan_lists_the_corpus_and_stops_on_a_pattern_that_matches_nothing(tmp_path):
-    from runner_helpers import tiny_grid
-
     from gridlab.plan import build_plan, format_plan
     from gridlab.spec import parse_grid
+
+    from runner_helpers import tiny_grid
 
     write(tmp_path / "c" / "a.jsonl.zst", records(30))
     write(tmp_path / "c" / "b.parquet", records(30, 1))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import corpus_folder, records, write
 
 from gridlab.data import (
     SPLITS,
@@ -28,6 +27,8 @@ from gridlab.data import (
     train_tokenizer,
 )
 from gridlab.errors import UserError
+
+from data_helpers import corpus_folder, records, write
 
 FRACTIONS = SplitFractions(pretrain=0.4, retrain=0.3, calibration=0.15, validation=0.15, seed=3)
 SEQ = 16

@@ -4,11 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
-from data_helpers import records, write
 
 from gridlab import inputs
 from gridlab.data import CorpusSource, SplitFractions, TokenShard, build_shards, describe_corpus, iter_documents
 from gridlab.errors import UserError
+
+from data_helpers import records, write
 
 
 @pytest.fixture(autouse=True)

@@ -97,7 +97,7 @@ class SplitFractions(_Config):
     retrain: Fraction = 0.3
     calibration: Fraction = 0.02
     validation: Fraction = 0.08
-    seed: Annotated[int, Strict(), Field(ge=0, lt=2**63)] = 0
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)] = 0  # as every seed of the grid (DuckDB INTEGER)
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitFractions:

@@ -12,7 +12,7 @@ import pkgutil
 import torch
 
 from gridlab.pruning.counterpart import random_counterpart
-from gridlab.pruning.offload import layer_store
+from gridlab.layerwise import layer_store
 from gridlab.pruning.registry import (
     METHODS, Method, PruneResult, check_calibration, check_model, check_ratio, get_method, resolve_options,
 )
