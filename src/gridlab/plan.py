@@ -311,6 +311,10 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
     parent = spec.parent
     source = f"pretrain {parent.preset} for {parent.tokens:,} tokens" if parent.pretrains else f"load {parent.path}"
     lines.append(f"  parent: {source} (parent tokens P = {parent.tokens:,})")
+    from gridlab.data import describe_corpus  # checks the corpus files too: a UserError names a bad one
+
+    lines.append("  " + describe_corpus(spec.corpus))
+    lines.extend("  " + describe_corpus(corpus, f"eval corpus {corpus.label}") for corpus in spec.evaluation.corpora)
     lines.append("  methods: " + ", ".join(
         f"{m.key} [{granularity(m)}] ratios {'/'.join(f'{r:g}' for r in spec.method_ratios(m))}"
         for m in spec.methods))

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
+from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
 from gridlab.model import PRESETS
 from gridlab.errors import UserError
 
@@ -112,54 +113,10 @@ class ParentSpec(_Strict):
         return self.path is None
 
 
-class CorpusSpec(_Strict):
-    """A gridlab.data.CorpusSource."""
-
-    kind: Literal["stdlib", "hf", "disk", "files"]
-    name: str | None = None
-    config: str | None = None
-    split: str = "train"
-    path: str | None = None
-    files: tuple[str, ...] = ()
-    text_column: str = "text"
-    max_documents: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _fields_for_kind(self) -> "CorpusSpec":
-        required = {"hf": "name", "disk": "path", "files": "files"}.get(self.kind)
-        if required and not getattr(self, required):
-            raise ValueError(f"a corpus of kind {self.kind!r} needs {required!r}")
-        return self
-
-
-class SplitsSpec(_Strict):
-    """gridlab.data.SplitFractions: the fraction of documents in each disjoint split (seeded hash of the document)."""
-
-    pretrain: float = Field(0.6, gt=0, lt=1)
-    retrain: float = Field(0.3, gt=0, lt=1)
-    calibration: float = Field(0.02, gt=0, lt=1)
-    validation: float = Field(0.08, gt=0, lt=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitsSpec":
-        total = self.pretrain + self.retrain + self.calibration + self.validation
-        if abs(total - 1) > 1e-9:
-            raise ValueError(f"split fractions add up to {total:g}; they must add up to 1")
-        return self
-
-
-class TokenizerSpec(_Strict):
-    """Train a byte-level BPE of ``vocab_size`` on the pretrain split, or load ``path`` (a folder or name)."""
-
-    vocab_size: int | None = Field(default=None, ge=256, le=2**20)
-    path: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "TokenizerSpec":
-        if (self.vocab_size is None) == (self.path is None):
-            raise ValueError("give exactly one of tokenizer.vocab_size (train a BPE) or tokenizer.path")
-        return self
+# One definition of each data config (gridlab.data.schema); the grid file's tables are these classes.
+CorpusSpec = CorpusSource
+SplitsSpec = SplitFractions
+TokenizerSpec = TokenizerConfig
 
 
 class CalibrationSpec(_Strict):
@@ -219,7 +176,7 @@ class MethodSpec(_Strict):
         return self
 
 
-class EvalCorpusSpec(CorpusSpec):
+class EvalCorpusSpec(CorpusSource):
     """An extra held-out corpus, reported as eval/<label>/loss."""
 
     label: str = Field(pattern=_NAME_PATTERN.pattern)

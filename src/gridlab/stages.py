@@ -63,7 +63,8 @@ def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
     if config.tokenizer["vocab_size"] is not None:
         tokenizer_dir = context.out.output("tokenizer")
         if not (tokenizer_dir / "tokenizer.json").exists():
-            train_tokenizer(source, fractions, config.tokenizer["vocab_size"], tokenizer_dir)
+            train_tokenizer(source, fractions, config.tokenizer["vocab_size"], tokenizer_dir,
+                            config.tokenizer["sample_documents"])
     else:
         tokenizer_dir = Path(config.tokenizer["path"])
     shards = build_shards(source, tokenizer_dir, fractions, config.seq_len, context.out.output("shards"))
