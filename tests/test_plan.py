@@ -244,3 +244,27 @@ def test_disk_figures_follow_the_models_and_training_states():
     assert usage["train"].peak > usage["train"].end > usage["prune"].end > 0
     nothing_kept = _plan(budgets=[2048, 4096], schedule={**tiny_grid()["schedule"], "keep_checkpoints": "none"})
     assert disk_usage(nothing_kept)["train"].end < usage["train"].end
+
+
+def _jsonl_corpus(folder, texts):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def test_an_edited_corpus_file_changes_the_data_id_and_everything_downstream(tmp_path):
+    corpus = _jsonl_corpus(tmp_path / "corpus", [f"document {i} " * 20 for i in range(50)])
+    grid = tiny_grid(methods=SIX[:1] + SIX[4:5], corpus={"kind": "files", "files": [str(corpus)]})
+    before = build_plan(parse_grid(grid))
+    assert _ids(build_plan(parse_grid(grid))) == _ids(before)           # nothing changed: same ids
+    moved = _jsonl_corpus(tmp_path / "elsewhere", [f"document {i} " * 20 for i in range(50)])
+    grid_moved = {**grid, "corpus": {"kind": "files", "files": [str(moved)]}}
+    assert _ids(build_plan(parse_grid(grid_moved))) == _ids(before)     # same content at another path: same ids
+    _jsonl_corpus(tmp_path / "corpus", [f"document {i} " * 20 for i in range(49)] + ["an edited document"])
+    after = build_plan(parse_grid(grid))
+    removed, added = _changed(before, after)
+    data = {i for i, s in before.stages.items() if s.kind == "data"}
+    # every stage reads the data stage's shards or sits below one that does
+    assert removed == _downstream(before, data) and len(added) == len(removed)
+    assert before.inputs["corpus"] != after.inputs["corpus"]

@@ -145,21 +145,32 @@ class TrainConfig(StageConfig):
         return {"budgets": self.budgets, "schedule": self.schedule.identity(), "seed": self.seed}
 
 
-class EvalModel(StageConfig):
+class _Evaluation(StageConfig):
+    evaluation: dict[str, Any]        # gridlab.spec.EvaluationSpec fields
+    corpora: list[dict[str, Any]] = Field(default_factory=list)   # each extra corpus's content identity
+
+    def identity(self) -> dict[str, Any]:
+        # An extra corpus is in the id by what it holds (``corpora``), not by where it is read from.
+        identity = super().identity()
+        identity["evaluation"] = {**identity["evaluation"], "corpora": [
+            {k: v for k, v in corpus.items() if k not in ("path", "files", "name", "config", "split")}
+            for corpus in identity["evaluation"]["corpora"]]}
+        return identity
+
+
+class EvalModel(_Evaluation):
     """Score a model stage's own model (deps: model = parent, prune or init; data) at ``tokens``."""
 
     kind: Literal["eval"] = "eval"
     source: Literal["model"] = "model"
-    evaluation: dict[str, Any]        # gridlab.spec.EvaluationSpec fields
     tokens: int                       # its training tokens: 0 for a pruned or fresh model, P for the parent
 
 
-class EvalBranch(StageConfig):
+class EvalBranch(_Evaluation):
     """Score the model of one budget branch (deps: train, data)."""
 
     kind: Literal["eval"] = "eval"
     source: Literal["branch"] = "branch"
-    evaluation: dict[str, Any]
     budget: int
 
 

@@ -171,20 +171,22 @@ def pruned_architecture(method: MethodSpec, ratio: float, parent) -> dict[str, A
     return None if config is None else config_dict(config)
 
 
-def _corpus_identity(corpus: dict[str, Any]) -> dict[str, Any]:
-    """What a corpus is, for the data stage's id."""
-    return {key: corpus[key] for key in ("kind", "name", "config", "split", "path", "files") if key in corpus}
-
-
 def build_plan(spec: GridSpec) -> Plan:
     from gridlab.pruning import METHODS
 
+    from gridlab import inputs as local_inputs
+
     schedule = spec.schedule
     evaluation = canonical(spec.evaluation.model_dump())
-    corpus = canonical(spec.corpus.model_dump())
-    data = make_stage(DataConfig(corpus=corpus, corpus_identity=_corpus_identity(corpus),
+    # Local inputs enter ids by content (gridlab.inputs: a cached hash behind sizes and mtimes), hub ones by revision.
+    corpora = canonical([local_inputs.corpus_identity(corpus) for corpus in spec.evaluation.corpora])
+    tokenizer_identity = (canonical(local_inputs.tokenizer_identity(spec.tokenizer.path))
+                          if spec.tokenizer.path else None)
+    data = make_stage(DataConfig(corpus=canonical(spec.corpus.model_dump()),
+                                 corpus_identity=canonical(local_inputs.corpus_identity(spec.corpus)),
                                  splits=canonical(spec.splits.model_dump()),
-                                 tokenizer=canonical(spec.tokenizer.model_dump()), seq_len=spec.seq_len), {})
+                                 tokenizer=canonical(spec.tokenizer.model_dump()),
+                                 tokenizer_identity=tokenizer_identity, seq_len=spec.seq_len), {})
     parent_tokens = spec.parent.tokens
     parent_architecture = parent_config(spec) if spec.parent.preset is not None or spec.parent.pretrains else None
     if spec.parent.pretrains:
@@ -193,10 +195,11 @@ def build_plan(spec: GridSpec) -> Plan:
                             {"data": data.id})
     else:
         declared = config_dict(parent_architecture) if parent_architecture is not None else None
-        parent = make_stage(LoadedParent(path=spec.parent.path, model_identity={"path": spec.parent.path},
+        parent = make_stage(LoadedParent(path=spec.parent.path,
+                                         model_identity=canonical(local_inputs.model_identity(spec.parent.path)),
                                          tokens=parent_tokens, declared=declared), {"data": data.id})
     stages: dict[str, Stage] = {data.id: data, parent.id: parent}
-    parent_eval = make_stage(EvalModel(evaluation=evaluation, tokens=parent_tokens),
+    parent_eval = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tokens=parent_tokens),
                              {"model": parent.id, "data": data.id})
     stages[parent_eval.id] = parent_eval
 
@@ -269,7 +272,7 @@ def build_plan(spec: GridSpec) -> Plan:
     for draft in drafts:
         model_id = draft["model_stage"]
         if model_id not in start_eval:
-            start_eval[model_id] = make_stage(EvalModel(evaluation=evaluation, tokens=0),
+            start_eval[model_id] = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tokens=0),
                                               {"model": model_id, "data": data.id})
     for model_id, budgets in budgets_of.items():
         trajectory = trajectory_id(model_id, data.id, schedule, seed_of[model_id])
@@ -278,7 +281,7 @@ def build_plan(spec: GridSpec) -> Plan:
         train_of[model_id] = train
         for budget in sorted(budgets):
             branch_eval[model_id, budget] = make_stage(
-                EvalBranch(evaluation=evaluation, budget=budget), {"train": train.id, "data": data.id},
+                EvalBranch(evaluation=evaluation, corpora=corpora, budget=budget), {"train": train.id, "data": data.id},
                 {"train": branch_identity(trajectory, budget)})
 
     cells = []
@@ -300,7 +303,8 @@ def build_plan(spec: GridSpec) -> Plan:
     counts = {kind: 0 for kind in STAGE_KINDS}
     for stage in ordered.values():
         counts[stage.kind] += 1
-    inputs = {"corpus": data.config.corpus_identity}
+    inputs = {"corpus": data.config.corpus_identity, "tokenizer": tokenizer_identity, "eval_corpora": corpora,
+              "parent": getattr(parent.config, "model_identity", None)}
     return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts, inputs=inputs)
 
 
