@@ -29,8 +29,9 @@ class Method:
     granularity: Granularity
     # (model, ratio, calibration or None, options) -> PruneResult
     run: Callable[..., PruneResult]
-    # (parent config, ratio, options) -> the pruned architecture (None: shapes kept)
-    config: Callable[[LlamaConfig, float, dict], LlamaConfig | None]
+    # (parent config, ratio, options) -> the pruned model's config, a new object (sparse: a copy of the parent's);
+    # `run` builds its model's config through it
+    config: Callable[[LlamaConfig, float, dict], LlamaConfig]
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_calibration: bool = True
     # extra checks on the resolved options; raise ValueError

@@ -9,6 +9,7 @@ Comparison groups (each loses exactly floor(ratio · size) weights):
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -212,7 +213,7 @@ def _prune_sparsegpt(model, ratio, calibration, options):
 
 
 def _no_config_change(parent_config, ratio, options):
-    return None
+    return copy.deepcopy(parent_config)  # shapes stay; the pruned model keeps its parent's config
 
 
 register(Method(name="magnitude", granularity="sparse", run=_prune_magnitude, config=_no_config_change,
