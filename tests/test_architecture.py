@@ -128,3 +128,37 @@ def test_the_random_init_model_is_the_pruned_models_architecture_in_every_field(
     assert {k: generation[0].get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {
         k: generation[1].get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {
         "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+
+
+def _declaring_grid(parent_dir, **overrides):
+    from runner_helpers import tiny_grid
+
+    grid = tiny_grid(settings=[1])
+    grid["parent"] = {"path": str(parent_dir), "tokens": 10**9, "preset": "llama-3.1-8b",
+                      "overrides": {**SHAPE, "vocab_size": 512, "bos_token_id": 0, "eos_token_id": 0,
+                                    "pad_token_id": 1, **overrides}}
+    grid["tokenizer"] = {"path": str(parent_dir)}
+    return grid
+
+
+def test_the_parent_stage_checks_a_declared_architecture_against_the_checkpoint(parent_dir):
+    from gridlab.errors import UserError
+    from gridlab.model import check_declared_architecture
+    from gridlab.plan import build_plan
+    from gridlab.spec import parse_grid
+
+    loaded = AutoConfig.from_pretrained(parent_dir)
+    plan = build_plan(parse_grid(_declaring_grid(parent_dir)))
+    (parent,) = [stage for stage in plan.stages.values() if stage["kind"] == "parent"]
+    check_declared_architecture(parent["config"]["declared"], loaded, str(parent_dir))  # matches: no error
+    inits = [stage for stage in plan.stages.values() if stage["kind"] == "init" and "architecture" in stage["config"]]
+    assert inits and all(architecture_diff(s["config"]["architecture"], pruned_config(
+        loaded, "shortgpt", 0.5)) == [] for s in inits if s["config"]["architecture"]["num_hidden_layers"] == 4)
+
+    wrong = build_plan(parse_grid(_declaring_grid(parent_dir, num_hidden_layers=6, rms_norm_eps=1e-6)))
+    (parent,) = [stage for stage in wrong.stages.values() if stage["kind"] == "parent"]
+    with pytest.raises(UserError) as error:
+        check_declared_architecture(parent["config"]["declared"], loaded, str(parent_dir))
+    message = str(error.value)
+    assert "\n" not in message and str(parent_dir) in message
+    assert "num_hidden_layers: declared 6, loaded 8; rms_norm_eps: declared 1e-06, loaded 1e-05" in message

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from gridlab.atomic import staged_directory
+from gridlab.errors import UserError
 
 # Every field of an architecture but the vocabulary (it comes from the tokenizer). gridlab's own presets are untied,
 # use eps 1e-5 and take their context from the grid's seq_len; presets of published models carry every field of the
@@ -96,6 +97,16 @@ def architecture_diff(declared: LlamaConfig | dict, loaded: LlamaConfig | dict) 
     differences: list[str] = []
     _diff(architecture(declared), architecture(loaded), "", differences)
     return differences
+
+
+def check_declared_architecture(declared: LlamaConfig | dict, loaded: LlamaConfig | dict, path: str) -> None:
+    """The parent stage's check: a grid that declares its loaded parent's architecture (parent.preset + overrides,
+    so that planning needs no download) must declare exactly the checkpoint's, or every random-init model would be
+    built from the wrong one. Raises a one-line UserError listing each differing field."""
+    differences = architecture_diff(declared, loaded)
+    if differences:
+        raise UserError(f"parent.path {path}: the checkpoint is not the architecture that parent.preset + "
+                        f"parent.overrides declare ({'; '.join(differences)}); fix the declaration or remove it")
 
 
 _ABSENT = object()

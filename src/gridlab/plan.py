@@ -182,6 +182,10 @@ def build_plan(spec: GridSpec) -> Plan:
     else:
         parent_cfg = {"path": spec.parent.path, "tokens": parent_tokens,
                       "validation_sequences": spec.evaluation.max_sequences}
+        if spec.parent.preset is not None:  # the parent stage checks the checkpoint against this declaration
+            from gridlab.model import architecture
+
+            parent_cfg["declared"] = architecture(parent_config(spec))
     parent = make_stage("parent", canonical(parent_cfg), {"data": data["id"]})
 
     stages: dict[str, dict[str, Any]] = {data["id"]: data, parent["id"]: parent}

@@ -79,7 +79,8 @@ class ParentSpec(_Strict):
     schedule never re-pretrains the parent."""
 
     preset: str | None = None
-    overrides: dict[str, int | float] = Field(default_factory=dict)
+    # any LlamaConfig field; bools stay bools (transformers 5 refuses tie_word_embeddings = 1), rope_parameters a table
+    overrides: dict[str, bool | int | float | str | dict[str, int | float | str]] = Field(default_factory=dict)
     path: str | None = None
     tokens: Tokens
     seed: int = 0

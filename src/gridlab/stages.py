@@ -80,6 +80,12 @@ def _run_parent(config, stage, run_dir, out) -> dict[str, Any]:
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
         model_path, curve, trained = config["path"], [], config["tokens"]
+        if "declared" in config:  # the architecture the plan built the random-init models from
+            from transformers import AutoConfig
+
+            from gridlab.model import check_declared_architecture
+
+            check_declared_architecture(config["declared"], AutoConfig.from_pretrained(model_path), model_path)
         model, _ = load_model(model_path)
     model.to(compute_device())
     return {"model_path": model_path, "trained_tokens": trained, "curve": curve,
@@ -114,7 +120,7 @@ def _run_prune(config, stage, run_dir, out) -> dict[str, Any]:
         model_path = save_layerwise(result.model, out / "model", mask=result.mask)
         shutil.rmtree(spill_dir)
     else:
-        model_path = save_model(result.model, out / "model", mask=result.mask)
+        model_path = save_model(result.model, out / "model", mask=result.mask, tokenizer=data["tokenizer_dir"])
     return {"model_path": str(model_path), "achieved_ratio": result.achieved_ratio,
             "granularity": result.granularity, "removed": result.removed if result.granularity == "depth" else None,
             "note": result.note, "calibration_sequences": count, "layerwise": layerwise,
@@ -136,7 +142,7 @@ def _run_init(config, stage, run_dir, out) -> dict[str, Any]:
         result = PruneResult(model=pruned_model, achieved_ratio=pruned["achieved_ratio"], removed=None, mask=mask,
                              method="", granularity=pruned["granularity"], options={})
         model = random_counterpart(result, config["seed"]).model
-    model_path = save_model(model, out / "model", mask=mask)
+    model_path = save_model(model, out / "model", mask=mask, tokenizer=data["tokenizer_dir"])
     model.to(compute_device())
     return {"model_path": str(model_path), "params": param_counts(model).__dict__,
             **_validation(model, data, config["validation_sequences"])}
