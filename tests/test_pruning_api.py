@@ -150,7 +150,7 @@ def test_random_counterpart_has_the_same_architecture_and_mask_but_fresh_weights
         if result.mask is not None and name in result.mask:
             assert torch.equal(param != 0, result.mask[name])
     again = random_counterpart(result, seed=7)
-    assert all(torch.equal(a, b) for a, b in zip(twin.model.parameters(), again.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(twin.model.parameters(), again.model.parameters(), strict=True))
 
 
 def test_depth_pruning_renumbers_layers_and_generation_with_cache_still_works(pruned, calibration):

@@ -109,11 +109,11 @@ def test_a_failure_inside_a_layer_leaves_no_half_pruned_layer_behind(parent_dir,
 @pytest.mark.slow
 def test_a_grid_with_layerwise_calibration_prunes_from_disk_and_trains_the_result(tmp_path):
     import duckdb
+    from runner_helpers import tiny_grid, write_grid
     from typer.testing import CliRunner
 
     from gridlab import store
     from gridlab.cli import app
-    from runner_helpers import tiny_grid, write_grid
 
     grid = tiny_grid(name="layerwise", inits=["pruned"], settings=[1], budgets=[1024],
                      calibration={"sequences": 4, "layerwise": True},

@@ -19,7 +19,8 @@ def layers_to_remove(num_layers: int, ratio: float) -> int:
 
 def depth_config(parent_config, ratio: float, options: dict):
     config = copy.deepcopy(parent_config)
-    config.num_hidden_layers = parent_config.num_hidden_layers - layers_to_remove(parent_config.num_hidden_layers, ratio)
+    layers = parent_config.num_hidden_layers
+    config.num_hidden_layers = layers - layers_to_remove(layers, ratio)
     return config
 
 
@@ -53,7 +54,7 @@ def block_influence(model, calibration: torch.Tensor, batch_size: int) -> list[f
 
     def influence(hidden_in: list[torch.Tensor], hidden_out: list[torch.Tensor]) -> float:
         cos = sum(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).sum())
-                  for a, b in zip(hidden_in, hidden_out))
+                  for a, b in zip(hidden_in, hidden_out, strict=True))
         return 1.0 - cos / tokens
 
     scores, previous = [], None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -75,9 +76,8 @@ def resolve_options(method: Method, options: dict) -> dict:
 
 def check_model(model) -> None:
     if not isinstance(model, LlamaForCausalLM):
-        raise ValueError(
-            f"pruning needs a decoder-only Llama-style model (transformers LlamaForCausalLM); got {type(model).__name__}"
-        )
+        raise ValueError("pruning needs a decoder-only Llama-style model (transformers LlamaForCausalLM); "
+                         f"got {type(model).__name__}")
     config = model.config
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("pruning supports Llama models without attention/MLP biases; this model has biases")

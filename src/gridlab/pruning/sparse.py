@@ -174,7 +174,7 @@ def _prune_wanda(model, ratio, calibration, options):
         linears = _linears(layer)
         sq_norms: dict[str, torch.Tensor] = {}
 
-        def collect(name, x):
+        def collect(name, x, sq_norms=sq_norms):
             s = x.float().reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
             sq_norms[name] = sq_norms[name] + s if name in sq_norms else s
 
@@ -196,7 +196,7 @@ def _prune_sparsegpt(model, ratio, calibration, options):
         hessians: dict[str, torch.Tensor] = {}
         tokens: dict[str, int] = {}
 
-        def collect(name, x):
+        def collect(name, x, hessians=hessians, tokens=tokens):
             x = x.float().reshape(-1, x.shape[-1])
             h = x.T @ x
             hessians[name] = hessians[name] + h if name in hessians else h
