@@ -128,3 +128,16 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
         save_model(init_model(make_config("micro", 256, 64, num_hidden_layers=1), 0), tmp_path / "m",
                    tokenizer=tokenizer_dir)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_saved_checkpoint_is_readable_by_others_under_the_umask(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        folder = save_model(init_model(make_config("micro", 256, 32, num_hidden_layers=1), 0), tmp_path / "m")
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,12 @@ def save_model(model: LlamaForCausalLM, out_dir: Path, mask: dict[str, torch.Ten
             tokenizer.save_pretrained(staging)
         if mask:
             save_file({name: m.to(torch.bool).contiguous() for name, m in mask.items()}, staging / MASK_FILE)
+        # transformers writes model.safetensors owner-only (0600); give every file what a plain open would give, so
+        # other users of a shared file system can load the checkpoint.
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in staging.iterdir():
+            os.chmod(file, 0o666 & ~umask)
     return Path(out_dir)
 
 
