@@ -197,9 +197,16 @@ def special_token_ids(tokenizer) -> dict[str, int | None]:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def set_special_tokens(model: LlamaForCausalLM, tokenizer) -> None:
+def set_special_tokens(model: LlamaForCausalLM, tokenizer):
     """Make the model's config and generation_config carry the tokenizer's special-token ids (so generation stops
-    on the tokenizer's eos); refuses a tokenizer whose ids do not fit the model's vocabulary."""
+    on the tokenizer's eos); refuses a tokenizer whose ids do not fit the model's vocabulary. `tokenizer` may be a
+    folder or hub name; returns the tokenizer object (None for None)."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, Path)):
+        from gridlab.data import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
                          f"{model.config.vocab_size}")
@@ -207,6 +214,25 @@ def set_special_tokens(model: LlamaForCausalLM, tokenizer) -> None:
         setattr(model.config, key, value)
         if model.generation_config is not None:
             setattr(model.generation_config, key, value)
+    return tokenizer
+
+
+def write_beside_weights(staging: Path, model: LlamaForCausalLM, mask: dict[str, torch.Tensor] | None = None,
+                         tokenizer=None) -> None:
+    """What a gridlab checkpoint folder holds besides weights and config: generation_config, the tokenizer (call
+    set_special_tokens before writing the config), the sparse mask; and file permissions others can read
+    (transformers writes model.safetensors owner-only). Every writer of model folders calls it on its staging folder.
+    """
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if mask:
+        save_file({name: m.to(torch.bool).contiguous() for name, m in mask.items()}, staging / MASK_FILE)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in staging.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def save_model(model: LlamaForCausalLM, out_dir: Path, mask: dict[str, torch.Tensor] | None = None,
@@ -217,24 +243,10 @@ def save_model(model: LlamaForCausalLM, out_dir: Path, mask: dict[str, torch.Ten
     weights and the model's config and generation_config take its bos/eos/pad ids first, so the folder works on its
     own: ``transformers.pipeline("text-generation", model=folder)``.
     """
-    if isinstance(tokenizer, (str, Path)):
-        from gridlab.data import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer)
-    if tokenizer is not None:
-        set_special_tokens(model, tokenizer)
+    tokenizer = set_special_tokens(model, tokenizer)
     with staged_directory(Path(out_dir)) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if mask:
-            save_file({name: m.to(torch.bool).contiguous() for name, m in mask.items()}, staging / MASK_FILE)
-        # transformers writes model.safetensors owner-only (0600); give every file what a plain open would give, so
-        # other users of a shared file system can load the checkpoint.
-        umask = os.umask(0)
-        os.umask(umask)
-        for file in staging.iterdir():
-            os.chmod(file, 0o666 & ~umask)
+        write_beside_weights(staging, model, mask, tokenizer)
     return Path(out_dir)
 
 
