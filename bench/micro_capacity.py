@@ -24,11 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.model import init_model, load_model, make_config  # noqa: E402
 from gridlab.spec import load_grid, parse_tokens  # noqa: E402
-from gridlab.train import TrainConfig, train  # noqa: E402
+from gridlab.train import train  # noqa: E402
 
 
 def data_stage_result(run_dir: Path) -> dict:
@@ -44,9 +45,7 @@ def train_and_score(args) -> list[float]:
     pretrain = TokenShard.open(Path(shards["pretrain"]))
     validation = TokenShard.open(Path(shards["validation"]))
     model = init_model(make_config(**architecture, seq_len=pretrain.seq_len, num_hidden_layers=layers), seed=0)
-    config = TrainConfig(schedule=schedule["kind"], seq_len=pretrain.seq_len,
-                         **{key: value for key, value in schedule.items() if key != "kind"})
-    result = train(model, pretrain, config, budgets, out_dir / f"{layers}")
+    result = train(model, pretrain, Schedule.model_validate(schedule), budgets, out_dir / f"{layers}", seed=0)
     return [heldout_loss(load_model(branch.path)[0], validation, validation_sequences)["loss"]
             for branch in result.branches]
 

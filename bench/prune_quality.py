@@ -20,11 +20,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import CorpusSource, SplitFractions, TokenShard, build_shards, load_tokenizer, train_tokenizer  # noqa: E402
 from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.model import init_model, load_model, make_config  # noqa: E402
 from gridlab.pruning import METHODS, prune  # noqa: E402
-from gridlab.train import TrainConfig, train  # noqa: E402
+from gridlab.train import train  # noqa: E402
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
 
@@ -55,9 +56,9 @@ def main() -> None:
     if not branch.exists():
         start = time.perf_counter()
         train(init_model(config, seed=0), pretrain,
-              TrainConfig(seq_len=args.seq_len, batch_size=16, lr=3e-3, warmup_tokens=args.parent_tokens // 20,
-                          checkpoint_every_tokens=args.parent_tokens // 4, device="cpu"),
-              [args.parent_tokens], parent_dir)
+              Schedule(batch_size=16, lr=3e-3, warmup_tokens=args.parent_tokens // 20,
+                       checkpoint_every_tokens=args.parent_tokens // 4, device="cpu"),
+              [args.parent_tokens], parent_dir, seed=0)
         print(f"pretrained the micro parent on {args.parent_tokens} tokens in {time.perf_counter() - start:.0f} s")
     parent, _ = load_model(branch)
     calibration = calibration_shard[slice(0, min(args.calibration_sequences, calibration_shard.n_sequences))]

@@ -7,7 +7,7 @@ Each figure is printed with its target and with a ratio against a floor measured
     status    vs listing every stage folder
 Result files are synthetic (shaped like the real ones, 5 curve points per branch); nothing is trained.
 
-    python bench/runner_scale.py [--seeds 105]
+    python bench/runner_scale.py [--seeds 52]
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from runner_helpers import fake_payload, tiny_grid, write_grid  # noqa: E402
+from runner_helpers import finish_stage, tiny_grid, write_grid  # noqa: E402
 
-from gridlab import execute, store  # noqa: E402
-from gridlab.cli import collect_status  # noqa: E402
-from gridlab.plan import build_plan, content_id  # noqa: E402
+from gridlab import api, db, execute  # noqa: E402
+from gridlab.contracts import content_id  # noqa: E402
+from gridlab.layout import RunPaths  # noqa: E402
+from gridlab.plan import build_plan  # noqa: E402
 from gridlab.spec import load_grid  # noqa: E402
+from gridlab.state import stage_states  # noqa: E402
 
 SIX = [{"name": n} for n in ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")]
 
@@ -41,7 +43,7 @@ def timed(function, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=105, help="96 cells per seed")
+    parser.add_argument("--seeds", type=int, default=52, help="192 cells per seed (budget 2048 and the budget-0 reference)")
     seeds = parser.parse_args().seeds
     with tempfile.TemporaryDirectory() as folder:
         grid = tiny_grid(name="scale", runs_dir=str(Path(folder) / "runs"), methods=SIX,
@@ -51,7 +53,7 @@ def main() -> None:
 
         plan_s, plan = timed(lambda: build_plan(load_grid(grid_file)))
         stages = list(plan.stages.values())
-        floor_s, _ = timed(lambda: [content_id({"kind": s["kind"], "config": s["config"], "deps": s["deps"]})
+        floor_s, _ = timed(lambda: [content_id({"kind": s.kind, "config": s.config.identity(), "deps": s.deps})
                                     for s in stages])
         print(f"grid: {len(plan.cells):,} cells, {len(stages):,} stages")
         print(f"plan            {plan_s:6.2f} s  (target ≤ 2 s)  {plan_s / floor_s:5.1f}× hashing the stages alone "
@@ -59,7 +61,7 @@ def main() -> None:
 
         def dry_run():
             fresh = build_plan(load_grid(grid_file))
-            return execute.select(fresh, execute.stage_states(fresh.spec.run_dir, list(fresh.stages.values())),
+            return execute.select(fresh, stage_states(fresh.spec.run_dir, list(fresh.stages.values())),
                                   retry_failed=False)
 
         dry_s, selection = timed(dry_run)
@@ -69,16 +71,16 @@ def main() -> None:
         run_dir = plan.spec.run_dir
         execute.prepare(plan, run_dir)
         for stage in stages:
-            store.write_result(run_dir / "stages" / stage["id"], stage, fake_payload(stage))
-        result_files = [run_dir / "stages" / s["id"] / store.RESULT for s in stages]
+            finish_stage(run_dir, stage)
+        result_files = [RunPaths(run_dir).stage(s.id).result for s in stages]
         read_s, _ = timed(lambda: [json.loads(path.read_bytes()) for path in result_files])
-        ingest_s, counts = timed(store.ingest, run_dir)
+        ingest_s, counts = timed(lambda: db.ingest(run_dir, stage_states(run_dir, stages, verify=True)))
         assert counts["results"] == len(stages) and counts["cells"] == len(plan.cells)
         print(f"ingest          {ingest_s:6.2f} s  (target ≤ 5 s)  {ingest_s / read_s:5.1f}× json.loads of the "
               f"{len(result_files):,} result files ({read_s:.2f} s); {counts['metrics']:,} metric rows")
 
-        list_s, _ = timed(lambda: [os.listdir(run_dir / "stages" / s["id"]) for s in stages])
-        status_s, report = timed(collect_status, run_dir)
+        list_s, _ = timed(lambda: [os.listdir(RunPaths(run_dir).stage(s.id).folder) for s in stages])
+        status_s, report = timed(api.status, run_dir)
         assert report["cells"]["done"] == len(plan.cells)
         print(f"status          {status_s:6.2f} s  (target ≤ 1 s)  {status_s / list_s:5.1f}× listing the stage "
               f"folders ({list_s:.2f} s)")

@@ -4,9 +4,9 @@
     python bench/train_throughput.py --world-sizes 1 2 [--preset micro] [--strategy fsdp|ddp]
 
 Both loops run in this process, alternating in rounds so that load from other processes hits both alike; each
-reports its best round. gridlab's time is a whole train() call: optimizer creation, the checkpoint at step 0, the
-fork checkpoint, the branch's HF save and the lr/log/checkpoint bookkeeping of every step. The bare loop is
-forward, backward, grad clip, fused AdamW step and zero_grad on batches drawn from an in-memory tensor.
+reports its best round. gridlab's time is a whole train() call: optimizer creation, the finite-weights checks, the
+fork checkpoint, the branch's HF save, the trajectory record and the lr/log/checkpoint bookkeeping of every step.
+The bare loop is forward, backward, grad clip, fused AdamW step and zero_grad on batches drawn from an in-memory tensor.
 `--presets-only` instead prints bare-loop tokens/s for micro, nano and mini.
 
 `--world-sizes` measures train() launched with torchrun at each world size (one thread per rank on CPU, one GPU per
@@ -32,9 +32,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gridlab import distributed  # noqa: E402
+from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.model import init_model, make_config, param_counts  # noqa: E402
-from gridlab.train import TrainConfig, make_optimizer, train  # noqa: E402
+from gridlab.train import make_optimizer, train  # noqa: E402
 
 VOCAB = 4096
 
@@ -47,7 +48,7 @@ def synthetic_shard(folder: Path, n_sequences: int, seq_len: int) -> TokenShard:
     return TokenShard.open(folder / "bench.bin")
 
 
-def bare_loop(model, data: TokenShard, config: TrainConfig, steps: int) -> float:
+def bare_loop(model, data: TokenShard, config: Schedule, steps: int) -> float:
     start = time.perf_counter()
     optimizer = make_optimizer(model, config)
     sequences = data[:]
@@ -64,17 +65,17 @@ def bare_loop(model, data: TokenShard, config: TrainConfig, steps: int) -> float
     return time.perf_counter() - start
 
 
-def gridlab_loop(model, data: TokenShard, config: TrainConfig, steps: int, out_dir: Path) -> float:
+def gridlab_loop(model, data: TokenShard, config: Schedule, steps: int, out_dir: Path) -> float:
     start = time.perf_counter()
-    train(model, data, config, [steps * config.tokens_per_step], out_dir)
+    train(model, data, config, [steps * config.batch_size * data.seq_len], out_dir, seed=0)
     return time.perf_counter() - start
 
 
 def compare(preset: str, seq_len: int, batch_size: int, steps: int, rounds: int) -> None:
     model_config = make_config(preset, VOCAB, seq_len)
-    config = TrainConfig(batch_size=batch_size, seq_len=seq_len, warmup_tokens=batch_size * seq_len * 2,
-                         log_every_steps=5, checkpoint_every_tokens=10**12)
-    tokens = steps * config.tokens_per_step
+    config = Schedule(batch_size=batch_size, warmup_tokens=batch_size * seq_len * 2, log_every_steps=5,
+                      checkpoint_every_tokens=10**12)
+    tokens = steps * batch_size * seq_len
     bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_shard(Path(tmp), 4 * batch_size, seq_len)
@@ -91,7 +92,7 @@ def compare(preset: str, seq_len: int, batch_size: int, steps: int, rounds: int)
 
 
 def preset_rates(seq_len: int, batch_size: int, steps: int) -> None:
-    config = TrainConfig(batch_size=batch_size, seq_len=seq_len)
+    config = Schedule(batch_size=batch_size)
     for preset in ("micro", "nano", "mini"):
         model_config = make_config(preset, VOCAB, seq_len)
         with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +100,7 @@ def preset_rates(seq_len: int, batch_size: int, steps: int) -> None:
             bare_loop(init_model(model_config, 0), data, config, 1)
             seconds = bare_loop(init_model(model_config, 0), data, config, steps)
         print(f"{preset}: {param_counts(model_config).total / 1e6:.1f}M params (vocab {VOCAB}), "
-              f"{steps * config.tokens_per_step / seconds:.0f} tokens/s fp32, batch {batch_size} × seq {seq_len}, "
+              f"{steps * batch_size * seq_len / seconds:.0f} tokens/s fp32, batch {batch_size} × seq {seq_len}, "
               f"{torch.get_num_threads()} threads")
 
 
@@ -108,9 +109,10 @@ def rank_worker(args: dict) -> None:
     topology = distributed.setup()
     on_cuda = topology.device.type == "cuda"
     model_config = make_config(args["preset"], VOCAB, args["seq_len"])
-    config = TrainConfig(batch_size=args["batch_size"], seq_len=args["seq_len"], strategy=args["strategy"],
-                         warmup_tokens=0, log_every_steps=10**6, checkpoint_every_tokens=10**15,
-                         activation_checkpointing=args["activation_checkpointing"])
+    config = Schedule(batch_size=args["batch_size"], strategy=args["strategy"], warmup_tokens=0,
+                      log_every_steps=10**6, checkpoint_every_tokens=10**15,
+                      activation_checkpointing=args["activation_checkpointing"])
+    tokens_per_step = args["batch_size"] * args["seq_len"]
     folder = Path(args["folder"])
     data = TokenShard.open(folder / "bench.bin")
     times = []
@@ -118,12 +120,12 @@ def rank_worker(args: dict) -> None:
         model = init_model(model_config, 0)
         distributed.barrier(topology)
         start = time.perf_counter()
-        train(model, data, config, [steps * config.tokens_per_step], folder / f"w{topology.world_size}-{attempt}")
+        train(model, data, config, [steps * tokens_per_step], folder / f"w{topology.world_size}-{attempt}", seed=0)
         if on_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     if topology.is_main:
-        tokens_per_s = args["steps"] * config.tokens_per_step / times[-1]
+        tokens_per_s = args["steps"] * tokens_per_step / times[-1]
         record = {"world_size": topology.world_size, "tokens_per_s": tokens_per_s,
                   "params": param_counts(model_config).total}
         if on_cuda:

@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_train import tiny_config, tiny_model  # noqa: E402
-
 from gridlab import distributed  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.train import train  # noqa: E402
+
+from test_train import STEP, tiny_config, tiny_model  # noqa: E402
 
 
 def checkerboard_mask(model) -> dict[str, torch.Tensor]:
@@ -44,8 +44,8 @@ def main() -> None:
 
         model.forward = slow_forward
     config = tiny_config(strategy=args["strategy"])
-    budgets = [steps * config.tokens_per_step for steps in args["budgets"]]
-    result = train(model, TokenShard.open(args["data"]), config, budgets, Path(args["out"]), mask=mask)
+    budgets = [steps * STEP for steps in args["budgets"]]
+    result = train(model, TokenShard.open(args["data"]), config, budgets, Path(args["out"]), seed=0, mask=mask)
     topology = distributed.setup()
     if topology.is_main:
         record = {

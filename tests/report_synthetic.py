@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from gridlab.store import SCHEMA as STORE_SCHEMA
+from gridlab.db import SCHEMA as STORE_SCHEMA
 
 # The runner's own table definitions, so these databases follow the schema exactly as the store writes it.
 SCHEMA = {table: dict(columns) for table, columns in STORE_SCHEMA.items()}

@@ -89,40 +89,62 @@ def slurm_available() -> bool:
         return False
 
 
-def fake_payload(stage: dict, curve_points: int = 5) -> dict:
-    """A result payload shaped like the real stage's (see gridlab.stages), without running anything."""
-    kind, config = stage["kind"], stage["config"]
+def fake_payload(stage, curve_points: int = 5):
+    """A typed result payload shaped like the real stage's (see gridlab.stages), without running anything."""
+    from gridlab.contracts import (
+        BranchResult, DataPayload, EvalPayload, InitPayload, Metric, ParentPayload, PrunePayload, TrainPayload,
+    )
+
+    kind, config = stage.kind, stage.config
+    params = {"decoder": 100, "embedding": 10, "total": 111}
     if kind == "data":
-        return {"tokenizer_dir": "tok", "shards": {}, "vocab_size": 512, "corpus_fingerprint": "f00d", "manifest": {}}
-    if kind in ("parent", "init"):
-        return {"model_path": f"m/{stage['id']}", "val_loss": 5.0, "val_ppl": 148.4, "params": {}}
+        return DataPayload(tokenizer_dir="tok", shards={}, vocab_size=512, corpus_fingerprint="f00d", manifest={})
+    if kind == "parent":
+        return ParentPayload(model_path=f"m/{stage.id}", tokenizer_dir="tok", trained_tokens=config.tokens,
+                             params=params)
+    if kind == "init":
+        return InitPayload(model_path=f"m/{stage.id}", params=params)
     if kind == "prune":
-        return {"model_path": f"m/{stage['id']}", "achieved_ratio": config["ratio"] + 0.01, "granularity": "depth",
-                "removed": None, "note": None, "val_loss": 6.0, "val_ppl": 403.4, "params": {}}
+        return PrunePayload(model_path=f"m/{stage.id}", achieved_ratio=config.ratio + 0.01, granularity="depth",
+                            calibration_sequences=4, layerwise=False, params=params)
     if kind == "train":
         branches = []
-        for budget in config["budgets"]:
-            curve = [{"tokens": budget * (i + 1) // curve_points, "loss": 5.0 - i * 0.1, "lr": 1e-3}
-                     for i in range(curve_points)]
-            branches.append({"budget_tokens": budget, "trained_tokens": budget, "path": f"b/{budget}",
-                             "curve": curve})
-        return {"branches": branches, "curve": []}
+        for budget in config.budgets:
+            metrics = []
+            for i in range(curve_points):
+                tokens = budget * (i + 1) // curve_points
+                metrics += [Metric(name="train_loss", value=5.0 - i * 0.1, tokens=tokens, higher_is_better=False),
+                            Metric(name="lr", value=1e-3, tokens=tokens)]
+            branches.append(BranchResult(budget_tokens=budget, trained_tokens=budget, path=f"b/{budget}",
+                                         metrics=metrics))
+        return TrainPayload(trajectory=config.trajectory, branches=branches)
     if kind == "eval":
-        return {"branches": [{"budget_tokens": b, "trained_tokens": b, "path": f"b/{b}",
-                              "metrics": [{"name": "val_loss", "value": 4.0}, {"name": "val_ppl", "value": 54.6}]}
-                             for b in config["budgets"]]}
+        tokens = config.tokens if config.source == "model" else config.budget
+        value = 4.0 if tokens else 6.0
+        return EvalPayload(model_path="m", tokens=tokens, metrics=[
+            Metric(name="val_loss", value=value, tokens=tokens, higher_is_better=False),
+            Metric(name="val_ppl", value=2.718281828 ** value, tokens=tokens, higher_is_better=False)])
     raise ValueError(kind)
+
+
+def finish_stage(run_dir: Path, stage) -> None:
+    """Leave a stage's result file as a worker would, with a fake payload."""
+    from gridlab.layout import RunPaths
+    from gridlab.results import write_result
+
+    write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
 
 
 def wait_until_settled(run_dir: Path, timeout_s: float = 900):
     """Poll until no submitted stage of the run is still active; return the stage states."""
-    from gridlab import execute, store
+    from gridlab.plan import read_plan_record
+    from gridlab.state import ACTIVE, stage_states
 
-    plan = store.read_plan(run_dir)
+    record = read_plan_record(run_dir)
     deadline = time.time() + timeout_s
     while True:
-        states = execute.stage_states(run_dir, plan["stages"])
-        if not any(s.status in execute.ACTIVE and s.submitted for s in states.values()):
+        states = stage_states(run_dir, record.stages)
+        if not any(s.status in ACTIVE and s.submitted for s in states.values()):
             return states
         assert time.time() < deadline, "SLURM jobs did not finish in time"
         time.sleep(2)

@@ -149,16 +149,16 @@ def test_the_parent_stage_checks_a_declared_architecture_against_the_checkpoint(
 
     loaded = AutoConfig.from_pretrained(parent_dir)
     plan = build_plan(parse_grid(_declaring_grid(parent_dir)))
-    (parent,) = [stage for stage in plan.stages.values() if stage["kind"] == "parent"]
-    check_declared_architecture(parent["config"]["declared"], loaded, str(parent_dir))  # matches: no error
-    inits = [stage for stage in plan.stages.values() if stage["kind"] == "init" and "architecture" in stage["config"]]
-    assert inits and all(architecture_diff(s["config"]["architecture"], pruned_config(
-        loaded, "shortgpt", 0.5)) == [] for s in inits if s["config"]["architecture"]["num_hidden_layers"] == 4)
+    (parent,) = [stage for stage in plan.stages.values() if stage.kind == "parent"]
+    check_declared_architecture(parent.config.declared, loaded, str(parent_dir))  # matches: no error
+    inits = [stage for stage in plan.stages.values() if stage.kind == "init" and hasattr(stage.config, "architecture")]
+    assert inits and all(architecture_diff(stage.config.architecture, pruned_config(loaded, "shortgpt", 0.5)) == []
+                         for stage in inits)
 
     wrong = build_plan(parse_grid(_declaring_grid(parent_dir, num_hidden_layers=6, rms_norm_eps=1e-6)))
-    (parent,) = [stage for stage in wrong.stages.values() if stage["kind"] == "parent"]
+    (parent,) = [stage for stage in wrong.stages.values() if stage.kind == "parent"]
     with pytest.raises(UserError) as error:
-        check_declared_architecture(parent["config"]["declared"], loaded, str(parent_dir))
+        check_declared_architecture(parent.config.declared, loaded, str(parent_dir))
     message = str(error.value)
     assert "\n" not in message and str(parent_dir) in message
     assert "num_hidden_layers: declared 6, loaded 8; rms_norm_eps: declared 1e-06, loaded 1e-05" in message

@@ -7,11 +7,12 @@ import time
 import duckdb
 from typer.testing import CliRunner
 
-from gridlab import execute, store
+from gridlab import atomic, execute
 from gridlab.cli import app
+from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
 from gridlab.spec import load_grid
-from runner_helpers import fake_payload, tiny_grid, write_grid
+from runner_helpers import finish_stage, tiny_grid, write_grid
 
 
 def _half_finished(tmp_path):
@@ -20,27 +21,28 @@ def _half_finished(tmp_path):
     plan = build_plan(load_grid(grid_file))
     run_dir = plan.spec.run_dir
     execute.prepare(plan, run_dir)
-    prune = next(s for s in plan.stages.values() if s["kind"] == "prune")
-    below_prune = {prune["id"]}
+    prune = next(s for s in plan.stages.values() if s.kind == "prune")
+    below_prune = {prune.id}
     for stage in plan.stages.values():  # dependency order
-        if set(stage["deps"].values()) & below_prune:
-            below_prune.add(stage["id"])
+        if set(stage.deps.values()) & below_prune:
+            below_prune.add(stage.id)
     for stage in plan.stages.values():
-        folder = run_dir / "stages" / stage["id"]
+        files = RunPaths(run_dir).stage(stage.id)
         if stage is prune:
-            (folder / store.LOG).write_text("loading parent\nTraceback (most recent call last):\nboom: bad weights\n")
-            store.write_json_atomic(folder / store.ERROR, {"error": "RuntimeError: bad weights",
-                                                           "finished": time.time(), "traceback": []})
-        elif stage["id"] not in below_prune:
-            store.write_result(folder, stage, fake_payload(stage))
+            files.log.write_text("loading parent\nTraceback (most recent call last):\nboom: bad weights\n")
+            atomic.write_json(files.error, {"error": "RuntimeError: bad weights", "finished": time.time(),
+                                            "traceback": []})
+        elif stage.id not in below_prune:
+            finish_stage(run_dir, stage)
     return grid_file, run_dir, prune
 
 
 def test_plan_prints_matrix_counts_tokens_and_estimate(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(write_grid(tmp_path, tiny_grid()))])
     assert result.exit_code == 0, result.output
-    assert "4 cells" in result.output
-    assert "stages: data 1, parent 1, prune 1, init 1, train 2, eval 2 (total 8)" in result.output
+    # 2 inits × budgets {0, 2048} × 2 settings; evals: the parent, each model before training, each branch
+    assert "8 cells" in result.output
+    assert "stages: data 1, parent 1, prune 1, init 1, train 2, eval 7 (total 13)" in result.output
     assert "naive one run per cell" in result.output and "estimated training time" in result.output
 
 
@@ -51,9 +53,9 @@ def test_status_json_counts_and_failed_stage_log_tail(tmp_path):
     report = json.loads(result.output)
     assert report["stages"]["prune"] == {"pending": 0, "running": 0, "done": 0, "failed": 1, "cancelled": 0}
     assert report["stages"]["train"]["done"] == 1 and report["stages"]["train"]["pending"] == 1
-    assert report["cells"] == {"pending": 0, "running": 0, "done": 4, "failed": 4, "cancelled": 0}
+    assert report["cells"] == {"pending": 0, "running": 0, "done": 6, "failed": 6, "cancelled": 0}
     [failed] = report["failed"]
-    assert failed["stage_id"] == prune["id"] and failed["error"] == "RuntimeError: bad weights"
+    assert failed["stage_id"] == prune.id and failed["error"] == "RuntimeError: bad weights"
     assert failed["log_tail"][-1] == "boom: bad weights"
 
 
@@ -61,8 +63,8 @@ def test_status_text_shows_the_table_and_log_lines(tmp_path):
     grid_file, run_dir, prune = _half_finished(tmp_path)
     result = CliRunner().invoke(app, ["status", str(run_dir), "--lines", "2"])
     assert result.exit_code == 0, result.output
-    assert "cells: pending 0, running 0, done 4, failed 4, cancelled 0" in result.output
-    assert f"failed prune {prune['id']}" in result.output
+    assert "cells: pending 0, running 0, done 6, failed 6, cancelled 0" in result.output
+    assert f"failed prune {prune.id}" in result.output
     assert "  | boom: bad weights" in result.output and "loading parent" not in result.output
 
 
@@ -75,9 +77,9 @@ def test_ingest_command_and_failed_cells_name_their_cause(tmp_path):
     grid_file, run_dir, prune = _half_finished(tmp_path)
     result = CliRunner().invoke(app, ["ingest", str(grid_file)])
     assert result.exit_code == 0, result.output
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
         errors = connection.execute("SELECT DISTINCT error FROM cells WHERE status = 'failed'").fetchall()
-    assert errors == [(f"{prune['id']}: RuntimeError: bad weights",)]
+    assert errors == [(f"{prune.id}: RuntimeError: bad weights",)]
 
 
 def test_report_command_ingests_and_calls_the_report(tmp_path):
@@ -85,7 +87,7 @@ def test_report_command_ingests_and_calls_the_report(tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(app, ["report", str(grid_file), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert (run_dir / store.DATABASE).exists()
+    assert (RunPaths(run_dir).database).exists()
     assert any(out.iterdir())
 
 

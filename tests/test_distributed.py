@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import tiny_config, tiny_model, weights, write_shard
-
 from gridlab.data import TokenShard
 from gridlab.train import train
+
+from test_train import STEP, tiny_config, tiny_model, weights, write_shard
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 BUDGETS = [8, 12]  # steps; WSD branches fork at 6 and 9
@@ -49,8 +49,9 @@ def single_process(tmp_path: Path, masked: bool = False):
         from distributed_worker import checkerboard_mask
 
         mask = checkerboard_mask(model)
-    budgets = [steps * config.tokens_per_step for steps in BUDGETS]
-    return train(model, TokenShard.open(tmp_path / "data" / "train.bin"), config, budgets, tmp_path / "single", mask)
+    budgets = [steps * STEP for steps in BUDGETS]
+    return train(model, TokenShard.open(tmp_path / "data" / "train.bin"), config, budgets, tmp_path / "single",
+                 seed=0, mask=mask)
 
 
 def assert_close_curves(a: list[dict], b: list[dict]) -> None:

@@ -11,8 +11,10 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from gridlab import store
-from gridlab.cli import app, collect_status
+from gridlab import api
+from gridlab.cli import app
+from gridlab.layout import RunPaths
+from gridlab.plan import read_plan_record
 from runner_helpers import SMOKE, tiny_grid, write_grid
 
 pytestmark = pytest.mark.slow
@@ -30,7 +32,7 @@ def _submit(grid_file, *options):
 
 
 def _val_losses(run_dir):
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
         return dict(connection.execute(
             "SELECT cell_id, value FROM metrics WHERE name = 'val_loss' AND tokens > 0").fetchall())
 
@@ -46,13 +48,15 @@ def finished_grid(tmp_path_factory):
 
 def test_local_run_fills_the_database(finished_grid):
     _, run_dir = finished_grid
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
         cells = connection.execute("SELECT init, setting, trained_tokens, status FROM cells ORDER BY ALL").fetchall()
         names = {row[0] for row in connection.execute("SELECT DISTINCT name FROM metrics").fetchall()}
-    assert cells == [("pruned", 1, BUDGET, "done"), ("pruned", 2, BUDGET, "done"),
-                     ("random", 1, BUDGET, "done"), ("random", 2, 4096 + BUDGET, "done")]
+    # budget 0: the pruned model as pruned, the random one at init, and (setting 2) after the parent's P tokens
+    assert cells == [("pruned", 1, 0, "done"), ("pruned", 1, BUDGET, "done"), ("pruned", 2, 0, "done"),
+                     ("pruned", 2, BUDGET, "done"), ("random", 1, 0, "done"), ("random", 1, BUDGET, "done"),
+                     ("random", 2, 4096, "done"), ("random", 2, 4096 + BUDGET, "done")]
     assert {"train_loss", "lr", "val_loss", "val_ppl"} <= names
-    assert len(_val_losses(run_dir)) == 4
+    assert len(_val_losses(run_dir)) == 5
 
 
 def test_resubmitting_a_finished_grid_runs_nothing(finished_grid):
@@ -60,34 +64,36 @@ def test_resubmitting_a_finished_grid_runs_nothing(finished_grid):
     attempts_before = sorted(p.read_text() for p in run_dir.glob("stages/*/attempts.log"))
     result = _submit(grid_file)
     assert result.exit_code == 0, result.output
-    assert "8 done (skipped)" in result.output and "0 to run" in result.output
+    assert "13 done (skipped)" in result.output and "0 to run" in result.output
     assert sorted(p.read_text() for p in run_dir.glob("stages/*/attempts.log")) == attempts_before
 
 
 def test_kill_9_a_worker_mid_train_then_retry_resumes_to_the_same_numbers(finished_grid):
     grid_file, run_dir = finished_grid
     reference = _val_losses(run_dir)
-    saved = json.loads((run_dir / store.PLAN).read_text())
-    cell = next(c for c in saved["cells"] if c["init"] == "pruned")
-    for stage_id in (cell["train_stage"], cell["eval_stage"]):       # forget this trajectory: train it again
-        subprocess.run(["rm", "-rf", str(run_dir / "stages" / stage_id), str(run_dir / store.DONE / stage_id)],
-                       check=True)
+    run = RunPaths(run_dir)
+    record = read_plan_record(run_dir)
+    cell = next(c for c in record.cells if c.init == "pruned" and c.train_stage)
+    trajectory = run.trajectory(next(s for s in record.stages if s.id == cell.train_stage).config.trajectory)
+    for stage_id in (cell.train_stage, cell.eval_stage):       # forget this trajectory: train it again
+        subprocess.run(["rm", "-rf", str(run.stage(stage_id).folder), str(run.stage(stage_id).done_marker),
+                        str(trajectory)], check=True)
     cli = subprocess.Popen([sys.executable, "-c", "from gridlab.cli import app; app()", "submit", str(grid_file)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    train_dir = run_dir / "stages" / cell["train_stage"]
+    train = run.stage(cell.train_stage)
     deadline = time.time() + 300
-    while not (train_dir / "train" / "checkpoint").exists():
+    while not (trajectory / "checkpoint").exists():
         assert time.time() < deadline and cli.poll() is None, "training never checkpointed"
         time.sleep(0.05)
-    pid = json.loads((train_dir / store.SUBMIT).read_text())["pid"]
+    pid = json.loads(train.submit.read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     output, _ = cli.communicate(timeout=300)
     assert cli.returncode == 1, output
-    assert not (train_dir / store.RESULT).exists()
+    assert not train.result.exists()
 
-    status = collect_status(run_dir)
+    status = api.status(run_dir)
     failed = {f["stage_id"]: f for f in status["failed"]}
-    assert "killed by signal 9" in failed[cell["train_stage"]]["error"]
+    assert "killed by signal 9" in failed[cell.train_stage]["error"]
     assert status["stages"]["train"]["failed"] == 1
 
     result = _submit(grid_file)                                       # failed stages are reported, not rerun
@@ -104,10 +110,11 @@ def test_editing_one_value_reruns_only_what_it_changes(finished_grid, tmp_path):
     before = set(os.listdir(run_dir / "stages"))
     result = _submit(edited_file, "--executor", "debug")
     assert result.exit_code == 0, result.output
-    assert "6 done (skipped)" in result.output and "2 to run" in result.output
+    # evaluation settings are only in eval ids: the parent, the models and their training are reused
+    assert "6 done (skipped)" in result.output and "7 to run" in result.output
     new = set(os.listdir(run_dir / "stages")) - before
-    kinds = {json.loads((run_dir / "stages" / stage_id / store.STAGE).read_text())["kind"] for stage_id in new}
-    assert len(new) == 2 and kinds == {"eval"}
+    kinds = {json.loads(RunPaths(run_dir).stage(stage_id).stage.read_text())["kind"] for stage_id in new}
+    assert len(new) == 7 and kinds == {"eval"}
 
 
 def test_smoke_grid_end_to_end_locally(tmp_path):
@@ -115,8 +122,8 @@ def test_smoke_grid_end_to_end_locally(tmp_path):
     grid_file.write_text(SMOKE.read_text().replace('runs_dir = "../runs"', 'runs_dir = "runs"'))
     result = _submit(grid_file)
     assert result.exit_code == 0, result.output
-    with duckdb.connect(str(tmp_path / "runs" / "smoke" / store.DATABASE), read_only=True) as connection:
-        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 96)]
+    with duckdb.connect(str(RunPaths(tmp_path / "runs" / "smoke").database), read_only=True) as connection:
+        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 144)]
         methods = connection.execute("SELECT count(DISTINCT method), count(DISTINCT granularity) FROM cells").fetchone()
     assert methods == (6, 3)
 

@@ -2,7 +2,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gridlab.model import PRESETS, init_model, load_model, make_config, param_counts, save_model
+from gridlab.model import (
+    PRESETS,
+    decoder_layer_params,
+    head_dim,
+    init_model,
+    load_model,
+    make_config,
+    param_counts,
+    save_model,
+)
 
 
 def test_micro_preset_has_the_documented_size_and_grouped_query_attention():
@@ -29,6 +38,22 @@ def test_llama_8b_preset_counts_eight_billion_parameters():
 def test_config_counts_match_the_built_model(preset):
     config = make_config(preset, vocab_size=512, seq_len=64)
     assert param_counts(config) == param_counts(init_model(config, 0))
+
+
+def test_head_dim_and_layer_count_follow_the_config_and_replaced_widths():
+    config = make_config("micro", vocab_size=512, seq_len=64)
+    assert head_dim(config) == config.hidden_size // config.num_attention_heads
+    model = init_model(config, 0)
+    layer = model.model.layers[0]
+    weights = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert decoder_layer_params(config) == weights
+    # one KV group fewer (and its query heads), half the FFN: what a width-pruned layer holds
+    groups = config.num_attention_heads // config.num_key_value_heads
+    expected = 2 * config.hidden_size * head_dim(config) * (config.num_attention_heads - groups
+                                                            + config.num_key_value_heads - 1)
+    expected += 3 * config.hidden_size * config.intermediate_size // 2
+    assert decoder_layer_params(config, kv_groups=config.num_key_value_heads - 1,
+                                ffn=config.intermediate_size // 2) == expected
 
 
 def test_unknown_preset_is_a_one_line_error():

@@ -9,8 +9,11 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from gridlab import store
+from gridlab.layout import RunPaths
+from gridlab.plan import read_plan_record
+from gridlab.results import read_result
 from gridlab.cli import app
+
 from runner_helpers import REPO, slurm_available, tiny_grid, wait_until_settled, write_grid
 
 pytestmark = pytest.mark.slow
@@ -31,7 +34,7 @@ def _grid(name, train_ranks, parent_ranks=1, **changes):
 
 def _val_losses(run_dir):
     """(method, ratio, init, setting, budget) → final val_loss (cell ids change with the schedule's strategy)."""
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
         rows = connection.execute(
             "SELECT c.method, c.ratio, c.init, c.setting, c.budget_tokens, m.value FROM metrics m "
             "JOIN cells c USING (cell_id) WHERE m.name = 'val_loss' AND m.tokens > 0").fetchall()
@@ -39,8 +42,7 @@ def _val_losses(run_dir):
 
 
 def _stage_results(run_dir):
-    plan = store.read_plan(run_dir)
-    return [store.read_result(run_dir / "stages" / stage["id"], stage["id"]) for stage in plan["stages"]]
+    return [read_result(RunPaths(run_dir).stage(stage.id)) for stage in read_plan_record(run_dir).stages]
 
 
 def _run_local(folder, grid):
@@ -71,7 +73,7 @@ def test_two_rank_train_stages_match_one_process(tmp_path, one_process_losses, s
     assert len(multi_rank) == 2 + (parent_ranks == 2)
     for result in multi_rank:
         assert result["attempts"] == 1  # rank 1 neither counts attempts nor writes the result
-        log = (run_dir / "stages" / result["stage_id"] / store.LOG).read_text()
+        log = RunPaths(run_dir).stage(result["stage_id"]).log.read_text()
         assert "rank 0" in log and "rank 1" in log
     losses = _val_losses(run_dir)
     assert losses.keys() == one_process_losses.keys()
@@ -86,13 +88,12 @@ def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
     result = CliRunner().invoke(app, ["submit", str(grid_file), "--executor", "slurm"])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "slurm-ranks"
-    plan = store.read_plan(run_dir)
     states = wait_until_settled(run_dir, 600)
     assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
-    (train,) = [s for s in plan["stages"] if s["kind"] == "train"]
-    log = (run_dir / "stages" / train["id"] / store.LOG).read_text()
+    (train,) = [s for s in read_plan_record(run_dir).stages if s.kind == "train"]
+    log = RunPaths(run_dir).stage(train.id).log.read_text()
     assert "rank 0" in log and "rank 1" in log
-    submit = json.loads((run_dir / "stages" / train["id"] / store.SUBMIT).read_text())
+    submit = json.loads(RunPaths(run_dir).stage(train.id).submit.read_text())
     assert submit["executor"] == "slurm"
     assert CliRunner().invoke(app, ["ingest", str(grid_file)]).exit_code == 0
     assert len(_val_losses(run_dir)) == 1
@@ -107,20 +108,19 @@ def test_a_preempted_two_task_training_job_requeues_and_resumes(tmp_path):
     result = CliRunner().invoke(app, ["submit", str(grid_file), "--executor", "slurm"])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "slurm-preempt"
-    plan = store.read_plan(run_dir)
-    (train,) = [s for s in plan["stages"] if s["kind"] == "train"]
-    train_dir = run_dir / "stages" / train["id"]
+    (train,) = [s for s in read_plan_record(run_dir).stages if s.kind == "train"]
+    files = RunPaths(run_dir).stage(train.id)
     deadline = time.time() + 600
-    while not (train_dir / "train" / "checkpoint").exists():
+    while not (RunPaths(run_dir).trajectory(train.config.trajectory) / "checkpoint").exists():
         assert time.time() < deadline, "training never checkpointed"
         time.sleep(0.1)
-    job_id = json.loads((train_dir / store.SUBMIT).read_text())["job_id"]
+    job_id = json.loads(files.submit.read_text())["job_id"]
     # Preemption: SLURM signals every task (USR2, as before a time limit); the job is requeued with both ranks.
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     states = wait_until_settled(run_dir, 600)
     assert {s.status for s in states.values()} == {"done"}, {s.stage_id: s.error for s in states.values()}
-    assert len((train_dir / store.ATTEMPTS).read_text().split()) >= 2, "the preempted job was not requeued"
-    log = (train_dir / store.LOG).read_text()
+    assert len(files.attempts.read_text().split()) >= 2, "the preempted job was not requeued"
+    log = files.log.read_text()
     assert "rank 0" in log and "rank 1" in log
     assert CliRunner().invoke(app, ["ingest", str(grid_file)]).exit_code == 0
     assert len(_val_losses(run_dir)) == 1

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from gridlab.plan import build_plan, canonical, content_id, parent_config
+from gridlab.contracts import canonical, content_id
+from gridlab.plan import build_plan, parent_config
 from gridlab.pruning import pruned_config
 from gridlab.spec import load_grid, parse_grid
 from runner_helpers import tiny_grid, write_grid
@@ -18,16 +19,23 @@ def _plan(**changes):
 
 
 def _downstream(plan, changed: set[str]) -> set[str]:
+    """The stages whose inputs include a changed stage's output. A structured init stands in its id for the parent's
+    architecture (in its config), and a branch eval for its trajectory (model and data) and budget, not for the
+    stage ids they wait for."""
     closure = set(changed)
     for stage in plan.stages.values():  # dependency order
-        if set(stage["deps"].values()) & closure:
-            closure.add(stage["id"])
+        carried = {dep for role, dep in stage.deps.items() if role not in stage.dep_identities}
+        if "train" in stage.dep_identities:
+            carried |= set(plan.stages[stage.deps["train"]].deps.values())
+        if carried & closure:
+            closure.add(stage.id)
     return closure
 
 
 def test_cells_are_the_full_product_and_stages_are_shared():
     plan = _plan(methods=SIX, ratios=[0.5, 0.75], budgets=[2048, 4096], seeds=[0, 1])
-    assert len(plan.cells) == 6 * 2 * 2 * 2 * 2 * 2
+    # method × ratio × init × (budgets + the budget-0 reference) × setting × seed
+    assert len(plan.cells) == 6 * 2 * 2 * 3 * 2 * 2
     assert plan.counts["data"] == 1 and plan.counts["parent"] == 1
     assert plan.counts["prune"] == 6 * 2 * 2                      # one per method × ratio × seed, for all budgets
     # structured methods share one random model per distinct architecture and seed; sparse ones get one per mask
@@ -37,42 +45,48 @@ def test_cells_are_the_full_product_and_stages_are_shared():
     assert len(architectures) < 8                                   # the two depth methods coincide
     assert plan.counts["init"] == (len(architectures) + 2 * 2) * 2
     assert plan.counts["train"] == plan.counts["prune"] + plan.counts["init"]
-    assert plan.counts["eval"] == plan.counts["train"]
+    # one eval per model before training, one per budget branch, and the parent's
+    branches = sum(len(s.config.budgets) for s in plan.stages.values() if s.kind == "train")
+    assert plan.counts["eval"] == plan.counts["train"] + branches + 1
 
 
 def test_pruned_settings_share_a_run_and_random_budgets_are_branches_of_one_trajectory():
     plan = _plan(budgets=[2048, 4096])
     parent_tokens = 4096
-    pruned = [c for c in plan.cells if c["init"] == "pruned"]
-    assert {c["setting"] for c in pruned} == {1, 2}
-    assert len({c["train_stage"] for c in pruned}) == 1
-    assert {c["trained_tokens"] for c in pruned} == {2048, 4096}
-    random = [c for c in plan.cells if c["init"] == "random"]
-    assert len({c["train_stage"] for c in random}) == 1
-    train = plan.stages[random[0]["train_stage"]]
-    assert train["config"]["budgets"] == [2048, 4096, parent_tokens + 2048, parent_tokens + 4096]
-    assert {(c["setting"], c["trained_tokens"]) for c in random} == {
-        (1, 2048), (1, 4096), (2, parent_tokens + 2048), (2, parent_tokens + 4096)}
+    pruned = [c for c in plan.cells if c.init == "pruned"]
+    assert {c.setting for c in pruned} == {1, 2}
+    assert {c.train_stage for c in pruned} - {None} == {pruned[-1].train_stage}
+    assert {c.trained_tokens for c in pruned} == {0, 2048, 4096}
+    random = [c for c in plan.cells if c.init == "random"]
+    assert {c.train_stage for c in random} - {None} == {random[-1].train_stage}
+    train = plan.stages[random[-1].train_stage]
+    # setting 2's budget-0 reference is the random trajectory after exactly P tokens (here P = 4096, a budget too)
+    assert train.config.budgets == [2048, 4096, parent_tokens + 2048, parent_tokens + 4096]
+    assert {(c.setting, c.trained_tokens) for c in random} == {
+        (1, 0), (1, 2048), (1, 4096), (2, parent_tokens), (2, parent_tokens + 2048), (2, parent_tokens + 4096)}
+    untrained = [c for c in plan.cells if c.trained_tokens == 0]
+    assert all(c.train_stage is None and c.eval_stage == c.start_eval_stage for c in untrained)
 
 
 def test_depth_methods_share_the_random_model_and_its_training():
     plan = _plan(methods=[{"name": "shortgpt"}, {"name": "minitron-depth"}, {"name": "wanda"}])
-    random_train = {c["method"]: c["train_stage"] for c in plan.cells if c["init"] == "random"}
+    random_train = {c.method: c.train_stage for c in plan.cells if c.init == "random" and c.train_stage}
     assert random_train["shortgpt"] == random_train["minitron-depth"] != random_train["wanda"]
 
 
 def test_exclude_rules_and_nm_ratio():
     plan = _plan(methods=[{"name": "wanda-2:4"}, {"name": "magnitude"}], ratios=[0.5, 0.6],
                  exclude=[{"method": "magnitude", "ratio": 0.6}, {"init": "random", "setting": 2}])
-    assert {(c["method"], c["ratio"]) for c in plan.cells} == {("wanda-2:4", 0.5), ("magnitude", 0.5)}
-    assert not any(c["init"] == "random" and c["setting"] == 2 for c in plan.cells)
-    assert plan.excluded == 1 * 2 * 2 + 2 * 1   # magnitude@0.6: all 4 cells; random setting 2 of the other two
-    nm_prune = next(s for s in plan.stages.values() if s["kind"] == "prune" and s["config"]["method"] == "wanda")
-    assert nm_prune["config"]["options"] == {"nm": "2:4"}
+    assert {(c.method, c.ratio) for c in plan.cells} == {("wanda-2:4", 0.5), ("magnitude", 0.5)}
+    assert not any(c.init == "random" and c.setting == 2 for c in plan.cells)
+    # magnitude@0.6: all its 2 inits × 2 budgets × 2 settings; random setting 2 of the other two: 2 budgets each
+    assert plan.excluded == 2 * 2 * 2 + 2 * 2
+    nm_prune = next(s for s in plan.stages.values() if s.kind == "prune" and s.config.method == "wanda")
+    assert nm_prune.config.options == {"nm": "2:4"}
 
 
 def _ids(plan):
-    return set(plan.stages), {c["cell_id"] for c in plan.cells}
+    return set(plan.stages), {c.cell_id for c in plan.cells}
 
 
 def test_reordering_keys_and_reformatting_numbers_changes_no_id(tmp_path):
@@ -97,35 +111,41 @@ def _changed(before, after):
 def test_changing_a_value_changes_exactly_the_downstream_ids():
     base = dict(methods=SIX, budgets=[2048, 4096])
     before = _plan(**base)
-    by_kind = lambda plan, kind: {i for i, s in plan.stages.items() if s["kind"] == kind}
+    by_kind = lambda plan, kind: {i for i, s in plan.stages.items() if s.kind == kind}
 
     # a pruning option of one method: its prune stages and everything downstream of them; nothing else
     methods = copy.deepcopy(SIX)
     methods[4]["options"] = {"nsamples": 4}
     after = _plan(**{**base, "methods": methods})
     removed, added = _changed(before, after)
-    wanda_prunes = {i for i in by_kind(before, "prune") if before.stages[i]["config"]["method"] == "wanda"}
+    wanda_prunes = {i for i in by_kind(before, "prune") if before.stages[i].config.method == "wanda"}
     assert removed == _downstream(before, wanda_prunes) and len(added) == len(removed)
 
-    # the retraining schedule: train and eval stages only; the parent keeps its own schedule
+    # the retraining schedule: train stages and the evals of their branches; the parent keeps its own schedule,
+    # and the evaluations before training stay
     after = _plan(**{**base, "schedule": {**tiny_grid()["schedule"], "lr": 1e-3}})
     removed, _ = _changed(before, after)
-    assert removed == by_kind(before, "train") | by_kind(before, "eval")
+    branch_evals = {i for i in by_kind(before, "eval") if before.stages[i].config.source == "branch"}
+    assert removed == by_kind(before, "train") | branch_evals
 
     # calibration size: every prune stage and what follows; the shared structured random models stay
     after = _plan(**{**base, "calibration": {"sequences": 3}})
     removed, _ = _changed(before, after)
     assert removed == _downstream(before, by_kind(before, "prune"))
-    structured_inits = {i for i in by_kind(before, "init") if "architecture" in before.stages[i]["config"]}
+    structured_inits = {i for i in by_kind(before, "init") if before.stages[i].config.source == "architecture"}
     assert structured_inits and not structured_inits & removed
 
     # the parent's token count: the parent and everything downstream except the structured random inits
     after = _plan(**{**base, "parent": {**tiny_grid()["parent"], "tokens": 8192}})
     removed, _ = _changed(before, after)
     parent = by_kind(before, "parent")
+    # (setting 2 trains random models P + B tokens: their trajectories stay, their train stages and the evals of
+    # the setting-2 branches change; a branch of the same trajectory and budget keeps its eval)
+    still_trained = {c.trained_tokens for c in after.cells if c.init == "random"}
+    random_setting_2 = {c.eval_stage for c in before.cells
+                        if c.init == "random" and c.setting == 2 and c.trained_tokens not in still_trained}
     assert removed == _downstream(before, parent) | {
-        c["train_stage"] for c in before.cells if c["init"] == "random"} | {
-        c["eval_stage"] for c in before.cells if c["init"] == "random"}
+        c.train_stage for c in before.cells if c.init == "random" and c.train_stage} | random_setting_2
 
 
 def test_canonical_normalises_numbers():
@@ -144,3 +164,67 @@ def test_time_estimate_charges_sparse_models_the_parents_cost_and_smaller_models
     assert half_depth == pytest.approx((counts.embedding + 0.5 * counts.decoder) / (counts.embedding + counts.decoder))
     assert relative_step_cost(counts, "width", 0.8) < half_depth < 1.0
     assert relative_step_cost(None, "depth", 0.5) == 1.0
+
+
+EXECUTION_ONLY = [
+    ("schedule", "strategy", "ddp"), ("schedule", "activation_checkpointing", True),
+    ("schedule", "log_every_steps", 7), ("schedule", "checkpoint_every_tokens", 4096),
+    ("parent.schedule", "strategy", "ddp"), ("parent.schedule", "activation_checkpointing", True),
+    ("parent.schedule", "log_every_steps", 3), ("parent.schedule", "checkpoint_every_tokens", 2048),
+    ("calibration", "layerwise", True), ("local", "workers", 1),
+    ("resources", "train", {"cpus": 2, "mem_gb": 3, "time_min": 99, "array_parallelism": 4}),
+]
+
+
+@pytest.mark.parametrize("table, key, value", EXECUTION_ONLY, ids=[f"{t}.{k}" for t, k, _ in EXECUTION_ONLY])
+def test_settings_that_only_change_how_a_stage_runs_change_no_id(table, key, value):
+    grid = tiny_grid(methods=SIX, budgets=[2048, 4096])
+    before = build_plan(parse_grid(grid))
+    edited = copy.deepcopy(grid)
+    target = edited
+    for part in table.split("."):
+        target = target.setdefault(part, {})
+    target[key] = value
+    assert _ids(build_plan(parse_grid(edited))) == _ids(before)
+
+
+def test_an_evaluation_setting_changes_only_eval_ids():
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    after = _plan(methods=SIX, budgets=[2048, 4096], evaluation={"max_sequences": 9})
+    removed, added = _changed(before, after)
+    assert removed == {i for i, s in before.stages.items() if s.kind == "eval"} and len(added) == len(removed)
+
+
+def test_a_bumped_method_version_reruns_exactly_its_stages(monkeypatch):
+    import dataclasses
+
+    from gridlab.pruning import METHODS
+
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    monkeypatch.setitem(METHODS, "wanda", dataclasses.replace(METHODS["wanda"], version=METHODS["wanda"].version + 1))
+    after = _plan(methods=SIX, budgets=[2048, 4096])
+    removed, added = _changed(before, after)
+    wanda = {i for i, s in before.stages.items() if s.kind == "prune" and s.config.method == "wanda"}
+    assert wanda and removed == _downstream(before, wanda) and len(added) == len(removed)
+
+
+def test_a_bumped_stage_kind_version_reruns_that_kind_and_what_depends_on_it(monkeypatch):
+    from gridlab import contracts
+
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    monkeypatch.setitem(contracts.VERSION, "prune", contracts.VERSION["prune"] + 1)
+    after = _plan(methods=SIX, budgets=[2048, 4096])
+    removed, _ = _changed(before, after)
+    assert removed == _downstream(before, {i for i, s in before.stages.items() if s.kind == "prune"})
+
+
+def test_one_more_budget_keeps_every_existing_branch_eval_and_the_trajectories():
+    before = _plan(methods=SIX, budgets=[2048, 4096])
+    after = _plan(methods=SIX, budgets=[2048, 4096, 8192])
+    removed, added = _changed(before, after)
+    # the train stages are new (they reach one more budget) but extend the same trajectories; no eval is redone
+    assert {before.stages[i].kind for i in removed} == {"train"}
+    trajectories = lambda plan: {s.config.trajectory for s in plan.stages.values() if s.kind == "train"}
+    assert trajectories(before) == trajectories(after)
+    assert {after.stages[i].kind for i in added} == {"train", "eval"}
+    assert all(after.stages[i].config.budget in (8192, 4096 + 8192) for i in added if after.stages[i].kind == "eval")

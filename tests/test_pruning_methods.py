@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from gridlab.layerwise import capture_layer_inputs, run_layer
 from gridlab.model import init_model, make_config
 from gridlab.pruning import prune
-from gridlab.pruning.calibration import capture_layer_inputs, run_layer
 from gridlab.pruning.depth import block_influence
 from gridlab.pruning.sparse import magnitude_mask, sparsegpt_prune, wanda_mask
 

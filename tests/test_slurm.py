@@ -10,8 +10,11 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from gridlab import execute, store
-from gridlab.cli import app, collect_status
+from gridlab import api
+from gridlab.cli import app
+from gridlab.layout import RunPaths
+from gridlab.plan import read_plan_record
+from gridlab.state import stage_states
 from runner_helpers import SMOKE, slurm_available, tiny_grid, wait_until_settled, write_grid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
@@ -25,7 +28,7 @@ def _submit(grid_file, *options):
 
 
 def _job_of(run_dir, stage_id):
-    return json.loads((run_dir / "stages" / stage_id / store.SUBMIT).read_text())["job_id"]
+    return json.loads(RunPaths(run_dir).stage(stage_id).submit.read_text())["job_id"]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,9 @@ def cancelled_grid(tmp_path_factory):
     result = _submit(grid_file)
     submit_seconds = time.time() - started
     assert result.exit_code == 0, result.output
-    plan = store.read_plan(run_dir)
-    parent = next(s["id"] for s in plan["stages"] if s["kind"] == "parent")
-    states_right_after = execute.stage_states(run_dir, plan["stages"])
+    record = read_plan_record(run_dir)
+    parent = record.parent_stage
+    states_right_after = stage_states(run_dir, record.stages)
     subprocess.run(["scancel", _job_of(run_dir, parent)], check=True)
     return grid_file, run_dir, parent, submit_seconds, states_right_after
 
@@ -54,14 +57,14 @@ def test_submit_returns_at_once(cancelled_grid):
 def test_scancel_shows_in_status_and_blocks_downstream(cancelled_grid):
     _, run_dir, parent, _, _ = cancelled_grid
     wait_until_settled(run_dir)
-    status = collect_status(run_dir)
+    status = api.status(run_dir)
     failed = {f["stage_id"]: f for f in status["failed"]}
     assert failed[parent]["status"] == "cancelled"
     assert status["stages"]["parent"]["cancelled"] == 1
     assert status["stages"]["data"]["done"] == 1
     # pruned cells sit below the parent; random cells do not (their model is initialised from the architecture)
-    assert status["cells"]["cancelled"] == 2
-    assert status["cells"]["done"] == 2
+    assert status["cells"]["cancelled"] == 4
+    assert status["cells"]["done"] == 4
 
 
 def test_retry_failed_completes_and_a_preempted_training_job_resumes(cancelled_grid):
@@ -70,21 +73,23 @@ def test_retry_failed_completes_and_a_preempted_training_job_resumes(cancelled_g
     assert "--retry-failed" in result.output and "0 to run" in result.output    # reported, not resubmitted
     result = _submit(grid_file, "--retry-failed")
     assert result.exit_code == 0, result.output
-    plan = store.read_plan(run_dir)
-    cell = next(c for c in plan["cells"] if c["init"] == "pruned")
-    train_dir = run_dir / "stages" / cell["train_stage"]
+    run = RunPaths(run_dir)
+    record = read_plan_record(run_dir)
+    cell = next(c for c in record.cells if c.init == "pruned" and c.train_stage)
+    trajectory = run.trajectory(next(s for s in record.stages if s.id == cell.train_stage).config.trajectory)
+    train = run.stage(cell.train_stage)
     deadline = time.time() + 900
-    while not (train_dir / "train" / "checkpoint").exists():
+    while not (trajectory / "checkpoint").exists():
         assert time.time() < deadline, "training never checkpointed"
         time.sleep(0.1)
     # Preemption: SLURM signals the job (USR2, as before a time limit); submitit checkpoints and requeues it.
-    subprocess.run(["scancel", "--signal=USR2", _job_of(run_dir, cell["train_stage"])], check=True)
+    subprocess.run(["scancel", "--signal=USR2", _job_of(run_dir, cell.train_stage)], check=True)
     states = wait_until_settled(run_dir)
     assert all(s.status == "done" for s in states.values()), {s.stage_id: s.error for s in states.values()}
-    attempts = (train_dir / store.ATTEMPTS).read_text().split()
+    attempts = train.attempts.read_text().split()
     assert len(attempts) >= 2, "the preempted job was not requeued"
-    store.ingest(run_dir)
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    api.ingest(run_dir)
+    with duckdb.connect(str(run.database), read_only=True) as connection:
         assert connection.execute("SELECT DISTINCT status FROM cells").fetchall() == [("done",)]
 
 
@@ -93,7 +98,7 @@ def test_resubmitting_a_finished_grid_submits_nothing(cancelled_grid):
     jobs_before = sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json"))
     result = _submit(grid_file)
     assert result.exit_code == 0, result.output
-    assert "8 done (skipped)" in result.output and "0 to run" in result.output
+    assert "13 done (skipped)" in result.output and "0 to run" in result.output
     assert sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json")) == jobs_before
 
 
@@ -102,5 +107,5 @@ def test_smoke_grid_end_to_end_on_slurm(tmp_path):
     grid_file.write_text(SMOKE.read_text().replace('runs_dir = "../runs"', 'runs_dir = "runs"'))
     result = _submit(grid_file, "--wait")
     assert result.exit_code == 0, result.output
-    with duckdb.connect(str(tmp_path / "runs" / "smoke" / store.DATABASE), read_only=True) as connection:
-        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 96)]
+    with duckdb.connect(str(RunPaths(tmp_path / "runs" / "smoke").database), read_only=True) as connection:
+        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 144)]

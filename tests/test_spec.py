@@ -58,19 +58,104 @@ MALFORMED = [
     ("empty exclude rule", ("exclude",), [{}], ["exclude[0]", "at least one of"]),
     ("N:M with ratios", ("methods",), [{"name": "wanda-2:4", "ratios": [0.6]}], ["methods[0]", "own ratio 0.5"]),
     ("budget below one batch", ("budgets",), [64], ["budget 64", "one batch"]),
+    # numbers that are not numbers
+    ("infinite budget", ("budgets",), [float("inf")], ["budgets[0]", "inf"]),
+    ("budget beyond a float", ("budgets",), ["1e400"], ["budgets[0]", "'1e400'"]),
+    ("NaN budget", ("budgets",), ["nan"], ["budgets[0]", "'nan'"]),
+    ("fractional budget", ("budgets",), [2048.5], ["budgets[0]", "whole number"]),
+    ("infinite parent tokens", ("parent", "tokens"), float("inf"), ["parent.tokens", "inf"]),
+    ("infinite warmup", ("schedule", "warmup_tokens"), float("inf"), ["schedule.warmup_tokens", "inf"]),
+    ("infinite lr", ("schedule", "lr"), float("inf"), ["schedule.lr", "inf"]),
+    ("NaN lr", ("schedule", "lr"), float("nan"), ["schedule.lr", "nan"]),
+    ("infinite grad clip", ("schedule", "grad_clip"), float("inf"), ["schedule.grad_clip", "inf"]),
+    ("infinite parent lr", ("parent", "schedule", "lr"), float("inf"), ["parent.schedule.lr", "inf"]),
+    ("infinite ratio", ("ratios",), [float("inf")], ["ratios[0]", "inf"]),
+    ("infinite memory", ("resources", "train"), {"mem_gb": float("inf")}, ["resources.train.mem_gb", "inf"]),
+    ("NaN split fraction", ("splits",), {"pretrain": float("nan"), "retrain": 0.3, "calibration": 0.1,
+                                          "validation": 0.1}, ["splits.pretrain", "nan"]),
+    ("fractional batch size", ("schedule", "batch_size"), 2.5, ["schedule.batch_size", "2.5"]),
+    ("decay fraction above 1", ("schedule", "decay_fraction"), 1.5, ["schedule.decay_fraction", "1.5"]),
+    ("fractional seq_len", ("seq_len",), 32.5, ["seq_len", "32.5"]),
+    # seeds
+    ("seed too large for the database", ("seeds",), [2**31], ["seeds[0]", "2147483648"]),
+    ("negative seed", ("seeds",), [-1], ["seeds[0]", "-1"]),
+    ("fractional seed", ("seeds",), [1.5], ["seeds[0]", "1.5"]),
+    ("parent seed too large", ("parent", "seed"), 2**40, ["parent.seed", str(2**40)]),
+    ("split seed too large", ("splits",), {"pretrain": 0.5, "retrain": 0.3, "calibration": 0.1, "validation": 0.1,
+                                            "seed": 2**40}, ["splits.seed", str(2**40)]),
+    # the parent's architecture
+    ("fractional layer count", ("parent", "overrides", "num_hidden_layers"), 4.5,
+     ["parent.overrides.num_hidden_layers", "4.5"]),
+    ("zero layers", ("parent", "overrides", "num_hidden_layers"), 0, ["parent.overrides.num_hidden_layers", "0"]),
+    ("unknown override", ("parent", "overrides", "num_layers"), 4,
+     ["parent.overrides.num_layers", "did you mean 'num_hidden_layers'"]),
+    ("override of the wrong type", ("parent", "overrides", "hidden_act"), 5, ["parent.overrides.hidden_act", "5"]),
+    ("heads not dividing the hidden size", ("parent", "overrides", "num_attention_heads"), 3,
+     ["parent.overrides", "num_attention_heads", "3"]),
+    ("KV heads not dividing the heads", ("parent", "overrides", "num_key_value_heads"), 3,
+     ["parent.overrides", "num_key_value_heads", "3"]),
+    ("vocabulary override on a pretrained parent", ("parent", "overrides", "vocab_size"), 600,
+     ["parent.overrides.vocab_size", "tokenizer"]),
+    ("tokenizer vocabulary too small", ("tokenizer", "vocab_size"), 300, ["tokenizer.vocab_size", "512"]),
+    ("missing tokenizer folder", ("tokenizer",), {"path": "/nonexistent/tokenizer"},
+     ["tokenizer.path", "/nonexistent/tokenizer"]),
+    ("missing parent folder", ("parent",), {"path": "/nonexistent/parent", "tokens": 1000},
+     ["parent.path", "/nonexistent/parent"]),
+    # method options, checked by the method against the parent's shapes
+    ("method option of the wrong type", ("methods",), [{"name": "minitron-width", "options": {"axes": 5}}],
+     ["methods[0].options.axes", "5"]),
+    ("unknown width axis", ("methods",), [{"name": "minitron-width", "options": {"axes": ["heads", "depth"]}}],
+     ["methods[0].options.axes", "'depth'"]),
+    ("fractional nsamples", ("methods",), [{"name": "wanda", "options": {"nsamples": 1.5}}],
+     ["methods[0].options.nsamples", "1.5"]),
+    ("N:M whose M does not divide the widths", ("methods",), [{"name": "wanda-1:5"}], ["methods[0]", "1:5", "32"]),
+    ("N above M", ("methods",), [{"name": "wanda-3:2"}], ["methods[0]", "3:2"]),
+    ("malformed N:M option", ("methods",), [{"name": "sparsegpt", "options": {"nm": "two:four"}}],
+     ["methods[0].options.nm", "'two:four'"]),
+    # exclusions that exclude nothing
+    ("exclude rule matching no cell", ("exclude",), [{"ratio": 0.9}], ["exclude[0]", "matches no cell"]),
+    ("exclude naming no method", ("exclude",), [{"method": "wanda"}], ["exclude[0].method", "'wanda'"]),
+    ("exclude of a budget not in the grid", ("exclude",), [{"budget": 999}], ["exclude[0].budget", "999"]),
+    # other tables
+    ("zero local workers", ("local", "workers"), 0, ["local.workers", "0"]),
+    ("zero calibration sequences", ("calibration", "sequences"), 0, ["calibration.sequences", "0"]),
+    ("zero evaluation sequences", ("evaluation", "max_sequences"), 0, ["evaluation.max_sequences", "0"]),
+    ("negative few-shot count", ("evaluation", "num_fewshot"), -1, ["evaluation.num_fewshot", "-1"]),
+    ("runs_dir not a string", ("runs_dir",), 5, ["runs_dir", "5"]),
+    ("name not a string", ("name",), 5, ["name", "5"]),
+    ("files corpus matching nothing", ("corpus",), {"kind": "files", "files": ["/nonexistent/*.jsonl"]},
+     ["corpus.files", "/nonexistent/*.jsonl"]),
+    pytest.param("unknown lm-eval task", ("evaluation", "lm_eval_tasks"), ["no_such_task"],
+                 ["evaluation.lm_eval_tasks[0]", "'no_such_task'"], marks=pytest.mark.slow),  # indexes lm-eval (~30 s)
 ]
 
 
-@pytest.mark.parametrize("case, path, value, expected", MALFORMED, ids=[case[0] for case in MALFORMED])
-def test_malformed_grid_is_one_clear_line_and_exit_2(tmp_path, case, path, value, expected):
+def _case_id(case) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+@pytest.mark.parametrize("command", ["plan", "submit"])
+@pytest.mark.parametrize("case, path, value, expected", MALFORMED, ids=[_case_id(case) for case in MALFORMED])
+def test_malformed_grid_is_one_clear_line_and_exit_2(tmp_path, command, case, path, value, expected):
     grid_file = write_grid(tmp_path, _edit(tiny_grid(), path, value))
-    result = CliRunner().invoke(app, ["submit", str(grid_file), "--dry-run"])
+    result = CliRunner().invoke(app, [command, str(grid_file)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     for fragment in expected:
         assert fragment in lines[0], (fragment, lines[0])
     assert not (tmp_path / "runs").exists()
+
+
+def test_at_least_forty_malformed_grids_are_tried():
+    assert len(MALFORMED) >= 40
+
+
+def test_an_override_of_a_field_the_preset_sets_wins(tmp_path):
+    grid = _edit(tiny_grid(), ("parent", "overrides", "rms_norm_eps"), 1e-6)
+    plan = build_plan(load_grid(write_grid(tmp_path, grid)))
+    parent = next(s for s in plan.stages.values() if s.kind == "parent")
+    assert parent.config.architecture["rms_norm_eps"] == 1e-6
 
 
 def test_invalid_toml_is_one_line(tmp_path):

@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gridlab.checkpoint import checkpoint_bytes
+from gridlab.config import Schedule
 from gridlab.data import TokenShard
 from gridlab.model import init_model, load_model, make_config
-from gridlab.train import TrainConfig, TrainingDiverged, _DataOrder, learning_rate, plan_branches, train
+from gridlab.train import _DataOrder, learning_rate, plan_branches, remaining_tokens, train
 
 VOCAB, SEQ = 256, 32
 
@@ -37,10 +39,13 @@ def tiny_model(seed: int = 0):
     return init_model(config, seed)
 
 
-def tiny_config(**overrides) -> TrainConfig:
-    values = dict(lr=1e-2, warmup_tokens=2 * 4 * SEQ, batch_size=4, seq_len=SEQ, log_every_steps=2,
-                  checkpoint_every_tokens=3 * 4 * SEQ, decay_fraction=0.25)
-    return TrainConfig(**{**values, **overrides})
+STEP = 4 * SEQ  # tokens per step of tiny_config (batch 4 × SEQ)
+
+
+def tiny_config(**overrides) -> Schedule:
+    values = dict(lr=1e-2, warmup_tokens=2 * STEP, batch_size=4, log_every_steps=2,
+                  checkpoint_every_tokens=3 * STEP, decay_fraction=0.25)
+    return Schedule(**{**values, **overrides})
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -55,14 +60,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_budget_smaller_than_one_batch_is_a_one_line_error():
     with pytest.raises(ValueError, match="smaller than one batch") as error:
-        plan_branches(tiny_config(), [100])
+        plan_branches(tiny_config(), [100], STEP)
     assert "\n" not in str(error.value)
 
 
 def test_wsd_branches_fork_at_budget_times_one_minus_decay_fraction():
     config = tiny_config(decay_fraction=0.25)
-    step_tokens = config.tokens_per_step
-    plans = {plan.budget_tokens: plan for plan in plan_branches(config, [40 * step_tokens, 8 * step_tokens])}
+    step_tokens = STEP
+    plans = {plan.budget_tokens: plan for plan in plan_branches(config, [40 * step_tokens, 8 * step_tokens], STEP)}
     assert (plans[40 * step_tokens].fork_step, plans[40 * step_tokens].steps) == (30, 40)
     assert (plans[8 * step_tokens].fork_step, plans[8 * step_tokens].steps) == (6, 8)
 
@@ -70,8 +75,8 @@ def test_wsd_branches_fork_at_budget_times_one_minus_decay_fraction():
 @pytest.mark.parametrize("shape", ["1-sqrt", "linear"])
 def test_wsd_lr_warms_up_holds_then_decays_to_min(shape):
     config = tiny_config(lr=1.0, min_lr_ratio=0.1, warmup_tokens=4 * 4 * SEQ, decay_shape=shape)
-    (plan,) = plan_branches(config, [20 * config.tokens_per_step])
-    lrs = [learning_rate(config, step, plan) for step in range(plan.steps)]
+    (plan,) = plan_branches(config, [20 * STEP], STEP)
+    lrs = [learning_rate(config, STEP, step, plan) for step in range(plan.steps)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4:plan.fork_step] == [1.0] * (plan.fork_step - 4)
     decay = lrs[plan.fork_step:]
@@ -80,10 +85,10 @@ def test_wsd_lr_warms_up_holds_then_decays_to_min(shape):
 
 
 def test_cosine_lr_reaches_min_at_the_budget():
-    config = tiny_config(schedule="cosine", lr=1.0, min_lr_ratio=0.0, warmup_tokens=0)
-    (plan,) = plan_branches(config, [10 * config.tokens_per_step])
+    config = tiny_config(kind="cosine", lr=1.0, min_lr_ratio=0.0, warmup_tokens=0)
+    (plan,) = plan_branches(config, [10 * STEP], STEP)
     assert plan.fork_step == 0
-    lrs = [learning_rate(config, step, plan) for step in range(plan.steps)]
+    lrs = [learning_rate(config, STEP, step, plan) for step in range(plan.steps)]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert lrs[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
@@ -99,9 +104,9 @@ def test_data_order_is_a_fresh_permutation_every_epoch():
 def test_wsd_branch_equals_a_run_to_that_budget_alone(tmp_path):
     data = write_shard(tmp_path / "data")
     config = tiny_config()
-    step_tokens = config.tokens_per_step
-    both = train(tiny_model(), data, config, [8 * step_tokens, 16 * step_tokens], tmp_path / "both")
-    alone = train(tiny_model(), data, config, [8 * step_tokens], tmp_path / "alone")
+    step_tokens = STEP
+    both = train(tiny_model(), data, config, [8 * step_tokens, 16 * step_tokens], tmp_path / "both", seed=0)
+    alone = train(tiny_model(), data, config, [8 * step_tokens], tmp_path / "alone", seed=0)
     assert [b.budget_tokens for b in both.branches] == [8 * step_tokens, 16 * step_tokens]
     assert both.branches[0].trained_tokens == 8 * step_tokens
     assert_same_weights(weights(both.branches[0].path), weights(alone.branches[0].path))
@@ -118,10 +123,10 @@ def test_wsd_branch_equals_a_run_to_that_budget_alone(tmp_path):
 
 def test_cosine_runs_each_budget_independently(tmp_path):
     data = write_shard(tmp_path / "data")
-    config = tiny_config(schedule="cosine")
-    step_tokens = config.tokens_per_step
-    both = train(tiny_model(), data, config, [4 * step_tokens, 6 * step_tokens], tmp_path / "both")
-    alone = train(tiny_model(), data, config, [6 * step_tokens], tmp_path / "alone")
+    config = tiny_config(kind="cosine")
+    step_tokens = STEP
+    both = train(tiny_model(), data, config, [4 * step_tokens, 6 * step_tokens], tmp_path / "both", seed=0)
+    alone = train(tiny_model(), data, config, [6 * step_tokens], tmp_path / "alone", seed=0)
     assert_same_weights(weights(both.branches[1].path), weights(alone.branches[0].path))
     assert both.branches[0].curve[-1]["tokens"] == 4 * step_tokens
 
@@ -129,9 +134,9 @@ def test_cosine_runs_each_budget_independently(tmp_path):
 def test_calling_again_returns_the_finished_result_without_training(tmp_path):
     data = write_shard(tmp_path / "data")
     config = tiny_config()
-    first = train(tiny_model(), data, config, [6 * config.tokens_per_step], tmp_path / "run")
+    first = train(tiny_model(), data, config, [6 * STEP], tmp_path / "run", seed=0)
     stamp = (first.branches[0].path / "model.safetensors").stat().st_mtime_ns
-    again = train(tiny_model(), data, config, [6 * config.tokens_per_step], tmp_path / "run")
+    again = train(tiny_model(), data, config, [6 * STEP], tmp_path / "run", seed=0)
     assert again == first
     assert (first.branches[0].path / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -139,9 +144,9 @@ def test_calling_again_returns_the_finished_result_without_training(tmp_path):
 def test_a_checkpoint_of_other_arguments_is_refused(tmp_path):
     data = write_shard(tmp_path / "data")
     config = tiny_config()
-    train(tiny_model(), data, config, [6 * config.tokens_per_step], tmp_path / "run")
+    train(tiny_model(), data, config, [6 * STEP], tmp_path / "run", seed=0)
     with pytest.raises(ValueError, match="different training run"):
-        train(tiny_model(), data, tiny_config(lr=0.5), [6 * config.tokens_per_step], tmp_path / "run")
+        train(tiny_model(), data, tiny_config(lr=0.5), [6 * STEP], tmp_path / "run", seed=0)
 
 
 def test_masked_weights_stay_exactly_zero_after_every_step(tmp_path):
@@ -161,7 +166,7 @@ def test_masked_weights_stay_exactly_zero_after_every_step(tmp_path):
 
     model.forward = checking_forward
     config = tiny_config(weight_decay=0.5, beta1=0.9, lr=5e-2)  # decay and momentum both push masked weights
-    result = train(model, data, config, [10 * config.tokens_per_step], tmp_path / "run", mask=mask)
+    result = train(model, data, config, [10 * STEP], tmp_path / "run", seed=0, mask=mask)
     assert len(forwards) == 10 and all(forwards)
     saved, saved_mask = load_model(result.branches[0].path)
     assert saved_mask.keys() == mask.keys()
@@ -171,21 +176,14 @@ def test_masked_weights_stay_exactly_zero_after_every_step(tmp_path):
         assert bool((weight[~keep] == 0).all()) and bool((weight[keep] != 0).all())
 
 
-def test_nan_loss_raises_training_diverged_with_the_step(tmp_path):
+def test_a_starting_model_with_non_finite_weights_is_refused(tmp_path):
     data = write_shard(tmp_path / "data")
     model = tiny_model()
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
-    config = tiny_config()
-    with pytest.raises(TrainingDiverged, match=r"at step 0 \(128 tokens\)") as error:
-        train(model, data, config, [6 * config.tokens_per_step], tmp_path / "run")
-    assert error.value.step == 0
-
-
-def test_seq_len_must_match_the_shard(tmp_path):
-    data = write_shard(tmp_path / "data")
-    with pytest.raises(ValueError, match="sequences of 32"):
-        train(tiny_model(), data, tiny_config(seq_len=64), [64 * 64], tmp_path / "run")
+    with pytest.raises(ValueError, match="starting model holds non-finite weights"):
+        train(model, data, tiny_config(), [6 * STEP], tmp_path / "run", seed=0)
+    assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 RUNNER = """
@@ -193,7 +191,7 @@ import sys, time, torch
 from pathlib import Path
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from test_train import tiny_model, tiny_config, write_shard
+from test_train import STEP, tiny_model, tiny_config, write_shard
 from gridlab.data import TokenShard
 from gridlab.train import train
 model = tiny_model()
@@ -203,14 +201,14 @@ def slow_forward(*args, **kwargs):  # slow enough for the parent to kill us mid-
     return original_forward(*args, **kwargs)
 model.forward = slow_forward
 config = tiny_config()
-result = train(model, TokenShard.open({data!r}), config, [8 * config.tokens_per_step, 16 * config.tokens_per_step],
-               Path({out!r}))
+result = train(model, TokenShard.open({data!r}), config, {budgets!r}, Path({out!r}), seed=0)
 print("DONE")
 """
 
 
-def _start(tmp_path: Path, out: Path, delay: float) -> subprocess.Popen:
+def _start(tmp_path: Path, out: Path, delay: float, budgets=(8 * STEP, 16 * STEP)) -> subprocess.Popen:
     script = RUNNER.format(tests=str(Path(__file__).parent), data=str(tmp_path / "data" / "train.bin"),
+                           budgets=list(budgets),
                            out=str(out), delay=delay)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -241,16 +239,243 @@ def test_sigkilled_run_resumes_to_the_same_curve_and_weights(tmp_path):
     # 1st kill: after the first periodic checkpoint of the main trajectory
     _kill_when(_start(tmp_path, tmp_path / "killed", delay=0.05), main_checkpoint_past_start)
     # 2nd kill: during the decay of the 16-step branch (a checkpoint inside the branch exists)
-    branch_checkpoint = checkpoints / f"branch-{16 * config.tokens_per_step}.json"
+    branch_checkpoint = checkpoints / f"branch-{16 * STEP}.json"
     _kill_when(_start(tmp_path, tmp_path / "killed", delay=0.05), branch_checkpoint.exists)
     resumed = _start(tmp_path, tmp_path / "killed", delay=0.0)
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]
 
     data = TokenShard.open(tmp_path / "data" / "train.bin")
-    budgets = [8 * config.tokens_per_step, 16 * config.tokens_per_step]
-    straight = train(tiny_model(), data, config, budgets, tmp_path / "straight")
-    killed = train(tiny_model(), data, config, budgets, tmp_path / "killed")  # finished: reads the result
+    budgets = [8 * STEP, 16 * STEP]
+    straight = train(tiny_model(), data, config, budgets, tmp_path / "straight", seed=0)
+    killed = train(tiny_model(), data, config, budgets, tmp_path / "killed", seed=0)  # finished: reads the result
     assert killed.curve == straight.curve
     for a, b in zip(killed.branches, straight.branches):
         assert a.curve == b.curve and a.trained_tokens == b.trained_tokens
+        assert_same_weights(weights(a.path), weights(b.path))
+
+
+# ------------------------------------------------------------------------------------------------ trajectories
+
+def counting(model) -> list[int]:
+    """Count the model's forward calls (one per training step) in the returned list's length."""
+    calls: list[int] = []
+    original_forward = model.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        return original_forward(*args, **kwargs)
+
+    model.forward = forward
+    return calls
+
+
+def poisoned(model, at_call: int):
+    """The loss of the `at_call`-th forward (0-based, counted over the whole call) becomes NaN."""
+    calls = []
+    original_forward = model.forward
+
+    def forward(*args, **kwargs):
+        output = original_forward(*args, **kwargs)
+        if len(calls) == at_call:
+            output.loss = output.loss * float("nan")
+        calls.append(1)
+        return output
+
+    model.forward = forward
+    return model
+
+
+def test_identity_leaves_out_execution_fields():
+    base = tiny_config()
+    assert set(base.identity()) | set(Schedule.EXECUTION_FIELDS) == set(Schedule.model_fields)
+    for name, value in [("strategy", "ddp"), ("activation_checkpointing", True), ("device", "cpu"),
+                        ("log_every_steps", 7), ("checkpoint_every_tokens", "40k"), ("keep_checkpoints", "all")]:
+        assert tiny_config(**{name: value}).identity() == base.identity(), name
+    assert tiny_config(lr=0.5).identity() != base.identity()
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(batch_size=4.5), dict(batch_size=True),
+                                 dict(warmup_tokens="1e400"), dict(kind="linear"), dict(seq_len=32),
+                                 dict(activation_checkpointing="yes"), dict(keep_checkpoints="some")])
+def test_schedule_refuses_bad_values(bad):
+    with pytest.raises(ValueError):
+        tiny_config(**bad)
+
+
+def test_a_new_largest_budget_extends_the_trajectory_bit_exactly(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    a, b, c = 8 * STEP, 12 * STEP, 20 * STEP  # forks at steps 6, 9, 15
+    assert remaining_tokens(config, [a, b, c], SEQ, tmp_path / "fresh") == (15 + 2 + 3 + 5) * STEP
+    fresh = train(tiny_model(), data, config, [a, b, c], tmp_path / "fresh", seed=0)
+
+    first = train(tiny_model(), data, config, [a, b], tmp_path / "grown", seed=0)
+    stamps = {br.budget_tokens: (br.path / "model.safetensors").stat().st_mtime_ns for br in first.branches}
+    assert remaining_tokens(config, [a, b], SEQ, tmp_path / "grown") == 0
+    # the trunk from the kept main state at fork 9 to fork 15, then the new branch's decay
+    assert remaining_tokens(config, [a, b, c], SEQ, tmp_path / "grown") == (6 + 5) * STEP
+    model = tiny_model()
+    calls = counting(model)
+    grown = train(model, data, config, [a, b, c], tmp_path / "grown", seed=0)
+    assert len(calls) == 6 + 5
+    assert remaining_tokens(config, [a, b, c], SEQ, tmp_path / "grown") == 0
+    assert [br.budget_tokens for br in grown.branches] == [a, b, c]
+    assert grown.branches[:2] == first.branches  # paths, curves, tokens unchanged
+    for br in first.branches:
+        assert (br.path / "model.safetensors").stat().st_mtime_ns == stamps[br.budget_tokens]
+    for mine, theirs in zip(grown.branches, fresh.branches):
+        assert mine.curve == theirs.curve and mine.trained_tokens == theirs.trained_tokens
+        assert_same_weights(weights(mine.path), weights(theirs.path))
+    assert grown.curve == fresh.curve
+
+
+def test_a_new_budget_forking_before_the_kept_trunk_replays_it_from_the_start(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    a, b, c = 8 * STEP, 12 * STEP, 20 * STEP
+    fresh = train(tiny_model(), data, config, [a, b, c], tmp_path / "fresh", seed=0)
+    train(tiny_model(), data, config, [a, c], tmp_path / "gap", seed=0)  # main kept at fork 15
+    assert remaining_tokens(config, [a, b, c], SEQ, tmp_path / "gap") == 12 * STEP  # b from step 0
+    model = tiny_model()
+    calls = counting(model)
+    filled = train(model, data, config, [a, b, c], tmp_path / "gap", seed=0)
+    assert len(calls) == 12
+    assert filled.branches[1].curve == fresh.branches[1].curve
+    assert_same_weights(weights(filled.branches[1].path), weights(fresh.branches[1].path))
+    # the trunk state is still the one at fork 15: a budget above c extends from there
+    assert remaining_tokens(config, [a, b, c, 24 * STEP], SEQ, tmp_path / "gap") == (18 - 15 + 6) * STEP
+
+
+def test_cosine_adds_one_run_per_new_budget(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config(kind="cosine")
+    train(tiny_model(), data, config, [4 * STEP, 6 * STEP], tmp_path / "runs", seed=0)
+    assert not (tmp_path / "runs" / "checkpoint").exists()  # extendable cosine keeps nothing
+    assert remaining_tokens(config, [4 * STEP, 6 * STEP, 8 * STEP], SEQ, tmp_path / "runs") == 8 * STEP
+    model = tiny_model()
+    calls = counting(model)
+    grown = train(model, data, config, [4 * STEP, 6 * STEP, 8 * STEP], tmp_path / "runs", seed=0)
+    assert len(calls) == 8
+    alone = train(tiny_model(), data, config, [8 * STEP], tmp_path / "alone", seed=0)
+    assert_same_weights(weights(grown.branches[2].path), weights(alone.branches[0].path))
+
+
+@pytest.mark.parametrize("keep, kind, left", [("extendable", "wsd", ["main-000000012", "main.json"]),
+                                             ("all", "wsd", ["main-000000012", "main.json"]),
+                                             ("none", "wsd", None), ("extendable", "cosine", None),
+                                             ("all", "cosine", ["start-000000000", "start.json"])])
+def test_retention_keeps_what_extension_needs(tmp_path, keep, kind, left):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config(keep_checkpoints=keep, kind=kind)
+    result = train(tiny_model(), data, config, [8 * STEP, 16 * STEP], tmp_path / "run", seed=0)
+    folder = tmp_path / "run" / "checkpoint"
+    assert (sorted(p.name for p in folder.iterdir()) if folder.exists() else None) == left
+    assert all(branch.path.is_dir() for branch in result.branches)
+    # whatever was kept, one more budget is still trained correctly (after "none": the trunk from step 0)
+    expected = {"wsd": (18 - 12 + 6 if left else 24), "cosine": 24}[kind]
+    assert remaining_tokens(config, [8 * STEP, 16 * STEP, 24 * STEP], SEQ, tmp_path / "run") == expected * STEP
+
+
+def test_checkpoint_bytes_is_what_a_saved_training_state_takes(tmp_path):
+    data = write_shard(tmp_path / "data")
+    model = tiny_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = len(list(model.parameters())) * 4  # weight, exp_avg, exp_avg_sq, step
+    train(model, data, tiny_config(), [8 * STEP], tmp_path / "run", seed=0)
+    (state,) = [p for p in (tmp_path / "run" / "checkpoint").iterdir() if p.is_dir()]
+    on_disk = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+    assert checkpoint_bytes(n_params) == 12 * n_params
+    # beyond the 12 bytes per parameter: a few kB per tensor (serialisation, DCP metadata) and the RNG file,
+    # a large share of this 35k-parameter model and nothing at any size worth planning for
+    assert checkpoint_bytes(n_params) <= on_disk < checkpoint_bytes(n_params) + 3000 * n_tensors + 10_000
+
+
+def test_a_nan_in_one_branch_fails_only_that_branch(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    budgets = [8 * STEP, 16 * STEP]  # forks 6 and 12; calls 0-5 trunk, 6-7 branch 8, 8-13 trunk, 14-17 branch 16
+    clean = train(tiny_model(), data, config, budgets, tmp_path / "clean", seed=0)
+    result = train(poisoned(tiny_model(), at_call=7), data, config, budgets, tmp_path / "run", seed=0)
+    short, long = result.branches
+    assert short.status == "diverged" and short.path is None
+    assert short.error == f"branch {8 * STEP}: training diverged: loss nan at step 7 ({8 * STEP} tokens)"
+    assert not (tmp_path / "run" / "branches" / str(8 * STEP)).exists()
+    assert long.status == "done" and long.error is None and result.diverged == [short]
+    assert long.curve == clean.branches[1].curve
+    assert_same_weights(weights(long.path), weights(clean.branches[1].path))
+    # the diverged branch is a result too: calling again does not retrain it
+    assert remaining_tokens(config, budgets, SEQ, tmp_path / "run") == 0
+
+
+def test_a_nan_on_the_trunk_fails_the_branches_after_it_and_blocks_extension(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    budgets = [8 * STEP, 16 * STEP]
+    clean = train(tiny_model(), data, config, budgets, tmp_path / "clean", seed=0)
+    result = train(poisoned(tiny_model(), at_call=9), data, config, budgets, tmp_path / "run", seed=0)  # step 7
+    short, long = result.branches
+    assert short.status == "done"
+    assert_same_weights(weights(short.path), weights(clean.branches[0].path))
+    assert long.status == "diverged" and "loss nan at step 7" in long.error and "on the trunk" in long.error
+    assert json.loads((tmp_path / "run" / "checkpoint" / "main.json").read_text())["step"] == 6
+    # a budget forking after the diverged step is not trained, now or later
+    assert remaining_tokens(config, budgets + [24 * STEP], SEQ, tmp_path / "run") == 0
+    model = tiny_model()
+    calls = counting(model)
+    again = train(model, data, config, budgets + [24 * STEP], tmp_path / "run", seed=0)
+    assert len(calls) == 0 and again.branches[2].status == "diverged"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    import gridlab.train as train_module
+
+    data = write_shard(tmp_path / "data")
+    steps = []
+    make_optimizer = train_module.make_optimizer
+
+    def poisoning_optimizer(model, schedule):
+        optimizer = make_optimizer(model, schedule)
+
+        def after_step(optimizer, args, kwargs):
+            steps.append(1)
+            if len(steps) == 9:  # the update of step 8: step 9's state, due for a checkpoint, is non-finite
+                with torch.no_grad():
+                    next(iter(model.parameters()))[0, 0] = float("inf")
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", poisoning_optimizer)
+    result = train(tiny_model(), data, tiny_config(), [16 * STEP], tmp_path / "run", seed=0)
+    (branch,) = result.branches
+    assert branch.status == "diverged" and "non-finite weights after step 8" in branch.error
+    assert json.loads((tmp_path / "run" / "checkpoint" / "main.json").read_text())["step"] == 6
+    assert not (tmp_path / "run" / "branches").exists()
+
+
+def test_an_extension_killed_midway_resumes_bit_exactly(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    budgets = [8 * STEP, 16 * STEP]
+    train(tiny_model(), data, config, budgets[:1], tmp_path / "killed", seed=0)  # main kept at fork 6
+    main = tmp_path / "killed" / "checkpoint" / "main.json"
+
+    def trunk_extended() -> bool:
+        try:
+            return json.loads(main.read_text())["step"] > 6
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    _kill_when(_start(tmp_path, tmp_path / "killed", delay=0.05, budgets=budgets), trunk_extended)
+    branch = main.with_name(f"branch-{16 * STEP}.json")
+    if branch.exists():  # killed in the decay: the branch resumes
+        left = 16 - json.loads(branch.read_text())["step"]
+    else:  # killed on the trunk: from its last checkpoint to fork 12, then the decay
+        left = 12 - json.loads(main.read_text())["step"] + 4
+    assert remaining_tokens(config, budgets, SEQ, tmp_path / "killed") == left * STEP < 10 * STEP
+    resumed = train(tiny_model(), data, config, budgets, tmp_path / "killed", seed=0)
+    straight = train(tiny_model(), data, config, budgets, tmp_path / "straight", seed=0)
+    assert resumed.curve == straight.curve
+    for a, b in zip(resumed.branches, straight.branches):
+        assert a.curve == b.curve
         assert_same_weights(weights(a.path), weights(b.path))

@@ -94,10 +94,12 @@ def wrap(model: torch.nn.Module, topology: Topology, strategy: Strategy, bf16: b
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[topology.local_rank] if topology.device.type == "cuda" else None)
+        device_ids = [topology.local_rank] if topology.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else (
+        MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gridlab.data import TokenShard
-from gridlab.pruning.calibration import batches, final_hidden_states
-from gridlab.pruning.offload import layer_store
+from gridlab.layerwise import batches, final_hidden_states, layer_store
 from gridlab.tasks import TASKS_DIR
 
 

@@ -2,13 +2,15 @@
 
 Submission is idempotent: a stage with a result is skipped, one the scheduler still holds is left alone, a failed or
 cancelled one is reported (and resubmitted with ``retry_failed``), and everything else is submitted. Per-stage state
-lives in small files under runs/<grid>/stages/<id>/ (see gridlab.store), so status never needs the DuckDB file.
+lives in small files under runs/<grid>/stages/<id>/ (gridlab.layout, gridlab.state), so status never needs the DuckDB
+file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -18,155 +20,36 @@ from typing import Any, Callable
 
 import submitit
 
-from gridlab import store
+from gridlab import atomic
+from gridlab.contracts import STAGE_KINDS
+from gridlab.errors import UserError
+from gridlab.layout import RunPaths
+from gridlab.plan import write_plan_files
+from gridlab.results import clear_outcome
+from gridlab.state import ACTIVE, STATES, StageState, run_command, stage_states
 
-ACTIVE = ("pending", "running")
 # How many explicit array-task dependencies one job may list before we depend on whole arrays instead.
 _MAX_TASK_DEPENDENCIES = 200
 
 
 def prepare(plan, run_dir: Path) -> None:
-    """Write plan.json and each stage's stage.json (content-addressed: an existing one is already right)."""
-    stages_dir = run_dir / "stages"
-    stages_dir.mkdir(parents=True, exist_ok=True)
-    existing = set(os.listdir(stages_dir))
+    """Write each stage's stage.json (content-addressed: an existing complete one is already right), then plan.json
+    and index.json."""
+    run = RunPaths(run_dir)
+    run.stages_dir.mkdir(parents=True, exist_ok=True)
     for stage in plan.stages.values():
-        if stage["id"] not in existing:
-            store.write_json_atomic(stages_dir / stage["id"] / store.STAGE, stage)
-    store.write_plan(run_dir, plan)
+        files = run.stage(stage.id)
+        if not files.stage.exists():
+            atomic.write_text(files.stage, stage.model_dump_json())
+    write_plan_files(run_dir, plan)
 
 
-# ---------------------------------------------------------------------------------------------------- stage states
-
-@dataclass
-class StageState:
-    stage_id: str
-    kind: str
-    status: str                    # pending | running | done | failed | cancelled
-    job_id: str | None = None
-    attempts: int = 0
-    log_path: str = ""
-    error: str | None = None
-    submitted: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def stage_states(run_dir: Path, stages: list[dict[str, Any]], verify: bool = False) -> dict[str, StageState]:
-    """Every stage's state from its files, asking SLURM (one squeue + one sacct call) about submitted jobs.
-
-    A stage is done when its done marker exists; with ``verify`` its result.json is read and checked instead, so a
-    corrupt result counts as failed (submit verifies; status trusts the markers, which keeps it fast).
-    """
-    done = store.done_markers(run_dir)
-    states: dict[str, StageState] = {}
-    unfinished: list[store.StageFiles] = []
-    for stage in stages:
-        if verify:
-            try:
-                store.read_result(run_dir / "stages" / stage["id"], stage["id"])
-                states[stage["id"]] = StageState(stage["id"], stage["kind"], "done")
-                continue
-            except FileNotFoundError:
-                pass
-            except store.CorruptResult as corrupt:
-                states[stage["id"]] = StageState(stage["id"], stage["kind"], "failed", error=str(corrupt),
-                                                 submitted=True)
-                continue
-        elif stage["id"] in done:
-            states[stage["id"]] = StageState(stage["id"], stage["kind"], "done")
-            continue
-        unfinished.append(store.scan_stage(run_dir, stage))
-    slurm_jobs = [f.submit["job_id"] for f in unfinished if f.submit and f.submit.get("executor") == "slurm"]
-    scheduler = slurm_job_states(slurm_jobs) if slurm_jobs else {}
-    for files in unfinished:
-        submit = files.submit or {}
-        state = StageState(files.stage_id, files.kind, "pending", job_id=submit.get("job_id"),
-                           attempts=files.attempts, log_path=files.log_path, submitted=files.submit is not None)
-        if files.has_result:
-            state.status = "done"
-        elif files.error is not None and files.error.get("finished", 0) >= submit.get("submitted_at", 0):
-            state.status, state.error = "failed", files.error.get("error")
-        elif submit.get("executor") == "slurm":
-            state.status, state.error = scheduler.get(state.job_id, ("failed", "job unknown to SLURM"))
-        elif submit.get("executor") == "local" and _alive(submit.get("pid")):
-            state.status = "running"
-        else:
-            state.submitted = False  # a local/debug stage whose worker is gone: nobody holds it any more
-        states[files.stage_id] = state
-    return states
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-_SLURM_STATE = {
-    "PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
-    "REQUEUE_FED": "pending", "RESV_DEL_HOLD": "pending", "SUSPENDED": "pending", "RESIZING": "pending",
-    "RUNNING": "running", "COMPLETING": "running", "STAGE_OUT": "running", "SIGNALING": "running",
-    "CANCELLED": "cancelled", "COMPLETED": "failed", "FAILED": "failed", "TIMEOUT": "failed",
-    "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
-    "PREEMPTED": "pending", "REVOKED": "cancelled", "SPECIAL_EXIT": "failed",
-}
-
-
-def slurm_job_states(job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
-    """job id ("123" or "123_4") → (status, error) for jobs without a result; squeue first, then sacct."""
-    states: dict[str, tuple[str, str | None]] = {}
-    wanted = set(job_ids)
-    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r"])
-    for line in squeue.splitlines():
-        job, state, reason = (line.split("|") + ["", ""])[:3]
-        if job in wanted:
-            if reason == "DependencyNeverSatisfied":
-                states[job] = ("cancelled", "an upstream job failed (DependencyNeverSatisfied)")
-            else:
-                states[job] = (_SLURM_STATE.get(state, "pending"), None)
-    missing = wanted - states.keys()
-    if missing:
-        arrays = sorted({job.split("_")[0] for job in missing})
-        sacct = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)])
-        for line in sacct.splitlines():
-            job, _, state = line.partition("|")
-            state = state.split()[0] if state else ""
-            for task in _expand_array(job):
-                if task in missing:
-                    status = _SLURM_STATE.get(state, "failed")
-                    error = None if status in ACTIVE else (
-                        "SLURM job completed without a result" if state == "COMPLETED" else f"SLURM job {state}")
-                    states[task] = (status, error)
-    return states
-
-
-def _expand_array(job: str) -> list[str]:
-    """sacct shows not-yet-started array tasks collapsed, e.g. 12_[3-5,7%2]."""
-    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job)
-    if not match:
-        return [job]
-    tasks = []
-    for part in match.group(2).split(","):
-        low, _, high = part.partition("-")
-        tasks.extend(f"{match.group(1)}_{i}" for i in range(int(low), int(high or low) + 1))
-    return tasks
-
-
-def _run(command: list[str]) -> str:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+def record_submission(run_dir: Path, stage_id: str, executor: str, job_id: str | None, pid: int | None = None,
+                      **extra: Any) -> None:
+    """The one writer of a stage's submit.json: who holds the stage (executor, job, host, pid) and since when."""
+    files = RunPaths(run_dir).stage(stage_id)
+    atomic.write_json(files.submit, {"executor": executor, "job_id": job_id, "host": socket.gethostname(),
+                                     "pid": pid, "submitted_at": time.time(), "log_path": str(files.log), **extra})
 
 
 # ------------------------------------------------------------------------------------------------------ submission
@@ -184,11 +67,11 @@ class Selection:
 def select(plan, states: dict[str, StageState], retry_failed: bool) -> Selection:
     selection = Selection()
     for stage in plan.stages.values():
-        state = states[stage["id"]]
+        state = states[stage.id]
         if state.status == "done":
-            selection.done.append(stage["id"])
+            selection.done.append(stage.id)
         elif state.status in ACTIVE and state.submitted:
-            selection.active.append(stage["id"])
+            selection.active.append(stage.id)
         elif state.status in ("failed", "cancelled") and not retry_failed:
             selection.failed.append(state)
         else:
@@ -201,19 +84,12 @@ def available_cores() -> int:
 
 
 def _stage_ranks(plan, stage: dict[str, Any]) -> int:
-    return plan.spec.resources.for_kind(stage["kind"])["ranks"]
+    return plan.spec.resources.for_kind(stage.kind)["ranks"]
 
 
 def _assigned(run_dir: Path, stage_id: str, pid: int) -> None:
-    store.clear_outcome(run_dir, stage_id)
-    _write_submit(run_dir, stage_id, pid)
-
-
-def _write_submit(run_dir: Path, stage_id: str, pid: int) -> None:
-    stage_dir = run_dir / "stages" / stage_id
-    store.write_json_atomic(stage_dir / store.SUBMIT, {
-        "executor": "local", "job_id": f"local-{pid}", "pid": pid, "submitted_at": time.time(),
-        "log_path": str(stage_dir / store.LOG)})
+    clear_outcome(RunPaths(run_dir).stage(stage_id))
+    record_submission(run_dir, stage_id, "local", f"local-{pid}", pid)
 
 
 def _thread_environment(threads: int) -> dict[str, str]:
@@ -223,11 +99,11 @@ def _thread_environment(threads: int) -> dict[str, str]:
 
 def _fail_unless_reported(run_dir: Path, stage_id: str, how: str) -> str:
     """A stage whose process(es) ended: done if its result exists, else failed (with an error file saying how)."""
-    stage_dir = run_dir / "stages" / stage_id
-    if (stage_dir / store.RESULT).exists():
+    files = RunPaths(run_dir).stage(stage_id)
+    if files.result.exists():
         return "done"
-    if not (stage_dir / store.ERROR).exists():
-        store.write_json_atomic(stage_dir / store.ERROR, {
+    if not files.error.exists():
+        atomic.write_json(files.error, {
             "error": f"{how} before writing its result", "finished": time.time(), "traceback": []})
     return "failed"
 
@@ -295,7 +171,7 @@ class _RankGroup:
         port = _free_port()
         self.slots = ranks
         self.processes = []
-        store.clear_outcome(run_dir, stage_id)
+        clear_outcome(RunPaths(run_dir).stage(stage_id))
         for rank in range(ranks):
             environment = {**_thread_environment(threads), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
@@ -303,7 +179,7 @@ class _RankGroup:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "gridlab.stages", str(run_dir), stage_id], env=environment,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _write_submit(run_dir, stage_id, self.processes[0].pid)
+        record_submission(run_dir, stage_id, "local", f"local-{self.processes[0].pid}", self.processes[0].pid)
         self.stage_id: str | None = stage_id
         self.started = time.time()
 
@@ -345,7 +221,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-class LocalExecutor:
+class Executor:
+    """What every executor does: ``run`` the selected stages of a plan. ``finishes`` says whether ``run`` returns
+    with them finished (local, debug) or as soon as they are submitted (slurm)."""
+
+    name: str
+    finishes: bool
+
+    def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
+        """Stage id → what happened to it ("done", "failed", "blocked", "submitted")."""
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
     """A scheduler loop in this process running ready stages in parallel worker processes.
 
     Each worker gets cores ÷ workers torch threads (OMP_NUM_THREADS and torch.set_num_threads), so workers share the
@@ -355,6 +243,7 @@ class LocalExecutor:
     """
 
     name = "local"
+    finishes = True
 
     def __init__(self, workers: int, report: Callable[[str], None] = print, poll_s: float = 0.2):
         self.workers = workers
@@ -362,7 +251,7 @@ class LocalExecutor:
         self.report = report
         self.poll_s = poll_s
 
-    def run(self, run_dir: Path, plan, selection: Selection) -> dict[str, str]:
+    def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
         """Run the selected stages to completion; stage id → final status ("done", "failed", "blocked")."""
         done = set(selection.done)
         waiting = list(selection.to_run)
@@ -374,7 +263,7 @@ class LocalExecutor:
         def finish(stage_id: str, status: str, detail: str) -> None:
             outcome[stage_id] = status
             (done if status == "done" else blocked_by).add(stage_id)
-            self.report(f"[{len(outcome)}/{total}] {status:7} {plan.stages[stage_id]['kind']:6} {stage_id} {detail}")
+            self.report(f"[{len(outcome)}/{total}] {status:7} {plan.stages[stage_id].kind:6} {stage_id} {detail}")
 
         try:
             while waiting or any(w.stage_id for w in workers):
@@ -385,14 +274,14 @@ class LocalExecutor:
                         finish(stage_id, status, f"({time.time() - worker.started:.0f} s)")
                 workers = [w for w in workers if w.stage_id or (isinstance(w, _Worker) and w.alive())]
                 for stage in list(waiting):
-                    deps = set(stage["deps"].values())
+                    deps = set(stage.deps.values())
                     if deps & blocked_by:
                         waiting.remove(stage)
-                        finish(stage["id"], "blocked", "(upstream failed)")
+                        finish(stage.id, "blocked", "(upstream failed)")
                     elif deps <= done:
                         ranks = _stage_ranks(plan, stage)
                         if ranks > 1:
-                            group = self._start_group(run_dir, stage["id"], ranks, workers)
+                            group = self._start_group(run_dir, stage.id, ranks, workers)
                             if group is None:
                                 break
                             workers.append(group)
@@ -405,12 +294,12 @@ class LocalExecutor:
                         if idle is None:
                             break
                         waiting.remove(stage)
-                        idle.assign(run_dir, stage["id"])
+                        idle.assign(run_dir, stage.id)
                 if waiting and not any(w.stage_id for w in workers):
                     # Nothing runs and nothing could start: the rest waits on stages another submission holds.
                     for stage in list(waiting):
                         waiting.remove(stage)
-                        finish(stage["id"], "blocked", "(waits on a stage queued or running elsewhere)")
+                        finish(stage.id, "blocked", "(waits on a stage queued or running elsewhere)")
                 if waiting or any(w.stage_id for w in workers):
                     time.sleep(self.poll_s)
         finally:
@@ -442,24 +331,22 @@ class DebugExecutor(LocalExecutor):
     def __init__(self, report: Callable[[str], None] = print):
         super().__init__(workers=1, report=report)
 
-    def run(self, run_dir: Path, plan, selection: Selection) -> dict[str, str]:
+    def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
         from gridlab.stages import execute_stage
 
         done, failed = set(selection.done), {s.stage_id for s in selection.failed}
         outcome = {}
         for stage in selection.to_run:
-            if set(stage["deps"].values()) & failed:
-                failed.add(stage["id"])
-                outcome[stage["id"]] = "blocked"
+            if set(stage.deps.values()) & failed:
+                failed.add(stage.id)
+                outcome[stage.id] = "blocked"
                 continue
-            store.clear_outcome(run_dir, stage["id"])
-            store.write_json_atomic(run_dir / "stages" / stage["id"] / store.SUBMIT, {
-                "executor": "debug", "job_id": None, "submitted_at": time.time(),
-                "log_path": str(run_dir / "stages" / stage["id"] / store.LOG)})
-            ok = execute_stage(run_dir, stage["id"], redirect_output=False)
-            (done if ok else failed).add(stage["id"])
-            outcome[stage["id"]] = "done" if ok else "failed"
-            self.report(f"{outcome[stage['id']]:6} {stage['kind']:6} {stage['id']}")
+            clear_outcome(RunPaths(run_dir).stage(stage.id))
+            record_submission(run_dir, stage.id, "debug", None, os.getpid())
+            ok = execute_stage(run_dir, stage.id, redirect_output=False)
+            (done if ok else failed).add(stage.id)
+            outcome[stage.id] = "done" if ok else "failed"
+            self.report(f"{outcome[stage.id]:6} {stage.kind:6} {stage.id}")
         return outcome
 
 
@@ -476,16 +363,16 @@ class StageJob(submitit.helpers.Checkpointable):
         os.environ["OMP_NUM_THREADS"] = os.environ["GRIDLAB_THREADS"] = threads
         ok = execute_stage(Path(run_dir), stage_id)
         if not ok:
-            raise RuntimeError(f"stage {stage_id} failed; see {Path(run_dir) / 'stages' / stage_id / store.LOG}")
+            raise RuntimeError(f"stage {stage_id} failed; see {RunPaths(run_dir).stage(stage_id).log}")
         return ok
 
 
 def max_array_size() -> int:
-    match = re.search(r"MaxArraySize\s*=\s*(\d+)", _run(["scontrol", "show", "config"]))
+    match = re.search(r"MaxArraySize\s*=\s*(\d+)", run_command(["scontrol", "show", "config"]))
     return int(match.group(1)) if match else 1001
 
 
-class SlurmExecutor:
+class SlurmExecutor(Executor):
     """Submits one job array per stage kind (chunked below MaxArraySize) with dependencies along the DAG, and
     returns at once.
 
@@ -495,6 +382,7 @@ class SlurmExecutor:
     while its siblings run."""
 
     name = "slurm"
+    finishes = False
 
     def __init__(self, report: Callable[[str], None] = print):
         self.report = report
@@ -503,20 +391,17 @@ class SlurmExecutor:
         job_of = {sid: s.job_id for sid, s in states.items() if s.status in ACTIVE and s.submitted and s.job_id}
         done = set(selection.done)
         chunk_size = max(1, max_array_size() - 1)
-        folder = run_dir / "slurm"
+        folder = RunPaths(run_dir).slurm_dir
         outcome = {}
-        for kind in store.STAGE_KINDS:
-            stages = [s for s in selection.to_run if s["kind"] == kind]
+        for kind in STAGE_KINDS:
+            stages = [s for s in selection.to_run if s.kind == kind]
             for start in range(0, len(stages), chunk_size):
                 chunk = stages[start:start + chunk_size]
                 jobs = self._submit_chunk(run_dir, folder, plan, kind, chunk, job_of, done)
                 for stage, job in zip(chunk, jobs):
-                    job_of[stage["id"]] = job.job_id
-                    outcome[stage["id"]] = "submitted"
-                    store.write_json_atomic(run_dir / "stages" / stage["id"] / store.SUBMIT, {
-                        "executor": "slurm", "job_id": job.job_id, "submitted_at": time.time(),
-                        "log_path": str(run_dir / "stages" / stage["id"] / store.LOG),
-                        "slurm_log": str(job.paths.stdout)})
+                    job_of[stage.id] = job.job_id
+                    outcome[stage.id] = "submitted"
+                    record_submission(run_dir, stage.id, "slurm", job.job_id, slurm_log=str(job.paths.stdout))
                 self.report(f"submitted {len(chunk)} {kind} stage(s) as array {jobs[0].job_id.split('_')[0]}")
         return outcome
 
@@ -535,14 +420,14 @@ class SlurmExecutor:
             parameters["slurm_partition"] = resources["partition"]
         if resources["account"]:
             parameters["slurm_account"] = resources["account"]
-        dependency = _dependency([dep for stage in chunk for dep in stage["deps"].values() if dep not in done],
+        dependency = _dependency([dep for stage in chunk for dep in stage.deps.values() if dep not in done],
                                  job_of)
         if dependency:
             parameters["slurm_additional_parameters"] = {"dependency": dependency}
         executor.update_parameters(**parameters)
         for stage in chunk:
-            store.clear_outcome(run_dir, stage["id"])
-        ids = [stage["id"] for stage in chunk]
+            clear_outcome(RunPaths(run_dir).stage(stage.id))
+        ids = [stage.id for stage in chunk]
         return executor.map_array(StageJob(), [str(run_dir)] * len(ids), ids)
 
 
@@ -555,23 +440,26 @@ def _dependency(deps: list[str], job_of: dict[str, str]) -> str | None:
     return "afterany:" + ":".join(jobs)
 
 
-def make_executor(name: str, workers: int, report: Callable[[str], None] = print):
+EXECUTORS = ("local", "debug", "slurm")
+
+
+def make_executor(name: str, workers: int, report: Callable[[str], None] = print) -> Executor:
     if name == "local":
         return LocalExecutor(workers, report)
     if name == "debug":
         return DebugExecutor(report)
     if name == "slurm":
         return SlurmExecutor(report)
-    raise ValueError(f"unknown executor {name!r}; valid executors: local, debug, slurm")
+    raise UserError(f"unknown executor {name!r}; valid executors: {', '.join(EXECUTORS)}")
 
 
-def wait_for(run_dir: Path, stages: list[dict[str, Any]], report: Callable[[str], None] = print,
+def wait_for(run_dir: Path, stages: list[Any], report: Callable[[str], None] = print,
              poll_s: float = 5.0) -> dict[str, StageState]:
     """Block until no stage is pending or running, reporting counts when they change."""
     last = None
     while True:
         states = stage_states(run_dir, stages)
-        counts = {status: 0 for status in store.STATES}
+        counts = {status: 0 for status in STATES}
         for state in states.values():
             counts[state.status] += 1
         line = " ".join(f"{status} {count}" for status, count in counts.items())

@@ -164,6 +164,7 @@ class ParamCounts:
 
 
 def param_counts(model_or_config: LlamaForCausalLM | LlamaConfig) -> ParamCounts:
+    """Parameters of a model (counted from its tensors) or of a config (from its shapes alone; same numbers)."""
     if isinstance(model_or_config, LlamaConfig):
         return _config_param_counts(model_or_config)
     decoder = embedding = total = 0
@@ -180,12 +181,25 @@ def param_counts(model_or_config: LlamaForCausalLM | LlamaConfig) -> ParamCounts
     return ParamCounts(decoder=decoder, embedding=embedding, total=total)
 
 
+def head_dim(config: LlamaConfig) -> int:
+    """Width of one attention head: the config's explicit head_dim (pruned widths keep it), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def decoder_layer_params(config: LlamaConfig, kv_groups: int | None = None, ffn: int | None = None,
+                         hidden: int | None = None) -> int:
+    """Weights of one decoder layer's 7 projections (norms excluded): of `config`, or of `config` with its KV
+    groups, FFN channels or hidden size replaced (width pruning searches these; query heads follow the KV groups)."""
+    kv_groups = config.num_key_value_heads if kv_groups is None else kv_groups
+    ffn = config.intermediate_size if ffn is None else ffn
+    hidden = config.hidden_size if hidden is None else hidden
+    heads = kv_groups * (config.num_attention_heads // config.num_key_value_heads)
+    return 2 * hidden * head_dim(config) * (heads + kv_groups) + 3 * hidden * ffn
+
+
 def _config_param_counts(config: LlamaConfig) -> ParamCounts:
-    hidden, ffn = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_layer = attention + 3 * hidden * ffn
-    decoder = per_layer * config.num_hidden_layers
+    hidden = config.hidden_size
+    decoder = decoder_layer_params(config) * config.num_hidden_layers
     embedding = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
     norms = hidden * (2 * config.num_hidden_layers + 1)
     return ParamCounts(decoder=decoder, embedding=embedding, total=decoder + embedding + norms)

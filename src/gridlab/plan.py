@@ -1,21 +1,30 @@
-"""GridSpec → cells and the stage DAG that produces them, with content-addressed ids.
+"""GridSpec → cells and the stage DAG that produces them, with ids that are what each stage computes.
 
-A stage is a plain dict ``{"id", "kind", "config", "deps"}``; ``deps`` maps a role ("data", "parent", "model",
-"train") to the id of the stage consumed. A stage id is the hash of the canonical JSON of its kind, config and deps
-(sorted keys, numbers normalised), so identical work is planned once and an edit changes exactly the ids downstream
-of it.
+Stages are typed (gridlab.contracts): ``Stage(id, kind, config, deps)``. A stage id hashes its kind, the kind's code
+version, its config's identity (execution-only settings left out) and its inputs' identities, so identical work is
+planned once, and an edit changes exactly the ids downstream of it (docs/architecture.md, "Stage identity").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from gridlab import atomic
+
+from gridlab.contracts import (
+    STAGE_KINDS, ArchitectureInit, Cell, DataConfig, EvalBranch, EvalModel, LoadedParent, MaskInit, PretrainParent,
+    PruneConfig, Stage, TrainConfig, branch_identity, canonical, content_id, make_stage, trajectory_id,
+)
+from gridlab.config import Schedule
+from gridlab.errors import UserError
+from gridlab.layout import RunPaths
+from gridlab.results import read_json
 from gridlab.spec import GridSpec, MethodSpec
-from gridlab.store import STAGE_KINDS
 
 # Measured fp32 training throughput in tokens/s of one 2-thread worker on the 2-core development machine, batch 16 ×
 # seq 256 (docs/engine.md, bench/train_throughput.py): micro on an idle machine; nano and mini while the machine was
@@ -34,62 +43,60 @@ MEASURED_TOKENS_PER_S: dict[str, float] = {
 _UNMEASURED_TOKENS_PER_S = 100.0
 
 
-def canonical(value: Any) -> Any:
-    """Normalise a config for hashing: integral floats become ints, floats keep 12 significant digits."""
-    kind = type(value)
-    if kind is float:
-        if math.isfinite(value) and value == int(value):
-            return int(value)
-        return float(f"{value:.12g}")
-    if kind is dict:
-        return {str(k): canonical(v) for k, v in value.items()}
-    if kind is list or kind is tuple:
-        return [canonical(v) for v in value]
-    return value
-
-
-def content_id(payload: dict[str, Any]) -> str:
-    """The id of a canonical payload: sha256 of its sorted-keys JSON."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def make_stage(kind: str, config: dict[str, Any], deps: dict[str, str],
-               digests: dict[str, str] | None = None) -> dict[str, Any]:
-    """A stage from a config already in canonical form (build_plan canonicalises each shared piece once).
-
-    ``digests`` maps config keys holding a large shared piece (schedule, evaluation, architecture) to that piece's
-    content_id, which is hashed in its place: the same content still gives the same id, at a fraction of the cost.
-    """
-    hashed = {**config, **digests} if digests else config
-    return {"id": content_id({"kind": kind, "config": hashed, "deps": deps}), "kind": kind, "config": config,
-            "deps": deps}
-
-
 @dataclass
 class Plan:
     spec: GridSpec
-    stages: dict[str, dict[str, Any]]            # id → stage, in dependency order
-    cells: list[dict[str, Any]]
+    stages: dict[str, Stage]                     # id → stage, in dependency order
+    cells: list[Cell]
     excluded: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)   # what the grid reads, by content (stale-input checks)
+
+    def train_stages(self) -> list[Stage]:
+        return [stage for stage in self.stages.values() if stage.kind == "train"]
 
     def train_tokens(self) -> int:
-        """Tokens this plan trains, the parent's pretraining included."""
-        total = 0
-        for stage in self.stages.values():
-            if stage["kind"] == "parent" and "preset" in stage["config"]:
-                total += stage["config"]["tokens"]
-            elif stage["kind"] == "train":
-                total += trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
-        return total
+        """Tokens this plan trains from nothing, the parent's pretraining included."""
+        return self._parent_tokens(remaining=False) + sum(self._stage_tokens(s, remaining=False)
+                                                          for s in self.train_stages())
+
+    def remaining_train_tokens(self) -> int:
+        """Tokens a submit would still train, given what the run folder already holds: finished stages train
+        nothing, and a train stage with one more budget only extends its trajectory (gridlab.train)."""
+        return self._parent_tokens(remaining=True) + sum(self._stage_tokens(s, remaining=True)
+                                                         for s in self.train_stages())
 
     def naive_train_tokens(self) -> int:
         """One run per cell: the parent once, then every cell trains its own model from its start."""
         parent = self.spec.parent.tokens if self.spec.parent.pretrains else 0
-        return parent + sum(cell["trained_tokens"] for cell in self.cells)
+        return parent + sum(cell.trained_tokens for cell in self.cells)
 
-    def estimated_seconds(self, workers: int) -> float:
+    def _parent_tokens(self, remaining: bool) -> int:
+        parent = next(s for s in self.stages.values() if s.kind == "parent")
+        if not isinstance(parent.config, PretrainParent):
+            return 0
+        if not remaining:
+            return parent.config.tokens
+        from gridlab.train import remaining_tokens
+
+        files = RunPaths(self.spec.run_dir).stage(parent.id)
+        if files.result.exists():
+            return 0
+        return remaining_tokens(parent.config.schedule, [parent.config.tokens], self.spec.seq_len,
+                                files.output("train"))
+
+    def _stage_tokens(self, stage: Stage, remaining: bool) -> int:
+        if not remaining:
+            return trajectory_tokens(stage.config.budgets, stage.config.schedule)
+        from gridlab.train import remaining_tokens
+
+        run = RunPaths(self.spec.run_dir)
+        if run.stage(stage.id).result.exists():
+            return 0
+        return remaining_tokens(stage.config.schedule, stage.config.budgets, self.spec.seq_len,
+                                run.trajectory(stage.config.trajectory))
+
+    def estimated_seconds(self, workers: int, remaining: bool = True) -> float:
         preset = self.spec.parent.preset
         speed = MEASURED_TOKENS_PER_S.get(preset, _UNMEASURED_TOKENS_PER_S) if preset else _UNMEASURED_TOKENS_PER_S
         counts = None
@@ -97,14 +104,10 @@ class Plan:
             from gridlab.model import param_counts
 
             counts = param_counts(parent_config(self.spec))
-        cost = {c["train_stage"]: relative_step_cost(counts, c["granularity"], c["ratio"]) for c in self.cells}
-        seconds = 0.0
-        for stage in self.stages.values():
-            if stage["kind"] == "parent" and "preset" in stage["config"]:
-                seconds += stage["config"]["tokens"] / speed
-            elif stage["kind"] == "train":
-                tokens = trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
-                seconds += tokens * cost.get(stage["id"], 1.0) / speed
+        cost = {c.train_stage: relative_step_cost(counts, c.granularity, c.ratio) for c in self.cells}
+        seconds = self._parent_tokens(remaining) / speed
+        for stage in self.train_stages():
+            seconds += self._stage_tokens(stage, remaining) * cost.get(stage.id, 1.0) / speed
         return seconds / max(1, workers)
 
 
@@ -118,11 +121,12 @@ def relative_step_cost(parent_counts, granularity: str, ratio: float) -> float:
     return (parent_counts.embedding + (1 - ratio) * parent_counts.decoder) / dense
 
 
-def trajectory_tokens(budgets: list[int], schedule: dict[str, Any]) -> int:
-    """Tokens one train stage processes: WSD shares the stable trunk between branches; cosine runs each budget."""
-    if schedule["kind"] == "cosine":
+def trajectory_tokens(budgets: list[int], schedule: Schedule) -> int:
+    """Tokens one train stage processes from nothing: WSD shares the stable trunk between branches; cosine runs
+    each budget."""
+    if schedule.kind == "cosine":
         return sum(budgets)
-    decay = schedule["decay_fraction"]
+    decay = schedule.decay_fraction
     return round(max(budgets) * (1 - decay) + decay * sum(budgets))
 
 
@@ -143,7 +147,13 @@ def parent_config(spec: GridSpec):
         return make_config(spec.parent.preset, vocab, spec.seq_len, **overrides)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(spec.parent.path)
+    try:
+        return AutoConfig.from_pretrained(spec.parent.path)
+    except (OSError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"parent.path: cannot read the config of {spec.parent.path!r} (a Hugging Face model folder, "
+                        f"or a hub name in the local cache; or declare parent.preset to plan without it): "
+                        f"{first}") from None
 
 
 def vocab_size(spec: GridSpec) -> int:
@@ -151,125 +161,161 @@ def vocab_size(spec: GridSpec) -> int:
         return spec.tokenizer.vocab_size
     from gridlab.data import load_tokenizer
 
-    return len(load_tokenizer(spec.tokenizer.path))
+    try:
+        return len(load_tokenizer(spec.tokenizer.path))
+    except ValueError as error:
+        raise UserError(f"tokenizer.path: {error}") from None
 
 
-def pruned_architecture(spec: GridSpec, method: MethodSpec, ratio: float, parent) -> dict[str, Any] | None:
+_VOLATILE_CONFIG_FIELDS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+
+
+def config_dict(config) -> dict[str, Any]:
+    """A LlamaConfig as the plain dict stage configs carry (fields that say nothing about the architecture dropped)."""
+    architecture = config.to_dict()
+    for volatile in _VOLATILE_CONFIG_FIELDS:
+        architecture.pop(volatile, None)
+    return canonical(architecture)
+
+
+def pruned_architecture(method: MethodSpec, ratio: float, parent) -> dict[str, Any] | None:
     from gridlab.pruning import pruned_config
 
     config = pruned_config(parent, method.method, ratio, **method.prune_options)
-    if config is None:
-        return None
-    architecture = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-        architecture.pop(volatile, None)
-    return architecture
+    return None if config is None else config_dict(config)
+
+
+def _corpus_identity(corpus: dict[str, Any]) -> dict[str, Any]:
+    """What a corpus is, for the data stage's id."""
+    return {key: corpus[key] for key in ("kind", "name", "config", "split", "path", "files") if key in corpus}
 
 
 def build_plan(spec: GridSpec) -> Plan:
-    schedule = canonical(spec.schedule.model_dump())
+    from gridlab.pruning import METHODS
+
+    schedule = spec.schedule
     evaluation = canonical(spec.evaluation.model_dump())
-    schedule_digest, evaluation_digest = content_id(schedule), content_id(evaluation)
-    data = make_stage("data", canonical({
-        "corpus": spec.corpus.model_dump(), "splits": spec.splits.model_dump(),
-        "tokenizer": spec.tokenizer.model_dump(), "seq_len": spec.seq_len,
-    }), {})
+    corpus = canonical(spec.corpus.model_dump())
+    data = make_stage(DataConfig(corpus=corpus, corpus_identity=_corpus_identity(corpus),
+                                 splits=canonical(spec.splits.model_dump()),
+                                 tokenizer=canonical(spec.tokenizer.model_dump()), seq_len=spec.seq_len), {})
     parent_tokens = spec.parent.tokens
+    parent_architecture = parent_config(spec) if spec.parent.preset is not None or spec.parent.pretrains else None
     if spec.parent.pretrains:
-        parent_cfg = {"preset": spec.parent.preset, "overrides": spec.parent.overrides, "tokens": parent_tokens,
-                      "seed": spec.parent.seed, "vocab_size": vocab_size(spec), "seq_len": spec.seq_len,
-                      "schedule": spec.parent.schedule.model_dump(), "validation_sequences": spec.evaluation.max_sequences}
+        parent = make_stage(PretrainParent(architecture=config_dict(parent_architecture), tokens=parent_tokens,
+                                           seed=spec.parent.seed, schedule=spec.parent.schedule),
+                            {"data": data.id})
     else:
-        parent_cfg = {"path": spec.parent.path, "tokens": parent_tokens,
-                      "validation_sequences": spec.evaluation.max_sequences}
-        if spec.parent.preset is not None:  # the parent stage checks the checkpoint against this declaration
-            from gridlab.model import architecture
+        declared = config_dict(parent_architecture) if parent_architecture is not None else None
+        parent = make_stage(LoadedParent(path=spec.parent.path, model_identity={"path": spec.parent.path},
+                                         tokens=parent_tokens, declared=declared), {"data": data.id})
+    stages: dict[str, Stage] = {data.id: data, parent.id: parent}
+    parent_eval = make_stage(EvalModel(evaluation=evaluation, tokens=parent_tokens),
+                             {"model": parent.id, "data": data.id})
+    stages[parent_eval.id] = parent_eval
 
-            parent_cfg["declared"] = architecture(parent_config(spec))
-    parent = make_stage("parent", canonical(parent_cfg), {"data": data["id"]})
-
-    stages: dict[str, dict[str, Any]] = {data["id"]: data, parent["id"]: parent}
     budgets_of: dict[str, set[int]] = {}     # model stage id → budgets its train stage must reach
     seed_of: dict[str, int] = {}
     drafts: list[dict[str, Any]] = []
     excluded = 0
-    parent_architecture = None
+    matched_rules: set[int] = set()
     architectures: dict[tuple, tuple[dict, str]] = {}
+    reference_budgets = [0, *spec.budgets]   # budget 0: the model before any retraining (see Cell)
 
     for method in spec.methods:
         kind = granularity(method)
         options = canonical(method.prune_options)
         for ratio in spec.method_ratios(method):
             for seed in spec.seeds:
-                prune = make_stage("prune", {
-                    "method": method.method, "options": options, "ratio": canonical(float(ratio)), "seed": seed,
-                    "calibration_sequences": spec.calibration.sequences, "layerwise": spec.calibration.layerwise,
-                    "validation_sequences": spec.evaluation.max_sequences,
-                }, {"parent": parent["id"], "data": data["id"]})
+                prune = make_stage(PruneConfig(
+                    method=method.method, method_version=METHODS[method.method].version, options=options,
+                    ratio=canonical(float(ratio)), seed=seed, calibration_sequences=spec.calibration.sequences,
+                    layerwise=spec.calibration.layerwise,
+                ), {"parent": parent.id, "data": data.id})
                 init = None
                 if "random" in spec.inits:
                     if kind == "sparse":
-                        init = make_stage("init", {"seed": seed, "validation_sequences":
-                                                   spec.evaluation.max_sequences},
-                                          {"model": prune["id"], "data": data["id"]})
+                        init = make_stage(MaskInit(seed=seed), {"model": prune.id})
                     else:
-                        arch_key = (method.method, json.dumps(canonical(method.prune_options), sort_keys=True), ratio)
+                        arch_key = (method.method, json.dumps(options, sort_keys=True), ratio)
                         if arch_key not in architectures:
                             if parent_architecture is None:
                                 parent_architecture = parent_config(spec)
-                            architecture = canonical(pruned_architecture(spec, method, ratio, parent_architecture))
+                            architecture = pruned_architecture(method, ratio, parent_architecture)
                             architectures[arch_key] = (architecture, content_id(architecture))
                         architecture, digest = architectures[arch_key]
-                        init = make_stage("init", {"architecture": architecture, "seed": seed,
-                                                   "validation_sequences": spec.evaluation.max_sequences},
-                                          {"data": data["id"]}, {"architecture": digest})
+                        # A loaded parent is waited for (its stage checks the declared architecture against the
+                        # checkpoint), but what init takes from it is the architecture, already in the config. A
+                        # pretrained parent's architecture is the grid's own: its random twins need not wait.
+                        waits = {} if spec.parent.pretrains else {"parent": parent.id}
+                        init = make_stage(ArchitectureInit(architecture=architecture, seed=seed), waits,
+                                          {"parent": digest} if waits else None)
                 for init_kind in spec.inits:
                     model = prune if init_kind == "pruned" else init
-                    for budget in spec.budgets:
+                    for budget in reference_budgets:
                         for setting in spec.settings:
                             trained = budget + parent_tokens if (init_kind == "random" and setting == 2) else budget
                             cell = {"method": method.key, "granularity": kind, "ratio": float(ratio),
                                     "init": init_kind, "setting": setting, "budget": budget,
                                     "budget_tokens": budget, "trained_tokens": trained, "seed": seed}
-                            if any(rule.matches(cell) for rule in spec.exclude):
+                            hits = [i for i, rule in enumerate(spec.exclude) if rule.matches(cell)]
+                            if hits:
+                                matched_rules.update(hits)
                                 excluded += 1
                                 continue
                             del cell["budget"]
-                            stages.setdefault(prune["id"], prune)
+                            stages.setdefault(prune.id, prune)
                             if model is not prune:
-                                stages.setdefault(model["id"], model)
-                            budgets_of.setdefault(model["id"], set()).add(trained)
-                            seed_of[model["id"]] = seed
-                            drafts.append({**cell, "model_stage": model["id"], "prune_stage": prune["id"]})
+                                stages.setdefault(model.id, model)
+                            if trained:
+                                budgets_of.setdefault(model.id, set()).add(trained)
+                            seed_of[model.id] = seed
+                            drafts.append({**cell, "model_stage": model.id, "prune_stage": prune.id})
+    unmatched = [i for i in range(len(spec.exclude)) if i not in matched_rules]
+    if unmatched:
+        rule = spec.exclude[unmatched[0]]
+        given = ", ".join(f"{k} = {v!r}" for k, v in rule.model_dump().items() if v is not None)
+        raise UserError(f"exclude[{unmatched[0]}] ({given}) matches no cell of the grid; remove it or fix its values")
 
-    train_of: dict[str, dict[str, Any]] = {}
-    eval_of: dict[str, dict[str, Any]] = {}
+    start_eval: dict[str, Stage] = {}
+    branch_eval: dict[tuple[str, int], Stage] = {}
+    train_of: dict[str, Stage] = {}
+    for draft in drafts:
+        model_id = draft["model_stage"]
+        if model_id not in start_eval:
+            start_eval[model_id] = make_stage(EvalModel(evaluation=evaluation, tokens=0),
+                                              {"model": model_id, "data": data.id})
     for model_id, budgets in budgets_of.items():
-        train = make_stage("train", {"budgets": sorted(budgets), "schedule": schedule, "seed": seed_of[model_id],
-                                     "seq_len": spec.seq_len}, {"model": model_id, "data": data["id"]},
-                           {"schedule": schedule_digest})
-        evaluate = make_stage("eval", {"budgets": sorted(budgets), "evaluation": evaluation},
-                              {"train": train["id"], "data": data["id"]}, {"evaluation": evaluation_digest})
-        stages[train["id"]] = train
-        stages[evaluate["id"]] = evaluate
+        trajectory = trajectory_id(model_id, data.id, schedule, seed_of[model_id])
+        train = make_stage(TrainConfig(budgets=sorted(budgets), schedule=schedule, seed=seed_of[model_id],
+                                       trajectory=trajectory), {"model": model_id, "data": data.id})
         train_of[model_id] = train
-        eval_of[model_id] = evaluate
+        for budget in sorted(budgets):
+            branch_eval[model_id, budget] = make_stage(
+                EvalBranch(evaluation=evaluation, budget=budget), {"train": train.id, "data": data.id},
+                {"train": branch_identity(trajectory, budget)})
 
     cells = []
     for draft in drafts:
         model_id = draft.pop("model_stage")
-        cell = {**draft, "train_stage": train_of[model_id]["id"], "eval_stage": eval_of[model_id]["id"],
-                "model_stage": model_id}
-        identity = "|".join(str(canonical(cell[key])) for key in (
+        trained = draft["trained_tokens"]
+        train = train_of.get(model_id) if trained else None
+        evaluation_stage = branch_eval[model_id, trained] if trained else start_eval[model_id]
+        fields = {**draft, "model_stage": model_id, "train_stage": train.id if train else None,
+                  "eval_stage": evaluation_stage.id, "start_eval_stage": start_eval[model_id].id}
+        identity = "|".join(str(canonical(fields[key])) for key in (
             "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage"))
-        cell["cell_id"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        cells.append(cell)
+        cells.append(Cell(cell_id=hashlib.sha256(identity.encode()).hexdigest()[:16], **fields))
 
-    ordered = dict(sorted(stages.items(), key=lambda item: STAGE_KINDS.index(item[1]["kind"])))
+    for group in (start_eval.values(), train_of.values(), branch_eval.values()):
+        for stage in group:
+            stages[stage.id] = stage
+    ordered = dict(sorted(stages.items(), key=lambda item: STAGE_KINDS.index(item[1].kind)))
     counts = {kind: 0 for kind in STAGE_KINDS}
     for stage in ordered.values():
-        counts[stage["kind"]] += 1
-    return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts)
+        counts[stage.kind] += 1
+    inputs = {"corpus": data.config.corpus_identity}
+    return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts, inputs=inputs)
 
 
 def format_plan(plan: Plan, workers: int | None = None) -> str:
@@ -286,9 +332,12 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
                  f" × settings {', '.join(map(str, spec.settings))} × seeds {', '.join(map(str, spec.seeds))}")
     lines.append("  stages: " + ", ".join(f"{kind} {count}" for kind, count in plan.counts.items())
                  + f" (total {len(plan.stages)})")
-    planned, naive = plan.train_tokens(), plan.naive_train_tokens()
+    planned, naive, remaining = plan.train_tokens(), plan.naive_train_tokens(), plan.remaining_train_tokens()
     lines.append(f"  tokens to train: {planned:,} (naive one run per cell: {naive:,}; "
                  f"{naive / max(planned, 1):.1f}× saved)")
+    if remaining != planned:
+        lines.append(f"  still to train: {remaining:,} tokens ({planned - remaining:,} are trained already in "
+                     f"{spec.run_dir})")
     if not spec.resources.for_kind("train")["gpus_per_node"]:
         seconds = plan.estimated_seconds(workers)
         preset = spec.parent.preset
@@ -332,26 +381,15 @@ def _training_flops(plan: Plan) -> float | None:
     """6·N·tokens over the train stages, N = the parent's parameters × the kept fraction of each cell."""
     if plan.spec.parent.preset is None:
         return None
-    parent_params = _param_count(parent_config(plan.spec))
-    kept_fraction = {c["train_stage"]: 1 - c["ratio"] for c in plan.cells}
-    flops = 0.0
-    for stage in plan.stages.values():
-        if stage["kind"] == "parent" and "preset" in stage["config"]:
-            flops += 6 * parent_params * stage["config"]["tokens"]
-        elif stage["kind"] == "train":
-            tokens = trajectory_tokens(stage["config"]["budgets"], stage["config"]["schedule"])
-            flops += 6 * parent_params * kept_fraction.get(stage["id"], 1.0) * tokens
+    from gridlab.model import param_counts
+
+    parent_params = param_counts(parent_config(plan.spec)).total
+    kept_fraction = {c.train_stage: 1 - c.ratio for c in plan.cells}
+    flops = 6 * parent_params * plan.spec.parent.tokens if plan.spec.parent.pretrains else 0.0
+    for stage in plan.train_stages():
+        tokens = trajectory_tokens(stage.config.budgets, stage.config.schedule)
+        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * tokens
     return flops
-
-
-def _param_count(config) -> int:
-    """A Llama's parameter count from its config alone (no weights are built)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = 3 * config.hidden_size * config.intermediate_size
-    layer = attention + mlp + 2 * config.hidden_size
-    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    return config.num_hidden_layers * layer + embeddings + config.hidden_size
 
 
 def _duration(seconds: float) -> str:
@@ -362,3 +400,62 @@ def _duration(seconds: float) -> str:
     if seconds < 4 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:,.1f} days"
+
+
+# ------------------------------------------------------------------------------------------------ plan.json
+
+@dataclass
+class PlanRecord:
+    """What a submitted plan left in the run folder: plan.json read back with typed stages and cells."""
+
+    grid: dict[str, Any]
+    submitted_at: float | None
+    stages: list[Stage]
+    cells: list[Cell]
+    inputs: dict[str, Any]
+
+    @property
+    def data_stage(self) -> str:
+        return next(s.id for s in self.stages if s.kind == "data")
+
+    @property
+    def parent_stage(self) -> str:
+        return next(s.id for s in self.stages if s.kind == "parent")
+
+    @property
+    def parent_eval(self) -> str | None:
+        parent = self.parent_stage
+        return next((s.id for s in self.stages if s.kind == "eval" and s.deps.get("model") == parent), None)
+
+
+def write_plan_files(run_dir: Path, plan: Plan) -> None:
+    """plan.json (everything) and index.json (what status needs: stage ids, kinds, deps, each cell's eval stage)."""
+    paths = RunPaths(run_dir)
+    atomic.write_json(paths.plan, {
+        "grid": plan.spec.model_dump(mode="json"), "submitted_at": time.time(), "inputs": plan.inputs,
+        "stages": [stage.model_dump(mode="json") for stage in plan.stages.values()],
+        "cells": [cell.model_dump(mode="json") for cell in plan.cells],
+    })
+    atomic.write_json(paths.index, {
+        "grid": plan.spec.name,
+        "stages": [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in plan.stages.values()],
+        "cell_eval_stages": [cell.eval_stage for cell in plan.cells],
+    })
+
+
+def read_plan_record(run_dir: Path) -> PlanRecord:
+    paths = RunPaths(run_dir)
+    raw = read_json(paths.plan)
+    if raw is None:
+        raise UserError(f"{paths.root}: no plan.json; run `gridlab submit GRID` first")
+    return PlanRecord(grid=raw["grid"], submitted_at=raw.get("submitted_at"), inputs=raw.get("inputs", {}),
+                      stages=[Stage.model_validate(s) for s in raw["stages"]],
+                      cells=[Cell.model_validate(c) for c in raw["cells"]])
+
+
+def read_index(run_dir: Path) -> dict[str, Any]:
+    paths = RunPaths(run_dir)
+    index = read_json(paths.index)
+    if index is None:
+        raise UserError(f"{paths.root}: no index.json; run `gridlab submit GRID` first")
+    return index

@@ -7,69 +7,76 @@ the offending value and, for unknown keys, the nearest valid key. The file is da
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
 from gridlab.model import PRESETS
-from gridlab.store import STAGE_KINDS
+from gridlab.errors import UserError
 
 
-_TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_TOKEN_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NM_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<n>\d+):(?P<m>\d+)$")
 
 
-def parse_tokens(value: Any) -> int:
-    """A token count: an integer, or a string with an optional k/M/B/T suffix ("40k", "1.5M", "2e6")."""
-    if isinstance(value, bool):
-        raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
-    if isinstance(value, int):
-        number = float(value)
-    elif isinstance(value, float):
-        number = value
-    elif isinstance(value, str):
-        match = _TOKEN_PATTERN.match(value)
-        if not match:
-            raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
-        number = float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()]
-    else:
-        raise ValueError("a token count must be a number or a string like '40k', '1.5M', '2e6'")
-    if number != int(number) or number < 1:
-        raise ValueError("a token count must be a positive whole number of tokens")
-    return int(number)
-
-
-Tokens = Annotated[int, BeforeValidator(parse_tokens)]
-
-
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
-class ScheduleSpec(_Strict):
-    """gridlab.train.TrainConfig: WSD (budget branches of one trajectory) or independent cosine runs."""
+# A seed is stored in DuckDB's INTEGER column and fed to torch.Generator.manual_seed.
+MAX_SEED = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
-    kind: Literal["wsd", "cosine"] = "wsd"
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_tokens: Tokens = 10_000
-    decay_fraction: float = Field(0.2, gt=0, le=1)
-    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    batch_size: int = Field(16, ge=1)
-    grad_clip: float = Field(1.0, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_tokens: Tokens = 50_000
-    strategy: Literal["fsdp", "ddp"] = "fsdp"
-    activation_checkpointing: bool = False
+
+# LlamaConfig fields that are sizes: positive integers.
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str, Any]) -> None:
+    """parent.overrides against LlamaConfig's real fields and their types, and the shape they give with the preset's
+    own fields; one ValueError naming the key."""
+    from transformers import LlamaConfig
+
+    defaults = LlamaConfig().to_dict()
+    for key, value in overrides.items():
+        where = f"parent.overrides.{key}"
+        if key not in defaults or key.startswith("_") or key in ("transformers_version", "architectures"):
+            fields = [k for k in defaults if not k.startswith("_")]
+            hint = difflib.get_close_matches(key, fields, n=1)
+            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+            raise ValueError(f"{where}: not a LlamaConfig field; {did_you_mean}e.g. {', '.join(_SIZE_FIELDS[:5])}")
+        if key == "vocab_size" and pretrains:
+            raise ValueError(f"{where}: a pretrained parent's vocabulary is its tokenizer's (tokenizer.vocab_size or "
+                             f"tokenizer.path); remove it here")
+        expected = defaults[key]
+        if key in _SIZE_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {value!r} is not a positive whole number")
+        elif isinstance(expected, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {value!r} is not true or false")
+        elif isinstance(expected, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where}: {value!r} is not a finite number")
+        elif isinstance(expected, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: {value!r} is not a whole number")
+        elif isinstance(expected, str):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: {value!r} is not a string (LlamaConfig.{key} is, e.g. {expected!r})")
+    shape = {**preset, **overrides}
+    hidden, heads, kv = (shape.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if heads and kv and heads % kv:
+        raise ValueError(f"parent.overrides: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+    if hidden and heads and hidden % heads:
+        raise ValueError(f"parent.overrides: num_attention_heads {heads} does not divide hidden_size {hidden}")
 
 
 class ParentSpec(_Strict):
@@ -79,12 +86,11 @@ class ParentSpec(_Strict):
     schedule never re-pretrains the parent."""
 
     preset: str | None = None
-    # any LlamaConfig field; bools stay bools (transformers 5 refuses tie_word_embeddings = 1), rope_parameters a table
-    overrides: dict[str, bool | int | float | str | dict[str, int | float | str]] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None
     tokens: Tokens
-    seed: int = 0
-    schedule: ScheduleSpec = ScheduleSpec()
+    seed: Seed = 0
+    schedule: Schedule = Schedule()
 
     @model_validator(mode="after")
     def _one_source(self) -> "ParentSpec":
@@ -94,6 +100,7 @@ class ParentSpec(_Strict):
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if self.preset is None and self.overrides:
             raise ValueError("parent.overrides change a preset's shape; give parent.preset too")
+        check_overrides(self.overrides, self.pretrains, PRESETS[self.preset] if self.preset else {})
         if self.pretrains and self.schedule.warmup_tokens >= self.tokens:
             raise ValueError(f"parent.schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below "
                              f"parent.tokens ({self.tokens})")
@@ -291,7 +298,7 @@ class ExcludeRule(_Strict):
     init: Literal["pruned", "random"] | None = None
     budget: Tokens | None = None
     setting: Literal[1, 2] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> "ExcludeRule":
@@ -326,8 +333,8 @@ class GridSpec(_Strict):
     inits: list[Literal["pruned", "random"]] = Field(default_factory=lambda: ["pruned", "random"], min_length=1)
     budgets: list[Tokens] = Field(min_length=1)
     settings: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    schedule: ScheduleSpec = ScheduleSpec()
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    schedule: Schedule = Schedule()
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     local: LocalSpec = LocalSpec()
@@ -380,11 +387,11 @@ def load_grid(path: str | Path) -> GridSpec:
     try:
         text = path.read_text()
     except OSError as error:
-        raise ValueError(f"{path}: cannot read grid file ({error.strerror})") from None
+        raise UserError(f"{path}: cannot read grid file ({error.strerror})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
+        raise UserError(f"{path}: not valid TOML: {error}") from None
     spec = parse_grid(raw, source=str(path))
     runs_dir = Path(spec.runs_dir)
     if not runs_dir.is_absolute():
@@ -396,7 +403,7 @@ def parse_grid(raw: dict[str, Any], source: str = "grid") -> GridSpec:
     try:
         return GridSpec.model_validate(raw)
     except ValidationError as error:
-        raise ValueError(f"{source}: {_describe(error.errors()[0])}") from None
+        raise UserError(f"{source}: {_describe(error.errors()[0])}") from None
 
 
 def _describe(error: dict[str, Any]) -> str:

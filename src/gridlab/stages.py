@@ -11,197 +11,225 @@ file, result file written last and atomically). Workers never open the DuckDB fi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gridlab import store
+from gridlab import atomic
+from gridlab.contracts import (
+    ArchitectureInit, BranchResult, Contract, DataConfig, DataPayload, EvalBranch, EvalModel, EvalPayload, InitPayload,
+    LoadedParent, MaskInit, Metric, ParentPayload, PretrainParent, PruneConfig, PrunePayload, Stage, TrainConfig,
+    TrainPayload,
+)
+from gridlab.layout import RunPaths, StagePaths
+from gridlab.results import read_payload, write_result
 
 # An extra evaluation corpus is held out entirely: nearly all of its documents land in its validation split.
 _EVAL_CORPUS_FRACTIONS = dict(pretrain=0.01, retrain=0.01, calibration=0.01, validation=0.97)
 
 
-def stage_dir(run_dir: Path, stage_id: str) -> Path:
-    return Path(run_dir) / "stages" / stage_id
+@dataclass(frozen=True)
+class StageContext:
+    """What a runner gets beside its config: where the run lives and the payloads of the stages it consumes."""
+
+    run: RunPaths
+    stage: Stage
+
+    @property
+    def out(self) -> StagePaths:
+        return self.run.stage(self.stage.id)
+
+    def upstream(self, role: str) -> Contract:
+        return read_payload(self.run.stage(self.stage.deps[role]))
 
 
-def upstream(run_dir: Path, stage: dict[str, Any], role: str) -> dict[str, Any]:
-    dep = stage["deps"][role]
-    return store.read_result(stage_dir(run_dir, dep), dep)["payload"]
+def run_stage(stage: Stage, run_dir: str | Path) -> Contract:
+    """Compute one stage; its outputs go under runs/<grid>/stages/<id>/ (training: its trajectory folder) and the
+    payload describes them."""
+    context = StageContext(RunPaths(run_dir), stage)
+    return _RUNNERS[stage.kind](stage.config, context)
 
 
-def run_stage(stage: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """Compute one stage; outputs go under runs/<grid>/stages/<id>/ and the payload describes them."""
-    run_dir = Path(run_dir)
-    out = stage_dir(run_dir, stage["id"])
-    return _RUNNERS[stage["kind"]](stage["config"], stage, run_dir, out)
-
-
-def _run_data(config, stage, run_dir, out) -> dict[str, Any]:
+def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
     from gridlab.data import build_shards, load_tokenizer, shard_manifest, train_tokenizer
 
-    source = _corpus(config["corpus"])
-    fractions = _fractions(config["splits"])
-    tokenizer_config = config["tokenizer"]
-    if tokenizer_config["vocab_size"] is not None:
-        tokenizer_dir = out / "tokenizer"
+    source = _corpus(config.corpus)
+    fractions = _fractions(config.splits)
+    if config.tokenizer["vocab_size"] is not None:
+        tokenizer_dir = context.out.output("tokenizer")
         if not (tokenizer_dir / "tokenizer.json").exists():
-            train_tokenizer(source, fractions, tokenizer_config["vocab_size"], tokenizer_dir)
+            train_tokenizer(source, fractions, config.tokenizer["vocab_size"], tokenizer_dir)
     else:
-        tokenizer_dir = Path(tokenizer_config["path"])
-    shards = build_shards(source, tokenizer_dir, fractions, config["seq_len"], out / "shards")
+        tokenizer_dir = Path(config.tokenizer["path"])
+    shards = build_shards(source, tokenizer_dir, fractions, config.seq_len, context.out.output("shards"))
     manifest = shard_manifest(shards["pretrain"])
-    return {"tokenizer_dir": str(tokenizer_dir), "shards": {split: str(path) for split, path in shards.items()},
-            "vocab_size": len(load_tokenizer(tokenizer_dir)), "corpus_fingerprint": manifest["corpus_fingerprint"],
-            "manifest": manifest}
+    return DataPayload(tokenizer_dir=str(tokenizer_dir), shards={split: str(path) for split, path in shards.items()},
+                       vocab_size=len(load_tokenizer(tokenizer_dir)),
+                       corpus_fingerprint=manifest["corpus_fingerprint"], manifest=manifest)
 
 
-def _run_parent(config, stage, run_dir, out) -> dict[str, Any]:
+def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) -> ParentPayload | None:
+    from transformers import LlamaConfig
+
     from gridlab.data import TokenShard
-    from gridlab.model import init_model, load_model, make_config, param_counts
+    from gridlab.model import init_model, load_model, param_counts
     from gridlab.train import train
 
-    data = upstream(run_dir, stage, "data")
-    if "preset" in config:
-        model = init_model(make_config(config["preset"], config["vocab_size"], config["seq_len"],
-                                       **config["overrides"]), config["seed"])
-        result = train(model, TokenShard.open(data["shards"]["pretrain"]),
-                       _train_config(config["schedule"], config["seq_len"], config["seed"]),
-                       [config["tokens"]], out / "train")
+    data: DataPayload = context.upstream("data")
+    if isinstance(config, PretrainParent):
+        model = init_model(LlamaConfig.from_dict(config.architecture), config.seed)
+        shard = TokenShard.open(data.shards["pretrain"])
+        result = train(model, shard, config.schedule, [config.tokens],
+                       context.out.output("train"), seed=config.seed)
         if process_rank() != 0:
-            return {}
+            return None
         branch = result.branches[0]
-        model_path, curve, trained = str(branch.path), branch.curve, branch.trained_tokens
+        if branch.status != "done":
+            raise RuntimeError(branch.error)
+        model_path, trained, metrics = str(branch.path), branch.trained_tokens, curve_metrics(branch.curve)
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
-        model_path, curve, trained = config["path"], [], config["tokens"]
-        if "declared" in config:  # the architecture the plan built the random-init models from
+        model_path, trained, metrics = config.path, config.tokens, []
+        if config.declared is not None:  # what the plan built the random-init models from must be the checkpoint
             from transformers import AutoConfig
 
             from gridlab.model import check_declared_architecture
 
-            check_declared_architecture(config["declared"], AutoConfig.from_pretrained(model_path), model_path)
+            check_declared_architecture(config.declared, AutoConfig.from_pretrained(model_path), model_path)
         model, _ = load_model(model_path)
-    model.to(compute_device())
-    return {"model_path": model_path, "trained_tokens": trained, "curve": curve,
-            "params": param_counts(model).__dict__, **_validation(model, data, config["validation_sequences"])}
+    return ParentPayload(model_path=model_path, tokenizer_dir=data.tokenizer_dir, trained_tokens=trained,
+                         params=param_counts(model).__dict__, metrics=metrics)
 
 
-def _run_prune(config, stage, run_dir, out) -> dict[str, Any]:
+def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
     import torch
 
     from gridlab.data import TokenShard
+    from gridlab.layerwise import open_layerwise, save_layerwise
     from gridlab.model import load_model, param_counts, save_model
     from gridlab.pruning import get_method, prune
-    from gridlab.pruning.offload import open_layerwise, save_layerwise
 
-    data = upstream(run_dir, stage, "data")
-    parent = upstream(run_dir, stage, "parent")
+    data: DataPayload = context.upstream("data")
+    parent: ParentPayload = context.upstream("parent")
     device = compute_device()
-    layerwise = config["layerwise"] and get_method(config["method"]).layerwise
-    spill_dir = out / "layer-spill"
+    layerwise = config.layerwise and get_method(config.method).layerwise
+    spill_dir = context.out.output("layer-spill")
     if layerwise:
-        model = open_layerwise(parent["model_path"], device, spill_dir)
+        model = open_layerwise(parent.model_path, device, spill_dir)
     else:
-        model = load_model(parent["model_path"])[0].to(device)
-    calibration_shard = TokenShard.open(data["shards"]["calibration"])
-    count = min(config["calibration_sequences"], calibration_shard.n_sequences)
+        model = load_model(parent.model_path)[0].to(device)
+    calibration_shard = TokenShard.open(data.shards["calibration"])
+    count = min(config.calibration_sequences, calibration_shard.n_sequences)
     # Each seed calibrates on its own sample of the calibration split, so seeds replicate pruning too.
-    sample = torch.randperm(calibration_shard.n_sequences, generator=torch.Generator().manual_seed(config["seed"]))
+    sample = torch.randperm(calibration_shard.n_sequences, generator=torch.Generator().manual_seed(config.seed))
     calibration = calibration_shard[sorted(sample[:count].tolist())]
-    result = prune(model, config["method"], config["ratio"], calibration, **config["options"])
-    validation = _validation(result.model, data, config["validation_sequences"])
+    result = prune(model, config.method, config.ratio, calibration, **config.options)
     if layerwise:
-        model_path = save_layerwise(result.model, out / "model", mask=result.mask)
+        model_path = save_layerwise(result.model, context.out.output("model"), mask=result.mask)
         shutil.rmtree(spill_dir)
     else:
-        model_path = save_model(result.model, out / "model", mask=result.mask, tokenizer=data["tokenizer_dir"])
-    return {"model_path": str(model_path), "achieved_ratio": result.achieved_ratio,
-            "granularity": result.granularity, "removed": result.removed if result.granularity == "depth" else None,
-            "note": result.note, "calibration_sequences": count, "layerwise": layerwise,
-            "params": param_counts(result.model).__dict__, **validation}
+        model_path = save_model(result.model, context.out.output("model"), mask=result.mask,
+                                tokenizer=data.tokenizer_dir)
+    return PrunePayload(model_path=str(model_path), achieved_ratio=result.achieved_ratio,
+                        granularity=result.granularity,
+                        removed=result.removed if result.granularity == "depth" else None, note=result.note,
+                        calibration_sequences=count, layerwise=layerwise, params=param_counts(result.model).__dict__)
 
 
-def _run_init(config, stage, run_dir, out) -> dict[str, Any]:
+def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> InitPayload:
     from gridlab.model import init_model, load_model, param_counts, save_model
     from gridlab.pruning import PruneResult, random_counterpart
 
-    data = upstream(run_dir, stage, "data")
-    if "architecture" in config:
+    if isinstance(config, ArchitectureInit):
         from transformers import LlamaConfig
 
-        model, mask = init_model(LlamaConfig.from_dict(config["architecture"]), config["seed"]), None
+        model, mask = init_model(LlamaConfig.from_dict(config.architecture), config.seed), None
+        # The grid's tokenizer: a loaded parent's stage is upstream; a pretrained parent's twins have no deps yet.
+        tokenizer = context.upstream("parent").tokenizer_dir if "parent" in context.stage.deps else None
     else:
-        pruned = upstream(run_dir, stage, "model")
-        pruned_model, mask = load_model(pruned["model_path"])
-        result = PruneResult(model=pruned_model, achieved_ratio=pruned["achieved_ratio"], removed=None, mask=mask,
-                             method="", granularity=pruned["granularity"], options={})
-        model = random_counterpart(result, config["seed"]).model
-    model_path = save_model(model, out / "model", mask=mask, tokenizer=data["tokenizer_dir"])
-    model.to(compute_device())
-    return {"model_path": str(model_path), "params": param_counts(model).__dict__,
-            **_validation(model, data, config["validation_sequences"])}
+        pruned: PrunePayload = context.upstream("model")
+        pruned_model, mask = load_model(pruned.model_path)
+        result = PruneResult(model=pruned_model, achieved_ratio=pruned.achieved_ratio, removed=None, mask=mask,
+                             method="", granularity=pruned.granularity, options={})
+        model = random_counterpart(result, config.seed).model
+        tokenizer = pruned.model_path if (Path(pruned.model_path) / "tokenizer_config.json").exists() else None
+    model_path = save_model(model, context.out.output("model"), mask=mask, tokenizer=tokenizer)
+    return InitPayload(model_path=str(model_path), params=param_counts(model).__dict__)
 
 
-def _run_train(config, stage, run_dir, out) -> dict[str, Any]:
+def _run_train(config: TrainConfig, context: StageContext) -> TrainPayload | None:
     from gridlab.data import TokenShard
     from gridlab.model import load_model
     from gridlab.train import train
 
-    data = upstream(run_dir, stage, "data")
-    start = upstream(run_dir, stage, "model")
-    model, mask = load_model(start["model_path"])
-    result = train(model, TokenShard.open(data["shards"]["retrain"]),
-                   _train_config(config["schedule"], config["seq_len"], config["seed"]),
-                   config["budgets"], out / "train", mask=mask)
+    data: DataPayload = context.upstream("data")
+    start = context.upstream("model")
+    model, mask = load_model(start.model_path)
+    shard = TokenShard.open(data.shards["retrain"])
+    result = train(model, shard, config.schedule, config.budgets,
+                   context.run.trajectory(config.trajectory), seed=config.seed, mask=mask)
     if process_rank() != 0:
-        return {}
-    return {"branches": [{"budget_tokens": b.budget_tokens, "trained_tokens": b.trained_tokens, "path": str(b.path),
-                          "curve": b.curve} for b in result.branches], "curve": result.curve}
+        return None
+    return TrainPayload(trajectory=config.trajectory, branches=[
+        BranchResult(budget_tokens=b.budget_tokens, trained_tokens=b.trained_tokens, status=b.status,
+                     path=str(b.path) if b.path else None, error=b.error, metrics=curve_metrics(b.curve))
+        for b in result.branches])
 
 
-def _run_eval(config, stage, run_dir, out) -> dict[str, Any]:
+def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayload:
     from gridlab.data import TokenShard, build_shards, load_tokenizer
     from gridlab.evaluate import heldout_loss, lm_eval_tasks
     from gridlab.model import load_model
 
-    data = upstream(run_dir, stage, "data")
-    trained = upstream(run_dir, stage, "train")
-    evaluation = config["evaluation"]
-    extra = {}
+    data: DataPayload = context.upstream("data")
+    evaluation = config.evaluation
+    if isinstance(config, EvalModel):
+        model_path, tokens = context.upstream("model").model_path, config.tokens
+    else:
+        trained: TrainPayload = context.upstream("train")
+        branch = trained.branch(config.budget)
+        if branch is None:
+            raise RuntimeError(f"train stage {context.stage.deps['train']} has no branch of {config.budget} tokens")
+        if branch.status != "done":
+            raise BranchDiverged(branch.error or f"the {config.budget}-token branch did not finish")
+        model_path, tokens = branch.path, branch.trained_tokens
+    validation = TokenShard.open(data.shards["validation"])
+    model = load_model(model_path)[0].to(compute_device())  # lm-eval runs on the model's device too
+    held_out = heldout_loss(model, validation, max_sequences=evaluation["max_sequences"])
+    metrics = [Metric(name="val_loss", value=held_out["loss"], tokens=tokens, higher_is_better=False),
+               Metric(name="val_ppl", value=held_out["ppl"], tokens=tokens, higher_is_better=False)]
     for corpus in evaluation["corpora"]:
         source = _corpus({key: value for key, value in corpus.items() if key != "label"})
-        shards = build_shards(source, data["tokenizer_dir"], _fractions({**_EVAL_CORPUS_FRACTIONS, "seed": 0}),
-                              TokenShard.open(data["shards"]["validation"]).seq_len, run_dir / "cache" / "eval")
-        extra[corpus["label"]] = TokenShard.open(shards["validation"])
-    tokenizer = load_tokenizer(data["tokenizer_dir"]) if evaluation["lm_eval_tasks"] else None
-    branches = []
-    for branch in trained["branches"]:
-        model = load_model(branch["path"])[0].to(compute_device())  # lm-eval runs on the model's device too
-        held_out = _validation(model, data, evaluation["max_sequences"])
-        metrics = [{"name": "val_loss", "value": held_out["val_loss"], "higher_is_better": False},
-                   {"name": "val_ppl", "value": held_out["val_ppl"], "higher_is_better": False}]
-        for label, shard in extra.items():
-            loss = heldout_loss(model, shard, max_sequences=evaluation["max_sequences"])
-            metrics.append({"name": f"eval/{label}/loss", "value": loss["loss"], "higher_is_better": False})
-        if evaluation["lm_eval_tasks"]:
-            for record in lm_eval_tasks(model, tokenizer, evaluation["lm_eval_tasks"], limit=evaluation["limit"],
-                                        num_fewshot=evaluation["num_fewshot"]):
-                name = record["name"] if record["name"].startswith("lm_eval/") else f"lm_eval/{record['name']}"
-                metrics.append({"name": name, "value": record["value"], "stderr": record.get("stderr"),
-                                "higher_is_better": record["higher_is_better"]})
-        branches.append({"budget_tokens": branch["budget_tokens"], "trained_tokens": branch["trained_tokens"],
-                         "path": branch["path"], "metrics": metrics})
-    return {"branches": branches}
+        shards = build_shards(source, data.tokenizer_dir, _fractions({**_EVAL_CORPUS_FRACTIONS, "seed": 0}),
+                              validation.seq_len, context.run.cache / "eval")
+        loss = heldout_loss(model, TokenShard.open(shards["validation"]), max_sequences=evaluation["max_sequences"])
+        metrics.append(Metric(name=f"eval/{corpus['label']}/loss", value=loss["loss"], tokens=tokens,
+                              higher_is_better=False))
+    if evaluation["lm_eval_tasks"]:
+        for record in lm_eval_tasks(model, load_tokenizer(data.tokenizer_dir), evaluation["lm_eval_tasks"],
+                                    limit=evaluation["limit"], num_fewshot=evaluation["num_fewshot"],
+                                    trained_tokens=tokens):
+            metrics.append(Metric(**record))
+    return EvalPayload(model_path=str(model_path), tokens=tokens, metrics=metrics)
 
 
 _RUNNERS = {"data": _run_data, "parent": _run_parent, "prune": _run_prune, "init": _run_init, "train": _run_train,
             "eval": _run_eval}
+
+
+class BranchDiverged(RuntimeError):
+    """The budget branch an eval stage should score diverged during training; its cells fail with that error."""
+
+
+def curve_metrics(curve: list[dict]) -> list[Metric]:
+    """A training curve ({tokens, loss, lr} points) as metric records: train_loss (a score) and lr (not one)."""
+    return ([Metric(name="train_loss", value=p["loss"], tokens=p["tokens"], higher_is_better=False) for p in curve]
+            + [Metric(name="lr", value=p["lr"], tokens=p["tokens"]) for p in curve])
 
 
 def _corpus(config: dict[str, Any]):
@@ -216,26 +244,11 @@ def _fractions(config: dict[str, Any]):
     return SplitFractions(**config)
 
 
-def _train_config(schedule: dict[str, Any], seq_len: int, seed: int):
-    from gridlab.train import TrainConfig
-
-    fields = {key: value for key, value in schedule.items() if key != "kind"}
-    return TrainConfig(schedule=schedule["kind"], seq_len=seq_len, seed=seed, **fields)
-
-
 def compute_device() -> str:
-    """Where single-process stages (parent validation, pruning, init, eval) compute: the job's GPU if it has one."""
+    """Where single-process stages (pruning, init, eval) compute: the job's GPU if it has one."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _validation(model, data: dict[str, Any], max_sequences: int | None) -> dict[str, float]:
-    from gridlab.data import TokenShard
-    from gridlab.evaluate import heldout_loss
-
-    result = heldout_loss(model, TokenShard.open(data["shards"]["validation"]), max_sequences=max_sequences)
-    return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
 
 
 # ------------------------------------------------------------------------------------------------ worker wrapper
@@ -278,20 +291,20 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
     Every rank of a multi-process stage runs this; only rank 0 counts the attempt and writes the result, and the
     process group training joined is torn down before returning. Any rank that fails writes the error file.
     """
-    run_dir = Path(run_dir)
-    folder = stage_dir(run_dir, stage_id)
-    stage = json.loads((folder / store.STAGE).read_text())
+    run = RunPaths(run_dir)
+    files = run.stage(stage_id)
+    stage = Stage.model_validate_json(files.stage.read_bytes())
     rank = process_rank()
     if rank == 0:
-        with open(folder / store.ATTEMPTS, "a") as attempts:
+        with open(files.attempts, "a") as attempts:
             attempts.write(f"{time.time()}\n")
     threads = os.environ.get("GRIDLAB_THREADS")
-    redirect = _output_to(folder / store.LOG) if redirect_output else contextlib.nullcontext()
+    redirect = _output_to(files.log) if redirect_output else contextlib.nullcontext()
     with redirect:
-        print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage['kind']} stage {stage_id} "
+        print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage.kind} stage {stage_id} "
               f"(pid {os.getpid()}, rank {rank}, threads {threads or 'default'})", flush=True)
         try:
-            _check_upstream(run_dir, stage)
+            _check_upstream(run, stage)
             if threads:
                 import torch
 
@@ -301,23 +314,23 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
             finally:
                 _leave_process_group()
             if rank == 0:
-                store.write_result(folder, stage, payload, job_id=_job_id(), attempts=_attempts(folder),
-                                   started=_started(folder))
-                print(f"== done in {time.time() - _started(folder):.1f} s", flush=True)
+                attempts, started = _attempts(files)
+                write_result(files, stage, payload, job_id=_job_id(), attempts=attempts, started=started)
+                print(f"== done in {time.time() - started:.1f} s", flush=True)
             return True
         except Exception as error:
             lines = traceback.format_exc().splitlines()
             print("\n".join(lines), flush=True)
             first_line = str(error).splitlines()[0] if str(error) else ""
-            store.write_json_atomic(folder / store.ERROR, {
+            atomic.write_json(files.error, {
                 "error": f"{type(error).__name__}: {first_line}", "traceback": lines[-20:],
                 "finished": time.time()})
             return False
 
 
-def _check_upstream(run_dir: Path, stage: dict[str, Any]) -> None:
-    for role, dep in stage["deps"].items():
-        if not (stage_dir(run_dir, dep) / store.RESULT).exists():
+def _check_upstream(run: RunPaths, stage: Stage) -> None:
+    for role, dep in stage.deps.items():
+        if not run.stage(dep).result.exists():
             raise UpstreamMissing(f"upstream {role} stage {dep} has no result (it failed or was cancelled)")
 
 
@@ -332,12 +345,10 @@ class UpstreamMissing(RuntimeError):
     """A stage was started before the stages it consumes finished (SLURM afterany after a failure)."""
 
 
-def _started(folder: Path) -> float:
-    return float((folder / store.ATTEMPTS).read_text().split()[-1])
-
-
-def _attempts(folder: Path) -> int:
-    return len((folder / store.ATTEMPTS).read_text().split())
+def _attempts(files: StagePaths) -> tuple[int, float]:
+    """How many times the stage has started, and when this attempt started."""
+    starts = files.attempts.read_text().split()
+    return len(starts), float(starts[-1])
 
 
 def _job_id() -> str:

@@ -1,39 +1,62 @@
-"""The training loop: AdamW, WSD/cosine schedules, budget branches, sparse masks, exact checkpoint/resume.
+"""The training loop: AdamW, WSD/cosine schedules, budget branches of one trajectory, sparse masks, exact resume.
 
-One trajectory runs from step 0 with warmup then constant lr ("main"). Every budget is a *branch* that leaves the
-main trajectory at its fork step and runs its own lr tail to the budget:
+One trajectory (the trunk, state "main") runs from step 0 with warmup then constant lr. Every budget is a *branch*
+that leaves the trunk at its fork step and runs its own lr tail to the budget:
 - WSD: the fork is at B·(1 − decay_fraction); the branch decays to min lr (1-sqrt or linear) over the rest.
 - cosine: the fork is step 0 (an independent run per budget); the branch is warmup + cosine to min lr.
-Branches run in fork order. At a fork the main state is checkpointed, the branch trains in place, its final model is
-saved to out_dir/branches/<B>/, and the main state is reloaded from the checkpoint. The data stream is a function
-of the step alone (a seeded permutation per epoch), so a branch sees exactly the tokens an uninterrupted run to B
-would see.
+The data stream is a function of the step alone (a seeded permutation per epoch) and the trunk's lr does not depend
+on the budgets, so a branch sees exactly what an uninterrupted run to its budget would see, whichever other budgets
+share the trajectory and in whichever call they were added.
+
+``out_dir`` is a trajectory folder, shared by calls whose budget lists differ:
+
+    trajectory.json       the record, written last through gridlab.atomic: identity, every finished branch (status,
+                          trained tokens, model path, curve, error), the trunk's curve and where it diverged, if it did
+    branches/<B>/         each budget's final model, a plain HF checkpoint (+ sparse_mask.safetensors)
+    checkpoint/           resumable states (gridlab.checkpoint): main, branch-<B>, start
+
+A call trains what its budgets need and the folder does not hold yet, in this order:
+1. Branches that start from the starting model: every cosine budget, and a new WSD budget whose fork lies before
+   the kept trunk position (the trunk is past it, so that branch replays the trunk from step 0 as its own state:
+   it costs its fork tokens again, and gives the numbers a fresh run would). With several of them the starting
+   weights are kept as the state "start" while they run.
+2. The trunk, in fork order: train to the next fork, save "main" there, run the branch (its state
+   "branch-<B>"), save its model, reload "main". Budgets above the largest one already done continue the trunk from
+   the kept main state at the old last fork.
+Branch states are dropped once their model is saved. When the call ends, ``schedule.keep_checkpoints`` decides
+what stays: "extendable" keeps only what a later call with more budgets needs (WSD: the main state at the last fork;
+cosine: nothing), "all" keeps everything, "none" removes the checkpoint folder (a later WSD budget then replays the
+trunk from step 0).
+
+A NaN/inf loss, or non-finite weights found before a save, is a divergence. In a branch it marks that branch
+diverged (its error names the budget, step and loss), the main state is reloaded and the other branches go on. On
+the trunk it marks every branch forking after the diverged step diverged (finished branches stay), and the record
+keeps the step, so no later call extends the trajectory past it. No checkpoint and no branch model is ever written
+with non-finite weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
-import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from gridlab import distributed
+from gridlab import atomic, distributed
+from gridlab.checkpoint import Checkpointer, read_pointer
+from gridlab.config import Schedule
 from gridlab.data import TokenShard
 from gridlab.model import save_model
 
 CHECKPOINT_DIR = "checkpoint"
+BRANCHES_DIR = "branches"
+RECORD_FILE = "trajectory.json"
 MAIN_STATE = "main"
-# Fields that change how a run executes but not what it computes; a checkpoint resumes across them.
-_EXECUTION_FIELDS = ("device", "strategy", "activation_checkpointing")
+START_STATE = "start"
 
 
 def _branch_state(budget_tokens: int) -> str:
@@ -41,66 +64,35 @@ def _branch_state(budget_tokens: int) -> str:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (or the weights did, found before a save)."""
 
-    def __init__(self, step: int, tokens: int, loss: float):
-        super().__init__(f"training diverged: loss {loss} at step {step} ({tokens} tokens)")
-        self.step, self.tokens, self.loss = step, tokens, loss
-
-
-@dataclass
-class TrainConfig:
-    schedule: Literal["wsd", "cosine"] = "wsd"
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # min lr = lr · min_lr_ratio
-    warmup_tokens: int = 0
-    decay_fraction: float = 0.2  # WSD: the decay takes this fraction of each branch's budget
-    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_clip: float = 1.0  # 0 disables clipping
-    weight_decay: float = 0.1  # on matrices only (not norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    log_every_steps: int = 10
-    checkpoint_every_tokens: int = 1_000_000
-    seed: int = 0
-    device: str | None = None  # None: cuda when available, else cpu
-    strategy: Literal["fsdp", "ddp"] = "fsdp"  # how a multi-process job splits the model (one process: unused)
-    activation_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.schedule not in ("wsd", "cosine"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid: wsd, cosine")
-        if self.strategy not in ("fsdp", "ddp"):
-            raise ValueError(f"unknown strategy {self.strategy!r}; valid: fsdp, ddp")
-        if self.decay_shape not in ("1-sqrt", "linear"):
-            raise ValueError(f"unknown decay_shape {self.decay_shape!r}; valid: 1-sqrt, linear")
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"decay_fraction must lie in (0, 1], got {self.decay_fraction}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        for name in ("batch_size", "seq_len", "log_every_steps", "checkpoint_every_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
+    def __init__(self, step: int, tokens: int, loss: float, cause: Literal["loss", "weights"] = "loss"):
+        if cause == "loss":
+            message = f"training diverged: loss {loss} at step {step} ({tokens} tokens)"
+        else:
+            message = f"training diverged: non-finite weights after step {step} ({tokens} tokens; last loss {loss})"
+        super().__init__(message)
+        self.step, self.tokens, self.loss, self.cause = step, tokens, loss, cause
 
 
 @dataclass
 class Branch:
     budget_tokens: int
-    trained_tokens: int
-    path: Path
+    trained_tokens: int  # diverged: the tokens reached when it diverged
+    path: Path | None  # the final model; None when diverged
     curve: list[dict] = field(default_factory=list)  # {tokens, loss, lr}: main points up to the fork + the tail
+    status: Literal["done", "diverged"] = "done"
+    error: str | None = None  # diverged: "branch <B>: training diverged: loss nan at step S (T tokens)"
 
 
 @dataclass
 class TrainResult:
-    branches: list[Branch]
-    curve: list[dict]  # the main trajectory (warmup + constant lr) up to the last fork
+    branches: list[Branch]  # the budgets of this call, sorted
+    curve: list[dict]  # the trunk (warmup + constant lr) as far as it has been trained
+
+    @property
+    def diverged(self) -> list[Branch]:
+        return [branch for branch in self.branches if branch.status == "diverged"]
 
 
 @dataclass(frozen=True)
@@ -110,40 +102,95 @@ class _BranchPlan:
     fork_step: int
 
 
-def plan_branches(config: TrainConfig, budgets: list[int]) -> list[_BranchPlan]:
+def plan_branches(schedule: Schedule, budgets: list[int], tokens_per_step: int) -> list[_BranchPlan]:
+    """Each budget's steps and fork step, in fork order."""
     if not budgets:
         raise ValueError("budgets is empty; give at least one token budget")
     plans = []
     for budget in sorted(set(budgets)):
-        if budget < config.tokens_per_step:
+        if budget < tokens_per_step:
             raise ValueError(
-                f"budget {budget} tokens is smaller than one batch ({config.batch_size} × {config.seq_len} = "
-                f"{config.tokens_per_step} tokens); give budgets of at least {config.tokens_per_step}"
+                f"budget {budget} tokens is smaller than one batch ({schedule.batch_size} sequences, "
+                f"{tokens_per_step} tokens); give budgets of at least {tokens_per_step}"
             )
-        steps = budget // config.tokens_per_step
-        if config.schedule == "wsd":
-            fork = steps - max(1, round(steps * config.decay_fraction))
+        steps = budget // tokens_per_step
+        if schedule.kind == "wsd":
+            fork = steps - max(1, round(steps * schedule.decay_fraction))
         else:
             fork = 0
         plans.append(_BranchPlan(budget, steps, fork))
     return sorted(plans, key=lambda plan: (plan.fork_step, plan.budget_tokens))
 
 
-def learning_rate(config: TrainConfig, step: int, plan: _BranchPlan | None) -> float:
-    """lr of `step` (0-based) on the main trajectory (plan None) or on a branch."""
-    warmup_steps = config.warmup_tokens // config.tokens_per_step
+def learning_rate(schedule: Schedule, tokens_per_step: int, step: int, plan: _BranchPlan | None) -> float:
+    """lr of `step` (0-based) on the trunk (plan None) or on a branch."""
+    warmup_steps = schedule.warmup_tokens // tokens_per_step
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if plan is None or step < plan.fork_step:
-        return config.lr * warmup
-    floor = config.min_lr_ratio
-    if config.schedule == "cosine":
+        return schedule.lr * warmup
+    floor = schedule.min_lr_ratio
+    if schedule.kind == "cosine":
         if step < warmup_steps:
-            return config.lr * warmup
+            return schedule.lr * warmup
         progress = (step - warmup_steps + 1) / max(1, plan.steps - warmup_steps)
-        return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return schedule.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     progress = (step - plan.fork_step + 1) / (plan.steps - plan.fork_step)
-    remaining = 1 - (math.sqrt(progress) if config.decay_shape == "1-sqrt" else progress)
-    return config.lr * warmup * (floor + (1 - floor) * remaining)
+    remaining = 1 - (math.sqrt(progress) if schedule.decay_shape == "1-sqrt" else progress)
+    return schedule.lr * warmup * (floor + (1 - floor) * remaining)
+
+
+def trajectory_identity(schedule: Schedule, seed: int, n_sequences: int, seq_len: int) -> dict:
+    """What a trajectory's numbers depend on besides its starting model: never the budgets or execution fields."""
+    return {"schedule": schedule.identity(), "seed": seed, "n_sequences": n_sequences, "seq_len": seq_len}
+
+
+def _read_record(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def remaining_tokens(schedule: Schedule, budgets: list[int], seq_len: int, out_dir: Path) -> int:
+    """Tokens a call of `train` with these arguments would train, given what ``out_dir`` holds already.
+
+    Pure: reads only the trajectory record and the checkpoint pointers (JSON), no weights. 0 when every budget is
+    finished (or diverged, or lies past a diverged trunk); the whole trajectory for an empty folder. Counts what
+    `train` would do, step for step: a killed state resumes where it was saved, a WSD budget forking before the
+    kept trunk position replays its trunk from step 0.
+    """
+    tokens_per_step = schedule.batch_size * seq_len
+    plans = plan_branches(schedule, budgets, tokens_per_step)
+    out_dir = Path(out_dir)
+    record = _read_record(out_dir)
+    if record is not None and (record["identity"]["schedule"] != schedule.identity()
+                               or record["identity"]["seq_len"] != seq_len):
+        raise ValueError(f"{out_dir} holds a trajectory of a different schedule or sequence length")
+    branches = record["branches"] if record else {}
+    diverged = record.get("trunk_diverged") if record else None
+    checkpoints = out_dir / CHECKPOINT_DIR
+    main = read_pointer(checkpoints, MAIN_STATE)
+    main_step = main["step"] if main else 0
+    trunk_end, steps = main_step, 0
+    for plan in plans:
+        if str(plan.budget_tokens) in branches or (diverged and plan.fork_step > diverged["step"]):
+            continue
+        saved = read_pointer(checkpoints, _branch_state(plan.budget_tokens))
+        if schedule.kind == "cosine" or plan.fork_step < main_step:
+            start = saved["step"] if saved else 0
+        else:
+            trunk_end = max(trunk_end, plan.fork_step)
+            start = saved["step"] if saved else plan.fork_step
+        steps += plan.steps - start
+    return (steps + trunk_end - main_step) * tokens_per_step
+
+
+def make_optimizer(model: torch.nn.Module, schedule: Schedule) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only. Fused kernel (CPU and CUDA) unless parameters are mixed-device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": schedule.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=schedule.lr, betas=(schedule.beta1, schedule.beta2), eps=1e-8, fused=True)
 
 
 class _DataOrder:
@@ -170,40 +217,8 @@ class _DataOrder:
         return torch.stack([self._permutation(int(p) // self.n)[int(p) % self.n] for p in positions])
 
 
-def _quiet_dcp(operation, tensors: dict, folder: Path, topology: distributed.Topology) -> None:
-    """torch.distributed.checkpoint save/load; one process needs no process group, and DCP need not warn about it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        operation(tensors, checkpoint_id=folder, no_dist=not topology.distributed)
-
-
-def _atomic_write_json(obj, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(obj))
-    os.replace(temporary, path)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only. Fused kernel (CPU and CUDA) unless parameters are mixed-device."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8, fused=True)
+def _fresh_position(step: int = 0, pending: list[float] | None = None) -> dict:
+    return {"step": step, "curve": [], "pending_losses": list(pending or [])}
 
 
 class _Run:
@@ -213,36 +228,39 @@ class _Run:
     rank, and gradients are averaged across ranks (FSDP2 or DDP), so N processes compute what one process does.
     """
 
-    def __init__(self, model, data, config, budgets, out_dir, mask):
-        self.data, self.config, self.out_dir = data, config, Path(out_dir)
-        self.plans = plan_branches(config, budgets)
-        self.topology = distributed.setup(config.device)
-        if config.batch_size % self.topology.world_size:
+    def __init__(self, model, data: TokenShard, schedule: Schedule, budgets, out_dir, seed: int, mask):
+        self.data, self.schedule, self.out_dir = data, schedule, Path(out_dir)
+        self.tokens_per_step = schedule.batch_size * data.seq_len
+        self.plans = plan_branches(schedule, budgets, self.tokens_per_step)
+        self.topology = distributed.setup(schedule.device)
+        if schedule.batch_size % self.topology.world_size:
             raise ValueError(
-                f"batch_size {config.batch_size} does not split evenly over {self.topology.world_size} processes; "
-                f"give a multiple of {self.topology.world_size}"
+                f"batch_size {schedule.batch_size} does not split evenly over {self.topology.world_size} "
+                f"processes; give a multiple of {self.topology.world_size}"
             )
         self.device = self.topology.device
         self.model_config = model.config
-        self.model = distributed.wrap(model, self.topology, config.strategy, bf16=self.device.type == "cuda",
-                                      activation_checkpointing=config.activation_checkpointing)
+        self.model = distributed.wrap(model, self.topology, schedule.strategy, bf16=self.device.type == "cuda",
+                                      activation_checkpointing=schedule.activation_checkpointing)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
-        self.order = _DataOrder(data.n_sequences, config.batch_size, config.seed)
-        self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
+        self.order = _DataOrder(data.n_sequences, schedule.batch_size, seed)
         self.mask = mask
         self.masked_params, self.mask_values = self._mask_tensors(mask)
-        self.optimizer = make_optimizer(self.model, config)
-        execution = dataclasses.asdict(config)
-        for name in _EXECUTION_FIELDS:
-            execution.pop(name)
-        self.identity = {
-            "config": execution,
-            "budgets": sorted(set(budgets)),
-            "n_sequences": data.n_sequences,
-            "seq_len": data.seq_len,
-        }
+        self.optimizer = make_optimizer(self.model, schedule)
+        self.identity = trajectory_identity(schedule, seed, data.n_sequences, data.seq_len)
+        self.checkpoints = Checkpointer(self.out_dir / CHECKPOINT_DIR, self.identity, self.topology)
+        self.record = _read_record(self.out_dir) or {"identity": self.identity, "branches": {}, "curve": [],
+                                                     "trunk_diverged": None}
+        if self.record["identity"] != self.identity:
+            raise ValueError(
+                f"{self.out_dir} holds a trajectory of a different training run (other schedule, seed or data); "
+                f"use a fresh out_dir or delete that folder"
+            )
+        self.pristine = True  # the model still holds the starting weights and the optimizer is fresh
+        self.saved_step: dict[str, int] = {}  # state name → the step last saved or loaded in this call
+        self.last_loss = float("nan")
 
     def _mask_tensors(self, mask):
         if not mask:
@@ -254,7 +272,8 @@ class _Run:
         params, values = [], []
         for name, keep in mask.items():
             if keep.shape != named[name].shape:
-                raise ValueError(f"mask for {name} has shape {tuple(keep.shape)}, parameter has {tuple(named[name].shape)}")
+                raise ValueError(f"mask for {name} has shape {tuple(keep.shape)}, parameter has "
+                                 f"{tuple(named[name].shape)}")
             params.append(named[name])
             values.append(distributed.shard_like(keep, named[name]).to(dtype=named[name].dtype))
         return params, values
@@ -269,76 +288,38 @@ class _Run:
         return self.data[indices].to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------------------------------------ state
-    # A checkpoint is a folder written by torch.distributed.checkpoint (each rank writes its own shards, so any
-    # world size can read it back) plus <name>.json, written last and atomically by rank 0, naming that folder and
-    # holding the loop's position. A folder that no .json names is an unfinished write and is ignored.
 
-    def fresh_state(self) -> dict:
-        return {"step": 0, "curve": [], "pending_losses": [], "branches_done": {}}
+    def weights_finite(self) -> bool:
+        """True when every weight of every rank's shard is finite (a collective)."""
+        with torch.no_grad():
+            flags = torch.stack([torch.isfinite(distributed.local_tensor(p)).all() for p in self.model.parameters()])
+            bad = distributed.all_reduce_mean((~flags).sum().float(), self.topology)
+        return bool(bad.item() == 0)
 
-    def save_state(self, name: str, state: dict) -> None:
-        folder_name = f"{name}-{state['step']:09d}"
-        folder = self.checkpoint_dir / folder_name
-        pointer = self.checkpoint_dir / f"{name}.json"
-        previous = json.loads(pointer.read_text())["folder"] if pointer.is_file() else None
-        if self.topology.is_main:
-            if folder.exists() and folder_name != previous:
-                shutil.rmtree(folder)
-        distributed.barrier(self.topology)
-        has_optimizer_state = bool(self.optimizer.state)  # none before the first step
-        if has_optimizer_state:
-            tensors = distributed.training_state(self.model, self.optimizer)
-        else:
-            tensors = {"model": distributed.model_state(self.model)}
-        if folder_name != previous:
-            _quiet_dcp(dcp.save, tensors, folder, self.topology)
-            torch.save(_rng_state(), folder / f"rng-{self.topology.rank}.pt")
-        distributed.barrier(self.topology)
-        if self.topology.is_main:
-            record = {**state, "identity": self.identity, "folder": folder_name,
-                      "optimizer": has_optimizer_state, "world_size": self.topology.world_size}
-            _atomic_write_json(record, pointer)
-            if previous and previous != folder_name:
-                shutil.rmtree(self.checkpoint_dir / previous, ignore_errors=True)
-        distributed.barrier(self.topology)
+    def _require_finite_weights(self, step: int) -> None:
+        if not self.weights_finite():
+            raise TrainingDiverged(step - 1, step * self.tokens_per_step, self.last_loss, cause="weights")
 
-    def load_state(self, name: str) -> dict | None:
-        pointer = self.checkpoint_dir / f"{name}.json"
-        if not pointer.is_file():
+    def save(self, name: str, position: dict) -> None:
+        """Save a state, never one holding non-finite weights (TrainingDiverged instead)."""
+        self._require_finite_weights(position["step"])
+        self.checkpoints.save(name, position, self.model, self.optimizer)
+        self.saved_step[name] = position["step"]
+
+    def load(self, name: str) -> dict | None:
+        loaded = self.checkpoints.load(name, self.model, self.optimizer)
+        if loaded is None:
             return None
-        record = json.loads(pointer.read_text())
-        if record.pop("identity") != self.identity:
-            raise ValueError(
-                f"{self.checkpoint_dir} holds a checkpoint of a different training run (other config, budgets or "
-                f"data); use a fresh out_dir or delete that folder"
-            )
-        folder = self.checkpoint_dir / record.pop("folder")
-        if record.pop("optimizer"):
-            tensors = distributed.training_state(self.model, self.optimizer)
-            _quiet_dcp(dcp.load, tensors, folder, self.topology)
-            distributed.load_training_state(self.model, self.optimizer, tensors)
-        else:
-            tensors = {"model": distributed.model_state(self.model)}
-            _quiet_dcp(dcp.load, tensors, folder, self.topology)
-            distributed.load_model_state(self.model, tensors["model"])
-            self.optimizer = make_optimizer(self.model, self.config)
-        # RNG streams are per process; a job resumed at another world size restarts the extra ranks' streams.
-        rng_file = folder / f"rng-{self.topology.rank}.pt"
-        if record.pop("world_size") == self.topology.world_size and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-        return record
-
-    def drop_state(self, name: str) -> None:
-        pointer = self.checkpoint_dir / f"{name}.json"
-        if self.topology.is_main and pointer.is_file():
-            folder = self.checkpoint_dir / json.loads(pointer.read_text())["folder"]
-            pointer.unlink()
-            shutil.rmtree(folder, ignore_errors=True)
-        distributed.barrier(self.topology)
+        position, optimizer_restored = loaded
+        if not optimizer_restored:
+            self.optimizer = make_optimizer(self.model, self.schedule)
+        self.pristine = False
+        self.saved_step[name] = position["step"]
+        return position
 
     def save_branch_model(self, budget_tokens: int) -> Path:
         """The branch's final weights as a plain HF checkpoint, gathered from the shards and written by rank 0."""
-        path = self.out_dir / "branches" / str(budget_tokens)
+        path = self.out_dir / BRANCHES_DIR / str(budget_tokens)
         if not self.topology.distributed:
             return save_model(self.model, path, self.mask)
         state = distributed.full_model_state(self.model)
@@ -347,47 +328,62 @@ class _Run:
         distributed.barrier(self.topology)
         return path
 
+    def write_record(self) -> None:
+        if self.topology.is_main:
+            atomic.write_json(self.out_dir / RECORD_FILE, self.record)
+        distributed.barrier(self.topology)
+
+    def finish_branch(self, plan: _BranchPlan, trained_tokens: int, path: Path | None, curve: list[dict],
+                      error: str | None = None) -> None:
+        self.record["branches"][str(plan.budget_tokens)] = {
+            "status": "done" if error is None else "diverged", "trained_tokens": trained_tokens,
+            "path": str(path) if path is not None else None, "curve": curve, "error": error,
+        }
+        self.write_record()
+
     # ------------------------------------------------------------------------------------------------ loop
 
     def _steps(self, state: dict, end_step: int, plan: _BranchPlan | None, checkpoint_name: str) -> None:
-        """Train from state["step"] to end_step on the main trajectory (plan None) or a branch, in place."""
-        config, model, optimizer = self.config, self.model, self.optimizer
-        tokens_per_step = config.tokens_per_step
+        """Train from state["step"] to end_step on the trunk (plan None) or a branch, in place."""
+        schedule, model, optimizer = self.schedule, self.model, self.optimizer
+        tokens_per_step = self.tokens_per_step
         params = [p for p in model.parameters() if p.requires_grad]
         pending = state["pending_losses"]  # floats restored from a checkpoint
         window: list[torch.Tensor] = []  # this segment's detached losses, read only when logging
         model.train()
         step = state["step"]
+        if step < end_step:
+            self.pristine = False
         while step < end_step:
-            lr = learning_rate(config, step, plan)
+            lr = learning_rate(schedule, tokens_per_step, step, plan)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = self.local_batch(step)
             with self.autocast:
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+            if schedule.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.apply_mask()
             window.append(loss.detach())
             step += 1
-            logging = step % config.log_every_steps == 0 or step == end_step
-            checkpointing = (step * tokens_per_step) // config.checkpoint_every_tokens > (
+            logging = step % schedule.log_every_steps == 0 or step == end_step
+            checkpointing = (step * tokens_per_step) // schedule.checkpoint_every_tokens > (
                 (step - 1) * tokens_per_step
-            ) // config.checkpoint_every_tokens
+            ) // schedule.checkpoint_every_tokens
             if logging or checkpointing:
                 pending.extend(self._check_finite(window, step))
                 window = []
                 state["step"] = step
-                if logging and step % config.log_every_steps == 0 or plan is not None and step == plan.steps:
+                if logging and step % schedule.log_every_steps == 0 or plan is not None and step == plan.steps:
                     state["curve"].append(
                         {"tokens": step * tokens_per_step, "loss": sum(pending) / len(pending), "lr": lr}
                     )
                     pending.clear()
                 if checkpointing and step < end_step:
-                    self.save_state(checkpoint_name, state)
+                    self.save(checkpoint_name, state)
         state["step"] = step
 
     def _check_finite(self, window: list[torch.Tensor], step: int) -> list[float]:
@@ -395,65 +391,133 @@ class _Run:
         for offset, value in enumerate(values):
             if not math.isfinite(value):
                 bad_step = step - len(values) + offset
-                raise TrainingDiverged(bad_step, (bad_step + 1) * self.config.tokens_per_step, value)
+                raise TrainingDiverged(bad_step, (bad_step + 1) * self.tokens_per_step, value)
+        self.last_loss = values[-1]
         return values
+
+    def run_branch(self, plan: _BranchPlan, position: dict, head: list[dict]) -> None:
+        """Train a branch from `position` (already in the model) to its budget; record it done or diverged."""
+        name = _branch_state(plan.budget_tokens)
+        try:
+            self._steps(position, plan.steps, plan, name)
+            self._require_finite_weights(position["step"])
+        except TrainingDiverged as error:
+            self.finish_branch(plan, error.tokens, None, head + position["curve"],
+                               error=f"branch {plan.budget_tokens}: {error}")
+        else:
+            path = self.save_branch_model(plan.budget_tokens)
+            self.finish_branch(plan, plan.steps * self.tokens_per_step, path, head + position["curve"])
+        self.checkpoints.drop(name)
 
     def run(self) -> TrainResult:
         self.apply_mask()
-        main = self.load_state(MAIN_STATE)
-        if main is None:
-            main = self.fresh_state()
-            self.save_state(MAIN_STATE, main)
+        if not self.weights_finite():
+            raise ValueError("the starting model holds non-finite weights")
+        diverged = self.record["trunk_diverged"]
+        todo = []
         for plan in self.plans:
-            if str(plan.budget_tokens) in main["branches_done"]:
+            if str(plan.budget_tokens) in self.record["branches"]:
                 continue
-            if main["step"] < plan.fork_step:
-                self._steps(main, plan.fork_step, None, MAIN_STATE)
-                self.save_state(MAIN_STATE, main)
-            # The model and optimizer now hold the main state at the fork, unless a killed branch resumes.
-            branch_state = _branch_state(plan.budget_tokens)
-            branch = self.load_state(branch_state) or {
-                "step": main["step"],
-                "curve": [],
-                "pending_losses": list(main["pending_losses"]),
-            }
-            self._steps(branch, plan.steps, plan, branch_state)
-            path = self.save_branch_model(plan.budget_tokens)
-            main = self.load_state(MAIN_STATE)
-            main["branches_done"][str(plan.budget_tokens)] = {
-                "trained_tokens": plan.steps * self.config.tokens_per_step,
-                "path": str(path),
-                "fork_tokens": plan.fork_step * self.config.tokens_per_step,
-                "tail": branch["curve"],
-            }
-            self.save_state(MAIN_STATE, main)
-            self.drop_state(branch_state)
-        return self._result(main)
+            if diverged is not None and plan.fork_step > diverged["step"]:
+                self.finish_branch(plan, diverged["tokens"], None, [], error=f"branch {plan.budget_tokens}: "
+                                   f"{diverged['error']} (on the trunk, before this branch's fork)")
+                continue
+            todo.append(plan)
+        main = self.checkpoints.pointer(MAIN_STATE)
+        main_step = main["step"] if main else 0
+        from_start = [p for p in todo if self.schedule.kind == "cosine" or p.fork_step < main_step]
+        if from_start:
+            self.run_from_start(from_start)
+        on_trunk = [p for p in todo if p not in from_start]
+        if on_trunk:
+            self.run_trunk(on_trunk)
+        self.retain()
+        return self.result()
 
-    def _result(self, main: dict) -> TrainResult:
+    def run_from_start(self, plans: list[_BranchPlan]) -> None:
+        """Branches that train from step 0: cosine runs, and WSD budgets forking before the kept trunk position."""
+        if len(plans) > 1 and self.checkpoints.pointer(START_STATE) is None:
+            self.save(START_STATE, _fresh_position())  # nothing has been loaded: the model is the starting one
+        for plan in plans:
+            position = self.load(_branch_state(plan.budget_tokens))
+            if position is None:
+                if not self.pristine and self.load(START_STATE) is None:
+                    raise RuntimeError("the starting weights are gone (no 'start' state)")
+                position = _fresh_position()
+            self.run_branch(plan, position, head=[])
+        if self.schedule.keep_checkpoints != "all":
+            self.checkpoints.drop(START_STATE)
+
+    def run_trunk(self, plans: list[_BranchPlan]) -> None:
+        """Branches along the trunk, in fork order: trunk to the fork, save main, branch, reload main."""
+        main = self.load(MAIN_STATE)
+        if main is None:
+            if not self.pristine:
+                raise RuntimeError("the trunk has no state and the model no longer holds the starting weights")
+            main = _fresh_position()
+        for index, plan in enumerate(plans):
+            try:
+                if main["step"] < plan.fork_step:
+                    self._steps(main, plan.fork_step, None, MAIN_STATE)
+                if self.saved_step.get(MAIN_STATE) != main["step"]:
+                    self.save(MAIN_STATE, main)
+            except TrainingDiverged as error:
+                self.record["trunk_diverged"] = {"step": error.step, "tokens": error.tokens, "loss": error.loss,
+                                                 "error": str(error)}
+                self._grow_trunk_curve(main["curve"])
+                for later in plans[index:]:  # each forks after the diverged step
+                    self.finish_branch(later, error.tokens, None, list(main["curve"]),
+                                       error=f"branch {later.budget_tokens}: {error} (on the trunk)")
+                return
+            self._grow_trunk_curve(main["curve"])
+            # The model and optimizer now hold the main state at the fork, unless a killed branch resumes.
+            position = self.load(_branch_state(plan.budget_tokens)) or _fresh_position(
+                main["step"], main["pending_losses"])
+            head = [point for point in main["curve"] if point["tokens"] <= plan.fork_step * self.tokens_per_step]
+            self.run_branch(plan, position, head)
+            if index + 1 < len(plans):
+                main = self.load(MAIN_STATE)
+
+    def _grow_trunk_curve(self, curve: list[dict]) -> None:
+        if len(curve) > len(self.record["curve"]):
+            self.record["curve"] = list(curve)  # written with the next record
+
+    def retain(self) -> None:
+        """What stays of the checkpoint folder now that this call is done (schedule.keep_checkpoints)."""
+        keep = self.schedule.keep_checkpoints
+        if keep == "all":
+            return
+        if keep == "none" or self.schedule.kind == "cosine":
+            self.checkpoints.remove()
+        else:
+            self.checkpoints.keep_only({MAIN_STATE})
+
+    def result(self) -> TrainResult:
         branches = []
         for plan in sorted(self.plans, key=lambda p: p.budget_tokens):
-            done = main["branches_done"][str(plan.budget_tokens)]
-            head = [point for point in main["curve"] if point["tokens"] <= done["fork_tokens"]]
-            branches.append(
-                Branch(plan.budget_tokens, done["trained_tokens"], Path(done["path"]), head + done["tail"])
-            )
-        return TrainResult(branches=branches, curve=list(main["curve"]))
+            done = self.record["branches"][str(plan.budget_tokens)]
+            branches.append(Branch(plan.budget_tokens, done["trained_tokens"],
+                                   Path(done["path"]) if done["path"] is not None else None, done["curve"],
+                                   done["status"], done["error"]))
+        return TrainResult(branches=branches, curve=list(self.record["curve"]))
 
 
 def train(
     model,
     data: TokenShard,
-    config: TrainConfig,
+    schedule: Schedule,
     budgets: list[int],
     out_dir: Path,
+    *,
+    seed: int,
     mask: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train `model` on `data` to every budget (tokens); resumable: call again with the same arguments.
+    """Train `model` on `data` to every budget (tokens) into the trajectory folder `out_dir`.
 
-    The model object is trained in place and ends holding the weights of the last branch run; each branch's final
-    model is a plain HF checkpoint at out_dir/branches/<budget>/ (with sparse_mask.safetensors when masked).
+    Resumable and extendable: call again with the same arguments to resume (or get the finished result at once),
+    or with more budgets to train only what they add. `seed` fixes the data order. The model object is trained in
+    place and ends holding the weights of the last branch run; each branch's final model is a plain HF checkpoint
+    at out_dir/branches/<budget>/ (with sparse_mask.safetensors when masked). A diverged branch is returned with
+    status "diverged" and its error, not raised.
     """
-    if data.seq_len != config.seq_len:
-        raise ValueError(f"config.seq_len is {config.seq_len} but the token shard holds sequences of {data.seq_len}")
-    return _Run(model, data, config, budgets, out_dir, mask).run()
+    return _Run(model, data, schedule, budgets, out_dir, seed, mask).run()

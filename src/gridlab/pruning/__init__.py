@@ -14,7 +14,7 @@ import torch
 
 from gridlab.model import architecture_diff
 from gridlab.pruning.counterpart import random_counterpart
-from gridlab.pruning.offload import layer_store
+from gridlab.layerwise import layer_store
 from gridlab.pruning.registry import (
     METHODS,
     Method,

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from gridlab.layerwise import decoder_layers, mean_loss, run_layer, select_samples, sequential_layers
 from gridlab.model import param_counts
-from gridlab.pruning.calibration import decoder_layers, mean_loss, run_layer, select_samples, sequential_layers
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 

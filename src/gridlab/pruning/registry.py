@@ -39,6 +39,9 @@ class Method:
     check_options: Callable[[dict], None] | None = None
     # visits the decoder layers one at a time, in order, so it can prune a parent whose layers stay on disk
     layerwise: bool = False
+    # part of every prune stage id of this method: bump it when a change to the method changes what it computes
+    # (its scores, its choices, its defaults), so exactly this method's stages and what depends on them rerun
+    version: int = 1
 
 
 METHODS: dict[str, Method] = {}

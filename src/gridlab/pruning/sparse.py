@@ -14,8 +14,8 @@ import math
 
 import torch
 
+from gridlab.layerwise import each_layer, input_hooks, run_layer, select_samples, sequential_layers
 from gridlab.model import DECODER_WEIGHTS, param_counts
-from gridlab.pruning.calibration import each_layer, input_hooks, run_layer, select_samples, sequential_layers
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM
 
-from gridlab.model import param_counts
-from gridlab.pruning.calibration import batches, decoder_layers, model_device, select_samples
+from gridlab.layerwise import batches, decoder_layers, model_device, select_samples
+from gridlab.model import decoder_layer_params, head_dim, param_counts
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 AXES = ("heads", "ffn", "hidden")
@@ -26,16 +26,6 @@ class WidthSizes:
     kv_groups: int
     ffn: int
     hidden: int
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _layer_params(config, kv_groups: int, ffn: int, hidden: int) -> int:
-    # Must agree with gridlab.model.param_counts; width_config() checks that it does.
-    heads = kv_groups * (config.num_attention_heads // config.num_key_value_heads)
-    return 2 * hidden * head_dim(config) * (heads + kv_groups) + 3 * hidden * ffn
 
 
 def width_sizes(config, ratio: float, axes) -> WidthSizes:
@@ -50,7 +40,7 @@ def width_sizes(config, ratio: float, axes) -> WidthSizes:
     total_kv, total_ffn, total_hidden = config.num_key_value_heads, config.intermediate_size, config.hidden_size
     group_size = config.num_attention_heads // total_kv
     hd = head_dim(config)
-    target = (1.0 - ratio) * _layer_params(config, total_kv, total_ffn, total_hidden)
+    target = (1.0 - ratio) * decoder_layer_params(config, total_kv, total_ffn, total_hidden)
     best_key, best = None, None
     for kv in (range(1, total_kv + 1) if "heads" in axes else [total_kv]):
         heads = group_size * kv
@@ -59,11 +49,11 @@ def width_sizes(config, ratio: float, axes) -> WidthSizes:
             continue
         hidden_options = range(heads, total_hidden + 1, heads) if "hidden" in axes else [total_hidden]
         for hidden in hidden_options:
-            attention = 2 * hidden * hd * (heads + kv)
+            attention = decoder_layer_params(config, kv, 0, hidden)  # ffn 0: the attention weights alone
             ffn = total_ffn
             if "ffn" in axes:
                 ffn = min(max(round((target - attention) / (3 * hidden)), 1), total_ffn)
-            error = abs(attention + 3 * hidden * ffn - target)
+            error = abs(decoder_layer_params(config, kv, ffn, hidden) - target)
             steps, fractions = [], []
             if "heads" in axes:
                 steps.append(2 * hidden * hd * (group_size + 1))
@@ -94,7 +84,7 @@ def width_config(parent_config, sizes: WidthSizes):
     config.num_attention_heads = sizes.kv_groups * group_size
     config.intermediate_size = sizes.ffn
     config.hidden_size = sizes.hidden
-    expected = config.num_hidden_layers * _layer_params(parent_config, sizes.kv_groups, sizes.ffn, sizes.hidden)
+    expected = config.num_hidden_layers * decoder_layer_params(parent_config, sizes.kv_groups, sizes.ffn, sizes.hidden)
     config.validate()
     if param_counts(config).decoder != expected:
         raise RuntimeError("width size search disagrees with gridlab.model.param_counts")

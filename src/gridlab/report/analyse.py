@@ -21,6 +21,8 @@ import numpy as np
 import polars as pl
 from scipy import optimize, stats
 
+from gridlab.errors import UserError
+
 CONFIDENCE = 0.95
 GROUP_KEYS = ["granularity", "method", "ratio", "init", "setting", "budget_tokens"]
 ARM_KEYS = ["granularity", "method", "ratio", "setting", "budget_tokens"]
@@ -71,12 +73,12 @@ def read_results(db_path: Path) -> Results:
     """Read the grid row, the cells and the metrics of a results database (read-only)."""
     db_path = Path(db_path)
     if not db_path.is_file():
-        raise ValueError(f"no results database at {db_path}: run `gridlab submit` first, or pass the grid's folder")
+        raise UserError(f"no results database at {db_path}: run `gridlab submit` first, or pass the grid's folder")
     with duckdb.connect(str(db_path), read_only=True) as con:
         tables = {row[0] for row in con.execute("select table_name from information_schema.tables").fetchall()}
         missing = {"grid", "cells", "metrics"} - tables
         if missing:
-            raise ValueError(f"{db_path} is not a gridlab results database: tables {sorted(missing)} are missing")
+            raise UserError(f"{db_path} is not a gridlab results database: tables {sorted(missing)} are missing")
         grid_rows = con.sql("select * from grid").pl()
         cells = con.sql(f"select {', '.join(_CELL_COLUMNS)} from cells").pl()
         metrics = con.sql(f"select {', '.join(_METRIC_COLUMNS)} from metrics").pl()
@@ -641,7 +643,7 @@ def training_curves(cells: pl.DataFrame, metrics: pl.DataFrame, name: str = "tra
 def analyse(results: Results, metric: str = "val_loss") -> Analysis:
     names = available_metrics(results.metrics)
     if names and metric not in names:
-        raise ValueError(f"metric {metric!r} is not in the results; available: {', '.join(names)}")
+        raise UserError(f"metric {metric!r} is not in the results; available: {', '.join(names)}")
     lower = not higher_is_better(metric)
     values = headline_values(results.cells, results.metrics, metric)
     summary = seed_summary(values)

@@ -17,6 +17,7 @@ import jinja2
 from markupsafe import Markup
 
 import gridlab
+from gridlab.errors import UserError
 from gridlab.report import plots
 from gridlab.report.analyse import Analysis, analyse, format_tokens, read_results
 from gridlab.report.chromium import DevTools, find_chromium
@@ -38,8 +39,8 @@ def templates_dir(override: Path | None = None) -> Path:
         if (folder / TEMPLATE).is_file():
             return folder
         if origin != "the gridlab checkout":
-            raise ValueError(f"{origin} points at {folder}, which has no {TEMPLATE}")
-    raise ValueError(
+            raise UserError(f"{origin} points at {folder}, which has no {TEMPLATE}")
+    raise UserError(
         f"report templates not found: install gridlab editable from its checkout (pip install -e .) "
         f"or set {TEMPLATES_ENV} to the checkout's templates/ folder"
     )
@@ -131,10 +132,10 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
     and PDF rendering, and the engine used.
     """
     if pdf_engine not in PDF_ENGINES:
-        raise ValueError(f"unknown PDF engine {pdf_engine!r}; valid: {', '.join(PDF_ENGINES)}")
+        raise UserError(f"unknown PDF engine {pdf_engine!r}; valid: {', '.join(PDF_ENGINES)}")
     executable = find_chromium() if pdf_engine != "weasyprint" else None
     if pdf_engine == "chromium" and executable is None:
-        raise ValueError("PDF engine chromium requested but no chromium executable is on PATH "
+        raise UserError("PDF engine chromium requested but no chromium executable is on PATH "
                          "(Debian: apt-get install chromium), or use pdf_engine='weasyprint'")
     folder = templates_dir(templates)
     out_dir = Path(out_dir)

@@ -1,31 +1,39 @@
-"""Pruning a parent that does not fit in memory: its decoder layers stay on disk and come in one at a time.
+"""The layer-by-layer engine shared by pruning and evaluation: layer-input capture, the sequential flow, and models
+whose decoder layers stay on disk.
 
-`open_layerwise` builds the parent with every decoder layer on the meta device (no storage) and only the
-embeddings, final norm and LM head materialized on the compute device. The sequential calibration flow
-(`calibration.sequential_layers`) asks the model's `LayerStore` to materialize a layer just before it needs it and
-to release it right after: the layer's (possibly pruned) tensors go to a spill folder and the layer returns to
-meta. Peak memory is one layer plus the calibration activations, whatever the parent's depth. `save_layerwise`
-then writes a standard sharded HF checkpoint (one safetensors file per layer and an index) that loads without
-gridlab.
+The sequential flow holds the inputs of one decoder layer at a time (all calibration or evaluation sequences): the
+model runs once, up to the first layer, and from then on each layer maps the held activations to the next layer's
+inputs. What a layer receives is captured whole: the hidden states and every keyword argument (position
+embeddings, attention mask, ...), so a layer run here computes what it computes inside the model.
 
-Only methods that visit the layers in order can run this way (`Method.layerwise`); the others need whole-model
-forward or backward passes.
+A parent that does not fit in memory is opened with `open_layerwise`: every decoder layer stays on the meta device
+(no storage) and only the embeddings, final norm and LM head are materialized on the compute device. The flow asks
+the model's `LayerStore` to materialize a layer just before it needs it and to release it right after: the layer's
+(possibly pruned) tensors go to a spill folder, written whole through `gridlab.atomic`, and the layer returns to
+meta. Peak memory is one layer plus the activations, whatever the parent's depth. `save_layerwise` then writes a
+standard sharded HF checkpoint (one safetensors file per layer and an index) that loads without gridlab.
+
+Only methods that visit the layers in order can prune this way (`gridlab.pruning.Method.layerwise`); the others
+need whole-model forward or backward passes. `gridlab.evaluate.heldout_loss` runs a layerwise model layer by layer.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from gridlab.atomic import staged_directory
+from gridlab import atomic
 from gridlab.model import MASK_FILE
 
 SINGLE_FILE = "model.safetensors"
@@ -93,9 +101,7 @@ class LayerStore:
     def release(self, layer, keep_changes: bool = True) -> None:
         if keep_changes:
             state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in layer.state_dict().items()}
-            partial = self._spill_path(layer).with_suffix(".partial")
-            save_file(state, partial)
-            partial.replace(self._spill_path(layer))  # a spill file is whole or absent
+            atomic.write_bytes(self._spill_path(layer), save(state))  # a spill file is whole or absent
         layer.to("meta")
         self._resident.discard(id(layer))
 
@@ -156,7 +162,7 @@ def save_layerwise(model, out_dir: str | Path, mask: dict[str, torch.Tensor] | N
                if not name.startswith("model.layers.")}
     if model.config.tie_word_embeddings:
         outside.pop("lm_head.weight", None)
-    with staged_directory(Path(out_dir)) as staging:
+    with atomic.staged_directory(Path(out_dir)) as staging:
         model.config.save_pretrained(staging)
         weight_map, total = {}, 0
 
@@ -168,10 +174,139 @@ def save_layerwise(model, out_dir: str | Path, mask: dict[str, torch.Tensor] | N
 
         write_shard("model-outside-layers.safetensors", outside)
         for index, layer in enumerate(model.model.layers):  # one layer in memory at a time
+            tensors = store.layer_tensors(layer)
             write_shard(f"model-layer-{index:05d}.safetensors",
-                        {f"model.layers.{index}.{name}": t.contiguous() for name, t in store.layer_tensors(layer).items()})
+                        {f"model.layers.{index}.{name}": t.contiguous() for name, t in tensors.items()})
         (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=1, sort_keys=True))
         if mask:
             save_file({name: m.to(torch.bool).contiguous() for name, m in mask.items()}, staging / MASK_FILE)
     return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the sequential flow
+
+class _StopForward(Exception):
+    """Raised by the capture hook so the model stops right after the first layer's inputs are seen."""
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]  # every keyword argument the layer received: position_embeddings, attention_mask, ...
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.layers
+
+
+def layer_output(output) -> torch.Tensor:
+    # transformers 5 returns a tensor from LlamaDecoderLayer; older versions returned a tuple.
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def select_samples(calibration: torch.Tensor, nsamples: int | None) -> torch.Tensor:
+    return calibration if nsamples is None else calibration[:nsamples]
+
+
+def batches(calibration: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, calibration.shape[0], batch_size):
+        yield calibration[start:start + batch_size]
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, calibration: torch.Tensor, batch_size: int, layer_index: int = 0) -> LayerInputs:
+    """Run the model until decoder layer `layer_index` and keep exactly what that layer receives."""
+    layer = decoder_layers(model)[layer_index]
+    device = model_device(model)
+    captured = LayerInputs(hidden=[], kwargs=[])
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches(calibration, batch_size):
+            try:
+                model.model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
+
+
+def sequential_layers(model, calibration: torch.Tensor,
+                      batch_size: int) -> Iterator[tuple[int, nn.Module, LayerInputs]]:
+    """Yield (index, layer, inputs) for each decoder layer in order.
+
+    The caller may prune the layer before asking for the next one; the next layer's inputs are then computed by
+    the pruned layer, as in Wanda's and SparseGPT's reference flow.
+    """
+    inputs = capture_layer_inputs(model, calibration, batch_size)
+    for index, layer in enumerate(decoder_layers(model)):
+        with resident(model, layer):
+            yield index, layer, inputs
+            inputs = LayerInputs(hidden=run_layer(layer, inputs), kwargs=inputs.kwargs)
+
+
+def each_layer(model) -> Iterator[tuple[int, nn.Module]]:
+    """Yield (index, layer) for each decoder layer, materialized for the duration of its turn."""
+    for index, layer in enumerate(decoder_layers(model)):
+        with resident(model, layer):
+            yield index, layer
+
+
+def final_hidden_states(model, sequences: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The last decoder layer's outputs (before the final norm), one tensor per batch, computed layer by layer."""
+    last = len(decoder_layers(model)) - 1
+    for index, layer, inputs in sequential_layers(model, sequences, batch_size):
+        if index == last:
+            return run_layer(layer, inputs)
+    raise ValueError("the model has no decoder layers")
+
+
+@contextmanager
+def input_hooks(modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]):
+    """Call on_input(name, input tensor) whenever one of `modules` runs."""
+
+    def make_hook(name):
+        def hook(module, args):
+            on_input(name, args[0].detach())
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def mean_loss(model, calibration: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy over all predicted tokens."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    for batch in batches(calibration, batch_size):
+        batch = batch.to(device)
+        loss = model(batch, labels=batch, use_cache=False).loss
+        tokens = batch.numel() - batch.shape[0]
+        total += float(loss) * tokens
+        count += tokens
+    return total / count

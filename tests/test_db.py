@@ -1,13 +1,17 @@
 """Result files and their ingest into DuckDB: complete rows, corrupt files rejected, idempotent, concurrent writers."""
 
 import multiprocessing
+import subprocess
+import sys
 
 import duckdb
 
-from gridlab import execute, store
+from gridlab import db, execute
+from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
 from gridlab.spec import parse_grid
-from runner_helpers import fake_payload, tiny_grid
+from gridlab.state import stage_states
+from runner_helpers import finish_stage, tiny_grid
 
 SIX = [{"name": n} for n in ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")]
 
@@ -20,11 +24,15 @@ def _prepared(tmp_path, **changes):
 
 
 def _finish(run_dir, stage):
-    store.write_result(run_dir / "stages" / stage["id"], stage, fake_payload(stage))
+    finish_stage(run_dir, stage)
+
+
+def _ingest(run_dir, plan):
+    return db.ingest(run_dir, stage_states(run_dir, list(plan.stages.values()), verify=True))
 
 
 def _query(run_dir, sql):
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
         return connection.execute(sql).fetchall()
 
 
@@ -32,34 +40,48 @@ def test_ingest_fills_every_table(tmp_path):
     plan, run_dir = _prepared(tmp_path, budgets=[2048, 4096])
     for stage in plan.stages.values():
         _finish(run_dir, stage)
-    counts = store.ingest(run_dir)
-    assert counts["cells"] == len(plan.cells) == 8
+    counts = _ingest(run_dir, plan)
+    # 2 inits × budgets {0 (the reference point), 2048, 4096} × 2 settings
+    assert counts["cells"] == len(plan.cells) == 12
     assert _query(run_dir, "SELECT DISTINCT status FROM cells") == [("done",)]
     assert _query(run_dir, "SELECT count(*) FROM stages WHERE status = 'done'") == [(len(plan.stages),)]
-    # 5 curve points × (train_loss, lr) + val_loss/val_ppl at the branch end + val_loss/val_ppl at 0 tokens
-    assert _query(run_dir, "SELECT count(*) FROM metrics GROUP BY cell_id") == [(14,)] * 8
+    # trained cells: 5 curve points × (train_loss, lr) + val_loss/val_ppl at the branch end and at 0 tokens;
+    # budget-0 cells that train nothing: val_loss/val_ppl at 0 tokens
+    per_cell = _query(run_dir, "SELECT c.trained_tokens, count(*) FROM metrics m JOIN cells c USING (cell_id) "
+                               "GROUP BY c.cell_id, c.trained_tokens ORDER BY ALL")
+    assert per_cell == [(0, 2)] * 3 + [(2048, 14)] * 3 + [(4096, 14)] * 4 + [(4096 + 2048, 14), (4096 + 4096, 14)]
     random_setting_2 = _query(run_dir, "SELECT trained_tokens FROM cells WHERE init = 'random' AND setting = 2 "
                                        "ORDER BY trained_tokens")
-    assert random_setting_2 == [(4096 + 2048,), (4096 + 4096,)]
+    assert random_setting_2 == [(4096,), (4096 + 2048,), (4096 + 4096,)]
     assert _query(run_dir, "SELECT name, parent_tokens, corpus_fingerprint FROM grid") == [("tiny", 4096, "f00d")]
     assert _query(run_dir, "SELECT DISTINCT achieved_ratio FROM cells") == [(0.51,)]
+    assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'val_loss'") == [(False,)]
+    assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'lr'") == [(None,)]
+    assert _query(run_dir, "SELECT name, tokens FROM parent_metrics ORDER BY name") == [
+        ("val_loss", 4096), ("val_ppl", 4096)]
 
 
 def test_corrupt_or_foreign_result_is_a_failed_stage_never_ingested(tmp_path):
     plan, run_dir = _prepared(tmp_path)
     for stage in plan.stages.values():
         _finish(run_dir, stage)
-    train = next(s for s in plan.stages.values() if s["kind"] == "train")
-    result_file = run_dir / "stages" / train["id"] / store.RESULT
+    run = RunPaths(run_dir)
+    train = next(s for s in plan.stages.values() if s.kind == "train")
+    result_file = run.stage(train.id).result
     result_file.write_text(result_file.read_text()[:-40])                       # truncated
-    evaluation = next(s for s in plan.stages.values() if s["kind"] == "eval" and s["deps"]["train"] != train["id"])
-    edited = run_dir / "stages" / evaluation["id"] / store.RESULT
+    evaluation = next(s for s in plan.stages.values()
+                      if s.kind == "eval" and s.deps.get("train") not in (None, train.id))
+    edited = run.stage(evaluation.id).result
     edited.write_text(edited.read_text().replace('"value":4.0', '"value":0.0', 1))  # checksum no longer matches
-    store.ingest(run_dir)
+    _ingest(run_dir, plan)
     failed = dict(_query(run_dir, "SELECT stage_id, error FROM stages WHERE status = 'failed'"))
-    assert set(failed) == {train["id"], evaluation["id"]}
-    assert "incomplete" in failed[train["id"]] and "checksum" in failed[evaluation["id"]]
-    assert _query(run_dir, "SELECT DISTINCT status FROM cells") == [("failed",)]   # each cell sits below one
+    assert set(failed) == {train.id, evaluation.id}
+    assert "incomplete" in failed[train.id] and "checksum" in failed[evaluation.id]
+    # the cells below the truncated train stage and those of the edited branch fail; the others are untouched
+    expected = {c.cell_id: "failed" if train.id == c.train_stage or evaluation.id == c.eval_stage else "done"
+                for c in plan.cells}
+    assert dict(_query(run_dir, "SELECT cell_id, status FROM cells")) == expected
+    assert set(expected.values()) == {"failed", "done"}
     assert _query(run_dir, "SELECT count(*) FROM metrics WHERE name = 'val_loss' AND value = 0.0") == [(0,)]
 
 
@@ -67,9 +89,9 @@ def test_reingest_is_idempotent(tmp_path):
     plan, run_dir = _prepared(tmp_path)
     for stage in plan.stages.values():
         _finish(run_dir, stage)
-    store.ingest(run_dir)
+    _ingest(run_dir, plan)
     first = [_query(run_dir, f"SELECT * FROM {table} ORDER BY ALL") for table in ("cells", "metrics", "stages")]
-    store.ingest(run_dir)
+    _ingest(run_dir, plan)
     second = [_query(run_dir, f"SELECT * FROM {table} ORDER BY ALL") for table in ("cells", "metrics", "stages")]
     assert first == second
 
@@ -89,11 +111,19 @@ def test_64_concurrent_writers_every_row_once(tmp_path):
     with multiprocessing.get_context("fork").Pool(64) as pool:
         pending = pool.map_async(_write_results, chunks)
         while not pending.ready():          # the one writer ingests while the workers write
-            store.ingest(run_dir)
+            _ingest(run_dir, plan)
         assert sum(pending.get()) == len(stages)
-    store.ingest(run_dir)
+    _ingest(run_dir, plan)
     assert _query(run_dir, "SELECT count(*), count(DISTINCT cell_id) FROM cells") == [(len(plan.cells),) * 2]
     assert _query(run_dir, "SELECT count(*) FROM cells WHERE status = 'done'") == [(len(plan.cells),)]
     assert _query(run_dir, "SELECT count(*), count(DISTINCT stage_id) FROM stages") == [(len(stages),) * 2]
     duplicates = _query(run_dir, "SELECT cell_id, tokens, name, count(*) FROM metrics GROUP BY ALL HAVING count(*) > 1")
     assert duplicates == []
+
+
+def test_workers_cannot_reach_the_database():
+    """The worker side (gridlab.stages and what it imports) never loads the database module or DuckDB."""
+    code = ("import sys, gridlab.stages, gridlab.execute; "
+            "print(sorted(m for m in sys.modules if m in ('duckdb', 'gridlab.db', 'polars')))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"

@@ -1,0 +1,87 @@
+"""The engine's configuration schemas: one pydantic definition per concern, validated once.
+
+The grid file (``gridlab.spec``) composes these models, and the engine (``gridlab.train``) takes them as they are,
+so a value that passes ``gridlab plan`` cannot fail later in a worker for being out of range.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+_TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_TOKEN_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_TOKEN_HELP = "a token count must be a number or a string like '40k', '1.5M', '2e6'"
+
+
+def parse_tokens(value: Any, allow_zero: bool = False) -> int:
+    """A token count: an integer, or a string with an optional k/M/B/T suffix ("40k", "1.5M", "2e6"); positive
+    unless ``allow_zero``."""
+    if isinstance(value, bool):
+        raise ValueError(_TOKEN_HELP)
+    if isinstance(value, int):
+        number = float(value)
+    elif isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        match = _TOKEN_PATTERN.match(value)
+        if not match:
+            raise ValueError(_TOKEN_HELP)
+        number = float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()]
+    else:
+        raise ValueError(_TOKEN_HELP)
+    if not math.isfinite(number):
+        raise ValueError("a token count must be a finite number of tokens")
+    if number != int(number) or number < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"a token count must be a {kind} whole number of tokens")
+    return int(value) if isinstance(value, int) else int(number)
+
+
+Tokens = Annotated[int, BeforeValidator(parse_tokens)]  # >= 1
+TokensOrZero = Annotated[int, BeforeValidator(lambda value: parse_tokens(value, allow_zero=True))]
+
+
+class Schedule(BaseModel):
+    """How a model is trained: AdamW with a WSD schedule (every budget a branch of one trajectory) or independent
+    cosine runs, and how the run executes (strategy, checkpoint cadence, what is kept).
+
+    Strict: numbers must be finite, integers real integers (not 4.5, 4.0 or "4"), booleans real booleans; token
+    counts also accept "40k"-style strings.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    kind: Literal["wsd", "cosine"] = "wsd"
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # min lr = lr · min_lr_ratio
+    warmup_tokens: TokensOrZero = 10_000
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # WSD: the decay takes this fraction of each branch's budget
+    decay_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    batch_size: int = Field(16, ge=1)  # sequences per optimizer step (the global batch over all ranks)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    weight_decay: float = Field(0.1, ge=0)  # on matrices only (not norms)
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_tokens: Tokens = 50_000
+    strategy: Literal["fsdp", "ddp"] = "fsdp"  # how a multi-process job splits the model (one process: unused)
+    activation_checkpointing: bool = False
+    device: str | None = None  # None: cuda when available, else cpu
+    # What stays of the checkpoint folder when training ends: "extendable" keeps only what a later call with more
+    # budgets needs (WSD: the main state at the last fork; cosine: nothing), "all" keeps it, "none" deletes it.
+    keep_checkpoints: Literal["extendable", "all", "none"] = "extendable"
+
+    # Fields that change how a run executes but not its numbers: out of every identity, a checkpoint resumes
+    # across them.
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "strategy", "activation_checkpointing", "device", "log_every_steps", "checkpoint_every_tokens",
+        "keep_checkpoints",
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields the numbers depend on (everything but EXECUTION_FIELDS)."""
+        return self.model_dump(exclude=set(self.EXECUTION_FIELDS))

@@ -1,0 +1,329 @@
+"""The typed contracts between stages: what each stage kind is asked to compute (its config), what it hands on
+(its payload), and the one metric record every stage emits.
+
+A stage is ``Stage(id, kind, config, deps)``; ``deps`` maps a role (``data``, ``parent``, ``model``, ``train``) to
+the id of the stage consumed. Variants of a kind are tagged, never told apart by which keys happen to be present:
+a parent is ``PretrainParent`` (source "pretrain") or ``LoadedParent`` (source "load"); a random-init model is
+``ArchitectureInit`` (a structured method's architecture, shared by every method that gives it) or ``MaskInit``
+(a sparse method's mask on fresh weights); an evaluation scores a model stage's model (``EvalModel``) or one
+budget branch of a training trajectory (``EvalBranch``).
+
+A stage's id (``stage_id``) is what it computes: its kind, the kind's code ``VERSION``, its config's ``identity()``
+and the identities of its inputs. Settings that only change how or where a stage runs are not in ``identity()``;
+see docs/architecture.md ("Stage identity").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gridlab.config import Schedule
+
+STAGE_KINDS = ("data", "parent", "prune", "init", "train", "eval")
+StageKind = Literal["data", "parent", "prune", "init", "train", "eval"]
+
+# The code version of each stage kind, part of every id of that kind. Bump a kind's number when a change to its code
+# changes what it computes (its numbers or its outputs), so exactly its stages and what depends on them rerun.
+# Pruning methods carry their own version (gridlab.pruning.Method.version), hashed into their prune stages.
+VERSION: dict[str, int] = {"data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1, "eval": 1}
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+class Metric(Contract):
+    """One measurement of a model after ``tokens`` training tokens. ``higher_is_better`` is declared by whoever
+    measures it (None: not a score, e.g. the learning rate)."""
+
+    name: str
+    value: float
+    tokens: int
+    stderr: float | None = None
+    higher_is_better: bool | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+# Each config's identity() is what the stage's numbers depend on; it defaults to the whole config.
+
+class StageConfig(Contract):
+    def identity(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class DataConfig(StageConfig):
+    kind: Literal["data"] = "data"
+    corpus: dict[str, Any]            # gridlab.data.CorpusSource fields
+    corpus_identity: dict[str, Any]   # what the corpus is made of (content fingerprints, revisions): in the id
+    splits: dict[str, Any]            # gridlab.data.SplitFractions fields
+    tokenizer: dict[str, Any]         # gridlab.data.TokenizerConfig fields
+    tokenizer_identity: dict[str, Any] | None = None   # a loaded tokenizer's content fingerprint
+    seq_len: int
+
+    def identity(self) -> dict[str, Any]:
+        # Where the corpus and tokenizer are read from is not what they are: their contents stand in the id.
+        corpus = {k: v for k, v in self.corpus.items() if k not in ("path", "files", "name", "config", "split")}
+        tokenizer = {k: v for k, v in self.tokenizer.items() if k != "path"}
+        return {"corpus": corpus, "corpus_identity": self.corpus_identity, "splits": self.splits,
+                "tokenizer": tokenizer, "tokenizer_identity": self.tokenizer_identity, "seq_len": self.seq_len}
+
+
+class PretrainParent(StageConfig):
+    kind: Literal["parent"] = "parent"
+    source: Literal["pretrain"] = "pretrain"
+    architecture: dict[str, Any]      # the LlamaConfig it is built from (to_dict, volatile fields dropped)
+    tokens: int                       # P
+    seed: int
+    schedule: Schedule
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "schedule": self.schedule.identity()}
+
+
+class LoadedParent(StageConfig):
+    kind: Literal["parent"] = "parent"
+    source: Literal["load"] = "load"
+    path: str                         # a local HF folder or a hub name
+    model_identity: dict[str, Any]    # its content fingerprint (local) or resolved revision (hub)
+    tokens: int                       # P: what the parent cost, as declared
+    declared: dict[str, Any] | None = None   # the architecture the grid declared for offline planning (checked)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in super().identity().items() if k != "path"}
+
+
+ParentConfig = Annotated[Union[PretrainParent, LoadedParent], Field(discriminator="source")]
+
+
+class PruneConfig(StageConfig):
+    kind: Literal["prune"] = "prune"
+    method: str
+    method_version: int
+    options: dict[str, Any]           # as given (the method's defaults are part of its version)
+    ratio: float
+    seed: int                         # picks this replicate's calibration sample
+    calibration_sequences: int
+    layerwise: bool = False           # decoder layers stay on disk while pruning: same numbers, less memory
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in super().identity().items() if k != "layerwise"}
+
+
+class ArchitectureInit(StageConfig):
+    kind: Literal["init"] = "init"
+    source: Literal["architecture"] = "architecture"
+    architecture: dict[str, Any]      # pruned_config(parent config, method, ratio) as a dict
+    seed: int
+
+
+class MaskInit(StageConfig):
+    kind: Literal["init"] = "init"
+    source: Literal["mask"] = "mask"  # the pruned model's shapes and mask (deps: model = the prune stage)
+    seed: int
+
+
+InitConfig = Annotated[Union[ArchitectureInit, MaskInit], Field(discriminator="source")]
+
+
+class TrainConfig(StageConfig):
+    """Train one model (deps: model, data) to every budget of one trajectory (WSD branches, or cosine runs)."""
+
+    kind: Literal["train"] = "train"
+    budgets: list[int]
+    schedule: Schedule
+    seed: int
+    trajectory: str                   # the trajectory folder's id: model, data, schedule identity, seed (no budgets)
+
+    def identity(self) -> dict[str, Any]:
+        return {"budgets": self.budgets, "schedule": self.schedule.identity(), "seed": self.seed}
+
+
+class EvalModel(StageConfig):
+    """Score a model stage's own model (deps: model = parent, prune or init; data) at ``tokens``."""
+
+    kind: Literal["eval"] = "eval"
+    source: Literal["model"] = "model"
+    evaluation: dict[str, Any]        # gridlab.spec.EvaluationSpec fields
+    tokens: int                       # its training tokens: 0 for a pruned or fresh model, P for the parent
+
+
+class EvalBranch(StageConfig):
+    """Score the model of one budget branch (deps: train, data)."""
+
+    kind: Literal["eval"] = "eval"
+    source: Literal["branch"] = "branch"
+    evaluation: dict[str, Any]
+    budget: int
+
+
+EvalConfig = Annotated[Union[EvalModel, EvalBranch], Field(discriminator="source")]
+
+AnyConfig = Annotated[Union[DataConfig, ParentConfig, PruneConfig, InitConfig, TrainConfig, EvalConfig],
+                      Field(discriminator="kind")]
+
+
+class Stage(Contract):
+    id: str
+    kind: StageKind
+    config: AnyConfig
+    deps: dict[str, str] = Field(default_factory=dict)
+    # What the deps stand for in the id, when that is not the dep's own id (an eval of a branch is the same
+    # computation whichever train stage of its trajectory produced the branch): role -> identity.
+    dep_identities: dict[str, str] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+
+def canonical(value: Any) -> Any:
+    """Normalise a value for hashing: integral floats become ints, floats keep 12 significant digits."""
+    kind = type(value)
+    if kind is float:
+        if math.isfinite(value) and value == int(value):
+            return int(value)
+        return float(f"{value:.12g}")
+    if kind is dict:
+        return {str(k): canonical(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [canonical(v) for v in value]
+    return value
+
+
+def content_id(payload: Any) -> str:
+    """16 hex digits of sha256 over the canonical sorted-keys JSON of ``payload``."""
+    text = json.dumps(canonical(payload), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_stage(config: StageConfig, deps: dict[str, str], dep_identities: dict[str, str] | None = None) -> Stage:
+    """A stage whose id is what it computes: kind, code version, config identity and inputs' identities."""
+    inputs = {**deps, **(dep_identities or {})}
+    kind = config.kind
+    stage_id = content_id({"kind": kind, "version": VERSION[kind], "config": config.identity(), "inputs": inputs})
+    return Stage(id=stage_id, kind=kind, config=config, deps=deps, dep_identities=dep_identities or {})
+
+
+def trajectory_id(model_stage: str, data_stage: str, schedule: Schedule, seed: int) -> str:
+    """The id of a training trajectory: a model trained on a dataset with a schedule and seed, whatever budgets it
+    is taken to (each train stage with more budgets extends the same trajectory)."""
+    return content_id({"trajectory": VERSION["train"], "model": model_stage, "data": data_stage,
+                       "schedule": schedule.identity(), "seed": seed})
+
+
+def branch_identity(trajectory: str, budget: int) -> str:
+    return f"{trajectory}/{budget}"
+
+
+# ------------------------------------------------------------------------------------------------------ payloads
+
+class CurvePoint(Contract):
+    tokens: int
+    loss: float
+    lr: float
+
+
+class ParamCounts(Contract):
+    decoder: int
+    embedding: int
+    total: int
+
+
+class DataPayload(Contract):
+    kind: Literal["data"] = "data"
+    tokenizer_dir: str
+    shards: dict[str, str]            # split -> shard path
+    vocab_size: int
+    corpus_fingerprint: str
+    manifest: dict[str, Any]
+
+
+class ParentPayload(Contract):
+    kind: Literal["parent"] = "parent"
+    model_path: str
+    tokenizer_dir: str
+    trained_tokens: int
+    params: ParamCounts
+    metrics: list[Metric] = Field(default_factory=list)   # the pretraining curve (train_loss, lr)
+
+
+class PrunePayload(Contract):
+    kind: Literal["prune"] = "prune"
+    model_path: str
+    achieved_ratio: float
+    granularity: Literal["depth", "width", "sparse"]
+    removed: list[int] | None = None  # depth: removed layer indices
+    note: str | None = None
+    calibration_sequences: int
+    layerwise: bool
+    params: ParamCounts
+
+
+class InitPayload(Contract):
+    kind: Literal["init"] = "init"
+    model_path: str
+    params: ParamCounts
+
+
+class BranchResult(Contract):
+    budget_tokens: int
+    trained_tokens: int
+    status: Literal["done", "diverged"] = "done"
+    path: str | None = None           # the branch's HF checkpoint (None when it diverged)
+    error: str | None = None          # diverged: which branch, step and loss
+    metrics: list[Metric] = Field(default_factory=list)   # its curve: the trunk to its fork, then its decay
+
+
+class TrainPayload(Contract):
+    kind: Literal["train"] = "train"
+    trajectory: str
+    branches: list[BranchResult]
+
+    def branch(self, budget: int) -> BranchResult | None:
+        return next((b for b in self.branches if b.budget_tokens == budget), None)
+
+
+class EvalPayload(Contract):
+    kind: Literal["eval"] = "eval"
+    model_path: str
+    tokens: int                       # the evaluated model's training tokens
+    metrics: list[Metric]
+
+
+AnyPayload = Annotated[Union[DataPayload, ParentPayload, PrunePayload, InitPayload, TrainPayload, EvalPayload],
+                       Field(discriminator="kind")]
+
+PAYLOADS: dict[str, type[Contract]] = {"data": DataPayload, "parent": ParentPayload, "prune": PrunePayload,
+                                       "init": InitPayload, "train": TrainPayload, "eval": EvalPayload}
+
+
+def parse_payload(kind: str, data: dict[str, Any]) -> Contract:
+    return PAYLOADS[kind].model_validate(data)
+
+
+# --------------------------------------------------------------------------------------------------------- cells
+
+class Cell(Contract):
+    """One point of the grid: a (method, ratio, init, setting, budget, seed) and the stages its numbers come from.
+    Budget 0 is a reference point: a pruned model right after pruning, a random one at initialisation, and in
+    setting 2 the random model after exactly the parent's P tokens."""
+
+    cell_id: str
+    method: str
+    granularity: Literal["depth", "width", "sparse"]
+    ratio: float
+    init: Literal["pruned", "random"]
+    setting: Literal[1, 2]
+    budget_tokens: int
+    trained_tokens: int
+    seed: int
+    prune_stage: str
+    model_stage: str
+    train_stage: str | None           # None: the cell trains nothing (budget 0 in setting 1, or a pruned B = 0)
+    eval_stage: str                   # the stage whose metrics are the cell's headline numbers
+    start_eval_stage: str             # the model stage's model scored before training (tokens 0)

@@ -1,0 +1,140 @@
+"""The results database, ``runs/<grid>/results.duckdb``: its schema, and ingest from the run's files.
+
+Only the submitting / ingesting process writes it (workers never import this module); readers are status, the
+report, and users with the DuckDB CLI or polars. Ingest rebuilds every table from plan.json and the stage result
+files in one transaction, so the same files always give the same rows. Every metric — a training curve point, a
+held-out loss, an lm-eval score — arrives as a gridlab.contracts.Metric and is read in one loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gridlab
+from gridlab.contracts import BranchResult, Contract, Metric, TrainPayload
+from gridlab.layout import RunPaths
+from gridlab.plan import read_plan_record
+from gridlab.results import CorruptResult, load_result
+from gridlab.state import StageState, effective_states
+
+SCHEMA = {
+    "grid": [("name", "VARCHAR"), ("parent", "VARCHAR"), ("parent_tokens", "BIGINT"),
+             ("calibration_tokens", "BIGINT"), ("corpus_fingerprint", "VARCHAR"), ("gridlab_version", "VARCHAR"),
+             ("spec_json", "VARCHAR"), ("submitted_at", "DOUBLE")],
+    "cells": [("cell_id", "VARCHAR"), ("method", "VARCHAR"), ("granularity", "VARCHAR"), ("ratio", "DOUBLE"),
+              ("achieved_ratio", "DOUBLE"), ("init", "VARCHAR"), ("setting", "INTEGER"),
+              ("budget_tokens", "BIGINT"), ("trained_tokens", "BIGINT"), ("seed", "INTEGER"), ("status", "VARCHAR"),
+              ("error", "VARCHAR"), ("train_stage", "VARCHAR"), ("branch_path", "VARCHAR"),
+              ("prune_stage", "VARCHAR"), ("model_stage", "VARCHAR"), ("eval_stage", "VARCHAR")],
+    "metrics": [("cell_id", "VARCHAR"), ("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"),
+                ("stderr", "DOUBLE"), ("higher_is_better", "BOOLEAN")],
+    # The parent's own measurements (its validation loss after P tokens …), beside the cells it is pruned into.
+    "parent_metrics": [("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"), ("stderr", "DOUBLE"),
+                       ("higher_is_better", "BOOLEAN")],
+    "stages": [("stage_id", "VARCHAR"), ("kind", "VARCHAR"), ("status", "VARCHAR"), ("job_id", "VARCHAR"),
+               ("attempts", "INTEGER"), ("started", "DOUBLE"), ("finished", "DOUBLE"), ("log_path", "VARCHAR"),
+               ("error", "VARCHAR")],
+}
+
+_METRIC_FIELDS = ("tokens", "name", "value", "stderr", "higher_is_better")
+
+
+class _Table:
+    """Column lists for one table, filled row by row and handed to DuckDB as one polars frame."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.columns: dict[str, list] = {column: [] for column, _ in SCHEMA[name]}
+
+    def add(self, **row: Any) -> None:
+        for column, values in self.columns.items():
+            values.append(row.get(column))
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+
+def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
+    """Rebuild results.duckdb from plan.json and the stage folders. ``states``: gridlab.state.stage_states of every
+    planned stage (verified, so a corrupt result is already failed). Returns row counts."""
+    paths = RunPaths(run_dir)
+    record = read_plan_record(run_dir)
+    payloads: dict[str, Contract] = {}
+    status_of: dict[str, str] = {}
+    error_of: dict[str, str | None] = {}
+    stages = _Table("stages")
+    for stage in record.stages:
+        state = states[stage.id]
+        status, error = state.status, state.error
+        row = {"job_id": state.job_id, "attempts": state.attempts, "started": state.started}
+        if status == "done":
+            try:
+                result = load_result(paths.stage(stage.id))
+                payloads[stage.id] = result.payload
+                row = {"job_id": result.job_id, "attempts": result.attempts, "started": result.started,
+                       "finished": result.finished}
+            except (FileNotFoundError, CorruptResult) as problem:
+                status, error = "failed", f"corrupt result: {problem}"
+        status_of[stage.id], error_of[stage.id] = status, error
+        stages.add(stage_id=stage.id, kind=stage.kind, status=status, log_path=state.log_path, error=error, **row)
+    effective, culprit = effective_states(record.stages, status_of)
+
+    cells, metrics = _Table("cells"), _Table("metrics")
+    for cell in record.cells:
+        blamed = culprit.get(cell.eval_stage)
+        prune = payloads.get(cell.prune_stage)
+        train = payloads.get(cell.train_stage) if cell.train_stage else None
+        branch: BranchResult | None = train.branch(cell.trained_tokens) if isinstance(train, TrainPayload) else None
+        cells.add(**{**cell.model_dump(), "status": effective[cell.eval_stage],
+                     "error": f"{blamed}: {error_of[blamed] or status_of[blamed]}" if blamed else None,
+                     "achieved_ratio": getattr(prune, "achieved_ratio", None),
+                     "trained_tokens": branch.trained_tokens if branch else cell.trained_tokens,
+                     "branch_path": branch.path if branch else None})
+        sources = [cell.start_eval_stage] + ([cell.eval_stage] if cell.eval_stage != cell.start_eval_stage else [])
+        measured: list[list[Metric]] = [branch.metrics] if branch else []
+        measured += [payloads[s].metrics for s in sources if s in payloads]
+        for series in measured:
+            for metric in series:
+                metrics.add(cell_id=cell.cell_id, **metric.model_dump(include=set(_METRIC_FIELDS)))
+
+    parent_metrics = _Table("parent_metrics")
+    if record.parent_eval in payloads:
+        for metric in payloads[record.parent_eval].metrics:
+            parent_metrics.add(**metric.model_dump(include=set(_METRIC_FIELDS)))
+
+    grid = record.grid
+    parent = grid["parent"]
+    data = payloads.get(record.data_stage)
+    summary = _Table("grid")
+    summary.add(name=grid["name"], parent=parent["preset"] or parent["path"], parent_tokens=parent["tokens"],
+                calibration_tokens=grid["calibration"]["sequences"] * grid["seq_len"],
+                corpus_fingerprint=getattr(data, "corpus_fingerprint", None), gridlab_version=gridlab.__version__,
+                spec_json=json.dumps(grid, sort_keys=True), submitted_at=record.submitted_at)
+    tables = [summary, cells, metrics, parent_metrics, stages]
+    write_tables(paths.database, tables)
+    return {"cells": len(cells), "metrics": len(metrics), "stages": len(stages), "results": len(payloads)}
+
+
+def write_tables(database: Path, tables: list[_Table]) -> None:
+    """Replace every table's rows in one transaction; rows go in as polars frames (bulk, no per-row inserts)."""
+    import duckdb
+    import polars as pl
+
+    polars_type = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64,
+                   "BOOLEAN": pl.Boolean}
+    connection = duckdb.connect(str(database))
+    try:
+        connection.execute("BEGIN TRANSACTION")
+        for table in tables:
+            schema = SCHEMA[table.name]
+            connection.execute(f"CREATE TABLE IF NOT EXISTS {table.name} ("
+                               + ", ".join(f"{name} {kind}" for name, kind in schema) + ")")
+            connection.execute(f"DELETE FROM {table.name}")
+            frame = pl.DataFrame(table.columns, schema={name: polars_type[kind] for name, kind in schema},
+                                 strict=False)  # noqa: F841  (DuckDB reads the local variable by name)
+            connection.execute(f"INSERT INTO {table.name} SELECT * FROM frame")
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
