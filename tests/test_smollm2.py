@@ -15,12 +15,13 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from runner_helpers import REPO
 from typer.testing import CliRunner
 
 from gridlab import store
 from gridlab.cli import app
 from gridlab.model import architecture_diff, make_config
+
+from runner_helpers import REPO
 
 pytestmark = pytest.mark.slow
 

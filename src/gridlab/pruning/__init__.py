@@ -12,9 +12,9 @@ import pkgutil
 
 import torch
 
+from gridlab.layerwise import layer_store
 from gridlab.model import architecture_diff
 from gridlab.pruning.counterpart import random_counterpart
-from gridlab.layerwise import layer_store
 from gridlab.pruning.registry import (
     METHODS,
     Method,
