@@ -66,7 +66,8 @@ def test_the_ci_grid_runs_every_method_on_the_real_parent(converted):
     assert result.exit_code == 0, result.output
     run_dir = converted / "runs" / "smollm2-ci"
     with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
-        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 12)]
+        # 6 methods × 2 inits × (budget 0: right after pruning / at init, and the 512-token budget)
+        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 24)]
         methods = connection.execute("SELECT count(DISTINCT method), count(DISTINCT init) FROM cells").fetchone()
         metrics = {name for (name,) in connection.execute("SELECT DISTINCT name FROM metrics").fetchall()}
     assert methods == (6, 2)
@@ -78,4 +79,5 @@ def test_the_ci_grid_runs_every_method_on_the_real_parent(converted):
         assert (folder / "tokenizer.json").exists()
         saved = json.loads((folder / "config.json").read_text())
         assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (1, 2, 2)
-    shutil.rmtree(run_dir / "stages", ignore_errors=True)  # ~10 GB of checkpoints and models
+    for folder in ("stages", "trajectories"):  # ~10 GB of checkpoints and models
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
