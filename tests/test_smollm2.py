@@ -17,8 +17,8 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from gridlab import store
 from gridlab.cli import app
+from gridlab.layout import RunPaths
 from gridlab.model import architecture_diff, make_config
 
 from runner_helpers import REPO
@@ -65,7 +65,7 @@ def test_the_ci_grid_runs_every_method_on_the_real_parent(converted):
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
     run_dir = converted / "runs" / "smollm2-ci"
-    with duckdb.connect(str(run_dir / store.DATABASE), read_only=True) as connection:
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
         # 6 methods × 2 inits × (budget 0: right after pruning / at init, and the 512-token budget)
         assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 24)]
         methods = connection.execute("SELECT count(DISTINCT method), count(DISTINCT init) FROM cells").fetchone()
