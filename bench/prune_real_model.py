@@ -26,9 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from gridlab.data import CorpusSource, SplitFractions, TokenShard, build_shards  # noqa: E402
 from gridlab.evaluate import heldout_loss  # noqa: E402
+from gridlab.layerwise import open_layerwise, save_layerwise  # noqa: E402
 from gridlab.model import architecture_diff, init_model, load_model, param_counts, save_model  # noqa: E402
 from gridlab.pruning import prune, pruned_config, random_counterpart  # noqa: E402
-from gridlab.pruning.offload import open_layerwise, save_layerwise  # noqa: E402
 
 METHODS = ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")
 LAYERWISE = ("shortgpt", "wanda", "sparsegpt")
