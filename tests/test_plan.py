@@ -228,3 +228,19 @@ def test_one_more_budget_keeps_every_existing_branch_eval_and_the_trajectories()
     assert trajectories(before) == trajectories(after)
     assert {after.stages[i].kind for i in added} == {"train", "eval"}
     assert all(after.stages[i].config.budget in (8192, 4096 + 8192) for i in added if after.stages[i].kind == "eval")
+
+
+def test_disk_figures_follow_the_models_and_training_states():
+    from gridlab.checkpoint import checkpoint_bytes
+    from gridlab.model import param_counts
+    from gridlab.plan import MODEL_BYTES_PER_PARAMETER, disk_usage
+
+    plan = _plan(budgets=[2048, 4096])
+    usage = disk_usage(plan)
+    dense = param_counts(parent_config(plan.spec)).total
+    # the pretrained parent: its model and (extendable) its trunk's last state; at peak a branch state besides
+    assert usage["parent"].end == MODEL_BYTES_PER_PARAMETER * dense + checkpoint_bytes(dense)
+    assert usage["parent"].peak == MODEL_BYTES_PER_PARAMETER * dense + 2 * checkpoint_bytes(dense)
+    assert usage["train"].peak > usage["train"].end > usage["prune"].end > 0
+    nothing_kept = _plan(budgets=[2048, 4096], schedule={**tiny_grid()["schedule"], "keep_checkpoints": "none"})
+    assert disk_usage(nothing_kept)["train"].end < usage["train"].end

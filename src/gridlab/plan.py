@@ -20,7 +20,6 @@ from gridlab.contracts import (
     STAGE_KINDS, ArchitectureInit, Cell, DataConfig, EvalBranch, EvalModel, LoadedParent, MaskInit, PretrainParent,
     PruneConfig, Stage, TrainConfig, branch_identity, canonical, content_id, make_stage, trajectory_id,
 )
-from gridlab.config import Schedule
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.results import read_json
@@ -72,29 +71,25 @@ class Plan:
         return parent + sum(cell.trained_tokens for cell in self.cells)
 
     def _parent_tokens(self, remaining: bool) -> int:
+        from gridlab.train import remaining_tokens
+
         parent = next(s for s in self.stages.values() if s.kind == "parent")
         if not isinstance(parent.config, PretrainParent):
             return 0
-        if not remaining:
-            return parent.config.tokens
-        from gridlab.train import remaining_tokens
-
         files = RunPaths(self.spec.run_dir).stage(parent.id)
-        if files.result.exists():
+        if remaining and files.result.exists():
             return 0
         return remaining_tokens(parent.config.schedule, [parent.config.tokens], self.spec.seq_len,
-                                files.output("train"))
+                                files.output("train") if remaining else None)
 
     def _stage_tokens(self, stage: Stage, remaining: bool) -> int:
-        if not remaining:
-            return trajectory_tokens(stage.config.budgets, stage.config.schedule)
         from gridlab.train import remaining_tokens
 
         run = RunPaths(self.spec.run_dir)
-        if run.stage(stage.id).result.exists():
+        if remaining and run.stage(stage.id).result.exists():
             return 0
         return remaining_tokens(stage.config.schedule, stage.config.budgets, self.spec.seq_len,
-                                run.trajectory(stage.config.trajectory))
+                                run.trajectory(stage.config.trajectory) if remaining else None)
 
     def estimated_seconds(self, workers: int, remaining: bool = True) -> float:
         preset = self.spec.parent.preset
@@ -119,15 +114,6 @@ def relative_step_cost(parent_counts, granularity: str, ratio: float) -> float:
         return 1.0
     dense = parent_counts.embedding + parent_counts.decoder
     return (parent_counts.embedding + (1 - ratio) * parent_counts.decoder) / dense
-
-
-def trajectory_tokens(budgets: list[int], schedule: Schedule) -> int:
-    """Tokens one train stage processes from nothing: WSD shares the stable trunk between branches; cosine runs
-    each budget."""
-    if schedule.kind == "cosine":
-        return sum(budgets)
-    decay = schedule.decay_fraction
-    return round(max(budgets) * (1 - decay) + decay * sum(budgets))
 
 
 def granularity(method: MethodSpec) -> str:
@@ -346,7 +332,97 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
                  f"no measured throughput for this parent; assumed {_UNMEASURED_TOKENS_PER_S:,.0f} tokens/s per worker")
         lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({basis})")
     lines.extend(_job_lines(plan))
+    lines.extend(_disk_lines(plan))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ disk
+
+MODEL_BYTES_PER_PARAMETER = 4     # models are saved as fp32 safetensors (sparse masks: 1 byte per decoder weight)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """Bytes a stage kind leaves on disk when all its stages are done, and the most it holds at once before."""
+
+    end: int
+    peak: int
+
+
+def disk_usage(plan: Plan) -> dict[str, Disk | None]:
+    """Disk per stage kind (None where it cannot be known before running: the token shards of a corpus not yet
+    read). Models are fp32; a saved training state is gridlab.checkpoint.checkpoint_bytes; a train stage holds its
+    trajectory's kept state plus, while a branch decays, that branch's state; at most ``parallel`` stages of a kind
+    (local workers, or the SLURM array's parallelism) hold their transient files at once."""
+    from gridlab.checkpoint import checkpoint_bytes
+    from gridlab.model import param_counts
+
+    spec = plan.spec
+    parent = param_counts(parent_config(spec))
+    dense = parent.total
+
+    def params(granularity: str, ratio: float) -> int:
+        return dense if granularity == "sparse" else round(dense - ratio * parent.decoder)
+
+    def model_bytes(granularity: str, ratio: float) -> int:
+        mask = parent.decoder if granularity == "sparse" else 0
+        return MODEL_BYTES_PER_PARAMETER * params(granularity, ratio) + mask
+
+    def parallel(kind: str) -> int:
+        resources = spec.resources.for_kind(kind)
+        return resources["array_parallelism"] if resources["gpus_per_node"] else spec.local.workers
+
+    def kept(schedule) -> int:
+        return 0 if schedule.keep_checkpoints == "none" or (
+            schedule.kind == "cosine" and schedule.keep_checkpoints == "extendable") else 1
+
+    usage: dict[str, Disk | None] = {"data": None}
+    parent_stage = next(s for s in plan.stages.values() if s.kind == "parent")
+    if isinstance(parent_stage.config, PretrainParent):
+        schedule = parent_stage.config.schedule
+        end = MODEL_BYTES_PER_PARAMETER * dense + kept(schedule) * checkpoint_bytes(dense)
+        usage["parent"] = Disk(end, MODEL_BYTES_PER_PARAMETER * dense + 2 * checkpoint_bytes(dense))
+    else:
+        usage["parent"] = Disk(0, 0)
+    shape_of: dict[str, tuple[str, float]] = {}
+    for cell in plan.cells:
+        shape_of.setdefault(cell.model_stage, (cell.granularity, cell.ratio))
+        if cell.train_stage:
+            shape_of.setdefault(cell.train_stage, (cell.granularity, cell.ratio))
+    for kind in ("prune", "init"):
+        stages = [s for s in plan.stages.values() if s.kind == kind]
+        end = sum(model_bytes(*shape_of[s.id]) for s in stages)
+        spill = MODEL_BYTES_PER_PARAMETER * parent.decoder if kind == "prune" and spec.calibration.layerwise else 0
+        usage[kind] = Disk(end, end + min(len(stages), parallel(kind)) * spill)
+    ends, transients = [], []
+    for stage in plan.train_stages():
+        granularity, ratio = shape_of[stage.id]
+        state = checkpoint_bytes(params(granularity, ratio))
+        keep = kept(stage.config.schedule)
+        ends.append(len(stage.config.budgets) * model_bytes(granularity, ratio) + keep * state)
+        transients.append((2 - keep) * state)
+    transients.sort(reverse=True)
+    usage["train"] = Disk(sum(ends), sum(ends) + sum(transients[:parallel("train")]))
+    usage["eval"] = Disk(0, 0)
+    return usage
+
+
+def _disk_lines(plan: Plan) -> list[str]:
+    usage = disk_usage(plan)
+    known = {kind: disk for kind, disk in usage.items() if disk is not None}
+    parts = [f"{kind} {_bytes(disk.end)}" + (f" (peak {_bytes(disk.peak)})" if disk.peak != disk.end else "")
+             for kind, disk in known.items() if disk.peak]
+    end, peak = sum(d.end for d in known.values()), sum(d.peak for d in known.values())
+    return [f"  disk, at the end (and at peak): {', '.join(parts)}; in all {_bytes(end)} (peak ≤ {_bytes(peak)}), "
+            f"plus the token shards (2 bytes a token, 4 above a 65,536-token vocabulary)"]
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    raise AssertionError
 
 
 # The GPU-hour estimate assumes this share of an H100/H200's dense bf16 peak (PyTorch-native FSDP trainers reach it).
@@ -385,10 +461,9 @@ def _training_flops(plan: Plan) -> float | None:
 
     parent_params = param_counts(parent_config(plan.spec)).total
     kept_fraction = {c.train_stage: 1 - c.ratio for c in plan.cells}
-    flops = 6 * parent_params * plan.spec.parent.tokens if plan.spec.parent.pretrains else 0.0
+    flops = 6 * parent_params * plan._parent_tokens(remaining=False)
     for stage in plan.train_stages():
-        tokens = trajectory_tokens(stage.config.budgets, stage.config.schedule)
-        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * tokens
+        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * plan._stage_tokens(stage, remaining=False)
     return flops
 
 

@@ -149,31 +149,31 @@ def _read_record(out_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def remaining_tokens(schedule: Schedule, budgets: list[int], seq_len: int, out_dir: Path) -> int:
+def remaining_tokens(schedule: Schedule, budgets: list[int], seq_len: int, out_dir: Path | None) -> int:
     """Tokens a call of `train` with these arguments would train, given what ``out_dir`` holds already.
 
     Pure: reads only the trajectory record and the checkpoint pointers (JSON), no weights. 0 when every budget is
-    finished (or diverged, or lies past a diverged trunk); the whole trajectory for an empty folder. Counts what
+    finished (or diverged, or lies past a diverged trunk); the whole trajectory for an empty folder or ``out_dir``
+    None (what training from nothing costs: WSD branches share their trunk, cosine budgets are runs). Counts what
     `train` would do, step for step: a killed state resumes where it was saved, a WSD budget forking before the
     kept trunk position replays its trunk from step 0.
     """
     tokens_per_step = schedule.batch_size * seq_len
     plans = plan_branches(schedule, budgets, tokens_per_step)
-    out_dir = Path(out_dir)
-    record = _read_record(out_dir)
+    record = _read_record(out_dir) if out_dir is not None else None
     if record is not None and (record["identity"]["schedule"] != schedule.identity()
                                or record["identity"]["seq_len"] != seq_len):
         raise ValueError(f"{out_dir} holds a trajectory of a different schedule or sequence length")
     branches = record["branches"] if record else {}
     diverged = record.get("trunk_diverged") if record else None
-    checkpoints = out_dir / CHECKPOINT_DIR
-    main = read_pointer(checkpoints, MAIN_STATE)
+    checkpoints = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    main = read_pointer(checkpoints, MAIN_STATE) if checkpoints else None
     main_step = main["step"] if main else 0
     trunk_end, steps = main_step, 0
     for plan in plans:
         if str(plan.budget_tokens) in branches or (diverged and plan.fork_step > diverged["step"]):
             continue
-        saved = read_pointer(checkpoints, _branch_state(plan.budget_tokens))
+        saved = read_pointer(checkpoints, _branch_state(plan.budget_tokens)) if checkpoints else None
         if schedule.kind == "cosine" or plan.fork_step < main_step:
             start = saved["step"] if saved else 0
         else:
