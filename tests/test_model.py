@@ -103,3 +103,66 @@ def test_a_save_that_fails_midway_leaves_neither_a_folder_nor_debris(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the old checkpoint stays whole
     reloaded, mask = load_model(tmp_path / "ckpt")
     assert mask is None
+
+
+PIPELINE_SCRIPT = """
+import json, sys
+sys.modules["gridlab"] = None  # no gridlab code: importing it from here would fail
+from transformers import pipeline
+generate = pipeline("text-generation", model=sys.argv[1], device="cpu")
+out = generate("def main", max_new_tokens=8, do_sample=False)
+print(json.dumps({"text": out[0]["generated_text"], "eos": generate.model.generation_config.eos_token_id,
+                  "pad": generate.model.generation_config.pad_token_id, "tok_eos": generate.tokenizer.eos_token}))
+"""
+
+
+def test_a_saved_model_with_its_tokenizer_generates_through_a_plain_transformers_pipeline(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gridlab.data import CorpusSource, SplitFractions, load_tokenizer, train_tokenizer
+
+    tokenizer_dir = train_tokenizer(CorpusSource(kind="stdlib", max_documents=30), SplitFractions(), 512,
+                                    tmp_path / "tokenizer")
+    model = init_model(make_config("micro", 512, 64, num_hidden_layers=2), 0)
+    assert (model.config.eos_token_id, model.config.pad_token_id) == (2, None)  # LlamaConfig's defaults
+    folder = save_model(model, tmp_path / "model", tokenizer=tokenizer_dir)
+    tokenizer = load_tokenizer(folder)  # the tokenizer travels with the weights
+    assert (tokenizer.convert_ids_to_tokens(0), tokenizer.convert_ids_to_tokens(1)) == ("<|endoftext|>", "<|pad|>")
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    for saved in (config, generation):
+        assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (0, 0, 1)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(folder)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["text"].startswith("def main") and len(result["text"]) > len("def main")
+    assert (result["eos"], result["pad"], result["tok_eos"]) == (0, 1, "<|endoftext|>")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    from gridlab.data import CorpusSource, SplitFractions, train_tokenizer
+
+    tokenizer_dir = train_tokenizer(CorpusSource(kind="stdlib", max_documents=30), SplitFractions(), 512,
+                                    tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="512 tokens but the model's vocabulary holds 256"):
+        save_model(init_model(make_config("micro", 256, 64, num_hidden_layers=1), 0), tmp_path / "m",
+                   tokenizer=tokenizer_dir)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_saved_checkpoint_is_readable_by_others_under_the_umask(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        folder = save_model(init_model(make_config("micro", 256, 32, num_hidden_layers=1), 0), tmp_path / "m")
+    finally:
+        os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

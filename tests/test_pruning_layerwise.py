@@ -113,6 +113,7 @@ def test_a_grid_with_layerwise_calibration_prunes_from_disk_and_trains_the_resul
 
     from gridlab.cli import app
     from gridlab.layout import RunPaths
+
     from runner_helpers import tiny_grid, write_grid
 
     grid = tiny_grid(name="layerwise", inits=["pruned"], settings=[1], budgets=[1024],

@@ -67,7 +67,7 @@ def test_captured_layer_inputs_replay_the_layer_exactly(parent, calibration):
     finally:
         handle.remove()
     replayed = run_layer(parent.model.layers[2], captured)
-    for mine, reference in zip(replayed, seen):
+    for mine, reference in zip(replayed, seen, strict=True):
         torch.testing.assert_close(mine, reference, rtol=0, atol=0)
 
 
@@ -205,7 +205,8 @@ def test_wanda_on_a_hand_made_layer_zeroes_what_the_formula_says():
 @pytest.mark.parametrize("method, ratio", [("wanda", 0.5), ("wanda", 0.7), ("sparsegpt", 0.7), ("magnitude", 0.5),
                                            ("magnitude", 0.7)])
 def test_sparse_methods_zero_exactly_floor_r_n_per_comparison_group(method, ratio, parent, calibration):
-    result = prune(copy.deepcopy(parent), method, ratio, calibration, **({"blocksize": 64} if method == "sparsegpt" else {}))
+    options = {"blocksize": 64} if method == "sparsegpt" else {}
+    result = prune(copy.deepcopy(parent), method, ratio, calibration, **options)
     params = dict(result.model.named_parameters())
     assert len(result.mask) == 12 * 7
     for name, keep in result.mask.items():

@@ -96,6 +96,12 @@ def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) ->
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
         model_path, trained, metrics = config.path, config.tokens, []
+        if config.declared is not None:  # what the plan built the random-init models from must be the checkpoint
+            from transformers import AutoConfig
+
+            from gridlab.model import check_declared_architecture
+
+            check_declared_architecture(config.declared, AutoConfig.from_pretrained(model_path), model_path)
         model, _ = load_model(model_path)
     return ParentPayload(model_path=model_path, tokenizer_dir=data.tokenizer_dir, trained_tokens=trained,
                          params=param_counts(model).__dict__, metrics=metrics)
@@ -128,7 +134,8 @@ def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
         model_path = save_layerwise(result.model, context.out.output("model"), mask=result.mask)
         shutil.rmtree(spill_dir)
     else:
-        model_path = save_model(result.model, context.out.output("model"), mask=result.mask)
+        model_path = save_model(result.model, context.out.output("model"), mask=result.mask,
+                                tokenizer=data.tokenizer_dir)
     return PrunePayload(model_path=str(model_path), achieved_ratio=result.achieved_ratio,
                         granularity=result.granularity,
                         removed=result.removed if result.granularity == "depth" else None, note=result.note,
@@ -143,13 +150,16 @@ def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> Ini
         from transformers import LlamaConfig
 
         model, mask = init_model(LlamaConfig.from_dict(config.architecture), config.seed), None
+        # The grid's tokenizer: a loaded parent's stage is upstream; a pretrained parent's twins have no deps yet.
+        tokenizer = context.upstream("parent").tokenizer_dir if "parent" in context.stage.deps else None
     else:
         pruned: PrunePayload = context.upstream("model")
         pruned_model, mask = load_model(pruned.model_path)
         result = PruneResult(model=pruned_model, achieved_ratio=pruned.achieved_ratio, removed=None, mask=mask,
                              method="", granularity=pruned.granularity, options={})
         model = random_counterpart(result, config.seed).model
-    model_path = save_model(model, context.out.output("model"), mask=mask)
+        tokenizer = pruned.model_path if (Path(pruned.model_path) / "tokenizer_config.json").exists() else None
+    model_path = save_model(model, context.out.output("model"), mask=mask, tokenizer=tokenizer)
     return InitPayload(model_path=str(model_path), params=param_counts(model).__dict__)
 
 

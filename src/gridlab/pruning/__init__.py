@@ -6,15 +6,24 @@ imported below, so adding a method is adding one file.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 
 import torch
 
-from gridlab.pruning.counterpart import random_counterpart
 from gridlab.layerwise import layer_store
+from gridlab.model import architecture_diff
+from gridlab.pruning.counterpart import random_counterpart
 from gridlab.pruning.registry import (
-    METHODS, Method, PruneResult, check_calibration, check_model, check_ratio, get_method, resolve_options,
+    METHODS,
+    Method,
+    PruneResult,
+    check_calibration,
+    check_model,
+    check_ratio,
+    get_method,
+    resolve_options,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -38,6 +47,7 @@ def prune(model, method: str, ratio: float, calibration: torch.Tensor | None = N
                          f"from disk: {layerwise}")
     if spec.needs_calibration or calibration is not None:
         calibration = check_calibration(calibration, model.config)
+    expected = spec.config(copy.deepcopy(model.config), ratio, resolved)
     was_training = model.training
     model.eval()
     try:
@@ -45,10 +55,17 @@ def prune(model, method: str, ratio: float, calibration: torch.Tensor | None = N
     finally:
         model.train(was_training)
     result.model.train(was_training)
+    differences = architecture_diff(expected, result.model.config)
+    if differences:  # a bug: every method builds its model's config through its `config` function
+        raise RuntimeError(f"{method} built a model whose config is not pruned_config(parent): "
+                           + "; ".join(differences))
     return result
 
 
 def pruned_config(parent_config, method: str, ratio: float, **options):
-    """The architecture `method` gives at `ratio`, known before pruning; None when shapes are kept (sparse)."""
+    """The config of the model `method` gives at `ratio`, known before pruning: a new object, equal to the pruned
+    model's config in every field (`prune` checks it). Sparse methods keep the parent's architecture. Random-init
+    counterparts are built from it (`init_model(pruned_config(...), seed)`), so they are the pruned architecture
+    exactly: rope parameters, eps, tying, head_dim, context, special-token ids and all."""
     spec = get_method(method)
-    return spec.config(parent_config, check_ratio(ratio), resolve_options(spec, options))
+    return spec.config(copy.deepcopy(parent_config), check_ratio(ratio), resolve_options(spec, options))

@@ -19,21 +19,24 @@ def layers_to_remove(num_layers: int, ratio: float) -> int:
 
 def depth_config(parent_config, ratio: float, options: dict):
     config = copy.deepcopy(parent_config)
-    config.num_hidden_layers = parent_config.num_hidden_layers - layers_to_remove(parent_config.num_hidden_layers, ratio)
+    layers = parent_config.num_hidden_layers
+    config.num_hidden_layers = layers - layers_to_remove(layers, ratio)
     return config
 
 
-def remove_layers(model, removed: list[int]):
-    """Drop decoder layers in place; renumber the survivors so the KV cache indexes them correctly."""
+def remove_layers(model, removed: list[int], config):
+    """Drop decoder layers in place and give the model `config` (depth_config's); renumber the survivors so the KV
+    cache indexes them correctly."""
     parent_decoder = param_counts(model).decoder
     removed_set = set(removed)
     kept = [layer for i, layer in enumerate(decoder_layers(model)) if i not in removed_set]
+    if config.num_hidden_layers != len(kept):
+        raise RuntimeError(f"depth pruning kept {len(kept)} layers but its config has {config.num_hidden_layers}")
     model.model.layers = nn.ModuleList(kept)
     for new_index, layer in enumerate(kept):
         layer.self_attn.layer_idx = new_index
     # A fresh config object: the caller's LlamaConfig (often shared with the model) keeps describing the parent.
-    parent_config, config = model.config, copy.deepcopy(model.config)
-    config.num_hidden_layers = len(kept)
+    parent_config = model.config
     for module in model.modules():
         if getattr(module, "config", None) is parent_config:
             module.config = config
@@ -51,7 +54,7 @@ def block_influence(model, calibration: torch.Tensor, batch_size: int) -> list[f
 
     def influence(hidden_in: list[torch.Tensor], hidden_out: list[torch.Tensor]) -> float:
         cos = sum(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).sum())
-                  for a, b in zip(hidden_in, hidden_out))
+                  for a, b in zip(hidden_in, hidden_out, strict=True))
         return 1.0 - cos / tokens
 
     scores, previous = [], None
@@ -65,10 +68,11 @@ def block_influence(model, calibration: torch.Tensor, batch_size: int) -> list[f
 
 
 def _prune_shortgpt(model, ratio, calibration, options):
-    k = layers_to_remove(len(decoder_layers(model)), ratio)
+    config = depth_config(model.config, ratio, options)
+    k = model.config.num_hidden_layers - config.num_hidden_layers
     scores = block_influence(model, select_samples(calibration, options["nsamples"]), options["batch_size"])
     removed = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
-    achieved = remove_layers(model, removed)
+    achieved = remove_layers(model, removed, config)
     return PruneResult(model=model, achieved_ratio=achieved, removed=removed, mask=None, method="shortgpt",
                        granularity="depth", options=options)
 
@@ -91,11 +95,12 @@ def block_removal_losses(model, calibration: torch.Tensor, k: int, batch_size: i
 
 
 def _prune_minitron_depth(model, ratio, calibration, options):
-    k = layers_to_remove(len(decoder_layers(model)), ratio)
+    config = depth_config(model.config, ratio, options)
+    k = model.config.num_hidden_layers - config.num_hidden_layers
     losses = block_removal_losses(model, select_samples(calibration, options["nsamples"]), k, options["batch_size"])
     start = min(range(len(losses)), key=lambda i: (losses[i], i))
     removed = list(range(start, start + k))
-    achieved = remove_layers(model, removed)
+    achieved = remove_layers(model, removed, config)
     return PruneResult(model=model, achieved_ratio=achieved, removed=removed, mask=None, method="minitron-depth",
                        granularity="depth", options=options)
 

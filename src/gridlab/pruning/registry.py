@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,8 +30,9 @@ class Method:
     granularity: Granularity
     # (model, ratio, calibration or None, options) -> PruneResult
     run: Callable[..., PruneResult]
-    # (parent config, ratio, options) -> the pruned architecture (None: shapes kept)
-    config: Callable[[LlamaConfig, float, dict], LlamaConfig | None]
+    # (parent config, ratio, options) -> the pruned model's config, a new object (sparse: a copy of the parent's);
+    # `run` builds its model's config through it
+    config: Callable[[LlamaConfig, float, dict], LlamaConfig]
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_calibration: bool = True
     # extra checks on the resolved options; raise ValueError
@@ -77,9 +79,8 @@ def resolve_options(method: Method, options: dict) -> dict:
 
 def check_model(model) -> None:
     if not isinstance(model, LlamaForCausalLM):
-        raise ValueError(
-            f"pruning needs a decoder-only Llama-style model (transformers LlamaForCausalLM); got {type(model).__name__}"
-        )
+        raise ValueError("pruning needs a decoder-only Llama-style model (transformers LlamaForCausalLM); "
+                         f"got {type(model).__name__}")
     config = model.config
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("pruning supports Llama models without attention/MLP biases; this model has biases")

@@ -9,6 +9,7 @@ Comparison groups (each loses exactly floor(ratio · size) weights):
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -173,7 +174,7 @@ def _prune_wanda(model, ratio, calibration, options):
         linears = _linears(layer)
         sq_norms: dict[str, torch.Tensor] = {}
 
-        def collect(name, x):
+        def collect(name, x, sq_norms=sq_norms):
             s = x.float().reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
             sq_norms[name] = sq_norms[name] + s if name in sq_norms else s
 
@@ -195,7 +196,7 @@ def _prune_sparsegpt(model, ratio, calibration, options):
         hessians: dict[str, torch.Tensor] = {}
         tokens: dict[str, int] = {}
 
-        def collect(name, x):
+        def collect(name, x, hessians=hessians, tokens=tokens):
             x = x.float().reshape(-1, x.shape[-1])
             h = x.T @ x
             hessians[name] = hessians[name] + h if name in hessians else h
@@ -212,7 +213,7 @@ def _prune_sparsegpt(model, ratio, calibration, options):
 
 
 def _no_config_change(parent_config, ratio, options):
-    return None
+    return copy.deepcopy(parent_config)  # shapes stay; the pruned model keeps its parent's config
 
 
 register(Method(name="magnitude", granularity="sparse", run=_prune_magnitude, config=_no_config_change,

@@ -72,6 +72,10 @@ def width_sizes(config, ratio: float, axes) -> WidthSizes:
     return best
 
 
+def sizes_of(config) -> WidthSizes:
+    return WidthSizes(config.num_key_value_heads, config.intermediate_size, config.hidden_size)
+
+
 def width_config(parent_config, sizes: WidthSizes):
     config = copy.deepcopy(parent_config)
     group_size = parent_config.num_attention_heads // parent_config.num_key_value_heads
@@ -94,9 +98,13 @@ def check_axes(options: dict) -> None:
     options["axes"] = [axis for axis in AXES if axis in set(axes)]
 
 
-def shrink(model, kept_groups: list[list[int]], kept_ffn: list[list[int]], kept_hidden: list[int], sizes: WidthSizes):
-    """A new, smaller LlamaForCausalLM holding the kept slices of `model`'s weights."""
-    config = width_config(model.config, sizes)
+def shrink(model, kept_groups: list[list[int]], kept_ffn: list[list[int]], kept_hidden: list[int], config):
+    """A new, smaller LlamaForCausalLM of architecture `config` (width_config's) holding the kept slices of
+    `model`'s weights."""
+    sizes = sizes_of(config)
+    if (len(kept_hidden), {len(g) for g in kept_groups}, {len(f) for f in kept_ffn}) != (
+            sizes.hidden, {sizes.kv_groups}, {sizes.ffn}):
+        raise RuntimeError("width pruning kept slices that do not fit its config")
     group_size = model.config.num_attention_heads // model.config.num_key_value_heads
     hd = head_dim(model.config)
     device = model_device(model)
@@ -150,14 +158,14 @@ def top_indices(scores: torch.Tensor, keep: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def _finish(model, method, ratio, options, axes, group_scores, ffn_scores, hidden_scores):
-    sizes = width_sizes(model.config, ratio, axes)
+def _finish(model, method, config, options, group_scores, ffn_scores, hidden_scores):
+    sizes = sizes_of(config)
     parent_decoder = param_counts(model).decoder
     kept_groups = [top_indices(s, sizes.kv_groups) for s in group_scores]
     kept_ffn = [top_indices(s, sizes.ffn) for s in ffn_scores]
     kept_hidden = top_indices(hidden_scores, sizes.hidden) if hidden_scores is not None else list(
         range(model.config.hidden_size))
-    pruned = shrink(model, kept_groups, kept_ffn, kept_hidden, sizes)
+    pruned = shrink(model, kept_groups, kept_ffn, kept_hidden, config)
     return PruneResult(
         model=pruned,
         achieved_ratio=1.0 - param_counts(pruned).decoder / parent_decoder,
@@ -214,9 +222,8 @@ def activation_importance(model, calibration: torch.Tensor, batch_size: int):
 def _prune_minitron_width(model, ratio, calibration, options):
     group_scores, ffn_scores, hidden_scores = activation_importance(
         model, select_samples(calibration, options["nsamples"]), options["batch_size"])
-    axes = options["axes"]
-    return _finish(model, "minitron-width", ratio, options, axes, group_scores, ffn_scores,
-                   hidden_scores if "hidden" in axes else None)
+    return _finish(model, "minitron-width", _minitron_config(model.config, ratio, options), options, group_scores,
+                   ffn_scores, hidden_scores if "hidden" in options["axes"] else None)
 
 
 def taylor_importance(model, calibration: torch.Tensor, batch_size: int):
@@ -274,7 +281,8 @@ def taylor_importance(model, calibration: torch.Tensor, batch_size: int):
 def _prune_llm_pruner(model, ratio, calibration, options):
     group_scores, ffn_scores = taylor_importance(
         model, select_samples(calibration, options["nsamples"]), options["batch_size"])
-    return _finish(model, "llm-pruner", ratio, options, LLM_PRUNER_AXES, group_scores, ffn_scores, None)
+    return _finish(model, "llm-pruner", _llm_pruner_config(model.config, ratio, options), options, group_scores,
+                   ffn_scores, None)
 
 
 def _minitron_config(parent_config, ratio, options):
