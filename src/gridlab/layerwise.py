@@ -34,7 +34,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from gridlab import atomic
-from gridlab.model import MASK_FILE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -155,8 +154,11 @@ def open_layerwise(checkpoint: str | Path, device: str | torch.device, spill_dir
     return model
 
 
-def save_layerwise(model, out_dir: str | Path, mask: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a layerwise model as a sharded HF checkpoint, atomically, like `model.save_model`."""
+def save_layerwise(model, out_dir: str | Path, mask: dict[str, torch.Tensor] | None = None, tokenizer=None) -> Path:
+    """Write a layerwise model as a sharded HF checkpoint, atomically, like `model.save_model` (tokenizer too)."""
+    from gridlab.model import set_special_tokens, write_beside_weights
+
+    tokenizer = set_special_tokens(model, tokenizer)
     store = layer_store(model)
     outside = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
                if not name.startswith("model.layers.")}
@@ -179,8 +181,7 @@ def save_layerwise(model, out_dir: str | Path, mask: dict[str, torch.Tensor] | N
                         {f"model.layers.{index}.{name}": t.contiguous() for name, t in tensors.items()})
         (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=1, sort_keys=True))
-        if mask:
-            save_file({name: m.to(torch.bool).contiguous() for name, m in mask.items()}, staging / MASK_FILE)
+        write_beside_weights(staging, model, mask, tokenizer)
     return Path(out_dir)
 
 

@@ -15,10 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from gridlab import atomic
-
 from gridlab.contracts import (
-    STAGE_KINDS, ArchitectureInit, Cell, DataConfig, EvalBranch, EvalModel, LoadedParent, MaskInit, PretrainParent,
-    PruneConfig, Stage, TrainConfig, branch_identity, canonical, content_id, make_stage, trajectory_id,
+    STAGE_KINDS,
+    ArchitectureInit,
+    Cell,
+    DataConfig,
+    EvalBranch,
+    EvalModel,
+    LoadedParent,
+    MaskInit,
+    PretrainParent,
+    PruneConfig,
+    Stage,
+    TrainConfig,
+    branch_identity,
+    canonical,
+    content_id,
+    make_stage,
+    trajectory_id,
 )
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
@@ -172,9 +186,8 @@ def pruned_architecture(method: MethodSpec, ratio: float, parent) -> dict[str, A
 
 
 def build_plan(spec: GridSpec) -> Plan:
-    from gridlab.pruning import METHODS
-
     from gridlab import inputs as local_inputs
+    from gridlab.pruning import METHODS
 
     schedule = spec.schedule
     evaluation = canonical(spec.evaluation.model_dump())
@@ -235,10 +248,11 @@ def build_plan(spec: GridSpec) -> Plan:
                         architecture, digest = architectures[arch_key]
                         # A loaded parent is waited for (its stage checks the declared architecture against the
                         # checkpoint), but what init takes from it is the architecture, already in the config. A
-                        # pretrained parent's architecture is the grid's own: its random twins need not wait.
-                        waits = {} if spec.parent.pretrains else {"parent": parent.id}
+                        # pretrained parent's architecture is the grid's own: its random twins need not wait for it.
+                        # The data stage's tokenizer is saved beside the model (its weights do not depend on it).
+                        waits = {"data": data.id} if spec.parent.pretrains else {"data": data.id, "parent": parent.id}
                         init = make_stage(ArchitectureInit(architecture=architecture, seed=seed), waits,
-                                          {"parent": digest} if waits else None)
+                                          {"parent": digest} if "parent" in waits else None)
                 for init_kind in spec.inits:
                     model = prune if init_kind == "pruned" else init
                     for budget in reference_budgets:

@@ -22,8 +22,24 @@ from typing import Any
 
 from gridlab import atomic
 from gridlab.contracts import (
-    ArchitectureInit, BranchResult, Contract, DataConfig, DataPayload, EvalBranch, EvalModel, EvalPayload, InitPayload,
-    LoadedParent, MaskInit, Metric, ParentPayload, PretrainParent, PruneConfig, PrunePayload, Stage, TrainConfig,
+    ArchitectureInit,
+    BranchResult,
+    Contract,
+    DataConfig,
+    DataPayload,
+    EvalBranch,
+    EvalModel,
+    EvalPayload,
+    InitPayload,
+    LoadedParent,
+    MaskInit,
+    Metric,
+    ParentPayload,
+    PretrainParent,
+    PruneConfig,
+    PrunePayload,
+    Stage,
+    TrainConfig,
     TrainPayload,
 )
 from gridlab.layout import RunPaths, StagePaths
@@ -85,8 +101,8 @@ def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) ->
     if isinstance(config, PretrainParent):
         model = init_model(LlamaConfig.from_dict(config.architecture), config.seed)
         shard = TokenShard.open(data.shards["pretrain"])
-        result = train(model, shard, config.schedule, [config.tokens],
-                       context.out.output("train"), seed=config.seed)
+        result = train(model, shard, config.schedule, [config.tokens], context.out.output("train"),
+                       seed=config.seed, tokenizer=data.tokenizer_dir)
         if process_rank() != 0:
             return None
         branch = result.branches[0]
@@ -131,7 +147,8 @@ def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
     calibration = calibration_shard[sorted(sample[:count].tolist())]
     result = prune(model, config.method, config.ratio, calibration, **config.options)
     if layerwise:
-        model_path = save_layerwise(result.model, context.out.output("model"), mask=result.mask)
+        model_path = save_layerwise(result.model, context.out.output("model"), mask=result.mask,
+                                    tokenizer=data.tokenizer_dir)
         shutil.rmtree(spill_dir)
     else:
         model_path = save_model(result.model, context.out.output("model"), mask=result.mask,
@@ -150,8 +167,7 @@ def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> Ini
         from transformers import LlamaConfig
 
         model, mask = init_model(LlamaConfig.from_dict(config.architecture), config.seed), None
-        # The grid's tokenizer: a loaded parent's stage is upstream; a pretrained parent's twins have no deps yet.
-        tokenizer = context.upstream("parent").tokenizer_dir if "parent" in context.stage.deps else None
+        tokenizer = context.upstream("data").tokenizer_dir  # saved beside the model, so the folder works alone
     else:
         pruned: PrunePayload = context.upstream("model")
         pruned_model, mask = load_model(pruned.model_path)
@@ -172,8 +188,8 @@ def _run_train(config: TrainConfig, context: StageContext) -> TrainPayload | Non
     start = context.upstream("model")
     model, mask = load_model(start.model_path)
     shard = TokenShard.open(data.shards["retrain"])
-    result = train(model, shard, config.schedule, config.budgets,
-                   context.run.trajectory(config.trajectory), seed=config.seed, mask=mask)
+    result = train(model, shard, config.schedule, config.budgets, context.run.trajectory(config.trajectory),
+                   seed=config.seed, mask=mask, tokenizer=data.tokenizer_dir)
     if process_rank() != 0:
         return None
     return TrainPayload(trajectory=config.trajectory, branches=[

@@ -228,7 +228,9 @@ class _Run:
     rank, and gradients are averaged across ranks (FSDP2 or DDP), so N processes compute what one process does.
     """
 
-    def __init__(self, model, data: TokenShard, schedule: Schedule, budgets, out_dir, seed: int, mask):
+    def __init__(self, model, data: TokenShard, schedule: Schedule, budgets, out_dir, seed: int, mask,
+                 tokenizer=None):
+        self.tokenizer = tokenizer
         self.data, self.schedule, self.out_dir = data, schedule, Path(out_dir)
         self.tokens_per_step = schedule.batch_size * data.seq_len
         self.plans = plan_branches(schedule, budgets, self.tokens_per_step)
@@ -321,10 +323,10 @@ class _Run:
         """The branch's final weights as a plain HF checkpoint, gathered from the shards and written by rank 0."""
         path = self.out_dir / BRANCHES_DIR / str(budget_tokens)
         if not self.topology.distributed:
-            return save_model(self.model, path, self.mask)
+            return save_model(self.model, path, self.mask, tokenizer=self.tokenizer)
         state = distributed.full_model_state(self.model)
         if self.topology.is_main:
-            save_model(distributed.plain_model(self.model_config, state), path, self.mask)
+            save_model(distributed.plain_model(self.model_config, state), path, self.mask, tokenizer=self.tokenizer)
         distributed.barrier(self.topology)
         return path
 
@@ -511,13 +513,15 @@ def train(
     *,
     seed: int,
     mask: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
 ) -> TrainResult:
     """Train `model` on `data` to every budget (tokens) into the trajectory folder `out_dir`.
 
     Resumable and extendable: call again with the same arguments to resume (or get the finished result at once),
     or with more budgets to train only what they add. `seed` fixes the data order. The model object is trained in
     place and ends holding the weights of the last branch run; each branch's final model is a plain HF checkpoint
-    at out_dir/branches/<budget>/ (with sparse_mask.safetensors when masked). A diverged branch is returned with
-    status "diverged" and its error, not raised.
+    at out_dir/branches/<budget>/ (with sparse_mask.safetensors when masked, and `tokenizer` — a folder or object —
+    saved beside it, so the folder works on its own). A diverged branch is returned with status "diverged" and its
+    error, not raised.
     """
-    return _Run(model, data, schedule, budgets, out_dir, seed, mask).run()
+    return _Run(model, data, schedule, budgets, out_dir, seed, mask, tokenizer).run()
