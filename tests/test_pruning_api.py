@@ -185,7 +185,7 @@ def _bad_calls(parent, calibration):
         (dict(method="magnitude", ratio=0.5, nm="2-4"), "like '2:4'"),
         (dict(method="sparsegpt", ratio=0.5, nm="2:4", blocksize=30), "multiple of M"),
         (dict(method="wanda", ratio=0.5, blocksize=64), "valid options: batch_size, nm, nsamples"),
-        (dict(method="minitron-width", ratio=0.5, axes=["layers"]), "axes must be"),
+        (dict(method="minitron-width", ratio=0.5, axes=["layers"]), "axes: must be"),
         (dict(method="wanda", ratio=0.5, calibration=calibration[:0]), "at least one sequence"),
         (dict(method="wanda", ratio=0.5, calibration=calibration[0]), "at least one sequence"),
         (dict(method="shortgpt", ratio=0.5, calibration=calibration[:, :1]), "at least one sequence"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,7 +99,7 @@ class LoadedParent(StageConfig):
         return {k: v for k, v in super().identity().items() if k != "path"}
 
 
-ParentConfig = Annotated[Union[PretrainParent, LoadedParent], Field(discriminator="source")]
+ParentConfig = Annotated[PretrainParent | LoadedParent, Field(discriminator="source")]
 
 
 class PruneConfig(StageConfig):
@@ -129,7 +129,7 @@ class MaskInit(StageConfig):
     seed: int
 
 
-InitConfig = Annotated[Union[ArchitectureInit, MaskInit], Field(discriminator="source")]
+InitConfig = Annotated[ArchitectureInit | MaskInit, Field(discriminator="source")]
 
 
 class TrainConfig(StageConfig):
@@ -148,6 +148,7 @@ class TrainConfig(StageConfig):
 class _Evaluation(StageConfig):
     evaluation: dict[str, Any]        # gridlab.spec.EvaluationSpec fields
     corpora: list[dict[str, Any]] = Field(default_factory=list)   # each extra corpus's content identity
+    tasks: dict[str, str] = Field(default_factory=dict)   # each lm-eval task's identity (its files, or lm-eval's)
 
     def identity(self) -> dict[str, Any]:
         # An extra corpus is in the id by what it holds (``corpora``), not by where it is read from.
@@ -174,9 +175,9 @@ class EvalBranch(_Evaluation):
     budget: int
 
 
-EvalConfig = Annotated[Union[EvalModel, EvalBranch], Field(discriminator="source")]
+EvalConfig = Annotated[EvalModel | EvalBranch, Field(discriminator="source")]
 
-AnyConfig = Annotated[Union[DataConfig, ParentConfig, PruneConfig, InitConfig, TrainConfig, EvalConfig],
+AnyConfig = Annotated[DataConfig | ParentConfig | PruneConfig | InitConfig | TrainConfig | EvalConfig,
                       Field(discriminator="kind")]
 
 
@@ -306,7 +307,7 @@ class EvalPayload(Contract):
     metrics: list[Metric]
 
 
-AnyPayload = Annotated[Union[DataPayload, ParentPayload, PrunePayload, InitPayload, TrainPayload, EvalPayload],
+AnyPayload = Annotated[DataPayload | ParentPayload | PrunePayload | InitPayload | TrainPayload | EvalPayload,
                        Field(discriminator="kind")]
 
 PAYLOADS: dict[str, type[Contract]] = {"data": DataPayload, "parent": ParentPayload, "prune": PrunePayload,

@@ -12,3 +12,12 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A mistake in what the user gave gridlab; its message is one line: what was wrong, what is valid."""
+
+
+class InvalidValue(ValueError):
+    """A bad value at ``key``, a key path below whatever validates it (``options.axes`` inside a method): the grid
+    loader joins it to the validator's own path, so the user reads ``methods[0].options.axes: …``."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message

@@ -55,6 +55,54 @@ def heldout_loss(model, data: TokenShard, max_sequences: int | None = None, batc
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
+def own_tasks() -> set[str]:
+    """gridlab's own offline tasks: gridlab_<stem> for every gridlab/tasks/<stem>.yaml."""
+    return {f"gridlab_{path.stem}" for path in TASKS_DIR.glob("*.yaml")}
+
+
+def registry_tasks() -> set[str]:
+    """Every task name lm-eval knows (its registry and gridlab's tasks), offline. Indexing the registry takes ~30 s,
+    so the names are cached per lm-eval version under $GRIDLAB_CACHE."""
+    import json
+    from importlib.metadata import version
+
+    from gridlab.inputs import cache_root
+
+    path = cache_root() / f"lm-eval-{version('lm_eval')}-tasks.json"
+    try:
+        return set(json.loads(path.read_text())) | own_tasks()
+    except (OSError, ValueError):
+        pass
+    from lm_eval.tasks import TaskManager
+
+    from gridlab import atomic
+
+    names = sorted(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
+    try:
+        atomic.write_json(path, names)
+    except OSError:
+        pass  # an unwritable cache only costs the next check its 30 s
+    return set(names) | own_tasks()
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """A one-line error (gridlab.errors.InvalidValue, keyed by the task's index) for a task name lm-eval lacks."""
+    from gridlab.errors import InvalidValue
+
+    if set(tasks) <= own_tasks():
+        return
+    known = registry_tasks()
+    for index, task in enumerate(tasks):
+        if task not in known:
+            import difflib
+
+            hint = difflib.get_close_matches(task, sorted(known), n=1)
+            did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+            raise InvalidValue(f"[{index}]", f"{task!r} is not an lm-eval task; {did_you_mean}gridlab's own: "
+                                             f"{', '.join(sorted(own_tasks()))} (or any task of lm-eval's registry "
+                                             f"whose data is cached locally)")
+
+
 def lm_eval_tasks(
     model,
     tokenizer,
@@ -75,16 +123,9 @@ def lm_eval_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    own = {f"gridlab_{path.stem}" for path in TASKS_DIR.glob("*.yaml")}  # task name = gridlab_ + file stem
+    check_tasks(tasks)
     # Indexing lm-eval's thousands of built-in task files takes ~30 s; skip it when only gridlab's tasks are asked.
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(tasks) <= own)
-    unknown = [task for task in tasks if task not in task_manager.all_tasks]
-    if unknown:
-        local = sorted(own)
-        raise ValueError(
-            f"unknown lm-eval task(s) {', '.join(unknown)}; gridlab's own: {', '.join(local)} "
-            f"(or any task of lm-eval's registry whose data is cached locally)"
-        )
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(tasks) <= own_tasks())
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = lm_eval.simple_evaluate(

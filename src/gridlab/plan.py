@@ -34,7 +34,7 @@ from gridlab.contracts import (
     make_stage,
     trajectory_id,
 )
-from gridlab.errors import UserError
+from gridlab.errors import InvalidValue, UserError
 from gridlab.layout import RunPaths
 from gridlab.results import read_json
 from gridlab.spec import GridSpec, MethodSpec
@@ -185,6 +185,43 @@ def pruned_architecture(method: MethodSpec, ratio: float, parent) -> dict[str, A
     return None if config is None else config_dict(config)
 
 
+def task_identities(tasks: list[str]) -> dict[str, str]:
+    """What an lm-eval task is, for eval ids: gridlab's own by the content of its files (editing one reruns the
+    evaluations that use it), a registry task by the lm-eval release that defines it."""
+    from importlib.metadata import version
+
+    from gridlab import inputs
+    from gridlab.tasks import TASKS_DIR
+
+    identities = {}
+    for task in tasks:
+        stem = task.removeprefix("gridlab_")
+        if task.startswith("gridlab_") and (TASKS_DIR / f"{stem}.yaml").exists():
+            files = sorted(TASKS_DIR.glob(f"{stem}.*"))
+            identities[task] = content_id([inputs.fingerprint(path) for path in files])
+        else:
+            identities[task] = f"lm-eval {version('lm_eval')}"
+    return identities
+
+
+def check_method(index: int, method: MethodSpec, ratios: list[float], parent) -> None:
+    """A method's options, checked by the method itself against the parent's real shapes, and the architecture it
+    gives at each ratio; one line naming methods[index]."""
+    from gridlab.pruning import METHODS, pruned_config
+    from gridlab.pruning.registry import check_against, resolve_options
+
+    spec = METHODS[method.method]
+    resolved = resolve_options(spec, method.prune_options)
+    try:
+        check_against(spec, resolved, parent)
+        for ratio in ratios:
+            pruned_config(parent, method.method, ratio, **method.prune_options)
+    except InvalidValue as bad:
+        raise UserError(f"methods[{index}].options.{bad.key}: {bad.message}") from None
+    except ValueError as bad:
+        raise UserError(f"methods[{index}] ({method.name}): {str(bad).splitlines()[0]}") from None
+
+
 def build_plan(spec: GridSpec) -> Plan:
     from gridlab import inputs as local_inputs
     from gridlab.pruning import METHODS
@@ -193,6 +230,7 @@ def build_plan(spec: GridSpec) -> Plan:
     evaluation = canonical(spec.evaluation.model_dump())
     # Local inputs enter ids by content (gridlab.inputs: a cached hash behind sizes and mtimes), hub ones by revision.
     corpora = canonical([local_inputs.corpus_identity(corpus) for corpus in spec.evaluation.corpora])
+    tasks = task_identities(spec.evaluation.lm_eval_tasks)
     tokenizer_identity = (canonical(local_inputs.tokenizer_identity(spec.tokenizer.path))
                           if spec.tokenizer.path else None)
     data = make_stage(DataConfig(corpus=canonical(spec.corpus.model_dump()),
@@ -212,7 +250,8 @@ def build_plan(spec: GridSpec) -> Plan:
                                          model_identity=canonical(local_inputs.model_identity(spec.parent.path)),
                                          tokens=parent_tokens, declared=declared), {"data": data.id})
     stages: dict[str, Stage] = {data.id: data, parent.id: parent}
-    parent_eval = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tokens=parent_tokens),
+    parent_eval = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tasks=tasks,
+                                       tokens=parent_tokens),
                              {"model": parent.id, "data": data.id})
     stages[parent_eval.id] = parent_eval
 
@@ -224,6 +263,9 @@ def build_plan(spec: GridSpec) -> Plan:
     architectures: dict[tuple, tuple[dict, str]] = {}
     reference_budgets = [0, *spec.budgets]   # budget 0: the model before any retraining (see Cell)
 
+    parent_shape = parent_architecture if parent_architecture is not None else parent_config(spec)
+    for index, method in enumerate(spec.methods):
+        check_method(index, method, spec.method_ratios(method), parent_shape)
     for method in spec.methods:
         kind = granularity(method)
         options = canonical(method.prune_options)
@@ -286,7 +328,8 @@ def build_plan(spec: GridSpec) -> Plan:
     for draft in drafts:
         model_id = draft["model_stage"]
         if model_id not in start_eval:
-            start_eval[model_id] = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tokens=0),
+            start_eval[model_id] = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tasks=tasks,
+                                                        tokens=0),
                                               {"model": model_id, "data": data.id})
     for model_id, budgets in budgets_of.items():
         trajectory = trajectory_id(model_id, data.id, schedule, seed_of[model_id])
@@ -295,7 +338,8 @@ def build_plan(spec: GridSpec) -> Plan:
         train_of[model_id] = train
         for budget in sorted(budgets):
             branch_eval[model_id, budget] = make_stage(
-                EvalBranch(evaluation=evaluation, corpora=corpora, budget=budget), {"train": train.id, "data": data.id},
+                EvalBranch(evaluation=evaluation, corpora=corpora, tasks=tasks, budget=budget),
+                {"train": train.id, "data": data.id},
                 {"train": branch_identity(trajectory, budget)})
 
     cells = []

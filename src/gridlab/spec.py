@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
 from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
+from gridlab.errors import InvalidValue, UserError
 from gridlab.model import PRESETS
-from gridlab.errors import UserError
-
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NM_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<n>\d+):(?P<m>\d+)$")
@@ -42,42 +41,42 @@ _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str, Any]) -> None:
     """parent.overrides against LlamaConfig's real fields and their types, and the shape they give with the preset's
-    own fields; one ValueError naming the key."""
+    own fields; one InvalidValue naming the key."""
     from transformers import LlamaConfig
 
     defaults = LlamaConfig().to_dict()
     for key, value in overrides.items():
-        where = f"parent.overrides.{key}"
+        where = f"overrides.{key}"
         if key not in defaults or key.startswith("_") or key in ("transformers_version", "architectures"):
             fields = [k for k in defaults if not k.startswith("_")]
             hint = difflib.get_close_matches(key, fields, n=1)
             did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-            raise ValueError(f"{where}: not a LlamaConfig field; {did_you_mean}e.g. {', '.join(_SIZE_FIELDS[:5])}")
+            raise InvalidValue(where, f"not a LlamaConfig field; {did_you_mean}e.g. {', '.join(_SIZE_FIELDS[:5])}")
         if key == "vocab_size" and pretrains:
-            raise ValueError(f"{where}: a pretrained parent's vocabulary is its tokenizer's (tokenizer.vocab_size or "
-                             f"tokenizer.path); remove it here")
+            raise InvalidValue(where, "a pretrained parent's vocabulary is its tokenizer's (tokenizer.vocab_size or "
+                                      "tokenizer.path); remove it here")
         expected = defaults[key]
         if key in _SIZE_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: {value!r} is not a positive whole number")
+                raise InvalidValue(where, f"{value!r} is not a positive whole number")
         elif isinstance(expected, bool):
             if not isinstance(value, bool):
-                raise ValueError(f"{where}: {value!r} is not true or false")
+                raise InvalidValue(where, f"{value!r} is not true or false")
         elif isinstance(expected, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{where}: {value!r} is not a finite number")
+                raise InvalidValue(where, f"{value!r} is not a finite number")
         elif isinstance(expected, int):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{where}: {value!r} is not a whole number")
+                raise InvalidValue(where, f"{value!r} is not a whole number")
         elif isinstance(expected, str):
             if not isinstance(value, str):
-                raise ValueError(f"{where}: {value!r} is not a string (LlamaConfig.{key} is, e.g. {expected!r})")
+                raise InvalidValue(where, f"{value!r} is not a string (LlamaConfig.{key} is, e.g. {expected!r})")
     shape = {**preset, **overrides}
     hidden, heads, kv = (shape.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
     if heads and kv and heads % kv:
-        raise ValueError(f"parent.overrides: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+        raise InvalidValue("overrides", f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
     if hidden and heads and hidden % heads:
-        raise ValueError(f"parent.overrides: num_attention_heads {heads} does not divide hidden_size {hidden}")
+        raise InvalidValue("overrides", f"num_attention_heads {heads} does not divide hidden_size {hidden}")
 
 
 class ParentSpec(_Strict):
@@ -94,7 +93,7 @@ class ParentSpec(_Strict):
     schedule: Schedule = Schedule()
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ParentSpec":
+    def _one_source(self) -> ParentSpec:
         if self.preset is None and self.path is None:
             raise ValueError("give parent.preset (pretrain) or parent.path (load a pretrained model)")
         if self.preset is not None and self.preset not in PRESETS:
@@ -159,7 +158,7 @@ class MethodSpec(_Strict):
         return n / m
 
     @model_validator(mode="after")
-    def _known_method(self) -> "MethodSpec":
+    def _known_method(self) -> MethodSpec:
         from gridlab.pruning import METHODS
         from gridlab.pruning.registry import resolve_options
 
@@ -170,7 +169,10 @@ class MethodSpec(_Strict):
                              f"{', '.join(sorted(METHODS))}")
         if _NM_SUFFIX.match(self.name) and "nm" in self.options:
             raise ValueError(f"{self.name!r} already names its N:M pattern; remove options.nm")
-        resolve_options(METHODS[self.method], self.prune_options)
+        try:
+            resolve_options(METHODS[self.method], self.prune_options)
+        except InvalidValue as bad:
+            raise InvalidValue(f"options.{bad.key}", bad.message) from None
         if self.fixed_ratio is not None and self.ratios is not None:
             raise ValueError(f"{self.name!r} prunes at its own ratio {self.fixed_ratio:g} (N:M); remove 'ratios'")
         return self
@@ -188,6 +190,16 @@ class EvaluationSpec(_Strict):
     lm_eval_tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> EvaluationSpec:
+        from gridlab.evaluate import check_tasks
+
+        try:
+            check_tasks(self.lm_eval_tasks)
+        except InvalidValue as bad:
+            raise InvalidValue(f"lm_eval_tasks{bad.key}", bad.message) from None
+        return self
 
 
 class ResourceSpec(_Strict):
@@ -231,7 +243,7 @@ class ResourcesSpec(_Strict):
         return merged
 
     @model_validator(mode="after")
-    def _multi_process_only_for_training(self) -> "ResourcesSpec":
+    def _multi_process_only_for_training(self) -> ResourcesSpec:
         for kind in _SINGLE_PROCESS_KINDS:
             ranks = self.for_kind(kind)["ranks"]
             if ranks > 1:
@@ -258,7 +270,7 @@ class ExcludeRule(_Strict):
     seed: Seed | None = None
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "ExcludeRule":
+    def _not_empty(self) -> ExcludeRule:
         if all(value is None for value in self.model_dump().values()):
             raise ValueError("an exclude rule needs at least one of: " + ", ".join(ExcludeRule.model_fields))
         return self
@@ -298,7 +310,7 @@ class GridSpec(_Strict):
     exclude: list[ExcludeRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "GridSpec":
+    def _consistent(self) -> GridSpec:
         _unique([m.key for m in self.methods], "methods (by label)")
         for key in ("ratios", "inits", "budgets", "settings", "seeds"):
             _unique(getattr(self, key), key)
@@ -308,7 +320,8 @@ class GridSpec(_Strict):
         labels = [m.key for m in self.methods]
         for index, rule in enumerate(self.exclude):
             if rule.method is not None and rule.method not in labels:
-                raise ValueError(f"exclude[{index}].method {rule.method!r} names no method; methods: {', '.join(labels)}")
+                raise ValueError(f"exclude[{index}].method {rule.method!r} names no method; "
+                                 f"methods: {', '.join(labels)}")
             if rule.budget is not None and rule.budget not in self.budgets:
                 raise ValueError(f"exclude[{index}].budget {rule.budget} is not one of the budgets")
         for kind, schedule in (("train", self.schedule), ("parent", self.parent.schedule)):
@@ -373,6 +386,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidValue):  # a validator named the key below it (methods[0] → options.axes)
+        return f"{path}.{cause.key}: {cause.message}" if path else f"{cause.key}: {cause.message}"
     message = error["msg"].removeprefix("Value error, ")
     where = f"{path}: " if path else ""
     if error["type"].startswith(("value_error", "assertion_error")) and "input" in error and isinstance(

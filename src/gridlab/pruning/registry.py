@@ -9,6 +9,8 @@ from typing import Any, Literal
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gridlab.errors import InvalidValue
+
 Granularity = Literal["depth", "width", "sparse"]
 
 
@@ -35,8 +37,10 @@ class Method:
     config: Callable[[LlamaConfig, float, dict], LlamaConfig]
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_calibration: bool = True
-    # extra checks on the resolved options; raise ValueError
+    # extra checks on the resolved options; raise ValueError (gridlab.errors.InvalidValue naming the option)
     check_options: Callable[[dict], None] | None = None
+    # checks of the resolved options against the parent's shapes (LlamaConfig), run when the grid is planned
+    check_shapes: Callable[[dict, LlamaConfig], None] | None = None
     # visits the decoder layers one at a time, in order, so it can prune a parent whose layers stay on disk
     layerwise: bool = False
     # part of every prune stage id of this method: bump it when a change to the method changes what it computes
@@ -64,6 +68,12 @@ def check_ratio(ratio: float) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"pruning ratio must be a number strictly between 0 and 1; got {ratio!r}")
     return float(ratio)
+
+
+def check_against(method: Method, options: dict, parent_config: LlamaConfig) -> None:
+    """The method's own check of its (resolved) options against the parent it will prune."""
+    if method.check_shapes is not None:
+        method.check_shapes(options, parent_config)
 
 
 def resolve_options(method: Method, options: dict) -> dict:
@@ -109,7 +119,7 @@ def check_calibration(calibration, config: LlamaConfig) -> torch.Tensor:
 def check_nsamples(options: dict) -> None:
     n = options.get("nsamples")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"nsamples must be a positive integer or None (all calibration sequences); got {n!r}")
+        raise InvalidValue("nsamples", f"must be a positive integer or None (all calibration sequences); got {n!r}")
     b = options.get("batch_size")
     if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-        raise ValueError(f"batch_size must be a positive integer; got {b!r}")
+        raise InvalidValue("batch_size", f"must be a positive integer; got {b!r}")

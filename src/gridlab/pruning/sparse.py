@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from gridlab.errors import InvalidValue
 from gridlab.layerwise import each_layer, input_hooks, run_layer, select_samples, sequential_layers
 from gridlab.model import DECODER_WEIGHTS, param_counts
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
@@ -25,9 +26,10 @@ def parse_nm(nm) -> tuple[int, int] | None:
     try:
         n, m = (int(part) for part in str(nm).split(":"))
     except ValueError:
-        raise ValueError(f"nm must look like '2:4' (N of every M consecutive weights zeroed); got {nm!r}") from None
+        raise InvalidValue("nm", f"must look like '2:4' (N of every M consecutive weights zeroed); "
+                                 f"got {nm!r}") from None
     if not 1 <= n < m:
-        raise ValueError(f"nm={nm!r} needs 1 <= N < M (N of every M consecutive weights zeroed)")
+        raise InvalidValue("nm", f"{nm!r} needs 1 <= N < M (N of every M consecutive weights zeroed)")
     return n, m
 
 
@@ -38,19 +40,29 @@ def check_sparse_options(options: dict) -> None:
     if "blocksize" in options:
         blocksize = options["blocksize"]
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-            raise ValueError(f"blocksize must be a positive integer; got {blocksize!r}")
+            raise InvalidValue("blocksize", f"must be a positive integer; got {blocksize!r}")
         if nm and blocksize % nm[1]:
-            raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]} for nm={options['nm']!r}")
-    if "percdamp" in options and not (isinstance(options["percdamp"], (int, float)) and options["percdamp"] >= 0):
-        raise ValueError(f"percdamp must be a non-negative number; got {options['percdamp']!r}")
+            raise InvalidValue("blocksize", f"{blocksize} must be a multiple of M={nm[1]} for nm={options['nm']!r}")
+    percdamp = options.get("percdamp", 0)
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
+        raise InvalidValue("percdamp", f"must be a finite non-negative number; got {percdamp!r}")
+
+
+def check_nm_fits(options: dict, config) -> None:
+    """N:M groups runs of M consecutive inputs of every row: every input width must divide by M."""
+    nm = parse_nm(options["nm"])
+    if nm is None:
+        return
+    widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
+    for name, size in widths.items():
+        if size % nm[1]:
+            raise InvalidValue("nm", f"{nm[0]}:{nm[1]} needs every input width divisible by {nm[1]}; the parent's "
+                                     f"{name} is {size}")
 
 
 def _check_nm_fits(model, nm: tuple[int, int] | None) -> None:
-    if nm is None:
-        return
-    for size in (model.config.hidden_size, model.config.intermediate_size):
-        if size % nm[1]:
-            raise ValueError(f"nm={nm[0]}:{nm[1]} needs every input width divisible by {nm[1]}; this model has {size}")
+    if nm is not None:
+        check_nm_fits({"nm": f"{nm[0]}:{nm[1]}"}, model.config)
 
 
 def _linears(layer) -> dict[str, torch.nn.Linear]:
@@ -218,9 +230,10 @@ def _no_config_change(parent_config, ratio, options):
 
 register(Method(name="magnitude", granularity="sparse", run=_prune_magnitude, config=_no_config_change,
                 defaults=dict(nm=None), needs_calibration=False, check_options=check_sparse_options,
-                layerwise=True))
+                check_shapes=check_nm_fits, layerwise=True))
 register(Method(name="wanda", granularity="sparse", run=_prune_wanda, config=_no_config_change,
-                defaults=dict(nm=None, nsamples=128, batch_size=8), check_options=check_sparse_options, layerwise=True))
+                defaults=dict(nm=None, nsamples=128, batch_size=8), check_options=check_sparse_options,
+                check_shapes=check_nm_fits, layerwise=True))
 register(Method(name="sparsegpt", granularity="sparse", run=_prune_sparsegpt, config=_no_config_change,
                 defaults=dict(nm=None, nsamples=128, batch_size=8, blocksize=128, percdamp=0.01),
-                check_options=check_sparse_options, layerwise=True))
+                check_options=check_sparse_options, check_shapes=check_nm_fits, layerwise=True))

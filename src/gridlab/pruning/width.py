@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM
 
+from gridlab.errors import InvalidValue
 from gridlab.layerwise import batches, decoder_layers, model_device, select_samples
 from gridlab.model import decoder_layer_params, head_dim, param_counts
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
@@ -93,8 +94,8 @@ def width_config(parent_config, sizes: WidthSizes):
 
 def check_axes(options: dict) -> None:
     axes = options["axes"]
-    if isinstance(axes, str) or not set(axes) or not set(axes) <= set(AXES):
-        raise ValueError(f"axes must be a non-empty list drawn from {', '.join(AXES)}; got {axes!r}")
+    if not isinstance(axes, (list, tuple)) or not axes or not set(axes) <= set(AXES):
+        raise InvalidValue("axes", f"must be a non-empty list drawn from {', '.join(AXES)}; got {axes!r}")
     options["axes"] = [axis for axis in AXES if axis in set(axes)]
 
 
