@@ -434,8 +434,10 @@ class _Submitter(submitit.SlurmExecutor):
 
 def sbatch_parameters(resources: dict[str, Any], name: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage kind's merged resources (gridlab.spec.ResourceSpec)."""
+    mem_gb = resources["mem_gb"]
     parameters: dict[str, Any] = {
-        "job_name": name, "cpus_per_task": resources["cpus"], "mem": resources["mem_gb"],
+        "job_name": name, "cpus_per_task": resources["cpus"],
+        "mem": f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{round(mem_gb * 1024)}MB",
         "time": resources["time_min"], "array_parallelism": resources["array_parallelism"],
         "nodes": resources["nodes"], "ntasks_per_node": resources["tasks_per_node"],
     }
