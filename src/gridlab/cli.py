@@ -296,3 +296,7 @@ def logs(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder 
         sys.stdout.flush()
         for stage_id, line in api.follow_logs(grid, stage, where=where):
             typer.echo(f"{stage_id[:8]} | {line}" if several else line)
+
+
+if __name__ == "__main__":
+    app()

@@ -103,7 +103,7 @@ def _value(key: str, raw: str, expression: str, valid: dict[str, list], ids: lis
         if len(matches) != 1:
             state = "matches no stage of this grid" if not matches else f"is ambiguous ({len(matches)} stages)"
             raise UserError(f"--where {expression!r}: stage {raw!r} {state}; give a stage id or a unique prefix "
-                            f"(`gridlab status --json` lists them)")
+                            f"of one (the folders under stages/ of the run)")
         return matches[0]
     if key in ("ratio",):
         try:
