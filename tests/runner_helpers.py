@@ -136,15 +136,15 @@ def finish_stage(run_dir: Path, stage) -> None:
 
 
 def wait_until_settled(run_dir: Path, timeout_s: float = 900):
-    """Poll until no submitted stage of the run is still active; return the stage states."""
+    """Poll until no stage of the run is held any more (queued, running or unknown); return the stage states."""
     from gridlab.plan import read_plan_record
-    from gridlab.state import ACTIVE, stage_states
+    from gridlab.state import stage_states
 
     record = read_plan_record(run_dir)
     deadline = time.time() + timeout_s
     while True:
         states = stage_states(run_dir, record.stages)
-        if not any(s.status in ACTIVE and s.submitted for s in states.values()):
+        if not any(s.held for s in states.values()):
             return states
         assert time.time() < deadline, "SLURM jobs did not finish in time"
         time.sleep(2)

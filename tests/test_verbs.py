@@ -156,6 +156,27 @@ def test_export_csv_parquet_json_with_where(tmp_path):
     assert _cli("export", grid_file, "--out", tmp_path / "x.xlsx").exit_code == 2
 
 
+def test_report_of_a_sub_grid(tmp_path):
+    grid_file, plan, run_dir = _run(tmp_path)
+    out = tmp_path / "report"
+    result = _cli("report", grid_file, "--out", out, "--where", "granularity=depth")
+    assert result.exit_code == 0, result.output
+    sub_html = (out / "index.html").read_text()
+    assert _cli("report", grid_file, "--out", tmp_path / "whole").exit_code == 0
+    whole_html = (tmp_path / "whole" / "index.html").read_text()
+    # magnitude (sparse) stays only in the grid file the report quotes
+    assert sub_html.count("magnitude") < whole_html.count("magnitude") and "shortgpt" in sub_html
+    from gridlab.export import subset_database
+
+    cells = [c.cell_id for c in plan.cells if c.granularity == "depth"]
+    subset = subset_database(RunPaths(run_dir).database, tmp_path / "sub.duckdb", cells)
+    with duckdb.connect(str(subset), read_only=True) as connection:
+        assert connection.execute("SELECT DISTINCT granularity FROM cells").fetchall() == [("depth",)]
+        assert connection.execute("SELECT count(DISTINCT cell_id) FROM metrics").fetchone() == (12,)
+        assert connection.execute("SELECT count(*) FROM environments").fetchone() == (2,)
+    assert _cli("report", grid_file, "--out", out, "--where", "kind=train").exit_code == 2
+
+
 def test_logs_by_stage_id_prefix_and_where(tmp_path):
     grid_file, plan, run_dir = _run(tmp_path)
     prune = [s for s in plan.stages.values() if s.kind == "prune"]

@@ -183,8 +183,10 @@ def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
            as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
            lines: int = typer.Option(5, help="log lines shown per failed stage"),
            where: Where = None):
-    """Counts by stage kind × state, progress and ETA, the failed stages with the last lines of their logs, and
-    the stages whose state is unknown. With --watch SLURM is asked at most every 30 s."""
+    """Stage and cell counts by state, progress and ETA, failures with their log tails.
+
+    Also who holds the run and the stages whose state is unknown (with why). With --watch: a live view, SLURM asked
+    at most every 30 s."""
     from gridlab.state import SchedulerCache
 
     scheduler = SchedulerCache(max_age_s=30.0)
@@ -207,8 +209,10 @@ def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
 @_user_errors
 def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
            where: Where = None):
-    """scancel the grid's queued and running SLURM jobs and stop its local workers (or only --where's), marking
-    their stages cancelled; `submit --retry-failed` runs them again. Exit 1 if something could not be stopped."""
+    """Stop the grid's queued and running jobs and local workers; mark their stages cancelled.
+
+    Only --where's stages when given. `submit --retry-failed` runs them again. Exits 1 when something could not be
+    stopped (it is left as it was)."""
     outcome = api.cancel(grid, where=where, report=typer.echo)
     typer.echo(f"cancelled {len(outcome.cancelled)} stage(s): {len(outcome.jobs)} SLURM job(s) scancel'led, "
                f"{len(outcome.pids)} local process(es) stopped")
@@ -221,7 +225,7 @@ def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
 def reset(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
           where: Where = None,
           dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing")):
-    """Remove the outputs of the --where stages and of everything downstream, so the next submit reruns them."""
+    """Remove the outputs of the --where stages and everything downstream (the next submit reruns them)."""
     removal = api.reset(grid, where=where, dry_run=dry_run, report=typer.echo)
     typer.echo(f"{'would reset' if dry_run else 'reset'} {len(removal.stages)} stage(s)")
     typer.echo("\n".join(removal.lines()))
@@ -234,8 +238,10 @@ def clean(grid: str = typer.Argument(DEFAULT_GRID, help="grid file (its current 
           all_checkpoints: bool = typer.Option(False, "--all-checkpoints",
                                                help="also the main state finished trajectories keep for longer "
                                                     "budgets")):
-    """Remove stage folders and trajectories no longer in the plan, and checkpoints finished stages no longer need;
-    print what it freed."""
+    """Remove what the run no longer needs; print what it freed.
+
+    Stage folders and trajectories no longer in the plan, and checkpoints finished stages do not need (a finished
+    trajectory keeps the main state a longer budget extends, unless --all-checkpoints)."""
     removal = api.clean(grid, dry_run=dry_run, all_checkpoints=all_checkpoints, report=typer.echo)
     typer.echo("\n".join(removal.lines()))
 

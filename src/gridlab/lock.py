@@ -155,6 +155,8 @@ def acquire(run_dir: Path, command: str, wait: bool = False, timeout_s: float | 
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     deadline = None if timeout_s is None else time.time() + timeout_s
+    # A reader asking who holds the run (held_by) holds a shared lock for an instant: ride that out.
+    patience = time.time() + 1.0
     told = False
     try:
         while True:
@@ -165,6 +167,9 @@ def acquire(run_dir: Path, command: str, wait: bool = False, timeout_s: float | 
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
             holder = read_holder(run_dir)
+            if holder is None and time.time() < patience:
+                time.sleep(0.02)
+                continue
             if not wait or (deadline is not None and time.time() >= deadline):
                 raise RunLocked(f"{RunPaths(run_dir).root} is held by {describe(holder)}; wait for it to finish "
                                 f"(or pass --wait-lock)")
