@@ -118,7 +118,7 @@ def test_smoke_grid_end_to_end_on_slurm(tmp_path):
 
 def _slurm_job_field(job_id, field):
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    match = re.search(rf"\b{field}=(.*?)(?:\s{{2,}}|\n|$)", shown)
+    match = re.search(rf"\b{field}=(.*?)(?=\s+[A-Za-z:]+=|\s*$)", shown, re.M)
     return match.group(1) if match else None
 
 
@@ -150,10 +150,20 @@ def test_gridlab_cancel_and_an_unreachable_controller_on_the_real_cluster(tmp_pa
     assert _submit(grid_file).exit_code == 0
     record = read_plan_record(run_dir)
 
-    # A controller that does not answer (here: the wrong port) makes held stages unknown, and nothing is resubmitted.
+    # A controller that does not answer (here: the wrong port): sacct (slurmdbd) still knows the jobs.
     conf = tmp_path / "slurm.conf"
-    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=6899", Path(os.environ["SLURM_CONF"]).read_text()))
+    real_conf = Path(os.environ["SLURM_CONF"]).read_text()
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=6899", real_conf))
     records = sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json"))
+    with monkeypatch.context() as patched:
+        patched.setenv("SLURM_CONF", str(conf))
+        patched.setenv("GRIDLAB_SCHEDULER_TIMEOUT_S", "5")
+        states = stage_states(run_dir, record.stages)
+        assert not [s for s in states.values() if s.status in ("failed", "cancelled")]
+        assert all(s.held for s in states.values() if s.status != "done")
+    # Neither controller nor database answers: held stages are unknown, and nothing is resubmitted.
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=6899", real_conf)
+                    + "\nAccountingStoragePort=6898\n")
     with monkeypatch.context() as patched:
         patched.setenv("SLURM_CONF", str(conf))
         patched.setenv("GRIDLAB_SCHEDULER_TIMEOUT_S", "5")
