@@ -311,3 +311,20 @@ def test_cancel_of_jobs_that_already_ended_still_marks_the_rest(tmp_path, slurm)
     result = CliRunner().invoke(app, ["cancel", str(grid_file)])
     assert result.exit_code == 0, result.output
     assert api.status(grid_file)["stages"]["parent"]["cancelled"] == 1
+
+
+def test_a_watching_status_asks_slurm_at_most_every_30_s(tmp_path, slurm, monkeypatch):
+    from gridlab import state as state_module
+
+    job = _held(tmp_path, slurm)
+    slurm.queue(job, "RUNNING")
+    cache = state_module.SchedulerCache(max_age_s=30)
+    now = [1000.0]
+    monkeypatch.setattr(state_module.time, "time", lambda: now[0])
+    for _ in range(5):
+        assert stage_states(tmp_path, [{"id": "s0", "kind": "prune"}], scheduler=cache)["s0"].status == "running"
+        now[0] += 5
+    assert len(slurm.calls("squeue")) == 1
+    now[0] += 30
+    stage_states(tmp_path, [{"id": "s0", "kind": "prune"}], scheduler=cache)
+    assert len(slurm.calls("squeue")) == 2

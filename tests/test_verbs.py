@@ -325,3 +325,42 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
 def test_shell_completion_is_on():
     result = _cli("--help")
     assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
+def test_eta_from_the_pace_of_finished_stages(tmp_path):
+    from gridlab.state import StageState
+
+    run = RunPaths(tmp_path)
+    now = time.time()
+    states = {}
+    for i, (kind, status, took) in enumerate([("train", "done", 100), ("train", "done", 300), ("eval", "done", 10),
+                                              ("train", "running", None), ("train", "pending", None),
+                                              ("eval", "pending", None), ("prune", "pending", None)]):
+        sid = f"s{i}"
+        started = now - (took or 50)
+        states[sid] = StageState(sid, kind, status, started=started)
+        if status == "done":
+            run.stage(sid).done_marker.parent.mkdir(parents=True, exist_ok=True)
+            run.stage(sid).done_marker.touch()
+            os.utime(run.stage(sid).done_marker, (now, now))
+    # train 200 s each (the running one has 150 s to go), eval 10 s, prune: the overall mean (410 / 3); one runs
+    assert api.estimate_eta(tmp_path, states) == pytest.approx(150 + 200 + 10 + 410 / 3, abs=2)
+    assert api.estimate_eta(tmp_path, {k: v for k, v in states.items() if v.status != "done"}) is None
+
+
+def test_follow_logs_yields_new_lines(tmp_path):
+    grid_file, plan, run_dir = _run(tmp_path)
+    prune = next(s for s in plan.stages.values() if s.kind == "prune")
+    log = RunPaths(run_dir).stage(prune.id).log
+    log.write_text("old line\n")
+    rounds = []
+
+    def stop():
+        rounds.append(1)
+        if len(rounds) == 1:
+            with open(log, "a") as handle:
+                handle.write("new line\npartial")
+        return len(rounds) > 2
+
+    lines = list(api.follow_logs(grid_file, prune.id, poll_s=0.01, stop=stop))
+    assert lines == [(prune.id, "new line")]
