@@ -112,7 +112,7 @@ def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
-        return "unknown (no stage has finished yet)"
+        return "unknown (no finished stage to measure the pace by yet)"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
