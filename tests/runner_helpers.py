@@ -136,15 +136,98 @@ def finish_stage(run_dir: Path, stage) -> None:
 
 
 def wait_until_settled(run_dir: Path, timeout_s: float = 900):
-    """Poll until no submitted stage of the run is still active; return the stage states."""
+    """Poll until no stage of the run is held any more (queued, running or unknown); return the stage states."""
     from gridlab.plan import read_plan_record
-    from gridlab.state import ACTIVE, stage_states
+    from gridlab.state import stage_states
 
     record = read_plan_record(run_dir)
     deadline = time.time() + timeout_s
     while True:
         states = stage_states(run_dir, record.stages)
-        if not any(s.status in ACTIVE and s.submitted for s in states.values()):
+        if not any(s.held for s in states.values()):
             return states
         assert time.time() < deadline, "SLURM jobs did not finish in time"
         time.sleep(2)
+
+
+class FakeSlurm:
+    """A fake SLURM on PATH (tests/fake_slurm.py as sbatch, squeue, sacct, scancel, scontrol, srun) whose jobs a
+    test sets to any state, and whose commands it makes fail or hang."""
+
+    COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "scontrol", "srun")
+
+    def __init__(self, folder: Path, monkeypatch, timeout_s: float = 2.0):
+        import sys
+
+        self.dir = Path(folder)
+        bin_dir = self.dir / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        script = REPO / "tests" / "fake_slurm.py"
+        for command in self.COMMANDS:
+            path = bin_dir / command
+            path.write_text(f"#!{sys.executable}\nimport os, runpy\nos.environ['FAKE_SLURM_AS'] = {command!r}\n"
+                            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+            path.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("FAKE_SLURM_DIR", str(self.dir))
+        monkeypatch.setenv("GRIDLAB_SCHEDULER_TIMEOUT_S", str(timeout_s))
+        monkeypatch.delenv("SLURM_CONF", raising=False)
+
+    @property
+    def jobs(self) -> dict:
+        path = self.dir / "jobs.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _update(self, job: str, change) -> None:
+        jobs = self.jobs
+        job_id, _, task = job.partition("_")
+        change(jobs[job_id], task)
+        (self.dir / "jobs.json").write_text(json.dumps(jobs))
+
+    def add_job(self, name: str, tasks: int | None = None, state: str = "PENDING") -> str:
+        """Register a job as if sbatch had run (e.g. before a crash); its id."""
+        jobs = self.jobs
+        job_id = str(max([int(j) for j in jobs] + [1000]) + 1)
+        keys = [""] if tasks is None else [str(i) for i in range(tasks)]
+        jobs[job_id] = {"name": name, "tasks": tasks, "queue": {k: f"{state}|None" for k in keys}, "accounting": {}}
+        (self.dir / "jobs.json").write_text(json.dumps(jobs))
+        return job_id
+
+    def queue(self, job: str, state: str, reason: str = "None") -> None:
+        """squeue shows ``job`` ("123" or "123_4") in ``state``."""
+        def change(entry, task):
+            entry["queue"][task] = f"{state}|{reason}"
+        self._update(job, change)
+
+    def finish(self, job: str, state: str, exit_code: str = "0:0") -> None:
+        """``job`` leaves the queue; sacct then reports ``state`` ("OUT_OF_MEMORY", "CANCELLED by 0" …)."""
+        def change(entry, task):
+            entry["queue"].pop(task, None)
+            entry["accounting"][task] = f"{state}|{exit_code}"
+        self._update(job, change)
+
+    def forget(self, job: str) -> None:
+        """``job`` is known neither to squeue nor to sacct."""
+        def change(entry, task):
+            entry["queue"].pop(task, None)
+            entry["accounting"].pop(task, None)
+        self._update(job, change)
+
+    def fail(self, command: str, message: str = "slurm_load_jobs error: Unable to contact slurm controller") -> None:
+        (self.dir / f"{command}.fail").write_text(message)
+
+    def hang(self, command: str) -> None:
+        (self.dir / f"{command}.hang").write_text("")
+
+    def heal(self, command: str) -> None:
+        for suffix in ("fail", "hang"):
+            (self.dir / f"{command}.{suffix}").unlink(missing_ok=True)
+
+    def calls(self, command: str) -> list[list[str]]:
+        path = self.dir / "calls.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [call[1:] for call in map(json.loads, lines) if call[0] == command]
+
+    def scripts(self) -> dict[str, str]:
+        """job id → the sbatch script it was submitted with."""
+        return {p.stem.split("-")[1]: p.read_text() for p in self.dir.glob("sbatch-*.sh")}

@@ -51,9 +51,10 @@ def test_status_json_counts_and_failed_stage_log_tail(tmp_path):
     result = CliRunner().invoke(app, ["status", str(grid_file), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["stages"]["prune"] == {"pending": 0, "running": 0, "done": 0, "failed": 1, "cancelled": 0}
+    assert report["stages"]["prune"] == {"pending": 0, "running": 0, "done": 0, "failed": 1, "cancelled": 0,
+                                         "unknown": 0}
     assert report["stages"]["train"]["done"] == 1 and report["stages"]["train"]["pending"] == 1
-    assert report["cells"] == {"pending": 0, "running": 0, "done": 6, "failed": 6, "cancelled": 0}
+    assert report["cells"] == {"pending": 0, "running": 0, "done": 6, "failed": 6, "cancelled": 0, "unknown": 0}
     [failed] = report["failed"]
     assert failed["stage_id"] == prune.id and failed["error"] == "RuntimeError: bad weights"
     assert failed["log_tail"][-1] == "boom: bad weights"
@@ -63,7 +64,7 @@ def test_status_text_shows_the_table_and_log_lines(tmp_path):
     grid_file, run_dir, prune = _half_finished(tmp_path)
     result = CliRunner().invoke(app, ["status", str(run_dir), "--lines", "2"])
     assert result.exit_code == 0, result.output
-    assert "cells: pending 0, running 0, done 6, failed 6, cancelled 0" in result.output
+    assert "cells: pending 0, running 0, done 6, failed 6, cancelled 0, unknown 0" in result.output
     assert f"failed prune {prune.id}" in result.output
     assert "  | boom: bad weights" in result.output and "loading parent" not in result.output
 

@@ -134,3 +134,54 @@ def test_smoke_grid_end_to_end_locally(tmp_path):
         assert heading in html
     assert "smoke" in html and "What is missing" in html
     assert (tmp_path / "report" / "report.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_submits_started_together_run_every_stage_once_and_lose_nothing(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid(name="together"))
+    run_dir = tmp_path / "runs" / "together"
+    command = [sys.executable, "-c", "from gridlab.cli import app; app()", "submit", str(grid_file)]
+    processes = [subprocess.Popen(command + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for extra in ([], [], ["--wait-lock"])]
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    codes = [process.returncode for process in processes]
+    assert codes[2] == 0, outputs[2]                      # it waited for the holder, then found everything done
+    assert sorted(codes[:2]) in ([0, 2], [2, 2]), outputs
+    for code, output in zip(codes, outputs, strict=True):
+        if code == 2:
+            assert "is held by `gridlab submit`" in output and "--wait-lock" in output
+    record = read_plan_record(run_dir)
+    for stage in record.stages:
+        assert len(RunPaths(run_dir).stage(stage.id).attempts.read_text().split()) == 1, stage.id
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
+        assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 8)]
+
+
+def test_real_results_carry_their_provenance(finished_grid):
+    _, run_dir = finished_grid
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
+        rows = connection.execute("SELECT DISTINCT gridlab_version, torch_version, transformers_version, "
+                                  "lm_eval_version, host FROM stages WHERE status = 'done'").fetchall()
+        [environment] = connection.execute("SELECT stages FROM environments").fetchall()
+    assert len(rows) == 1 and all(rows[0]), rows
+    assert environment == (13,)
+
+
+def test_gridlab_cancel_stops_a_running_local_submit(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid(name="stopme", budgets=[BUDGET]))
+    run_dir = tmp_path / "runs" / "stopme"
+    cli = subprocess.Popen([sys.executable, "-c", "from gridlab.cli import app; app()", "submit", str(grid_file)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list(run_dir.glob("trajectories/*/checkpoint")):     # training has started
+        assert time.time() < deadline and cli.poll() is None, "training never started"
+        time.sleep(0.1)
+    result = CliRunner().invoke(app, ["cancel", str(grid_file)])
+    assert result.exit_code == 0, result.output
+    output, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 1, output
+    assert "cancelled" in output
+    status = api.status(run_dir)
+    assert sum(status["stages"][kind]["cancelled"] for kind in status["stages"]) >= 1
+    assert not any(status["stages"][kind]["running"] for kind in status["stages"])
+    # Cancelled stages stay cancelled until --retry-failed; nothing was left half-held.
+    assert all(s.get("status") in ("cancelled", "failed") for s in status["failed"])

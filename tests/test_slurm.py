@@ -1,10 +1,15 @@
 """The slurm executor against a real cluster (scripts/slurm-local.sh start): submit returns at once, scancel shows up
 in status and --retry-failed completes it, a preempted (USR2) training job requeues and resumes, resubmitting a
-finished grid submits nothing, and the smoke grid runs end to end. Skipped when no cluster answers `sinfo`."""
+finished grid submits nothing, site options reach the job, `gridlab cancel` stops every job, a controller that does
+not answer makes stages unknown (nothing resubmitted), and the smoke grid runs end to end. Skipped when no cluster
+answers `sinfo`."""
 
 import json
+import os
+import re
 import subprocess
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -109,3 +114,75 @@ def test_smoke_grid_end_to_end_on_slurm(tmp_path):
     assert result.exit_code == 0, result.output
     with duckdb.connect(str(RunPaths(tmp_path / "runs" / "smoke").database), read_only=True) as connection:
         assert connection.execute("SELECT status, count(*) FROM cells GROUP BY ALL").fetchall() == [("done", 144)]
+
+
+def _slurm_job_field(job_id, field):
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(.*?)(?=\s+[A-Za-z:]+=|\s*$)", shown, re.M)
+    return match.group(1) if match else None
+
+
+def test_site_options_reach_the_real_cluster(tmp_path):
+    grid = tiny_grid(name="site", resources={
+        "default": {"cpus": 1, "mem_gb": 1, "time_min": 10},
+        "data": {"qos": "normal", "comment": "gridlab site options", "mail_type": "NONE",
+                 "setup": ["export GRIDLAB_SETUP_MARK=ran", "echo setup says $GRIDLAB_SETUP_MARK"],
+                 "sbatch": {"nice": 5}}})
+    grid_file = write_grid(tmp_path, grid)
+    run_dir = tmp_path / "runs" / "site"
+    result = _submit(grid_file, "--where", "kind=data", "--wait")
+    assert result.exit_code == 0, result.output
+    record = read_plan_record(run_dir)
+    data = next(s for s in record.stages if s.kind == "data")
+    submitted = json.loads(RunPaths(run_dir).stage(data.id).submit.read_text())
+    assert api.status(run_dir)["stages"]["data"]["done"] == 1
+    assert sum(api.status(run_dir)["stages"]["parent"].values()) == 1    # not selected: never submitted
+    assert "setup says ran" in Path(submitted["slurm_log"]).read_text()
+    job = submitted["job_id"]
+    assert _slurm_job_field(job, "Comment") == "gridlab site options"
+    assert _slurm_job_field(job, "QOS") == "normal" and _slurm_job_field(job, "Nice") == "5"
+    assert _slurm_job_field(job, "JobName") == submitted["job_name"]
+
+
+def test_gridlab_cancel_and_an_unreachable_controller_on_the_real_cluster(tmp_path, monkeypatch):
+    grid_file = write_grid(tmp_path, tiny_grid(name="stop", budgets=[BUDGET]))
+    run_dir = tmp_path / "runs" / "stop"
+    assert _submit(grid_file).exit_code == 0
+    record = read_plan_record(run_dir)
+
+    # A controller that does not answer (here: the wrong port): sacct (slurmdbd) still knows the jobs.
+    conf = tmp_path / "slurm.conf"
+    real_conf = Path(os.environ["SLURM_CONF"]).read_text()
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=6899", real_conf))
+    records = sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json"))
+    with monkeypatch.context() as patched:
+        patched.setenv("SLURM_CONF", str(conf))
+        patched.setenv("GRIDLAB_SCHEDULER_TIMEOUT_S", "5")
+        states = stage_states(run_dir, record.stages)
+        assert not [s for s in states.values() if s.status in ("failed", "cancelled")]
+        assert all(s.held for s in states.values() if s.status != "done")
+    # Neither controller nor database answers: held stages are unknown, and nothing is resubmitted.
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=6899", real_conf)
+                    + "\nAccountingStoragePort=6898\n")
+    with monkeypatch.context() as patched:
+        patched.setenv("SLURM_CONF", str(conf))
+        patched.setenv("GRIDLAB_SCHEDULER_TIMEOUT_S", "5")
+        states = stage_states(run_dir, record.stages)
+        held = [s for s in states.values() if s.status != "done"]
+        assert held and all(s.status == "unknown" and s.held for s in held), {s.status for s in held}
+        result = _submit(grid_file, "--retry-failed")
+        assert result.exit_code == 3, result.output
+    assert sorted(p.read_text() for p in run_dir.glob("stages/*/submit.json")) == records
+
+    result = CliRunner().invoke(app, ["cancel", str(grid_file)])
+    assert result.exit_code == 0, result.output
+    names = {json.loads(p.read_text())["job_name"] for p in run_dir.glob("stages/*/submit.json")}
+    deadline = time.time() + 120
+    while subprocess.run(["squeue", "-h", f"--name={','.join(names)}"], capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "cancelled jobs are still queued"
+        time.sleep(1)
+    states = wait_until_settled(run_dir)
+    assert {s.status for s in states.values()} <= {"done", "cancelled"}
+    assert any(s.status == "cancelled" for s in states.values())
+    result = _submit(grid_file)
+    assert result.exit_code == 1 and "--retry-failed" in result.output

@@ -99,6 +99,28 @@ def staged_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_file(target: Path) -> Iterator[Path]:
+    """Yield a fresh path beside ``target`` for a tool that writes a file itself (DuckDB, a ``COPY … TO``); when
+    the block succeeds the file is fsynced and renamed over ``target`` (then the folder is fsynced), otherwise it is
+    removed and ``target`` is untouched. Anything the tool left beside it (``<path>.wal``) goes too."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        yield staging
+        with open(staging, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(staging, 0o666 & ~_umask())
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    finally:
+        Path(f"{staging}.wal").unlink(missing_ok=True)
+    fsync_directory(target.parent)
+
+
 def publish_directory(staging: Path, target: Path) -> bool:
     """Rename a finished staging folder to ``target`` unless another process published an identical one first
     (content-addressed outputs). True when this call published it; the staging folder is gone either way."""

@@ -10,18 +10,30 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
 from gridlab import api
 from gridlab.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune-or-train-from-scratch experiment grids.")
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune-or-train-from-scratch experiment grids.")
 
 DEFAULT_GRID = "grid.toml"
+WHERE_HELP = ("select a sub-grid: KEY=VALUE[,VALUE…] with KEY one of method, granularity, ratio, init, budget, "
+              "setting, seed, kind, state, stage; repeat for more conditions (all must hold)")
+
+SUBMIT_HELP = """Run (local, debug) or submit (slurm) every stage not yet done. Idempotent.
+
+Exit codes: 0 every selected stage is done, or queued/running with nothing failed, blocked or unknown;
+1 a stage failed, was cancelled or is blocked by one (see `gridlab status`; rerun with --retry-failed);
+2 a user error (bad grid or option, or the run is held by another submitter: --wait-lock waits);
+3 nothing failed but some stages' state is unknown (the scheduler did not answer; nothing was resubmitted);
+130 interrupted (Ctrl-C)."""
 
 
 @app.callback()
@@ -31,7 +43,8 @@ def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks of u
 
 
 def _user_errors(command):
-    """Turn UserError into one line on stderr and exit code 2 (unless debugging); bugs keep their traceback."""
+    """Turn UserError into one line on stderr and exit code 2 (unless debugging); bugs keep their traceback;
+    Ctrl-C exits 130."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -41,51 +54,83 @@ def _user_errors(command):
             if os.environ.get("GRIDLAB_DEBUG"):
                 raise
             typer.echo(f"gridlab: {error}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(api.EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            if os.environ.get("GRIDLAB_DEBUG"):
+                raise
+            typer.echo("gridlab: interrupted", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
+
+
+Where = Annotated[list[str] | None, typer.Option("--where", help=WHERE_HELP)]
+DEFAULT_REPORT = Path("report")
 
 
 @app.command()
 @_user_errors
 def plan(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
-         workers: Optional[int] = typer.Option(None, help="local workers for the time estimate")):
+         workers: int | None = typer.Option(None, help="local workers for the time estimate")):
     """Print the matrix, stage counts, tokens to train and a time estimate. Submits nothing."""
     from gridlab.plan import format_plan
 
     typer.echo(format_plan(api.plan(grid), workers))
 
 
-@app.command()
+@app.command(help=SUBMIT_HELP)
 @_user_errors
 def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
            executor: str = typer.Option("local", help="local | debug | slurm"),
-           workers: Optional[int] = typer.Option(None, help="local workers (default: [local].workers)"),
-           retry_failed: bool = typer.Option(False, "--retry-failed", help="resubmit failed and cancelled stages"),
+           workers: int | None = typer.Option(None, help="local workers (default: [local].workers)"),
+           retry_failed: bool = typer.Option(False, "--retry-failed",
+                                             help="resubmit failed and cancelled stages (never unknown ones)"),
            dry_run: bool = typer.Option(False, "--dry-run", help="show what would be submitted; change nothing"),
-           wait: bool = typer.Option(False, "--wait", help="slurm: block until every stage has finished")):
-    """Run (local, debug) or submit (slurm) every stage not yet done. Idempotent."""
+           wait: bool = typer.Option(False, "--wait", help="slurm: block until every stage has finished"),
+           wait_lock: bool = typer.Option(False, "--wait-lock",
+                                          help="wait for another submitter holding this run instead of exiting 2"),
+           where: Where = None):
     outcome = api.submit(grid, executor=executor, workers=workers, retry_failed=retry_failed, dry_run=dry_run,
-                         wait=wait, report=typer.echo)
-    if dry_run:
-        return
-    if outcome.submitted and not wait:
-        typer.echo(f"submitted; follow with: gridlab status {grid}")
-        return
-    from gridlab.layout import RunPaths
+                         wait=wait, where=where, wait_lock=wait_lock, report=typer.echo)
+    if not dry_run:
+        if outcome.submitted and not wait:
+            typer.echo(f"submitted; follow with: gridlab status {grid} --watch")
+        else:
+            from gridlab.layout import RunPaths
 
-    typer.echo(f"results in {RunPaths(outcome.run_dir).database}")
-    if not outcome.ok:
-        typer.echo(f"{len(outcome.failed)} stage(s) failed; see: gridlab status {grid}", err=True)
-        raise typer.Exit(1)
+            typer.echo(f"results in {RunPaths(outcome.run_dir).database}")
+    code = outcome.exit_code
+    if code == api.EXIT_FAILED:
+        typer.echo(f"{len(outcome.failed)} stage(s) failed or cancelled, {len(outcome.blocked)} blocked; see: "
+                   f"gridlab status {grid}", err=True)
+    elif code == api.EXIT_UNKNOWN:
+        typer.echo(f"{len(outcome.unknown)} stage(s) in an unknown state (nothing was resubmitted); see: "
+                   f"gridlab status {grid}", err=True)
+    if code:
+        raise typer.Exit(code)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown (no finished stage to measure the pace by yet)"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def format_status(report: dict) -> str:
+    from gridlab.lock import describe
     from gridlab.state import STATES
 
+    progress = report["progress"]
     lines = [f"grid {report['grid']} ({report['run_dir']})",
              "cells: " + ", ".join(f"{state} {count}" for state, count in report["cells"].items()),
-             f"{'stage':8}" + "".join(f"{state:>11}" for state in STATES)]
+             f"progress: {progress['done']}/{progress['total']} stages done; ETA {_duration(progress['eta_s'])}"]
+    if report["held_by"] is not None:
+        lines.append(f"held by {describe(report['held_by'])}")
+    lines.append(f"{'stage':8}" + "".join(f"{state:>11}" for state in STATES))
     for kind, counts in report["stages"].items():
         lines.append(f"{kind:8}" + "".join(f"{counts[state]:>11}" for state in STATES))
     for failure in report["failed"]:
@@ -93,28 +138,112 @@ def format_status(report: dict) -> str:
                      f"{failure['attempts']} attempt(s)): {failure['error'] or ''}")
         lines.append(f"  log {failure['log_path']}")
         lines.extend(f"  | {line}" for line in failure["log_tail"])
+    for unknown in report["unknown"]:
+        lines.append(f"warning: unknown {unknown['kind']} {unknown['stage_id']}: {unknown['error'] or ''}")
     return "\n".join(lines)
+
+
+def _rich_status(report: dict):
+    """The live view of `status --watch`: a progress bar with the ETA, the stage table, problems."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    from gridlab.lock import describe
+    from gridlab.state import STATES
+
+    progress = report["progress"]
+    colour = {"done": "green", "failed": "red", "cancelled": "magenta", "unknown": "yellow", "running": "cyan"}
+    table = Table(title=f"grid {report['grid']}", caption=report["run_dir"])
+    table.add_column("stage")
+    for state in STATES:
+        table.add_column(state, justify="right", style=colour.get(state))
+    for kind, counts in report["stages"].items():
+        table.add_row(kind, *(str(counts[state]) for state in STATES))
+    table.add_row("cells", *(str(report["cells"][state]) for state in STATES), style="bold")
+    parts = [Text(f"{progress['done']}/{progress['total']} stages done, ETA {_duration(progress['eta_s'])}"),
+             ProgressBar(total=max(1, progress["total"]), completed=progress["done"], width=60), table]
+    if report["held_by"] is not None:
+        parts.append(Text(f"held by {describe(report['held_by'])}"))
+    for failure in report["failed"][:10]:
+        parts.append(Text(f"{failure['status']} {failure['kind']} {failure['stage_id']}: {failure['error'] or ''}",
+                          style="red"))
+    for unknown in report["unknown"][:10]:
+        parts.append(Text(f"unknown {unknown['kind']} {unknown['stage_id']}: {unknown['error'] or ''}",
+                          style="yellow"))
+    return Group(*parts)
 
 
 @app.command()
 @_user_errors
 def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
-           watch: bool = typer.Option(False, "--watch", help="refresh every --interval seconds"),
-           interval: float = typer.Option(5.0, help="seconds between refreshes with --watch"),
+           watch: bool = typer.Option(False, "--watch", help="live view, redrawn every --interval seconds"),
+           interval: float = typer.Option(2.0, help="seconds between redraws with --watch"),
            as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-           lines: int = typer.Option(5, help="log lines shown per failed stage")):
-    """Counts by stage kind × state, and the failed stages with the last lines of their logs."""
-    while True:
-        report = api.status(grid, lines)
-        if as_json:
-            typer.echo(json.dumps(report))
-        else:
-            if watch:
-                typer.echo("\033[2J\033[H", nl=False)
-            typer.echo(format_status(report))
-        if not watch:
-            return
-        time.sleep(interval)
+           lines: int = typer.Option(5, help="log lines shown per failed stage"),
+           where: Where = None):
+    """Stage and cell counts by state, progress and ETA, failures with their log tails.
+
+    Also who holds the run and the stages whose state is unknown (with why). With --watch: a live view, SLURM asked
+    at most every 30 s."""
+    from gridlab.state import SchedulerCache
+
+    scheduler = SchedulerCache(max_age_s=30.0)
+    if not watch or as_json:
+        while True:
+            report = api.status(grid, lines, where=where, scheduler=scheduler)
+            typer.echo(json.dumps(report) if as_json else format_status(report))
+            if not watch:
+                return
+            time.sleep(interval)
+    from rich.live import Live
+
+    with Live(_rich_status(api.status(grid, lines, where=where, scheduler=scheduler)), auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(_rich_status(api.status(grid, lines, where=where, scheduler=scheduler)), refresh=True)
+
+
+@app.command()
+@_user_errors
+def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
+           where: Where = None):
+    """Stop the grid's queued and running jobs and local workers; mark their stages cancelled.
+
+    Only --where's stages when given. `submit --retry-failed` runs them again. Exits 1 when something could not be
+    stopped (it is left as it was)."""
+    outcome = api.cancel(grid, where=where, report=typer.echo)
+    typer.echo(f"cancelled {len(outcome.cancelled)} stage(s): {len(outcome.jobs)} SLURM job(s) scancel'led, "
+               f"{len(outcome.pids)} local process(es) stopped")
+    if outcome.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def reset(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
+          where: Where = None,
+          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing")):
+    """Remove the outputs of the --where stages and everything downstream (the next submit reruns them)."""
+    removal = api.reset(grid, where=where, dry_run=dry_run, report=typer.echo)
+    typer.echo(f"{'would reset' if dry_run else 'reset'} {len(removal.stages)} stage(s)")
+    typer.echo("\n".join(removal.lines()))
+
+
+@app.command()
+@_user_errors
+def clean(grid: str = typer.Argument(DEFAULT_GRID, help="grid file (its current plan) or run folder"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing"),
+          all_checkpoints: bool = typer.Option(False, "--all-checkpoints",
+                                               help="also the main state finished trajectories keep for longer "
+                                                    "budgets")):
+    """Remove what the run no longer needs; print what it freed.
+
+    Stage folders and trajectories no longer in the plan, and checkpoints finished stages do not need (a finished
+    trajectory keeps the main state a longer budget extends, unless --all-checkpoints)."""
+    removal = api.clean(grid, dry_run=dry_run, all_checkpoints=all_checkpoints, report=typer.echo)
+    typer.echo("\n".join(removal.lines()))
 
 
 @app.command()
@@ -130,8 +259,50 @@ def ingest(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
 @app.command()
 @_user_errors
 def report(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
-           out: Path = typer.Option(Path("report"), "--out", help="folder for the report"),
-           metric: str = typer.Option("val_loss", help="headline metric")):
-    """Ingest the results, then write the HTML/PDF report."""
-    for kind, path in api.report(grid, out=out, metric=metric).items():
+           out: Annotated[Path, typer.Option("--out", help="folder for the report")] = DEFAULT_REPORT,
+           metric: str = typer.Option("val_loss", help="headline metric"),
+           where: Where = None):
+    """Ingest the results, then write the HTML/PDF report (of the --where cells only, when given)."""
+    for kind, path in api.report(grid, out=out, metric=metric, where=where).items():
         typer.echo(f"{kind}: {path}")
+
+
+@app.command()
+@_user_errors
+def export(out: Annotated[Path, typer.Option("--out", help="file to write")],
+           grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
+           fmt: str | None = typer.Option(None, "--format",
+                                             help="csv | parquet | json (default: from --out's suffix)"),
+           where: Where = None):
+    """Write the cells with their metrics (one row per measurement) as CSV, Parquet or JSON."""
+    written = api.export(grid, out, fmt=fmt, where=where)
+    typer.echo(f"{written['path']}: {written['rows']} row(s), {written['cells']} cell(s)")
+
+
+@app.command()
+@_user_errors
+def logs(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder (may be left out)"),
+         stage: str | None = typer.Argument(None, help="stage id (or a unique prefix)"),
+         where: Where = None,
+         follow: bool = typer.Option(False, "--follow", "-f", help="keep printing lines as they are written"),
+         lines: int | None = typer.Option(None, "--lines", "-n", help="only the last N lines")):
+    """Show (or follow) the log of a stage (`gridlab logs [GRID] STAGE_ID`), or of the --where stages."""
+    if stage is None and not where and not Path(grid).exists():
+        grid, stage = DEFAULT_GRID, grid     # `gridlab logs STAGE_ID`
+    shown = api.logs(grid, stage, where=where, lines=lines)
+    several = len(shown) > 1
+    for stage_id, path, text in shown:
+        if several:
+            typer.echo(f"==> {stage_id} ({path}) <==")
+        if text:
+            typer.echo(text.rstrip("\n"))
+    if not shown:
+        typer.echo("no stage selected", err=True)
+    if follow:
+        sys.stdout.flush()
+        for stage_id, line in api.follow_logs(grid, stage, where=where):
+            typer.echo(f"{stage_id[:8]} | {line}" if several else line)
+
+
+if __name__ == "__main__":
+    app()

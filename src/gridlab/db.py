@@ -9,13 +9,18 @@ held-out loss, an lm-eval score — arrives as a gridlab.contracts.Metric and is
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 import gridlab
+from gridlab import atomic
 from gridlab.contracts import BranchResult, Contract, Metric, TrainPayload
+from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.plan import read_plan_record
+from gridlab.provenance import PROVENANCE_COLUMNS
 from gridlab.results import CorruptResult, load_result
 from gridlab.state import StageState, effective_states
 
@@ -33,9 +38,22 @@ SCHEMA = {
     # The parent's own measurements (its validation loss after P tokens …), beside the cells it is pruned into.
     "parent_metrics": [("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"), ("stderr", "DOUBLE"),
                        ("higher_is_better", "BOOLEAN")],
+    # One row per planned stage; a finished stage also says what it ran on (its result's provenance).
     "stages": [("stage_id", "VARCHAR"), ("kind", "VARCHAR"), ("status", "VARCHAR"), ("job_id", "VARCHAR"),
                ("attempts", "INTEGER"), ("started", "DOUBLE"), ("finished", "DOUBLE"), ("log_path", "VARCHAR"),
-               ("error", "VARCHAR")],
+               ("error", "VARCHAR"), *[(name, kind) for name, kind in PROVENANCE_COLUMNS]],
+}
+
+# Views over the tables, for the report and for users: each distinct environment the results came from (software
+# and GPU; hosts are counted, not told apart).
+_ENVIRONMENT_COLUMNS = ", ".join(name for name, _ in PROVENANCE_COLUMNS if name not in ("host", "slurm_job_id"))
+VIEWS = {
+    "environments": f"""
+        SELECT {_ENVIRONMENT_COLUMNS}, count(*) AS stages, count(DISTINCT host) AS hosts,
+               list(DISTINCT kind ORDER BY kind) AS kinds, min(finished) AS first_finished,
+               max(finished) AS last_finished
+        FROM stages WHERE status = 'done'
+        GROUP BY ALL ORDER BY first_finished""",
 }
 
 _METRIC_FIELDS = ("tokens", "name", "value", "stderr", "higher_is_better")
@@ -74,7 +92,7 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
                 result = load_result(paths.stage(stage.id))
                 payloads[stage.id] = result.payload
                 row = {"job_id": result.job_id, "attempts": result.attempts, "started": result.started,
-                       "finished": result.finished}
+                       "finished": result.finished, **provenance_row(result.provenance)}
             except (FileNotFoundError, CorruptResult) as problem:
                 status, error = "failed", f"corrupt result: {problem}"
         status_of[stage.id], error_of[stage.id] = status, error
@@ -117,24 +135,60 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
     return {"cells": len(cells), "metrics": len(metrics), "stages": len(stages), "results": len(payloads)}
 
 
+def provenance_row(provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """A result's provenance (gridlab.provenance.collect) as the stages table's columns."""
+    provenance = provenance or {}
+    return {name: provenance.get(name) for name, _ in PROVENANCE_COLUMNS}
+
+
 def write_tables(database: Path, tables: list[_Table]) -> None:
-    """Replace every table's rows in one transaction; rows go in as polars frames (bulk, no per-row inserts)."""
+    """Write a new database file with every table and view, beside the old one, and swap it in (os.replace).
+
+    Nobody ever opens ``database`` for writing, so readers (report, export, a user's DuckDB CLI, another ingest)
+    and writers never wait on each other's file lock: a reader keeps the file it opened, a writer builds its own,
+    and the last swap wins whole. Rows go in as polars frames (bulk, no per-row inserts)."""
     import duckdb
     import polars as pl
 
     polars_type = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64,
                    "BOOLEAN": pl.Boolean}
-    connection = duckdb.connect(str(database))
-    try:
-        connection.execute("BEGIN TRANSACTION")
-        for table in tables:
-            schema = SCHEMA[table.name]
-            connection.execute(f"CREATE TABLE IF NOT EXISTS {table.name} ("
-                               + ", ".join(f"{name} {kind}" for name, kind in schema) + ")")
-            connection.execute(f"DELETE FROM {table.name}")
-            frame = pl.DataFrame(table.columns, schema={name: polars_type[kind] for name, kind in schema},
-                                 strict=False)  # noqa: F841  (DuckDB reads the local variable by name)
-            connection.execute(f"INSERT INTO {table.name} SELECT * FROM frame")
-        connection.execute("COMMIT")
-    finally:
-        connection.close()
+    with atomic.staged_file(database) as staging:
+        connection = duckdb.connect(str(staging))
+        try:
+            for table in tables:
+                schema = SCHEMA[table.name]
+                connection.execute(f"CREATE TABLE {table.name} ("
+                                   + ", ".join(f"{name} {kind}" for name, kind in schema) + ")")
+                frame = pl.DataFrame(table.columns, schema={name: polars_type[kind] for name, kind in schema},
+                                     strict=False)
+                connection.register("frame", frame)
+                connection.execute(f"INSERT INTO {table.name} SELECT * FROM frame")
+                connection.unregister("frame")
+            for name, query in VIEWS.items():
+                connection.execute(f"CREATE VIEW {name} AS {query}")
+            connection.execute("CHECKPOINT")
+        finally:
+            connection.close()
+
+
+def connect_read_only(database: Path, retry_s: float = 10.0):
+    """Open results.duckdb read-only for a reader (report, export). A user holding it open for writing (the DuckDB
+    CLI without -readonly) locks readers out: retry for ``retry_s`` seconds, then a UserError saying who holds it."""
+    import duckdb
+
+    database = Path(database)
+    if not database.exists():
+        raise UserError(f"{database}: no results database; run `gridlab ingest` (or `gridlab submit`) first")
+    deadline = time.time() + retry_s
+    while True:
+        try:
+            return duckdb.connect(str(database), read_only=True)
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower():
+                raise
+            if time.time() >= deadline:
+                holder = re.search(r"PID (\d+)", str(error))
+                who = f" (pid {holder.group(1)})" if holder else ""
+                raise UserError(f"{database} is open for writing by another process{who}; close it there (or open "
+                                f"it with `duckdb -readonly`) and try again") from None
+            time.sleep(0.2)

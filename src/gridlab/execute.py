@@ -1,22 +1,28 @@
 """Run a plan's stages: `local` (parallel worker processes), `debug` (in-process) or `slurm` (submitit job arrays).
 
-Submission is idempotent: a stage with a result is skipped, one the scheduler still holds is left alone, a failed or
-cancelled one is reported (and resubmitted with ``retry_failed``), and everything else is submitted. Per-stage state
-lives in small files under runs/<grid>/stages/<id>/ (gridlab.layout, gridlab.state), so status never needs the DuckDB
-file.
+Submission is idempotent: a stage with a result is skipped, one somebody holds (a live worker, a queued or running
+SLURM job, or one whose state is unknown because the scheduler did not answer) is left alone, a failed or cancelled
+one is reported (and resubmitted with ``retry_failed``), and everything else is submitted. Per-stage state lives in
+small files under runs/<grid>/stages/<id>/ (gridlab.layout, gridlab.state), so status never needs the DuckDB file.
+
+Every executor records who holds a stage through ``record_submission`` (the one writer of submit.json): executor,
+job id, host, pid and its start time. The slurm executor records its intent (the job name) before it calls sbatch,
+so a crash between sbatch and the record is reconciled from the scheduler by job name instead of submitting twice.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
+import secrets
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 
@@ -24,32 +30,56 @@ from gridlab import atomic
 from gridlab.contracts import STAGE_KINDS
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
+from gridlab.lock import holder_record, process_alive, process_start, this_host
 from gridlab.plan import write_plan_files
-from gridlab.results import clear_outcome
-from gridlab.state import ACTIVE, STATES, StageState, run_command, stage_states
+from gridlab.results import clear_outcome, read_json
+from gridlab.state import (
+    ACTIVE, STATES, StageState, is_cancel_record, run_command, scheduler_timeout_s, stage_states,
+)
 
 # How many explicit array-task dependencies one job may list before we depend on whole arrays instead.
 _MAX_TASK_DEPENDENCIES = 200
 
 
 def prepare(plan, run_dir: Path) -> None:
-    """Write each stage's stage.json (content-addressed: an existing complete one is already right), then plan.json
-    and index.json."""
+    """Write each stage's stage.json, then plan.json and index.json. stage.json is content-addressed, so one that
+    exists with the right bytes is kept; a folder without one (a preparation interrupted by Ctrl-C) or with other
+    bytes gets it (re)written — stage.json is written atomically, so it is whole or absent."""
     run = RunPaths(run_dir)
     run.stages_dir.mkdir(parents=True, exist_ok=True)
     for stage in plan.stages.values():
         files = run.stage(stage.id)
-        if not files.stage.exists():
-            atomic.write_text(files.stage, stage.model_dump_json())
+        text = stage.model_dump_json()
+        try:
+            if files.stage.read_text() == text:
+                continue
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic.write_text(files.stage, text)
     write_plan_files(run_dir, plan)
 
 
 def record_submission(run_dir: Path, stage_id: str, executor: str, job_id: str | None, pid: int | None = None,
                       **extra: Any) -> None:
-    """The one writer of a stage's submit.json: who holds the stage (executor, job, host, pid) and since when."""
+    """The one writer of a stage's submit.json: who holds the stage (executor, job or job name, host, pid and the
+    pid's start time, so a reused pid is not taken for it) and since when."""
     files = RunPaths(run_dir).stage(stage_id)
-    atomic.write_json(files.submit, {"executor": executor, "job_id": job_id, "host": socket.gethostname(),
-                                     "pid": pid, "submitted_at": time.time(), "log_path": str(files.log), **extra})
+    atomic.write_json(files.submit, {"executor": executor, "job_id": job_id, "host": this_host(), "pid": pid,
+                                     "pid_start": process_start(pid) if pid else None,
+                                     "submitted_at": time.time(), "log_path": str(files.log), **extra})
+
+
+def record_cancel(run_dir: Path, stage_id: str, how: str) -> None:
+    """Mark a stage cancelled (error.json with ``cancelled``), as `gridlab cancel` does."""
+    who = holder_record("cancel")
+    atomic.write_json(RunPaths(run_dir).stage(stage_id).error, {
+        "error": f"cancelled by {who['user']} on {who['host']} ({how})", "cancelled": True,
+        "finished": time.time(), "traceback": []})
+
+
+def cancelled_since(run_dir: Path, stage_id: str, since: float) -> bool:
+    error = read_json(RunPaths(run_dir).stage(stage_id).error)
+    return is_cancel_record(error) and error.get("finished", 0) >= since
 
 
 # ------------------------------------------------------------------------------------------------------ submission
@@ -58,18 +88,28 @@ def record_submission(run_dir: Path, stage_id: str, executor: str, job_id: str |
 class Selection:
     """What one `gridlab submit` does with each stage."""
 
-    to_run: list[dict[str, Any]] = field(default_factory=list)
+    to_run: list[Any] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
-    active: list[str] = field(default_factory=list)
-    failed: list[StageState] = field(default_factory=list)
+    active: list[str] = field(default_factory=list)          # queued or running: left alone
+    unknown: list[StageState] = field(default_factory=list)  # maybe held, nobody can say: left alone, never rerun
+    failed: list[StageState] = field(default_factory=list)   # failed / cancelled: rerun only with retry_failed
+    lingering: list[StageState] = field(default_factory=list)  # failed, but the job still runs: not rerun yet
+    skipped: list[str] = field(default_factory=list)         # not selected by --where
 
 
-def select(plan, states: dict[str, StageState], retry_failed: bool) -> Selection:
+def select(plan, states: dict[str, StageState], retry_failed: bool, only: set[str] | None = None) -> Selection:
+    """Sort a plan's stages by what submit does with them; ``only``: the stage ids --where selected."""
     selection = Selection()
     for stage in plan.stages.values():
         state = states[stage.id]
-        if state.status == "done":
+        if only is not None and stage.id not in only:
+            selection.skipped.append(stage.id)
+        elif state.status == "done":
             selection.done.append(stage.id)
+        elif state.lingering:
+            selection.lingering.append(state)
+        elif state.status == "unknown" and state.submitted:
+            selection.unknown.append(state)
         elif state.status in ACTIVE and state.submitted:
             selection.active.append(stage.id)
         elif state.status in ("failed", "cancelled") and not retry_failed:
@@ -83,12 +123,11 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _stage_ranks(plan, stage: dict[str, Any]) -> int:
+def _stage_ranks(plan, stage) -> int:
     return plan.spec.resources.for_kind(stage.kind)["ranks"]
 
 
 def _assigned(run_dir: Path, stage_id: str, pid: int) -> None:
-    clear_outcome(RunPaths(run_dir).stage(stage_id))
     record_submission(run_dir, stage_id, "local", f"local-{pid}", pid)
 
 
@@ -98,14 +137,16 @@ def _thread_environment(threads: int) -> dict[str, str]:
 
 
 def _fail_unless_reported(run_dir: Path, stage_id: str, how: str) -> str:
-    """A stage whose process(es) ended: done if its result exists, else failed (with an error file saying how)."""
+    """A stage whose process(es) ended: done if its result exists, cancelled if `gridlab cancel` stopped it, else
+    failed (with an error file saying how)."""
     files = RunPaths(run_dir).stage(stage_id)
     if files.result.exists():
         return "done"
-    if not files.error.exists():
+    error = read_json(files.error)
+    if error is None:
         atomic.write_json(files.error, {
             "error": f"{how} before writing its result", "finished": time.time(), "traceback": []})
-    return "failed"
+    return "cancelled" if is_cancel_record(error) else "failed"
 
 
 def _how_it_ended(code: int) -> str:
@@ -143,7 +184,7 @@ class _Worker:
         if readable:
             answer = self.process.stdout.readline().split()
             if answer and answer[-1] == self.stage_id:
-                return answer[0]
+                return _fail_unless_reported(run_dir, self.stage_id, "the stage") if answer[0] != "done" else "done"
         if self.process.poll() is None:
             return None
         return _fail_unless_reported(run_dir, self.stage_id, f"worker {_how_it_ended(self.process.returncode)}")
@@ -171,7 +212,6 @@ class _RankGroup:
         port = _free_port()
         self.slots = ranks
         self.processes = []
-        clear_outcome(RunPaths(run_dir).stage(stage_id))
         for rank in range(ranks):
             environment = {**_thread_environment(threads), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
@@ -179,7 +219,8 @@ class _RankGroup:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "gridlab.stages", str(run_dir), stage_id], env=environment,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        record_submission(run_dir, stage_id, "local", f"local-{self.processes[0].pid}", self.processes[0].pid)
+        record_submission(run_dir, stage_id, "local", f"local-{self.processes[0].pid}", self.processes[0].pid,
+                          pids=[process.pid for process in self.processes])
         self.stage_id: str | None = stage_id
         self.started = time.time()
 
@@ -229,7 +270,7 @@ class Executor:
     finishes: bool
 
     def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
-        """Stage id → what happened to it ("done", "failed", "blocked", "submitted")."""
+        """Stage id → what happened to it ("done", "failed", "cancelled", "blocked", "submitted")."""
         raise NotImplementedError
 
 
@@ -239,7 +280,8 @@ class LocalExecutor(Executor):
     Each worker gets cores ÷ workers torch threads (OMP_NUM_THREADS and torch.set_num_threads), so workers share the
     machine without oversubscribing it. A worker that dies (killed, crashed) fails its stage and is replaced. A stage
     whose resources ask for N ranks (nodes × tasks_per_node, train and parent only) runs as N processes that take N
-    worker slots (all of them, waiting for the others to finish, when N exceeds the pool).
+    worker slots (all of them, waiting for the others to finish, when N exceeds the pool). `gridlab cancel` from
+    another terminal marks stages cancelled: the loop starts none of them and ends those it runs.
     """
 
     name = "local"
@@ -252,22 +294,28 @@ class LocalExecutor(Executor):
         self.poll_s = poll_s
 
     def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
-        """Run the selected stages to completion; stage id → final status ("done", "failed", "blocked")."""
+        """Run the selected stages to completion; stage id → final status ("done", "failed", "cancelled",
+        "blocked")."""
         done = set(selection.done)
         waiting = list(selection.to_run)
-        blocked_by = {s.stage_id for s in selection.failed}
+        blocked_by = {s.stage_id for s in selection.failed + selection.unknown + selection.lingering}
         workers: list[_Worker | _RankGroup] = []
         outcome: dict[str, str] = {}
         total = len(waiting)
+        for stage in waiting:
+            clear_outcome(RunPaths(run_dir).stage(stage.id))
+        started = time.time()
 
         def finish(stage_id: str, status: str, detail: str) -> None:
             outcome[stage_id] = status
             (done if status == "done" else blocked_by).add(stage_id)
-            self.report(f"[{len(outcome)}/{total}] {status:7} {plan.stages[stage_id].kind:6} {stage_id} {detail}")
+            self.report(f"[{len(outcome)}/{total}] {status:9} {plan.stages[stage_id].kind:6} {stage_id} {detail}")
 
         try:
             while waiting or any(w.stage_id for w in workers):
                 for worker in [w for w in workers if w.stage_id]:
+                    if cancelled_since(run_dir, worker.stage_id, started) and worker.alive():
+                        worker.terminate()
                     status = worker.finished(run_dir)
                     if status:
                         stage_id, worker.stage_id = worker.stage_id, None
@@ -275,9 +323,12 @@ class LocalExecutor(Executor):
                 workers = [w for w in workers if w.stage_id or (isinstance(w, _Worker) and w.alive())]
                 for stage in list(waiting):
                     deps = set(stage.deps.values())
-                    if deps & blocked_by:
+                    if cancelled_since(run_dir, stage.id, started):
                         waiting.remove(stage)
-                        finish(stage.id, "blocked", "(upstream failed)")
+                        finish(stage.id, "cancelled", "(gridlab cancel)")
+                    elif deps & blocked_by:
+                        waiting.remove(stage)
+                        finish(stage.id, "blocked", "(upstream failed, cancelled or unknown)")
                     elif deps <= done:
                         ranks = _stage_ranks(plan, stage)
                         if ranks > 1:
@@ -334,7 +385,8 @@ class DebugExecutor(LocalExecutor):
     def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
         from gridlab.stages import execute_stage
 
-        done, failed = set(selection.done), {s.stage_id for s in selection.failed}
+        done = set(selection.done)
+        failed = {s.stage_id for s in selection.failed + selection.unknown + selection.lingering}
         outcome = {}
         for stage in selection.to_run:
             if set(stage.deps.values()) & failed:
@@ -368,8 +420,40 @@ class StageJob(submitit.helpers.Checkpointable):
 
 
 def max_array_size() -> int:
-    match = re.search(r"MaxArraySize\s*=\s*(\d+)", run_command(["scontrol", "show", "config"]))
+    answer = run_command(["scontrol", "show", "config"])
+    match = re.search(r"MaxArraySize\s*=\s*(\d+)", answer.stdout) if answer.ok else None
     return int(match.group(1)) if match else 1001
+
+
+class _Submitter(submitit.SlurmExecutor):
+    """submitit's SLURM executor with a time limit on sbatch: a hung sbatch must not hang `gridlab submit`."""
+
+    def _make_submission_command(self, submission_file_path: Path) -> list[str]:
+        return ["timeout", f"{3 * scheduler_timeout_s():g}", "sbatch", str(submission_file_path)]
+
+
+def sbatch_parameters(resources: dict[str, Any], name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one stage kind's merged resources (gridlab.spec.ResourceSpec)."""
+    mem_gb = resources["mem_gb"]
+    parameters: dict[str, Any] = {
+        "job_name": name, "cpus_per_task": resources["cpus"],
+        "mem": f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{round(mem_gb * 1024)}MB",
+        "time": resources["time_min"], "array_parallelism": resources["array_parallelism"],
+        "nodes": resources["nodes"], "ntasks_per_node": resources["tasks_per_node"],
+    }
+    if resources["gpus_per_node"]:
+        parameters["gpus_per_node"] = resources["gpus_per_node"]
+    for key in ("partition", "account", "qos", "constraint", "gres", "exclude", "nodelist", "mail_type",
+                "mail_user", "comment"):
+        if resources.get(key):
+            parameters[key] = resources[key]
+    if resources.get("reservation"):
+        parameters.setdefault("additional_parameters", {})["reservation"] = resources["reservation"]
+    if resources.get("setup"):
+        parameters["setup"] = list(resources["setup"])
+    if resources.get("sbatch"):
+        parameters.setdefault("additional_parameters", {}).update(resources["sbatch"])
+    return parameters
 
 
 class SlurmExecutor(Executor):
@@ -379,7 +463,12 @@ class SlurmExecutor(Executor):
     A SLURM dependency holds a whole array, so one failed task under `afterok` would cancel every task of the next
     kind, including those that do not need it. Arrays therefore wait with `afterany` for their upstream tasks to end,
     and each task checks its own upstream results first: a stage whose input is missing fails at once, naming it,
-    while its siblings run."""
+    while its siblings run.
+
+    Each array gets a fresh job name (gridlab-<grid>-<kind>-<token>), written into its stages' submission records
+    before sbatch runs; the job ids are written after. A crash in between leaves records that name the job, and the
+    next `submit` or `status` finds the job by that name in squeue/sacct (gridlab.state) instead of submitting it
+    again."""
 
     name = "slurm"
     finishes = False
@@ -388,47 +477,73 @@ class SlurmExecutor(Executor):
         self.report = report
 
     def run(self, run_dir: Path, plan, selection: Selection, states: dict[str, StageState]) -> dict[str, str]:
-        job_of = {sid: s.job_id for sid, s in states.items() if s.status in ACTIVE and s.submitted and s.job_id}
+        job_of = {sid: s.job_id for sid, s in states.items() if s.held and s.job_id}
         done = set(selection.done)
         chunk_size = max(1, max_array_size() - 1)
         folder = RunPaths(run_dir).slurm_dir
         outcome = {}
+        # Nothing is submitted below a stage that is failed, cancelled or unknown and not rerun: it would only fail
+        # for want of its input (or, unknown, wait on a job that may not exist).
+        blocked = {s.stage_id for s in selection.failed + selection.unknown + selection.lingering}
         for kind in STAGE_KINDS:
-            stages = [s for s in selection.to_run if s.kind == kind]
+            stages = []
+            for stage in (s for s in selection.to_run if s.kind == kind):
+                if set(stage.deps.values()) & blocked:
+                    blocked.add(stage.id)
+                    outcome[stage.id] = "blocked"
+                else:
+                    stages.append(stage)
+            if len(stages) < sum(1 for s in selection.to_run if s.kind == kind):
+                self.report(f"not submitted: {sum(1 for s in selection.to_run if s.kind == kind) - len(stages)} "
+                            f"{kind} stage(s) below a failed, cancelled or unknown stage")
             for start in range(0, len(stages), chunk_size):
                 chunk = stages[start:start + chunk_size]
                 jobs = self._submit_chunk(run_dir, folder, plan, kind, chunk, job_of, done)
-                for stage, job in zip(chunk, jobs):
+                for stage, job in zip(chunk, jobs, strict=True):
                     job_of[stage.id] = job.job_id
                     outcome[stage.id] = "submitted"
-                    record_submission(run_dir, stage.id, "slurm", job.job_id, slurm_log=str(job.paths.stdout))
-                self.report(f"submitted {len(chunk)} {kind} stage(s) as array {jobs[0].job_id.split('_')[0]}")
+                self.report(f"submitted {len(chunk)} {kind} stage(s) as {'array ' if len(chunk) > 1 else 'job '}"
+                            f"{jobs[0].job_id.split('_')[0]}")
         return outcome
 
     def _submit_chunk(self, run_dir, folder, plan, kind, chunk, job_of, done):
         resources = plan.spec.resources.for_kind(kind)
-        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-        parameters = {
-            "name": f"gridlab-{plan.spec.name}-{kind}", "cpus_per_task": resources["cpus"],
-            "mem_gb": resources["mem_gb"], "timeout_min": resources["time_min"],
-            "slurm_array_parallelism": resources["array_parallelism"],
-            "nodes": resources["nodes"], "tasks_per_node": resources["tasks_per_node"],
-        }
-        if resources["gpus_per_node"]:
-            parameters["gpus_per_node"] = resources["gpus_per_node"]
-        if resources["partition"]:
-            parameters["slurm_partition"] = resources["partition"]
-        if resources["account"]:
-            parameters["slurm_account"] = resources["account"]
+        name = f"gridlab-{plan.spec.name}-{kind}-{secrets.token_hex(4)}"
+        executor = _Submitter(folder=folder / "%j")
+        parameters = sbatch_parameters(resources, name)
         dependency = _dependency([dep for stage in chunk for dep in stage.deps.values() if dep not in done],
                                  job_of)
         if dependency:
-            parameters["slurm_additional_parameters"] = {"dependency": dependency}
+            parameters.setdefault("additional_parameters", {})["dependency"] = dependency
         executor.update_parameters(**parameters)
-        for stage in chunk:
+        asked = {key: resources[key] for key in ("mem_gb", "time_min")}
+        for index, stage in enumerate(chunk):
             clear_outcome(RunPaths(run_dir).stage(stage.id))
+            record_submission(run_dir, stage.id, "slurm", None, job_name=name,
+                              array_task=str(index) if len(chunk) > 1 else None, resources=asked)
         ids = [stage.id for stage in chunk]
-        return executor.map_array(StageJob(), [str(run_dir)] * len(ids), ids)
+        try:
+            jobs = executor.map_array(StageJob(), [str(run_dir)] * len(ids), ids)
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as error:
+            message = (str(error).strip().splitlines() or ["sbatch gave no message"])[-1]
+            timed_out = getattr(error.__cause__, "returncode", None) == 124
+            if timed_out or isinstance(error, submitit.core.utils.FailedSubmissionError):
+                # sbatch hung or answered something unreadable: the job may exist. The records name it, and the
+                # next submit or status looks it up by that name.
+                what = (f"did not answer within {3 * scheduler_timeout_s():g} s" if timed_out
+                        else f"answered something unreadable ({message})")
+                raise UserError(f"sbatch {what} while submitting {len(ids)} {kind} stage(s) as {name}; whether "
+                                f"SLURM has them is unknown until it answers: run `gridlab status` or `gridlab "
+                                f"submit` again later") from None
+            for stage in chunk:   # sbatch refused the array: nobody holds these stages
+                RunPaths(run_dir).stage(stage.id).submit.unlink(missing_ok=True)
+            raise UserError(f"sbatch refused the {kind} stages ({name}): {message}; check [resources.{kind}] "
+                            f"(or [resources.default])") from None
+        for index, (stage, job) in enumerate(zip(chunk, jobs, strict=True)):
+            record_submission(run_dir, stage.id, "slurm", job.job_id, job_name=name,
+                              array_task=str(index) if len(chunk) > 1 else None, resources=asked,
+                              slurm_log=str(job.paths.stdout))
+        return jobs
 
 
 def _dependency(deps: list[str], job_of: dict[str, str]) -> str | None:
@@ -453,9 +568,93 @@ def make_executor(name: str, workers: int, report: Callable[[str], None] = print
     raise UserError(f"unknown executor {name!r}; valid executors: {', '.join(EXECUTORS)}")
 
 
+# ------------------------------------------------------------------------------------------------------ cancel
+
+@dataclass
+class CancelOutcome:
+    cancelled: list[str] = field(default_factory=list)      # stages marked cancelled
+    jobs: list[str] = field(default_factory=list)           # SLURM jobs scancel'led
+    pids: list[int] = field(default_factory=list)           # local worker processes stopped
+    problems: list[str] = field(default_factory=list)       # what could not be cancelled (left as it was)
+
+
+_SCANCEL_BENIGN = ("Invalid job id specified", "already completing or completed", "Job/step already")
+
+
+def cancel_stages(run_dir: Path, states: Iterable[StageState], also_waiting: bool = False) -> CancelOutcome:
+    """Stop the jobs and local workers holding these stages and mark the stages cancelled.
+
+    Fail closed: a stage whose SLURM job scancel could not be sure to stop (scancel failed or did not answer) is
+    left as it was and reported in ``problems``; so is one held by a local worker on another host. ``also_waiting``:
+    mark stages nobody holds yet too (a local submit still running will then not start them)."""
+    outcome = CancelOutcome()
+    slurm = [s for s in states if s.held and s.executor == "slurm"]
+    local = [s for s in states if s.held and s.executor in ("local", "debug")]
+    waiting = [s for s in states if also_waiting and not s.held and s.status in ACTIVE]
+    jobs: dict[str, list[StageState]] = {}
+    by_name: dict[str, list[StageState]] = {}
+    for state in slurm:
+        if state.job_id:
+            jobs.setdefault(state.job_id, []).append(state)
+        elif state.job_name:
+            by_name.setdefault(state.job_name, []).append(state)
+    if jobs:
+        answer = run_command(["scancel", *sorted(jobs)])
+        if _only_benign_scancel_errors(answer):
+            outcome.jobs.extend(sorted(jobs))
+            for job_states in jobs.values():
+                for state in job_states:
+                    record_cancel(run_dir, state.stage_id, f"scancel {state.job_id}")
+                    outcome.cancelled.append(state.stage_id)
+        else:
+            outcome.problems.append(f"scancel of {len(jobs)} job(s) failed ({answer.problem}); their stages are "
+                                    f"left as they were")
+    for name, named in by_name.items():
+        answer = run_command(["scancel", f"--name={name}"])
+        if answer.ok:
+            outcome.jobs.append(name)
+            for state in named:
+                record_cancel(run_dir, state.stage_id, f"scancel --name={name}")
+                outcome.cancelled.append(state.stage_id)
+        else:
+            outcome.problems.append(f"scancel --name={name} failed ({answer.problem}); its stages are left as they "
+                                    f"were")
+    for state in local:
+        record = read_json(RunPaths(run_dir).stage(state.stage_id).submit) or {}
+        pids = record.get("pids") or [record.get("pid")]
+        alive = process_alive(record.get("pid"), record.get("host"), record.get("pid_start"))
+        if alive is None:
+            outcome.problems.append(f"{state.stage_id} is run by pid {record.get('pid')} on host "
+                                    f"{record.get('host')}; cancel it from there")
+            continue
+        # Mark first: the worker's exit is then read as a cancellation, and a running local submit starts
+        # nothing more for this stage.
+        record_cancel(run_dir, state.stage_id, f"stopped pid {record.get('pid')}")
+        outcome.cancelled.append(state.stage_id)
+        if alive and record.get("executor") == "local":
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    outcome.pids.append(pid)
+                except (ProcessLookupError, PermissionError) as error:
+                    outcome.problems.append(f"could not stop pid {pid} of {state.stage_id}: {error}")
+    for state in waiting:
+        record_cancel(run_dir, state.stage_id, "not started")
+        outcome.cancelled.append(state.stage_id)
+    return outcome
+
+
+def _only_benign_scancel_errors(answer) -> bool:
+    """scancel exits non-zero when a listed job has already ended; that is no reason to doubt the others."""
+    if answer.ok:
+        return True
+    errors = [line for line in answer.stderr.splitlines() if line.strip()]
+    return bool(errors) and not answer.timed_out and all(any(b in line for b in _SCANCEL_BENIGN) for line in errors)
+
+
 def wait_for(run_dir: Path, stages: list[Any], report: Callable[[str], None] = print,
              poll_s: float = 5.0) -> dict[str, StageState]:
-    """Block until no stage is pending or running, reporting counts when they change."""
+    """Block until no stage is held any more (queued, running, or unknown), reporting counts when they change."""
     last = None
     while True:
         states = stage_states(run_dir, stages)
@@ -466,6 +665,6 @@ def wait_for(run_dir: Path, stages: list[Any], report: Callable[[str], None] = p
         if line != last:
             report(f"{time.strftime('%H:%M:%S')} {line}")
             last = line
-        if not any(state.status in ACTIVE and state.submitted for state in states.values()):
+        if not any(state.held for state in states.values()):
             return states
         time.sleep(poll_s)

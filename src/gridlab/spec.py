@@ -14,7 +14,14 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
 from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
@@ -202,9 +209,33 @@ class EvaluationSpec(_Strict):
         return self
 
 
+# SLURM's --mail-type values (sbatch(1)); a comma-separated list of them is valid.
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+# sbatch options gridlab sets itself (so it can find, log, chain and requeue its jobs): not allowed in `sbatch`.
+_OWNED_SBATCH_OPTIONS = ("job-name", "array", "dependency", "output", "error", "open-mode", "signal")
+# sbatch options with a typed key of their own: `sbatch` must not set them behind that key's back.
+_TYPED_SBATCH_OPTIONS = {
+    "nodes": "nodes", "gpus-per-node": "gpus_per_node", "ntasks-per-node": "tasks_per_node", "cpus-per-task": "cpus",
+    "mem": "mem_gb", "time": "time_min", "partition": "partition", "account": "account", "qos": "qos",
+    "constraint": "constraint", "gres": "gres", "exclude": "exclude", "nodelist": "nodelist",
+    "reservation": "reservation", "mail-type": "mail_type", "mail-user": "mail_user", "comment": "comment",
+}
+_SBATCH_OPTION = re.compile(r"^[a-z][a-z0-9_-]*$")
+_GRES = re.compile(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*(,[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*)*$")
+
+
+def _one_line(value: str | None, what: str) -> str | None:
+    if value is not None and ("\n" in value or "\r" in value or not value.strip()):
+        raise ValueError(f"{what} must be one non-empty line")
+    return value
+
+
 class ResourceSpec(_Strict):
     """What one stage job asks the scheduler for. Unset keys of a per-kind table fall back to [resources.default].
-    ``cpus`` and ``mem_gb`` are per task and per node; a job runs ``nodes × tasks_per_node`` processes (ranks)."""
+    ``cpus`` and ``mem_gb`` are per task and per node; a job runs ``nodes × tasks_per_node`` processes (ranks).
+    Site options (qos … comment) go to sbatch as they are; ``setup`` lines run in the job script before the stage;
+    ``sbatch`` is a table of any other sbatch options (``{ exclusive = true, "mem-bind" = "local" }``)."""
 
     nodes: int | None = Field(default=None, ge=1)
     gpus_per_node: int | None = Field(default=None, ge=0)
@@ -215,6 +246,62 @@ class ResourceSpec(_Strict):
     partition: str | None = None
     account: str | None = None
     array_parallelism: int | None = Field(default=None, ge=1)
+    qos: str | None = None
+    constraint: str | None = None
+    gres: str | None = None
+    exclude: str | None = None
+    nodelist: str | None = None
+    reservation: str | None = None
+    mail_type: str | None = None
+    mail_user: str | None = None
+    comment: str | None = None
+    setup: list[str] | None = None
+    sbatch: dict[str, str | int | float | bool] | None = None
+
+    @field_validator("partition", "account", "qos", "exclude", "nodelist", "reservation", "mail_user")
+    @classmethod
+    def _one_word(cls, value: str | None, info) -> str | None:
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError(f"{info.field_name} must be one word without spaces")
+        return value
+
+    @field_validator("gres")
+    @classmethod
+    def _gres(cls, value: str | None) -> str | None:
+        if value is not None and not _GRES.match(value):
+            raise ValueError("not a SLURM gres list; e.g. \"gpu:2\", \"gpu:a100:4\", "
+                             "\"gpu:1,nvme:1\"")
+        return value
+
+    @model_validator(mode="after")
+    def _site_options(self) -> ResourceSpec:
+        _one_line(self.constraint, "constraint")
+        _one_line(self.comment, "comment")
+        if self.mail_type is not None:
+            unknown = [t for t in self.mail_type.split(",") if t.strip().upper() not in MAIL_TYPES]
+            if unknown:
+                raise ValueError(f"mail_type {unknown[0]!r} is not a SLURM mail type; valid: {', '.join(MAIL_TYPES)} "
+                                 f"(several: \"END,FAIL\")")
+        for index, line in enumerate(self.setup or []):
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"setup[{index}] holds a line break; give each shell line as its own list item")
+        for key, value in (self.sbatch or {}).items():
+            option = key.replace("_", "-")
+            if not _SBATCH_OPTION.match(key):
+                raise ValueError(f"sbatch option {key!r} is not a long sbatch option name (e.g. \"exclusive\", "
+                                 f"\"mem-bind\"; no leading dashes)")
+            if option in _OWNED_SBATCH_OPTIONS:
+                raise ValueError(f"sbatch option {key!r} is set by gridlab itself and cannot be changed; options it "
+                                 f"owns: {', '.join(_OWNED_SBATCH_OPTIONS)}")
+            if option in _TYPED_SBATCH_OPTIONS:
+                raise ValueError(f"sbatch option {key!r} has a key of its own: set {_TYPED_SBATCH_OPTIONS[option]} "
+                                 f"= … in this table instead")
+            if value is False:
+                raise ValueError(f"sbatch option {key!r} = false: leave the option out instead (true gives a bare "
+                                 f"--{option})")
+            if isinstance(value, str):
+                _one_line(value, f"sbatch option {key!r}")
+        return self
 
 
 _RESOURCE_DEFAULTS = ResourceSpec(nodes=1, gpus_per_node=0, cpus=1, mem_gb=2.0, time_min=60, array_parallelism=64)
@@ -232,11 +319,16 @@ class ResourcesSpec(_Strict):
     eval: ResourceSpec = ResourceSpec()
 
     def for_kind(self, kind: str) -> dict[str, Any]:
-        """The merged resources of a stage kind; ``tasks_per_node`` defaults to ``gpus_per_node`` (one rank per
-        GPU), or 1 without GPUs, and ``ranks`` is the job's world size."""
+        """The merged resources of a stage kind: its table's keys over [resources.default]'s over the built-in
+        defaults (``sbatch`` tables are merged key by key; ``setup`` of the kind replaces the default's).
+        ``tasks_per_node`` defaults to ``gpus_per_node`` (one rank per GPU), or 1 without GPUs, and ``ranks`` is the
+        job's world size."""
         merged = _RESOURCE_DEFAULTS.model_dump()
         for layer in (self.default, getattr(self, kind)):
-            merged.update({key: value for key, value in layer.model_dump().items() if value is not None})
+            for key, value in layer.model_dump().items():
+                if value is None:
+                    continue
+                merged[key] = {**(merged.get(key) or {}), **value} if key == "sbatch" else value
         if merged["tasks_per_node"] is None:
             merged["tasks_per_node"] = merged["gpus_per_node"] or 1
         merged["ranks"] = merged["nodes"] * merged["tasks_per_node"]

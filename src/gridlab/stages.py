@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gridlab import atomic
+from gridlab import atomic, provenance
 from gridlab.contracts import (
     ArchitectureInit,
     BranchResult,
@@ -332,7 +332,8 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
                 _leave_process_group()
             if rank == 0:
                 attempts, started = _attempts(files)
-                write_result(files, stage, payload, job_id=_job_id(), attempts=attempts, started=started)
+                write_result(files, stage, payload, job_id=_job_id(), attempts=attempts, started=started,
+                             provenance=provenance.collect())
                 print(f"== done in {time.time() - started:.1f} s", flush=True)
             return True
         except Exception as error:

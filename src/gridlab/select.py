@@ -1,0 +1,204 @@
+"""`--where`: a sub-grid, by what its cells are and what state its stages are in.
+
+    --where method=wanda,sparsegpt --where budget=50B --where state=failed
+
+Each ``--where KEY=VALUE[,VALUE…]`` accepts any of its values; several ``--where`` must all hold (the values of one
+key given twice are pooled). Keys:
+
+- cell keys — ``method`` (label), ``granularity``, ``ratio``, ``init``, ``budget`` (B, a token count as in grid.toml;
+  0 for the reference cells), ``setting``, ``seed``: a stage is selected when any cell it serves matches (the stages
+  that produce the cell's numbers and everything upstream of them, the parent's evaluation included);
+- stage keys — ``kind`` (data, parent, prune, init, train, eval), ``state`` (pending, running, done, failed,
+  cancelled, unknown), ``stage`` (a stage id or a unique prefix of one).
+
+An unknown key or a value the grid does not have is a UserError naming the valid ones. Cell-level verbs (report,
+export) select cells: by the cell keys, and by ``state`` as the cell's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridlab.contracts import STAGE_KINDS
+from gridlab.errors import UserError
+from gridlab.state import STATES
+
+CELL_KEYS = ("method", "granularity", "ratio", "init", "budget", "setting", "seed")
+STAGE_KEYS = ("kind", "state", "stage")
+KEYS = CELL_KEYS + STAGE_KEYS
+_CELL_FIELD = {"budget": "budget_tokens"}
+
+
+@dataclass
+class Where:
+    """Parsed --where conditions: key → the values it accepts (typed as the cells and stages hold them)."""
+
+    conditions: dict[str, set[Any]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.conditions)
+
+    @property
+    def on_cells(self) -> bool:
+        return any(key in self.conditions for key in CELL_KEYS)
+
+    def cell_matches(self, cell) -> bool:
+        for key in CELL_KEYS:
+            if key in self.conditions:
+                value = getattr(cell, _CELL_FIELD.get(key, key))
+                if key == "ratio":
+                    if not any(abs(value - accepted) < 1e-9 for accepted in self.conditions[key]):
+                        return False
+                elif value not in self.conditions[key]:
+                    return False
+        return True
+
+
+def _stage_fields(stage) -> tuple[str, str, dict[str, str]]:
+    if isinstance(stage, dict):
+        return stage["id"], stage["kind"], stage["deps"]
+    return stage.id, stage.kind, stage.deps
+
+
+def _token_value(text: str) -> int:
+    from gridlab.spec import parse_tokens
+
+    if text.strip() == "0":
+        return 0
+    return parse_tokens(text)
+
+
+def parse_where(expressions: Iterable[str], stages: list[Any], cells: list[Any]) -> Where:
+    """Check and type ``--where`` expressions against the grid's own stages and cells."""
+    where = Where()
+    valid = {
+        "method": sorted({c.method for c in cells}), "granularity": sorted({c.granularity for c in cells}),
+        "ratio": sorted({c.ratio for c in cells}), "init": sorted({c.init for c in cells}),
+        "budget": sorted({c.budget_tokens for c in cells}), "setting": sorted({c.setting for c in cells}),
+        "seed": sorted({c.seed for c in cells}), "kind": list(STAGE_KINDS), "state": list(STATES),
+    }
+    ids = [_stage_fields(s)[0] for s in stages]
+    for expression in expressions:
+        key, equals, text = expression.partition("=")
+        key = key.strip()
+        if not equals or not key or not text.strip():
+            raise UserError(f"--where {expression!r}: give KEY=VALUE[,VALUE…]; keys: {', '.join(KEYS)}")
+        if key not in KEYS:
+            raise UserError(f"--where {expression!r}: unknown key {key!r}; valid keys: {', '.join(KEYS)}")
+        accepted = where.conditions.setdefault(key, set())
+        for raw in (part.strip() for part in text.split(",")):
+            accepted.add(_value(key, raw, expression, valid, ids))
+    return where
+
+
+def _value(key: str, raw: str, expression: str, valid: dict[str, list], ids: list[str]) -> Any:
+    def refuse(why: str = "") -> UserError:
+        shown = ", ".join(_show(key, v) for v in valid[key])
+        return UserError(f"--where {expression!r}: {key} {raw!r} {why or 'is not in this grid'}; valid: {shown}")
+
+    if key == "stage":
+        matches = [stage_id for stage_id in ids if stage_id.startswith(raw)]
+        if len(matches) != 1:
+            state = "matches no stage of this grid" if not matches else f"is ambiguous ({len(matches)} stages)"
+            raise UserError(f"--where {expression!r}: stage {raw!r} {state}; give a stage id or a unique prefix "
+                            f"of one (the folders under stages/ of the run)")
+        return matches[0]
+    if key in ("ratio",):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise refuse("is not a number") from None
+        if not any(abs(value - v) < 1e-9 for v in valid[key]):
+            raise refuse()
+        return value
+    if key in ("setting", "seed"):
+        try:
+            value = int(raw)
+        except ValueError:
+            raise refuse("is not a whole number") from None
+    elif key == "budget":
+        try:
+            value = _token_value(raw)
+        except ValueError:
+            raise refuse("is not a token count") from None
+    else:
+        value = raw
+    if value not in valid[key]:
+        raise refuse()
+    return value
+
+
+def _show(key: str, value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def upstream_closure(stages: list[Any], chosen: Iterable[str]) -> set[str]:
+    """``chosen`` and every stage they depend on, directly or not."""
+    deps = {sid: list(d.values()) for sid, _, d in map(_stage_fields, stages)}
+    closed: set[str] = set()
+    todo = list(chosen)
+    while todo:
+        stage_id = todo.pop()
+        if stage_id not in closed:
+            closed.add(stage_id)
+            todo.extend(deps.get(stage_id, []))
+    return closed
+
+
+def downstream_closure(stages: list[Any], chosen: Iterable[str]) -> set[str]:
+    """``chosen`` and every stage that depends on them, directly or not (stages in dependency order)."""
+    closed = set(chosen)
+    for stage in stages:
+        stage_id, _, deps = _stage_fields(stage)
+        if set(deps.values()) & closed:
+            closed.add(stage_id)
+    return closed
+
+
+def cells_of(where: Where, cells: list[Any]) -> list[Any]:
+    return [cell for cell in cells if where.cell_matches(cell)]
+
+
+def select_stages(where: Where, stages: list[Any], cells: list[Any], status: dict[str, str] | None = None,
+                  upstream: bool = False) -> set[str]:
+    """The stage ids ``where`` selects. ``status``: stage id → state (needed for ``state``). ``upstream``: add what
+    the selected stages need (what submit runs)."""
+    selected = {_stage_fields(s)[0] for s in stages}
+    if where.on_cells:
+        matching = cells_of(where, cells)
+        served = upstream_closure(stages, [s for c in matching for s in (c.eval_stage, c.start_eval_stage)])
+        parents = {sid for sid, kind, _ in map(_stage_fields, stages) if kind == "parent"} & served
+        served |= {sid for sid, kind, deps in map(_stage_fields, stages)
+                   if kind == "eval" and deps.get("model") in parents}
+        selected &= served
+    kinds = where.conditions.get("kind")
+    states = where.conditions.get("state")
+    ids = where.conditions.get("stage")
+    chosen = set()
+    for stage in stages:
+        stage_id, kind, _ = _stage_fields(stage)
+        if stage_id not in selected:
+            continue
+        if kinds and kind not in kinds:
+            continue
+        if ids and stage_id not in ids:
+            continue
+        if states and (status is None or status.get(stage_id) not in states):
+            continue
+        chosen.add(stage_id)
+    return upstream_closure(stages, chosen) if upstream else chosen
+
+
+def select_cells(where: Where, cells: list[Any], cell_status: dict[str, str] | None = None) -> list[Any]:
+    """The cells a cell-level verb (report, export) keeps: by the cell keys, and ``state`` as the cell's state."""
+    for key in ("kind", "stage"):
+        if key in where.conditions:
+            raise UserError(f"--where {key}=… selects stages; report and export select cells by "
+                            f"{', '.join(CELL_KEYS)} and state")
+    chosen = cells_of(where, cells)
+    states = where.conditions.get("state")
+    if states:
+        chosen = [c for c in chosen if (cell_status or {}).get(c.cell_id) in states]
+    return chosen
