@@ -66,8 +66,8 @@ def bench_sparsegpt_layer(sizes: list[int]) -> None:
         X = torch.randn(2048, d, generator=generator)
         W = torch.randn(d, d, generator=generator)
         H = 2 * X.T @ X / X.shape[0]
-        seconds = timed(lambda: sparsegpt_prune(W, H, 0.5), repeats=2)
-        matmul = timed(lambda: W @ W, repeats=5)  # 2·d³ flops: the dense baseline on this machine
+        seconds = timed(lambda W=W, H=H: sparsegpt_prune(W, H, 0.5), repeats=2)
+        matmul = timed(lambda W=W: W @ W, repeats=5)  # 2·d³ flops: the dense baseline on this machine
         print(f"{d:>6}{seconds:>10.3f}{d ** 3 / seconds / 1e9:>16.2f}{matmul * 1e3:>11.2f}{seconds / matmul:>10.0f}")
 
 

@@ -23,14 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from runner_helpers import finish_stage, tiny_grid, write_grid  # noqa: E402
-
 from gridlab import api, db, execute  # noqa: E402
 from gridlab.contracts import content_id  # noqa: E402
 from gridlab.layout import RunPaths  # noqa: E402
 from gridlab.plan import build_plan  # noqa: E402
 from gridlab.spec import load_grid  # noqa: E402
 from gridlab.state import stage_states  # noqa: E402
+
+from runner_helpers import finish_stage, tiny_grid, write_grid  # noqa: E402
 
 SIX = [{"name": n} for n in ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")]
 
@@ -43,7 +43,8 @@ def timed(function, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=52, help="192 cells per seed (budget 2048 and the budget-0 reference)")
+    parser.add_argument("--seeds", type=int, default=52,
+                        help="192 cells per seed (budget 2048 and the budget-0 reference)")
     seeds = parser.parse_args().seeds
     with tempfile.TemporaryDirectory() as folder:
         grid = tiny_grid(name="scale", runs_dir=str(Path(folder) / "runs"), methods=SIX,

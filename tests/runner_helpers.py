@@ -92,7 +92,14 @@ def slurm_available() -> bool:
 def fake_payload(stage, curve_points: int = 5):
     """A typed result payload shaped like the real stage's (see gridlab.stages), without running anything."""
     from gridlab.contracts import (
-        BranchResult, DataPayload, EvalPayload, InitPayload, Metric, ParentPayload, PrunePayload, TrainPayload,
+        BranchResult,
+        DataPayload,
+        EvalPayload,
+        InitPayload,
+        Metric,
+        ParentPayload,
+        PrunePayload,
+        TrainPayload,
     )
 
     kind, config = stage.kind, stage.config

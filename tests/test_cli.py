@@ -12,6 +12,7 @@ from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
 from gridlab.spec import load_grid
+
 from runner_helpers import finish_stage, tiny_grid, write_grid
 
 

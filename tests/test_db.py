@@ -11,6 +11,7 @@ from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
 from gridlab.spec import parse_grid
 from gridlab.state import stage_states
+
 from runner_helpers import finish_stage, tiny_grid
 
 SIX = [{"name": n} for n in ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")]

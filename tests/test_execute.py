@@ -15,6 +15,7 @@ from gridlab import api
 from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import read_plan_record
+
 from runner_helpers import SMOKE, tiny_grid, write_grid
 
 pytestmark = pytest.mark.slow

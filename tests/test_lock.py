@@ -17,6 +17,7 @@ from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
 from gridlab.spec import load_grid
 from gridlab.state import stage_states
+
 from runner_helpers import finish_stage, tiny_grid, write_grid
 
 

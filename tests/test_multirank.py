@@ -9,10 +9,10 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import read_plan_record
 from gridlab.results import read_result
-from gridlab.cli import app
 
 from runner_helpers import REPO, slurm_available, tiny_grid, wait_until_settled, write_grid
 

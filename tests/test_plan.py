@@ -1,4 +1,5 @@
-"""The plan: cells, shared stages, and content-addressed ids that are stable under formatting and precise under edits."""
+"""The plan: cells, shared stages, and ids that are what each stage computes: stable under formatting and
+execution settings, precise under edits."""
 
 import copy
 import json
@@ -9,6 +10,7 @@ from gridlab.contracts import canonical, content_id
 from gridlab.plan import build_plan, parent_config
 from gridlab.pruning import pruned_config
 from gridlab.spec import load_grid, parse_grid
+
 from runner_helpers import tiny_grid, write_grid
 
 SIX = [{"name": n} for n in ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")]
@@ -268,3 +270,31 @@ def test_an_edited_corpus_file_changes_the_data_id_and_everything_downstream(tmp
     # every stage reads the data stage's shards or sits below one that does
     assert removed == _downstream(before, data) and len(added) == len(removed)
     assert before.inputs["corpus"] != after.inputs["corpus"]
+
+
+def test_an_edited_corpus_is_reported_stale_by_submit_and_status(tmp_path):
+    from typer.testing import CliRunner
+
+    from gridlab.cli import app
+    from gridlab.layout import RunPaths
+
+    from runner_helpers import finish_stage, write_grid
+
+    corpus = _jsonl_corpus(tmp_path / "corpus", [f"document {i} " * 20 for i in range(50)])
+    grid_file = write_grid(tmp_path, tiny_grid(corpus={"kind": "files", "files": [str(corpus)]}))
+    plan = build_plan(load_grid(grid_file))
+    from gridlab import execute
+
+    execute.prepare(plan, plan.spec.run_dir)
+    for stage in plan.stages.values():
+        finish_stage(plan.spec.run_dir, stage)
+    status = CliRunner().invoke(app, ["status", str(grid_file)])
+    assert status.exit_code == 0 and "stale" not in status.output
+    _jsonl_corpus(tmp_path / "corpus", [f"document {i} " * 20 for i in range(49)] + ["an edited document"])
+    status = CliRunner().invoke(app, ["status", str(grid_file)])
+    assert "warning: the corpus changed since the last submit" in status.output, status.output
+    # every stage reads the data stage's output (random inits save its tokenizer beside their weights)
+    assert f"{len(plan.stages)} finished stage(s)" in status.output
+    dry = CliRunner().invoke(app, ["submit", str(grid_file), "--dry-run"])
+    assert "warning: the corpus changed since the last submit" in dry.output, dry.output
+    assert RunPaths(plan.spec.run_dir).plan.exists()

@@ -20,6 +20,7 @@ from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import read_plan_record
 from gridlab.state import stage_states
+
 from runner_helpers import SMOKE, slurm_available, tiny_grid, wait_until_settled, write_grid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from gridlab.cli import app
 from gridlab.plan import build_plan, format_plan
 from gridlab.spec import load_grid, parse_tokens
+
 from runner_helpers import REPO, tiny_grid, to_toml, write_grid
 
 

@@ -20,6 +20,7 @@ from gridlab.provenance import PROVENANCE_COLUMNS
 from gridlab.results import write_result
 from gridlab.spec import load_grid
 from gridlab.state import stage_states
+
 from runner_helpers import REPO, fake_payload, tiny_grid, write_grid
 
 ENV = {"gridlab_version": "0.1.0", "git_commit": "abc123", "git_dirty": False, "python_version": "3.11.7",

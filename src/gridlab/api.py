@@ -141,6 +141,8 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
                                 failed=selection.failed + selection.lingering, unknown=selection.unknown,
                                 selected=len(stages) if only is None else len(only))
         report(format_plan(the_plan, workers))
+        for line in _stale_since_last_submit(run_dir, the_plan):
+            report(f"  warning: {line}")
         report(_selection_line(selection, only))
         for state in selection.failed:
             report(f"  {state.status} {state.kind} {state.stage_id}: {state.error or ''}  "
@@ -180,6 +182,16 @@ def _selection_line(selection, only) -> str:
     if only is not None:
         line += f"; {len(selection.skipped)} not selected by --where"
     return line
+
+
+def _stale_since_last_submit(run_dir: Path, the_plan) -> list[str]:
+    """Inputs whose content changed under the previous submit's finished stages (nothing when there was none)."""
+    from gridlab.layout import RunPaths
+    from gridlab.plan import read_plan_record, stale_inputs
+
+    if not RunPaths(run_dir).plan.exists():
+        return []
+    return stale_inputs(read_plan_record(run_dir), the_plan.inputs, run_dir)
 
 
 def _record_reconciled(run_dir: Path, states: dict) -> None:
@@ -281,8 +293,12 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
                for s in states.values() if s.status == "unknown"]
     done = sum(1 for s in states.values() if s.status == "done")
     holder = held_by(run_dir)
+    from gridlab.plan import current_inputs, stale_inputs
+
+    record = _record(run_dir)
+    stale = stale_inputs(record, current_inputs(record.grid), run_dir)
     return {"grid": index["grid"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells, "failed": failed,
-            "unknown": unknown, "held_by": holder,
+            "unknown": unknown, "held_by": holder, "stale": stale,
             "progress": {"done": done, "total": len(states), "eta_s": estimate_eta(run_dir, states)}}
 
 
@@ -385,9 +401,10 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
 
 
 def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss",
-           where: Iterable[str] = ()) -> dict[str, Path]:
-    """Ingest the results, then write the HTML and PDF report (of ``where``'s cells only, when given);
-    {"html": path, "pdf": path}."""
+           where: Iterable[str] = (), pool: str = "seeds") -> dict[str, Path]:
+    """Ingest the results, then write the HTML and PDF report and its Markdown summary (of ``where``'s cells only,
+    when given); {"html": path, "summary": path, "pdf": path}. ``pool``: how gap intervals pool their spread
+    ("none", "seeds", "ratios"; docs/report.md)."""
     from gridlab.export import subset_database
     from gridlab.layout import RunPaths
     from gridlab.report import build_report
@@ -396,10 +413,10 @@ def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss
     database = RunPaths(run_dir_of(grid)).database
     selected = _selected_cells(grid, where)
     if selected is None:
-        return build_report(database, Path(out), metric=metric)
+        return build_report(database, Path(out), metric=metric, pool=pool)
     with tempfile.TemporaryDirectory(prefix="gridlab-report-") as folder:
         subset = subset_database(database, Path(folder) / "results.duckdb", *selected)
-        return build_report(subset, Path(out), metric=metric)
+        return build_report(subset, Path(out), metric=metric, pool=pool)
 
 
 def export(grid: str | Path, out: str | Path, fmt: str | None = None, where: Iterable[str] = ()) -> dict[str, Any]:

@@ -140,6 +140,7 @@ def format_status(report: dict) -> str:
         lines.extend(f"  | {line}" for line in failure["log_tail"])
     for unknown in report["unknown"]:
         lines.append(f"warning: unknown {unknown['kind']} {unknown['stage_id']}: {unknown['error'] or ''}")
+    lines.extend(f"warning: {line}" for line in report.get("stale", []))
     return "\n".join(lines)
 
 
@@ -261,9 +262,10 @@ def ingest(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
 def report(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
            out: Annotated[Path, typer.Option("--out", help="folder for the report")] = DEFAULT_REPORT,
            metric: str = typer.Option("val_loss", help="headline metric"),
+           pool: str = typer.Option("seeds", help="how gap intervals pool their spread: none | seeds | ratios"),
            where: Where = None):
-    """Ingest the results, then write the HTML/PDF report (of the --where cells only, when given)."""
-    for kind, path in api.report(grid, out=out, metric=metric, where=where).items():
+    """Ingest the results, then write the HTML/PDF report and summary.md (of the --where cells only, when given)."""
+    for kind, path in api.report(grid, out=out, metric=metric, where=where, pool=pool).items():
         typer.echo(f"{kind}: {path}")
 
 

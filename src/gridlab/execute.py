@@ -34,7 +34,13 @@ from gridlab.lock import holder_record, process_alive, process_start, this_host
 from gridlab.plan import write_plan_files
 from gridlab.results import clear_outcome, read_json
 from gridlab.state import (
-    ACTIVE, STATES, StageState, is_cancel_record, run_command, scheduler_timeout_s, stage_states,
+    ACTIVE,
+    STATES,
+    StageState,
+    is_cancel_record,
+    run_command,
+    scheduler_timeout_s,
+    stage_states,
 )
 
 # How many explicit array-task dependencies one job may list before we depend on whole arrays instead.

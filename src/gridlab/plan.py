@@ -600,3 +600,47 @@ def read_index(run_dir: Path) -> dict[str, Any]:
     if index is None:
         raise UserError(f"{paths.root}: no index.json; run `gridlab submit GRID` first")
     return index
+
+
+# ------------------------------------------------------------------------------------------------ stale inputs
+
+# Which stage kind first reads each input; the stages built on it inherit what it read.
+_INPUT_READERS = {"corpus": "data", "tokenizer": "data", "parent": "parent", "eval_corpora": "eval"}
+_INPUT_NAMES = {"corpus": "the corpus", "tokenizer": "the tokenizer folder", "parent": "the parent checkpoint",
+                "eval_corpora": "an extra evaluation corpus"}
+
+
+def current_inputs(grid: dict[str, Any]) -> dict[str, Any]:
+    """The identities of what a submitted grid reads, as they are now (gridlab.inputs: cheap when unchanged)."""
+    from gridlab import inputs
+    from gridlab.data import CorpusSource
+
+    corpus = CorpusSource.model_validate(grid["corpus"])
+    evaluation = [CorpusSource.model_validate({k: v for k, v in c.items() if k != "label"})
+                  for c in grid.get("evaluation", {}).get("corpora", [])]
+    tokenizer, parent = grid["tokenizer"].get("path"), grid["parent"].get("path")
+    return {"corpus": canonical(inputs.corpus_identity(corpus)),
+            "tokenizer": canonical(inputs.tokenizer_identity(tokenizer)) if tokenizer else None,
+            "eval_corpora": canonical([inputs.corpus_identity(c) for c in evaluation]),
+            "parent": canonical(inputs.model_identity(parent)) if parent else None}
+
+
+def stale_inputs(record: PlanRecord, now: dict[str, Any], run_dir: Path) -> list[str]:
+    """One line per input that changed under the finished stages of a submitted plan, naming how many of them were
+    computed from the old content (they are never reused: the new content gives new ids)."""
+    run = RunPaths(run_dir)
+    lines = []
+    for key, reader in _INPUT_READERS.items():
+        if key not in record.inputs or record.inputs.get(key) == now.get(key):
+            continue
+        built = {s.id for s in record.stages if s.kind == reader and (key != "eval_corpora" or s.config.corpora)}
+        for stage in record.stages:  # dependency order
+            if set(stage.deps.values()) & built:
+                built.add(stage.id)
+        finished = [sid for sid in built if run.stage(sid).result.exists()]
+        if finished:
+            kinds = sorted({s.kind for s in record.stages if s.id in finished})
+            lines.append(f"{_INPUT_NAMES[key]} changed since the last submit: {len(finished)} finished stage(s) "
+                         f"({', '.join(kinds)}) were computed from the old content and are stale; resubmitting "
+                         f"recomputes them (`gridlab clean` removes the old ones)")
+    return lines

@@ -67,6 +67,7 @@ class Analysis:
     missing: list[dict]
     curves: pl.DataFrame  # train_loss per (granularity, method, ratio, init, setting, tokens) at the largest budget
     downstream: Downstream | None
+    environments: list[dict]  # where the results were computed (gridlab.db's environments view)
 
 
 def _downstream(results: Results, pool: str) -> Downstream | None:
@@ -106,6 +107,7 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "seeds") -> 
         higher_is_better=higher,
         pool=pool,
         grid=results.grid,
+        environments=results.environments,
         spec=grid_spec(results.grid),
         counts=tables.status_counts(results.cells),
         dimensions=dimensions,

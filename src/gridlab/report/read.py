@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import polars as pl
 
 from gridlab.errors import UserError
@@ -42,6 +41,7 @@ class Results:
     metrics: pl.DataFrame
     parent_metrics: pl.DataFrame
     has_parent_metrics: bool  # False: the database has no parent_metrics table (written before it existed)
+    environments: list[dict]  # each distinct environment the results came from (the `environments` view)
 
 
 def _select(con, table: str, columns: dict) -> pl.DataFrame:
@@ -56,10 +56,12 @@ def _select(con, table: str, columns: dict) -> pl.DataFrame:
 def read_results(db_path: Path) -> Results:
     """Read the grid row, the cells, the metrics and the parent's metrics of a results database (read-only).
     The lm-eval average (`lm_eval/average`) is added to the metrics when lm-eval tasks ran."""
+    from gridlab.db import connect_read_only
+
     db_path = Path(db_path)
     if not db_path.is_file():
         raise UserError(f"no results database at {db_path}: run `gridlab submit` first, or pass the grid's folder")
-    with duckdb.connect(str(db_path), read_only=True) as con:
+    with connect_read_only(db_path) as con:
         tables = {row[0] for row in con.execute("select table_name from information_schema.tables").fetchall()}
         missing = {"grid", "cells", "metrics"} - tables
         if missing:
@@ -70,11 +72,13 @@ def read_results(db_path: Path) -> Results:
         has_parent = "parent_metrics" in tables
         parent = (_select(con, "parent_metrics", PARENT_METRIC_COLUMNS) if has_parent
                   else pl.DataFrame(schema=PARENT_METRIC_COLUMNS))
+        environments = con.sql("select * from environments").pl().to_dicts() if "environments" in tables else []
     grid = grid_rows.row(0, named=True) if grid_rows.height else {}
     average = lm_eval_average(metrics)
     if average.height:
         metrics = pl.concat([metrics, average])
-    return Results(grid=grid, cells=cells, metrics=metrics, parent_metrics=parent, has_parent_metrics=has_parent)
+    return Results(grid=grid, cells=cells, metrics=metrics, parent_metrics=parent, has_parent_metrics=has_parent,
+                   environments=environments)
 
 
 def grid_spec(grid: dict) -> dict:

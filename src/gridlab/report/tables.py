@@ -11,7 +11,7 @@ from gridlab.report.capacity import Capacity
 from gridlab.report.scaling import Crossover
 
 GRANULARITY_ORDER = {"depth": 0, "width": 1, "sparse": 2}
-STATUSES = ("pending", "running", "done", "failed", "cancelled")
+STATUSES = ("pending", "running", "done", "failed", "cancelled", "unknown")
 SETTING_NAMES = {1: "Setting 1 — same budget", 2: "Setting 2 — whole-pipeline budget"}
 SETTING_PHRASES = {1: "random init trains the same B tokens", 2: "random init also trains the parent's P tokens"}
 SQUARE_KEYS = ["granularity", "ratio", "setting", "budget_tokens"]
