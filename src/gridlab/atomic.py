@@ -119,18 +119,3 @@ def staged_file(target: Path) -> Iterator[Path]:
     finally:
         Path(f"{staging}.wal").unlink(missing_ok=True)
     fsync_directory(target.parent)
-
-
-def publish_directory(staging: Path, target: Path) -> bool:
-    """Rename a finished staging folder to ``target`` unless another process published an identical one first
-    (content-addressed outputs). True when this call published it; the staging folder is gone either way."""
-    fsync_tree(staging)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not target.exists():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        return False
-    fsync_directory(Path(target).parent)
-    return True

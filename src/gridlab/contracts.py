@@ -234,12 +234,6 @@ def branch_identity(trajectory: str, budget: int) -> str:
 
 # ------------------------------------------------------------------------------------------------------ payloads
 
-class CurvePoint(Contract):
-    tokens: int
-    loss: float
-    lr: float
-
-
 class ParamCounts(Contract):
     decoder: int
     embedding: int
@@ -306,9 +300,6 @@ class EvalPayload(Contract):
     tokens: int                       # the evaluated model's training tokens
     metrics: list[Metric]
 
-
-AnyPayload = Annotated[DataPayload | ParentPayload | PrunePayload | InitPayload | TrainPayload | EvalPayload,
-                       Field(discriminator="kind")]
 
 PAYLOADS: dict[str, type[Contract]] = {"data": DataPayload, "parent": ParentPayload, "prune": PrunePayload,
                                        "init": InitPayload, "train": TrainPayload, "eval": EvalPayload}
