@@ -167,15 +167,12 @@ def vocab_size(spec: GridSpec) -> int:
         raise UserError(f"tokenizer.path: {error}") from None
 
 
-_VOLATILE_CONFIG_FIELDS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
-
-
 def config_dict(config) -> dict[str, Any]:
-    """A LlamaConfig as the plain dict stage configs carry (fields that say nothing about the architecture dropped)."""
-    architecture = config.to_dict()
-    for volatile in _VOLATILE_CONFIG_FIELDS:
-        architecture.pop(volatile, None)
-    return canonical(architecture)
+    """A LlamaConfig as the plain dict stage configs carry: gridlab.model.architecture (every field, the volatile
+    ones that say nothing about the architecture dropped), canonical for hashing."""
+    from gridlab.model import architecture
+
+    return canonical(architecture(config))
 
 
 def pruned_architecture(method: MethodSpec, ratio: float, parent) -> dict[str, Any] | None:
