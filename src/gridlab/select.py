@@ -8,8 +8,8 @@ key given twice are pooled). Keys:
 - cell keys — ``method`` (label), ``granularity``, ``ratio``, ``init``, ``budget`` (B, a token count as in grid.toml;
   0 for the reference cells), ``setting``, ``seed``: a stage is selected when any cell it serves matches (the stages
   that produce the cell's numbers and everything upstream of them, the parent's evaluation included);
-- stage keys — ``kind`` (data, parent, prune, init, train, eval), ``state`` (pending, running, done, failed,
-  cancelled, unknown), ``stage`` (a stage id or a unique prefix of one).
+- stage keys — ``kind`` (data, parent, prune, init, train, eval; tokenizer, shard: the data stage's tasks),
+  ``state`` (pending, running, done, failed, cancelled, unknown), ``stage`` (a stage id or a unique prefix of one).
 
 An unknown key or a value the grid does not have is a UserError naming the valid ones. Cell-level verbs (report,
 export) select cells: by the cell keys, and by ``state`` as the cell's state.
