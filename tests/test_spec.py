@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from gridlab.cli import app
 from gridlab.plan import build_plan, format_plan
 from gridlab.spec import load_grid, parse_tokens
+
 from runner_helpers import REPO, tiny_grid, to_toml, write_grid
 
 
@@ -54,6 +55,9 @@ MALFORMED = [
     ("bad schedule kind", ("schedule", "kind"), "linear", ["schedule.kind", "'wsd'", "'linear'"]),
     ("warmup beyond budget", ("schedule", "warmup_tokens"), 4096, ["warmup_tokens (4096)", "smallest budget"]),
     ("zero cpus", ("resources", "train"), {"cpus": 0}, ["resources.train.cpus", "0"]),
+    ("data tasks in another table", ("resources", "train"), {"tasks": 4},
+     ["resources.train.tasks", "4", "only [resources.data]"]),
+    ("zero data tasks", ("resources", "data"), {"tasks": 0}, ["resources.data.tasks", "0"]),
     ("unsafe grid name", ("name",), "../x", ["name", "'../x'"]),
     ("empty exclude rule", ("exclude",), [{}], ["exclude[0]", "at least one of"]),
     ("N:M with ratios", ("methods",), [{"name": "wanda-2:4", "ratios": [0.6]}], ["methods[0]", "own ratio 0.5"]),
