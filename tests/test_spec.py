@@ -210,3 +210,4 @@ def test_llama31_8b_example_plans_offline_from_its_declared_architecture(monkeyp
     text = format_plan(plan)
     assert "train jobs: 4 node(s) × 8 rank(s), 8 GPU(s)/node" in text
     assert "GPU-hours" in text and "local worker" not in text
+    assert "then 64 shard tasks" in text and "shard 64, data 1" in text

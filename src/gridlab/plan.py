@@ -529,8 +529,8 @@ def _job_lines(plan: Plan) -> list[str]:
                          f"{r['gpus_per_node']} GPU(s)/node, {r['mem_gb']:g} GB/node, {r['time_min']} min{where}")
     data = spec.resources.for_kind("data")
     if data["tasks"] > 1:
-        lines.append(f"  data: 1 tokenizer job, {data['tasks']} shard tasks (partitions of the corpus; one SLURM "
-                     f"array, {data['cpus']} process(es) each, or the local workers), then the data stage assembles")
+        lines.append(f"  data: 1 tokenizer job, then {data['tasks']} shard tasks (partitions of the corpus: one job "
+                     f"array, {data['cpus']} process(es) each), then the data stage assembles the shards")
     train = spec.resources.for_kind("train")
     if train["gpus_per_node"] and (spec.parent.preset is not None or not spec.parent.pretrains):
         flops = _training_flops(plan)
