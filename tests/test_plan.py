@@ -212,7 +212,10 @@ def test_data_tasks_split_the_data_stage_without_changing_its_id_or_any_downstre
     shards.sort(key=lambda s: s.config.partition)
     assert [(s.config.partition, s.config.partitions) for s in shards] == [(0, 3), (1, 3), (2, 3)]
     assert all(s.deps == {"tokenizer": tokenizer.id} for s in shards) and tokenizer.deps == {}
-    assert all(task.config.data_stage == data.id and task.config.data == data.config for task in (tokenizer, *shards))
+    for task in (tokenizer, *shards):
+        assert task.config.data_stage == data.id
+        assert {key: getattr(task.config, key) for key in ("corpus", "splits", "tokenizer", "seq_len")} == \
+            {key: getattr(data.config, key) for key in ("corpus", "splits", "tokenizer", "seq_len")}
     # the data stage waits for its tasks (SLURM dependencies, local order) but does not compute from them
     assert data.deps == {"tokenizer": tokenizer.id, **{f"shard{k}": s.id for k, s in enumerate(shards)}}
     assert data.dep_identities == dict.fromkeys(data.deps)

@@ -86,31 +86,37 @@ class DataConfig(StageConfig):
                 "tokenizer": tokenizer, "tokenizer_identity": self.tokenizer_identity, "seq_len": self.seq_len}
 
 
-class TokenizerTask(StageConfig):
-    """The first of a data stage's tasks: train its BPE tokenizer on the pretrain sample, into the data stage's
-    folder (where a one-job data stage trains it too), or record the given tokenizer.path. Its id is the data
-    stage's: it computes part of what that stage computes."""
+class _DataTask(StageConfig):
+    """What one of a data stage's tasks reads: the data stage's corpus, splits, tokenizer and seq_len as the grid
+    gave them (its id, ``data_stage``, stands for their contents). Its outputs go into the data stage's folder."""
 
-    kind: Literal["tokenizer"] = "tokenizer"
-    data_stage: str                   # the data stage it works for (its folder receives the tokenizer)
-    data: DataConfig                  # that stage's config: corpus, splits, tokenizer
+    data_stage: str
+    corpus: dict[str, Any]
+    splits: dict[str, Any]
+    tokenizer: dict[str, Any]
+    seq_len: int
 
     def identity(self) -> dict[str, Any]:
         return {"data_stage": self.data_stage}
 
 
-class ShardTask(StageConfig):
+class TokenizerTask(_DataTask):
+    """The first of a data stage's tasks: train its BPE tokenizer on the pretrain sample, into the data stage's
+    folder (where a one-job data stage trains it too), or record the given tokenizer.path."""
+
+    kind: Literal["tokenizer"] = "tokenizer"
+
+
+class ShardTask(_DataTask):
     """Partition ``partition`` of ``partitions`` of a data stage's tokenization (deps: tokenizer): the shard pieces
     of the corpus units it owns, written into the data stage's shard folder, each piece whole or not at all."""
 
     kind: Literal["shard"] = "shard"
-    data_stage: str                   # the data stage whose shard folder receives the pieces
-    data: DataConfig
     partition: int
     partitions: int
 
     def identity(self) -> dict[str, Any]:
-        return {"data_stage": self.data_stage, "partition": self.partition, "partitions": self.partitions}
+        return {**super().identity(), "partition": self.partition, "partitions": self.partitions}
 
 
 class PretrainParent(StageConfig):

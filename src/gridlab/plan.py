@@ -234,9 +234,11 @@ def data_stages(spec: GridSpec, config: DataConfig) -> tuple[list[Stage], Stage]
     partitions = spec.resources.for_kind("data")["tasks"]
     if partitions == 1:
         return [], data
-    tokenizer = make_stage(TokenizerTask(data_stage=data.id, data=config), {})
-    shards = [make_stage(ShardTask(data_stage=data.id, data=config, partition=k, partitions=partitions),
-                         {"tokenizer": tokenizer.id}) for k in range(partitions)]
+    # The tasks read what the data stage reads; its id stands for the contents (no copies of the file hashes).
+    reads = {"data_stage": data.id, **config.model_dump(include={"corpus", "splits", "tokenizer", "seq_len"})}
+    tokenizer = make_stage(TokenizerTask(**reads), {})
+    shards = [make_stage(ShardTask(**reads, partition=k, partitions=partitions), {"tokenizer": tokenizer.id})
+              for k in range(partitions)]
     waits = {"tokenizer": tokenizer.id, **{f"shard{k}": shard.id for k, shard in enumerate(shards)}}
     assembled = make_stage(config, waits, dict.fromkeys(waits))
     assert assembled.id == data.id

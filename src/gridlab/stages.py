@@ -75,12 +75,12 @@ def run_stage(stage: Stage, run_dir: str | Path) -> Contract:
     return _RUNNERS[stage.kind](stage.config, context)
 
 
-def _tokenizer_dir(config: DataConfig, data: StagePaths) -> Path:
+def _tokenizer_dir(config: DataConfig | TokenizerTask | ShardTask, data: StagePaths) -> Path:
     """Where a data stage's tokenizer is: trained into its folder, or the grid's tokenizer.path."""
     return data.output("tokenizer") if config.tokenizer["vocab_size"] is not None else Path(config.tokenizer["path"])
 
 
-def _make_tokenizer(config: DataConfig, data: StagePaths) -> Path:
+def _make_tokenizer(config: DataConfig | TokenizerTask, data: StagePaths) -> Path:
     """The data stage's tokenizer, trained first if it is to be trained and is not there yet."""
     from gridlab.data import train_tokenizer
 
@@ -94,19 +94,18 @@ def _make_tokenizer(config: DataConfig, data: StagePaths) -> Path:
 def _run_tokenizer(config: TokenizerTask, context: StageContext) -> TokenizerPayload:
     from gridlab.data import load_tokenizer
 
-    tokenizer_dir = _make_tokenizer(config.data, context.run.stage(config.data_stage))
+    tokenizer_dir = _make_tokenizer(config, context.run.stage(config.data_stage))
     return TokenizerPayload(tokenizer_dir=str(tokenizer_dir), vocab_size=len(load_tokenizer(tokenizer_dir)),
-                            trained=config.data.tokenizer["vocab_size"] is not None)
+                            trained=config.tokenizer["vocab_size"] is not None)
 
 
 def _run_shard(config: ShardTask, context: StageContext) -> ShardPayload:
     from gridlab.data import available_cores, shard_folder, tokenize_partition
 
-    data = config.data
-    source, fractions = _corpus(data.corpus), _fractions(data.splits)
-    tokenizer_dir = _tokenizer_dir(data, context.run.stage(config.data_stage))
-    folder = shard_folder(source, tokenizer_dir, fractions, data.seq_len,
-                          context.run.stage(config.data_stage).output("shards"))
+    source, fractions = _corpus(config.corpus), _fractions(config.splits)
+    data = context.run.stage(config.data_stage)
+    tokenizer_dir = _tokenizer_dir(config, data)
+    folder = shard_folder(source, tokenizer_dir, fractions, config.seq_len, data.output("shards"))
     units = tokenize_partition(source, tokenizer_dir, fractions, config.partition, config.partitions, folder,
                                processes=available_cores())
     return ShardPayload(partition=config.partition, partitions=config.partitions, shard_dir=str(folder), units=units)
