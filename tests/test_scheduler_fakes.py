@@ -105,6 +105,13 @@ def test_every_terminal_slurm_state_means_what_it_should(tmp_path, slurm, slurm_
         assert word in state.error
 
 
+def test_a_shard_task_out_of_memory_names_the_data_table(tmp_path, slurm):
+    job = _held(tmp_path, slurm, name="gridlab-t-shard-abcd0123", tasks=3, kind="shard")
+    slurm.finish(job, "OUT_OF_MEMORY", "0:125")
+    state = _state(tmp_path, kind="shard")
+    assert state.status == "failed" and "resources.data.mem_gb = 4.0" in state.error, state.error
+
+
 @pytest.mark.parametrize("slurm_state, reason, status", [
     ("PENDING", "Priority", "pending"), ("REQUEUED", "None", "pending"), ("CONFIGURING", "None", "pending"),
     ("RUNNING", "None", "running"), ("COMPLETING", "None", "running"), ("SUSPENDED", "None", "running"),
