@@ -15,7 +15,8 @@ processes, against the raw throughput of `tokenizers`' encode_batch on the same 
    Each prints its wall time, tokens/s and peak RSS (the largest process). ``--memory-check`` also runs K = 1 on
    half the files: the peak should not change with the corpus size.
 5. Projects the DCLM data stage of examples/llama31-8b.toml (its max_documents, its [resources.data] cpus per
-   task) over 64 array tasks from the measured per-core rate and the K = 2 parallel efficiency.
+   task) over its [resources.data] tasks (64 array tasks) from the measured per-core rate and the K = 2 parallel
+   efficiency.
 """
 
 from __future__ import annotations
@@ -167,10 +168,11 @@ def child(mode: str, env: dict, **kwargs) -> dict:
 # --------------------------------------------------------------------------------------------------------- main
 
 
-def projection(per_core: float, efficiency: float, tasks: int = 64, tokens_per_document: float = 1000) -> str:
+def projection(per_core: float, efficiency: float, tokens_per_document: float = 1000) -> str:
     example = tomllib.loads((REPO / "examples" / "llama31-8b.toml").read_text())
     documents = example["corpus"]["max_documents"]
     cpus = example["resources"]["data"]["cpus"]
+    tasks = example["resources"]["data"].get("tasks", 1)
     tokens = documents * tokens_per_document
     seconds = tokens / (tasks * cpus * per_core * efficiency)
     return (f"DCLM data stage of examples/llama31-8b.toml: {documents:,} documents × ~{tokens_per_document:,.0f} "

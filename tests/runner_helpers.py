@@ -99,11 +99,18 @@ def fake_payload(stage, curve_points: int = 5):
         Metric,
         ParentPayload,
         PrunePayload,
+        ShardPayload,
+        TokenizerPayload,
         TrainPayload,
     )
 
     kind, config = stage.kind, stage.config
     params = {"decoder": 100, "embedding": 10, "total": 111}
+    if kind == "tokenizer":
+        return TokenizerPayload(tokenizer_dir="tok", vocab_size=512, trained=True)
+    if kind == "shard":
+        return ShardPayload(partition=config.partition, partitions=config.partitions, shard_dir="shards",
+                            units={"written": 1})
     if kind == "data":
         return DataPayload(tokenizer_dir="tok", shards={}, vocab_size=512, corpus_fingerprint="f00d", manifest={})
     if kind == "parent":

@@ -190,6 +190,41 @@ def test_settings_that_only_change_how_a_stage_runs_change_no_id(table, key, val
     assert _ids(build_plan(parse_grid(edited))) == _ids(before)
 
 
+def test_data_tasks_split_the_data_stage_without_changing_its_id_or_any_downstream_id():
+    one = _plan(methods=SIX, budgets=[2048, 4096])
+    assert "tokenizer" not in one.counts and "shard" not in one.counts       # K = 1: today's single data stage
+    assert _ids(_plan(methods=SIX, budgets=[2048, 4096], resources={"data": {"tasks": 1}})) == _ids(one)
+    three = _plan(methods=SIX, budgets=[2048, 4096], resources={"default": {"cpus": 1}, "data": {"tasks": 3}})
+    kinds = [stage.kind for stage in three.stages.values()]
+    assert kinds[:5] == ["tokenizer", "shard", "shard", "shard", "data"]   # in dependency order
+    assert three.counts["tokenizer"] == 1 and three.counts["shard"] == 3 and three.counts["data"] == 1
+    assert len(three.stages) == len(one.stages) + 4
+    # the data stage and everything downstream keep their ids, configs and inputs; the cells are the same
+    added = set(three.stages) - set(one.stages)
+    assert set(one.stages) <= set(three.stages) and {three.stages[i].kind for i in added} == {"tokenizer", "shard"}
+    assert [c.model_dump() for c in three.cells] == [c.model_dump() for c in one.cells]
+    for stage_id, stage in one.stages.items():
+        if stage.kind != "data":
+            assert three.stages[stage_id] == stage
+    data = three.stages[next(i for i, s in one.stages.items() if s.kind == "data")]
+    assert data.config == one.stages[data.id].config
+    tokenizer, *shards = (three.stages[i] for i in sorted(added, key=lambda i: three.stages[i].kind != "tokenizer"))
+    shards.sort(key=lambda s: s.config.partition)
+    assert [(s.config.partition, s.config.partitions) for s in shards] == [(0, 3), (1, 3), (2, 3)]
+    assert all(s.deps == {"tokenizer": tokenizer.id} for s in shards) and tokenizer.deps == {}
+    for task in (tokenizer, *shards):
+        assert task.config.data_stage == data.id
+        assert {key: getattr(task.config, key) for key in ("corpus", "splits", "tokenizer", "seq_len")} == \
+            {key: getattr(data.config, key) for key in ("corpus", "splits", "tokenizer", "seq_len")}
+    # the data stage waits for its tasks (SLURM dependencies, local order) but does not compute from them
+    assert data.deps == {"tokenizer": tokenizer.id, **{f"shard{k}": s.id for k, s in enumerate(shards)}}
+    assert data.dep_identities == dict.fromkeys(data.deps)
+    # another K: other shard stages, the same data stage
+    two = _plan(methods=SIX, budgets=[2048, 4096], resources={"data": {"tasks": 2}})
+    assert data.id in two.stages and tokenizer.id in two.stages
+    assert not {i for i, s in two.stages.items() if s.kind == "shard"} & set(three.stages)
+
+
 def test_an_evaluation_setting_changes_only_eval_ids():
     before = _plan(methods=SIX, budgets=[2048, 4096])
     after = _plan(methods=SIX, budgets=[2048, 4096], evaluation={"max_sequences": 9})

@@ -105,6 +105,13 @@ def test_every_terminal_slurm_state_means_what_it_should(tmp_path, slurm, slurm_
         assert word in state.error
 
 
+def test_a_shard_task_out_of_memory_names_the_data_table(tmp_path, slurm):
+    job = _held(tmp_path, slurm, name="gridlab-t-shard-abcd0123", tasks=3, kind="shard")
+    slurm.finish(job, "OUT_OF_MEMORY", "0:125")
+    state = _state(tmp_path, kind="shard")
+    assert state.status == "failed" and "resources.data.mem_gb = 4.0" in state.error, state.error
+
+
 @pytest.mark.parametrize("slurm_state, reason, status", [
     ("PENDING", "Priority", "pending"), ("REQUEUED", "None", "pending"), ("CONFIGURING", "None", "pending"),
     ("RUNNING", "None", "running"), ("COMPLETING", "None", "running"), ("SUSPENDED", "None", "running"),
@@ -211,6 +218,25 @@ def test_a_crash_between_sbatch_and_the_record_does_not_submit_again(tmp_path, s
     assert len(calls) == 6                            # the other five kinds, not data again
     assert json.loads(RunPaths(run_dir).stage(data.id).submit.read_text())["job_id"] == "1001"
     assert "afterany:1001" in slurm.scripts()["1002"]  # the parent waits on the reconciled data job
+
+
+def test_the_data_stages_tasks_go_out_as_a_tokenizer_job_one_shard_array_and_an_assembly(tmp_path, slurm):
+    grid_file = write_grid(tmp_path, tiny_grid(name="t", resources={
+        "default": {"cpus": 1, "mem_gb": 1, "time_min": 10}, "data": {"tasks": 3, "cpus": 4}}))
+    outcome = api.submit(grid_file, executor="slurm", report=lambda line: None)
+    assert outcome.exit_code == 0
+    plan = build_plan(load_grid(grid_file))
+    run = RunPaths(plan.spec.run_dir)
+    records = {stage.id: json.loads(run.stage(stage.id).submit.read_text()) for stage in plan.stages.values()}
+    job_of = lambda kind: {records[s.id]["job_id"] for s in plan.stages.values() if s.kind == kind}
+    (tokenizer,), shards, (data,) = job_of("tokenizer"), job_of("shard"), job_of("data")
+    (array,) = {job.split("_")[0] for job in shards}
+    assert shards == {f"{array}_{k}" for k in range(3)}             # one array of three tasks
+    scripts = slurm.scripts()
+    assert "#SBATCH --array=0-2" in scripts[array] and "#SBATCH --cpus-per-task=4" in scripts[array]
+    assert f"afterany:{tokenizer}" in scripts[array]
+    assert all(job in scripts[data] for job in shards)              # the assembly waits for every shard task
+    assert "#SBATCH --cpus-per-task=4" in scripts[tokenizer] and "#SBATCH --cpus-per-task=4" in scripts[data]
 
 
 def test_an_intent_the_scheduler_never_saw_is_submitted_again(tmp_path, slurm):

@@ -55,6 +55,9 @@ MALFORMED = [
     ("bad schedule kind", ("schedule", "kind"), "linear", ["schedule.kind", "'wsd'", "'linear'"]),
     ("warmup beyond budget", ("schedule", "warmup_tokens"), 4096, ["warmup_tokens (4096)", "smallest budget"]),
     ("zero cpus", ("resources", "train"), {"cpus": 0}, ["resources.train.cpus", "0"]),
+    ("data tasks in another table", ("resources", "train"), {"tasks": 4},
+     ["resources.train.tasks", "4", "only [resources.data]"]),
+    ("zero data tasks", ("resources", "data"), {"tasks": 0}, ["resources.data.tasks", "0"]),
     ("unsafe grid name", ("name",), "../x", ["name", "'../x'"]),
     ("empty exclude rule", ("exclude",), [{}], ["exclude[0]", "at least one of"]),
     ("N:M with ratios", ("methods",), [{"name": "wanda-2:4", "ratios": [0.6]}], ["methods[0]", "own ratio 0.5"]),
@@ -207,3 +210,4 @@ def test_llama31_8b_example_plans_offline_from_its_declared_architecture(monkeyp
     text = format_plan(plan)
     assert "train jobs: 4 node(s) × 8 rank(s), 8 GPU(s)/node" in text
     assert "GPU-hours" in text and "local worker" not in text
+    assert "then 64 shard tasks" in text and "shard 64, data 1" in text

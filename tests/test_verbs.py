@@ -101,6 +101,29 @@ def test_reset_removes_the_selection_and_everything_downstream(tmp_path):
     assert _cli("reset", grid_file).exit_code == 2      # --where is required
 
 
+def test_resetting_the_data_stage_or_one_of_its_tasks_resets_all_of_them(tmp_path):
+    """The tokenizer and shard stages leave their outputs in the data stage's folder: they go with it."""
+    grid_file = write_grid(tmp_path, tiny_grid(resources={"data": {"tasks": 2}}))
+    plan = build_plan(load_grid(grid_file))
+    run_dir = plan.spec.run_dir
+    execute.prepare(plan, run_dir)
+    for stage in plan.stages.values():
+        write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
+    shard = next(s for s in plan.stages.values() if s.kind == "shard" and s.config.partition == 1)
+    for where in (f"stage={shard.id}", "kind=data"):
+        result = _cli("reset", grid_file, "--where", where)
+        assert result.exit_code == 0, result.output
+        states = stage_states(run_dir, list(plan.stages.values()))
+        assert all(state.status == "pending" for state in states.values()), where
+        for stage in plan.stages.values():
+            write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
+    # an eval stage alone: nothing upstream goes
+    evaluation = next(s for s in plan.stages.values() if s.kind == "eval")
+    assert _cli("reset", grid_file, "--where", f"stage={evaluation.id}").exit_code == 0
+    pending = {sid for sid, s in stage_states(run_dir, list(plan.stages.values())).items() if s.status == "pending"}
+    assert pending == {evaluation.id}
+
+
 def test_reset_refuses_a_held_stage(tmp_path):
     grid_file, plan, run_dir = _run(tmp_path, finish=lambda s: s.kind in ("data", "parent"))
     prune = next(s for s in plan.stages.values() if s.kind == "prune")

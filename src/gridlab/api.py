@@ -253,7 +253,7 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     """Stage counts by kind × state, cell counts by state, progress with an ETA, who holds the run, the failed
     stages with their log tails and the unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
     gridlab.state.SchedulerCache (a watching status asks SLURM at most every 30 s)."""
-    from gridlab.contracts import STAGE_KINDS
+    from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
     from gridlab.lock import held_by
     from gridlab.plan import read_index
     from gridlab.results import tail
@@ -279,7 +279,9 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
         if "kind" in parsed.conditions or "stage" in parsed.conditions:
             cell_stages = [s for s in cell_stages if s in chosen]
         states = {sid: state for sid, state in states.items() if sid in chosen}
-    by_kind = {kind: {state: 0 for state in STATES} for kind in STAGE_KINDS}
+    planned = {stage["kind"] for stage in index["stages"]}
+    by_kind = {kind: {state: 0 for state in STATES} for kind in STAGE_KINDS
+               if kind in planned or kind not in DATA_TASK_KINDS}
     for state in states.values():
         by_kind[state.kind][state.status] += 1
     cells = {state: 0 for state in STATES}

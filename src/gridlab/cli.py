@@ -130,9 +130,9 @@ def format_status(report: dict) -> str:
              f"progress: {progress['done']}/{progress['total']} stages done; ETA {_duration(progress['eta_s'])}"]
     if report["held_by"] is not None:
         lines.append(f"held by {describe(report['held_by'])}")
-    lines.append(f"{'stage':8}" + "".join(f"{state:>11}" for state in STATES))
+    lines.append(f"{'stage':9}" + "".join(f"{state:>11}" for state in STATES))
     for kind, counts in report["stages"].items():
-        lines.append(f"{kind:8}" + "".join(f"{counts[state]:>11}" for state in STATES))
+        lines.append(f"{kind:9}" + "".join(f"{counts[state]:>11}" for state in STATES))
     for failure in report["failed"]:
         lines.append(f"{failure['status']} {failure['kind']} {failure['stage_id']} (job {failure['job_id']}, "
                      f"{failure['attempts']} attempt(s)): {failure['error'] or ''}")

@@ -1,16 +1,17 @@
 """The typed contracts between stages: what each stage kind is asked to compute (its config), what it hands on
 (its payload), and the one metric record every stage emits.
 
-A stage is ``Stage(id, kind, config, deps)``; ``deps`` maps a role (``data``, ``parent``, ``model``, ``train``) to
-the id of the stage consumed. Variants of a kind are tagged, never told apart by which keys happen to be present:
-a parent is ``PretrainParent`` (source "pretrain") or ``LoadedParent`` (source "load"); a random-init model is
-``ArchitectureInit`` (a structured method's architecture, shared by every method that gives it) or ``MaskInit``
-(a sparse method's mask on fresh weights); an evaluation scores a model stage's model (``EvalModel``) or one
-budget branch of a training trajectory (``EvalBranch``).
+A stage is ``Stage(id, kind, config, deps)``; ``deps`` maps a role (``data``, ``parent``, ``model``, ``train``,
+``tokenizer``, ``shard<k>``) to the id of the stage consumed or waited for. Variants of a kind are tagged, never
+told apart by which keys happen to be present: a parent is ``PretrainParent`` (source "pretrain") or
+``LoadedParent`` (source "load"); a random-init model is ``ArchitectureInit`` (a structured method's architecture,
+shared by every method that gives it) or ``MaskInit`` (a sparse method's mask on fresh weights); an evaluation
+scores a model stage's model (``EvalModel``) or one budget branch of a training trajectory (``EvalBranch``).
 
 A stage's id (``stage_id``) is what it computes: its kind, the kind's code ``VERSION``, its config's ``identity()``
 and the identities of its inputs. Settings that only change how or where a stage runs are not in ``identity()``;
-see docs/architecture.md ("Stage identity").
+see docs/architecture.md ("Stage identity"). So a data stage has one id whether it does its work in one job or
+assembles what its tasks did (a ``TokenizerTask`` and K ``ShardTask`` stages, which it waits for, not computes from).
 """
 
 from __future__ import annotations
@@ -24,13 +25,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gridlab.config import Schedule
 
-STAGE_KINDS = ("data", "parent", "prune", "init", "train", "eval")
-StageKind = Literal["data", "parent", "prune", "init", "train", "eval"]
+STAGE_KINDS = ("tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval")   # in dependency order
+StageKind = Literal["tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval"]
+
+# The kinds a plan has only when ``[resources.data] tasks = K`` (K > 1) splits the data stage's work into tasks: one
+# tokenizer stage, K shard stages (partition k of K), then the data stage, which only assembles the shards.
+DATA_TASK_KINDS = ("tokenizer", "shard")
 
 # The code version of each stage kind, part of every id of that kind. Bump a kind's number when a change to its code
 # changes what it computes (its numbers or its outputs), so exactly its stages and what depends on them rerun.
 # Pruning methods carry their own version (gridlab.pruning.Method.version), hashed into their prune stages.
-VERSION: dict[str, int] = {"data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1, "eval": 1}
+VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1,
+                           "eval": 1}
+
+
+def resource_table(kind: str) -> str:
+    """The ``[resources.<table>]`` a stage kind's jobs ask for: the data stage's tasks ask for [resources.data]."""
+    return "data" if kind in DATA_TASK_KINDS else kind
 
 
 class Contract(BaseModel):
@@ -73,6 +84,39 @@ class DataConfig(StageConfig):
         tokenizer = {k: v for k, v in self.tokenizer.items() if k != "path"}
         return {"corpus": corpus, "corpus_identity": self.corpus_identity, "splits": self.splits,
                 "tokenizer": tokenizer, "tokenizer_identity": self.tokenizer_identity, "seq_len": self.seq_len}
+
+
+class _DataTask(StageConfig):
+    """What one of a data stage's tasks reads: the data stage's corpus, splits, tokenizer and seq_len as the grid
+    gave them (its id, ``data_stage``, stands for their contents). Its outputs go into the data stage's folder."""
+
+    data_stage: str
+    corpus: dict[str, Any]
+    splits: dict[str, Any]
+    tokenizer: dict[str, Any]
+    seq_len: int
+
+    def identity(self) -> dict[str, Any]:
+        return {"data_stage": self.data_stage}
+
+
+class TokenizerTask(_DataTask):
+    """The first of a data stage's tasks: train its BPE tokenizer on the pretrain sample, into the data stage's
+    folder (where a one-job data stage trains it too), or record the given tokenizer.path."""
+
+    kind: Literal["tokenizer"] = "tokenizer"
+
+
+class ShardTask(_DataTask):
+    """Partition ``partition`` of ``partitions`` of a data stage's tokenization (deps: tokenizer): the shard pieces
+    of the corpus units it owns, written into the data stage's shard folder, each piece whole or not at all."""
+
+    kind: Literal["shard"] = "shard"
+    partition: int
+    partitions: int
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "partition": self.partition, "partitions": self.partitions}
 
 
 class PretrainParent(StageConfig):
@@ -177,8 +221,8 @@ class EvalBranch(_Evaluation):
 
 EvalConfig = Annotated[EvalModel | EvalBranch, Field(discriminator="source")]
 
-AnyConfig = Annotated[DataConfig | ParentConfig | PruneConfig | InitConfig | TrainConfig | EvalConfig,
-                      Field(discriminator="kind")]
+AnyConfig = Annotated[TokenizerTask | ShardTask | DataConfig | ParentConfig | PruneConfig | InitConfig
+                      | TrainConfig | EvalConfig, Field(discriminator="kind")]
 
 
 class Stage(Contract):
@@ -187,8 +231,9 @@ class Stage(Contract):
     config: AnyConfig
     deps: dict[str, str] = Field(default_factory=dict)
     # What the deps stand for in the id, when that is not the dep's own id (an eval of a branch is the same
-    # computation whichever train stage of its trajectory produced the branch): role -> identity.
-    dep_identities: dict[str, str] = Field(default_factory=dict)
+    # computation whichever train stage of its trajectory produced the branch): role -> identity. None: the stage
+    # waits for that dep but it is no part of what the stage computes (a data stage and its tasks).
+    dep_identities: dict[str, str | None] = Field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------ identity
@@ -213,9 +258,11 @@ def content_id(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_stage(config: StageConfig, deps: dict[str, str], dep_identities: dict[str, str] | None = None) -> Stage:
-    """A stage whose id is what it computes: kind, code version, config identity and inputs' identities."""
-    inputs = {**deps, **(dep_identities or {})}
+def make_stage(config: StageConfig, deps: dict[str, str],
+               dep_identities: dict[str, str | None] | None = None) -> Stage:
+    """A stage whose id is what it computes: kind, code version, config identity and inputs' identities (a dep
+    whose identity is None is waited for, and left out)."""
+    inputs = {role: identity for role, identity in {**deps, **(dep_identities or {})}.items() if identity is not None}
     kind = config.kind
     stage_id = content_id({"kind": kind, "version": VERSION[kind], "config": config.identity(), "inputs": inputs})
     return Stage(id=stage_id, kind=kind, config=config, deps=deps, dep_identities=dep_identities or {})
@@ -238,6 +285,21 @@ class ParamCounts(Contract):
     decoder: int
     embedding: int
     total: int
+
+
+class TokenizerPayload(Contract):
+    kind: Literal["tokenizer"] = "tokenizer"
+    tokenizer_dir: str
+    vocab_size: int
+    trained: bool                     # False: the grid's tokenizer.path, as it is
+
+
+class ShardPayload(Contract):
+    kind: Literal["shard"] = "shard"
+    partition: int
+    partitions: int
+    shard_dir: str                    # the data stage's shard folder, which holds its pieces
+    units: dict[str, int]             # how many of its corpus units were written, already complete, or beyond the cap
 
 
 class DataPayload(Contract):
@@ -301,8 +363,9 @@ class EvalPayload(Contract):
     metrics: list[Metric]
 
 
-PAYLOADS: dict[str, type[Contract]] = {"data": DataPayload, "parent": ParentPayload, "prune": PrunePayload,
-                                       "init": InitPayload, "train": TrainPayload, "eval": EvalPayload}
+PAYLOADS: dict[str, type[Contract]] = {"tokenizer": TokenizerPayload, "shard": ShardPayload, "data": DataPayload,
+                                       "parent": ParentPayload, "prune": PrunePayload, "init": InitPayload,
+                                       "train": TrainPayload, "eval": EvalPayload}
 
 
 def parse_payload(kind: str, data: dict[str, Any]) -> Contract:

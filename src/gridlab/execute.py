@@ -27,7 +27,7 @@ from typing import Any
 import submitit
 
 from gridlab import atomic
-from gridlab.contracts import STAGE_KINDS
+from gridlab.contracts import STAGE_KINDS, resource_table
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.lock import holder_record, process_alive, process_start, this_host
@@ -315,7 +315,7 @@ class LocalExecutor(Executor):
         def finish(stage_id: str, status: str, detail: str) -> None:
             outcome[stage_id] = status
             (done if status == "done" else blocked_by).add(stage_id)
-            self.report(f"[{len(outcome)}/{total}] {status:9} {plan.stages[stage_id].kind:6} {stage_id} {detail}")
+            self.report(f"[{len(outcome)}/{total}] {status:9} {plan.stages[stage_id].kind:9} {stage_id} {detail}")
 
         try:
             while waiting or any(w.stage_id for w in workers):
@@ -404,7 +404,7 @@ class DebugExecutor(LocalExecutor):
             ok = execute_stage(run_dir, stage.id, redirect_output=False)
             (done if ok else failed).add(stage.id)
             outcome[stage.id] = "done" if ok else "failed"
-            self.report(f"{outcome[stage.id]:6} {stage.kind:6} {stage.id}")
+            self.report(f"{outcome[stage.id]:6} {stage.kind:9} {stage.id}")
         return outcome
 
 
@@ -543,8 +543,8 @@ class SlurmExecutor(Executor):
                                 f"submit` again later") from None
             for stage in chunk:   # sbatch refused the array: nobody holds these stages
                 RunPaths(run_dir).stage(stage.id).submit.unlink(missing_ok=True)
-            raise UserError(f"sbatch refused the {kind} stages ({name}): {message}; check [resources.{kind}] "
-                            f"(or [resources.default])") from None
+            raise UserError(f"sbatch refused the {kind} stages ({name}): {message}; check "
+                            f"[resources.{resource_table(kind)}] (or [resources.default])") from None
         for index, (stage, job) in enumerate(zip(chunk, jobs, strict=True)):
             record_submission(run_dir, stage.id, "slurm", job.job_id, job_name=name,
                               array_task=str(index) if len(chunk) > 1 else None, resources=asked,

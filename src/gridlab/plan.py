@@ -16,6 +16,7 @@ from typing import Any
 
 from gridlab import atomic
 from gridlab.contracts import (
+    DATA_TASK_KINDS,
     STAGE_KINDS,
     ArchitectureInit,
     Cell,
@@ -26,7 +27,9 @@ from gridlab.contracts import (
     MaskInit,
     PretrainParent,
     PruneConfig,
+    ShardTask,
     Stage,
+    TokenizerTask,
     TrainConfig,
     branch_identity,
     canonical,
@@ -221,6 +224,26 @@ def check_method(index: int, method: MethodSpec, ratios: list[float], parent) ->
         raise UserError(f"methods[{index}] ({method.name}): {str(bad).splitlines()[0]}") from None
 
 
+def data_stages(spec: GridSpec, config: DataConfig) -> tuple[list[Stage], Stage]:
+    """The data stage, and the tasks it is split into when ``[resources.data] tasks = K`` (K > 1): a tokenizer
+    stage, then K shard stages (partition k of K, each writing its units' pieces into the data stage's shard
+    folder), after which the data stage only assembles. The data stage waits for its tasks but its id stays what it
+    computes, the same for any K, and so do the ids of everything downstream."""
+    data = make_stage(config, {})
+    partitions = spec.resources.for_kind("data")["tasks"]
+    if partitions == 1:
+        return [], data
+    # The tasks read what the data stage reads; its id stands for the contents (no copies of the file hashes).
+    reads = {"data_stage": data.id, **config.model_dump(include={"corpus", "splits", "tokenizer", "seq_len"})}
+    tokenizer = make_stage(TokenizerTask(**reads), {})
+    shards = [make_stage(ShardTask(**reads, partition=k, partitions=partitions), {"tokenizer": tokenizer.id})
+              for k in range(partitions)]
+    waits = {"tokenizer": tokenizer.id, **{f"shard{k}": shard.id for k, shard in enumerate(shards)}}
+    assembled = make_stage(config, waits, dict.fromkeys(waits))
+    assert assembled.id == data.id
+    return [tokenizer, *shards], assembled
+
+
 def build_plan(spec: GridSpec) -> Plan:
     from gridlab import inputs as local_inputs
     from gridlab.pruning import METHODS
@@ -232,11 +255,11 @@ def build_plan(spec: GridSpec) -> Plan:
     tasks = task_identities(spec.evaluation.lm_eval_tasks)
     tokenizer_identity = (canonical(local_inputs.tokenizer_identity(spec.tokenizer.path))
                           if spec.tokenizer.path else None)
-    data = make_stage(DataConfig(corpus=canonical(spec.corpus.model_dump()),
-                                 corpus_identity=canonical(local_inputs.corpus_identity(spec.corpus)),
-                                 splits=canonical(spec.splits.model_dump()),
-                                 tokenizer=canonical(spec.tokenizer.model_dump()),
-                                 tokenizer_identity=tokenizer_identity, seq_len=spec.seq_len), {})
+    data_tasks, data = data_stages(spec, DataConfig(
+        corpus=canonical(spec.corpus.model_dump()),
+        corpus_identity=canonical(local_inputs.corpus_identity(spec.corpus)),
+        splits=canonical(spec.splits.model_dump()), tokenizer=canonical(spec.tokenizer.model_dump()),
+        tokenizer_identity=tokenizer_identity, seq_len=spec.seq_len))
     parent_tokens = spec.parent.tokens
     parent_architecture = parent_config(spec) if spec.parent.preset is not None or spec.parent.pretrains else None
     if spec.parent.pretrains:
@@ -248,7 +271,7 @@ def build_plan(spec: GridSpec) -> Plan:
         parent = make_stage(LoadedParent(path=spec.parent.path,
                                          model_identity=canonical(local_inputs.model_identity(spec.parent.path)),
                                          tokens=parent_tokens, declared=declared), {"data": data.id})
-    stages: dict[str, Stage] = {data.id: data, parent.id: parent}
+    stages: dict[str, Stage] = {**{task.id: task for task in data_tasks}, data.id: data, parent.id: parent}
     parent_eval = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tasks=tasks,
                                        tokens=parent_tokens),
                              {"model": parent.id, "data": data.id})
@@ -357,7 +380,7 @@ def build_plan(spec: GridSpec) -> Plan:
         for stage in group:
             stages[stage.id] = stage
     ordered = dict(sorted(stages.items(), key=lambda item: STAGE_KINDS.index(item[1].kind)))
-    counts = {kind: 0 for kind in STAGE_KINDS}
+    counts = {kind: 0 for kind in STAGE_KINDS if kind not in DATA_TASK_KINDS or data_tasks}
     for stage in ordered.values():
         counts[stage.kind] += 1
     inputs = {"corpus": data.config.corpus_identity, "tokenizer": tokenizer_identity, "eval_corpora": corpora,
@@ -505,6 +528,10 @@ def _job_lines(plan: Plan) -> list[str]:
             where = f" partition {r['partition']}" if r["partition"] else ""
             lines.append(f"  {kind} jobs: {r['nodes']} node(s) × {r['tasks_per_node']} rank(s), "
                          f"{r['gpus_per_node']} GPU(s)/node, {r['mem_gb']:g} GB/node, {r['time_min']} min{where}")
+    data = spec.resources.for_kind("data")
+    if data["tasks"] > 1:
+        lines.append(f"  data: 1 tokenizer job, then {data['tasks']} shard tasks (partitions of the corpus: one job "
+                     f"array, {data['cpus']} process(es) each), then the data stage assembles the shards")
     train = spec.resources.for_kind("train")
     if train["gpus_per_node"] and (spec.parent.preset is not None or not spec.parent.pretrains):
         flops = _training_flops(plan)

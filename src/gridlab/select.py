@@ -8,8 +8,8 @@ key given twice are pooled). Keys:
 - cell keys — ``method`` (label), ``granularity``, ``ratio``, ``init``, ``budget`` (B, a token count as in grid.toml;
   0 for the reference cells), ``setting``, ``seed``: a stage is selected when any cell it serves matches (the stages
   that produce the cell's numbers and everything upstream of them, the parent's evaluation included);
-- stage keys — ``kind`` (data, parent, prune, init, train, eval), ``state`` (pending, running, done, failed,
-  cancelled, unknown), ``stage`` (a stage id or a unique prefix of one).
+- stage keys — ``kind`` (data, parent, prune, init, train, eval; tokenizer, shard: the data stage's tasks),
+  ``state`` (pending, running, done, failed, cancelled, unknown), ``stage`` (a stage id or a unique prefix of one).
 
 An unknown key or a value the grid does not have is a UserError naming the valid ones. Cell-level verbs (report,
 export) select cells: by the cell keys, and by ``state`` as the cell's state.
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridlab.contracts import STAGE_KINDS
+from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
 from gridlab.errors import UserError
 from gridlab.state import STATES
 
@@ -73,11 +73,13 @@ def _token_value(text: str) -> int:
 def parse_where(expressions: Iterable[str], stages: list[Any], cells: list[Any]) -> Where:
     """Check and type ``--where`` expressions against the grid's own stages and cells."""
     where = Where()
+    kinds = {_stage_fields(s)[1] for s in stages}
     valid = {
         "method": sorted({c.method for c in cells}), "granularity": sorted({c.granularity for c in cells}),
         "ratio": sorted({c.ratio for c in cells}), "init": sorted({c.init for c in cells}),
         "budget": sorted({c.budget_tokens for c in cells}), "setting": sorted({c.setting for c in cells}),
-        "seed": sorted({c.seed for c in cells}), "kind": list(STAGE_KINDS), "state": list(STATES),
+        "seed": sorted({c.seed for c in cells}),
+        "kind": [kind for kind in STAGE_KINDS if kind in kinds or kind not in DATA_TASK_KINDS], "state": list(STATES),
     }
     ids = [_stage_fields(s)[0] for s in stages]
     for expression in expressions:

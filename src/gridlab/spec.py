@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
+from gridlab.contracts import resource_table
 from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
 from gridlab.errors import InvalidValue, UserError
 from gridlab.model import PRESETS
@@ -235,7 +236,9 @@ class ResourceSpec(_Strict):
     """What one stage job asks the scheduler for. Unset keys of a per-kind table fall back to [resources.default].
     ``cpus`` and ``mem_gb`` are per task and per node; a job runs ``nodes × tasks_per_node`` processes (ranks).
     Site options (qos … comment) go to sbatch as they are; ``setup`` lines run in the job script before the stage;
-    ``sbatch`` is a table of any other sbatch options (``{ exclusive = true, "mem-bind" = "local" }``)."""
+    ``sbatch`` is a table of any other sbatch options (``{ exclusive = true, "mem-bind" = "local" }``).
+    ``tasks`` ([resources.data] only): tokenize the corpus as that many partition tasks (a SLURM array, or the local
+    workers) after a tokenizer job, then assemble the shards; the shards are the same bytes whatever it is."""
 
     nodes: int | None = Field(default=None, ge=1)
     gpus_per_node: int | None = Field(default=None, ge=0)
@@ -257,6 +260,7 @@ class ResourceSpec(_Strict):
     comment: str | None = None
     setup: list[str] | None = None
     sbatch: dict[str, str | int | float | bool] | None = None
+    tasks: int | None = Field(default=None, ge=1)
 
     @field_validator("partition", "account", "qos", "exclude", "nodelist", "reservation", "mail_user")
     @classmethod
@@ -322,9 +326,10 @@ class ResourcesSpec(_Strict):
         """The merged resources of a stage kind: its table's keys over [resources.default]'s over the built-in
         defaults (``sbatch`` tables are merged key by key; ``setup`` of the kind replaces the default's).
         ``tasks_per_node`` defaults to ``gpus_per_node`` (one rank per GPU), or 1 without GPUs, and ``ranks`` is the
-        job's world size."""
+        job's world size. The data stage's tasks (kinds tokenizer and shard) ask for [resources.data]; ``tasks``
+        is how many shard tasks the data stage's tokenization is split into (1: it runs in the data stage)."""
         merged = _RESOURCE_DEFAULTS.model_dump()
-        for layer in (self.default, getattr(self, kind)):
+        for layer in (self.default, getattr(self, resource_table(kind))):
             for key, value in layer.model_dump().items():
                 if value is None:
                     continue
@@ -332,6 +337,7 @@ class ResourcesSpec(_Strict):
         if merged["tasks_per_node"] is None:
             merged["tasks_per_node"] = merged["gpus_per_node"] or 1
         merged["ranks"] = merged["nodes"] * merged["tasks_per_node"]
+        merged["tasks"] = merged["tasks"] or 1
         return merged
 
     @model_validator(mode="after")
@@ -342,6 +348,12 @@ class ResourcesSpec(_Strict):
                 raise ValueError(f"resources.{kind} asks for {ranks} processes (nodes × tasks_per_node), but {kind} "
                                  f"stages run as one process; only train and parent stages run as many ranks "
                                  f"(set tasks_per_node = 1 and nodes = 1 for {kind}, e.g. in [resources.{kind}])")
+        for table in ("default", *(kind for kind in type(self).model_fields if kind not in ("default", "data"))):
+            tasks = getattr(self, table).tasks
+            if tasks is not None:
+                raise InvalidValue(f"{table}.tasks", f"{tasks} given, but only [resources.data] takes tasks (the "
+                                   f"number of partition tasks the data stage's tokenization is split into); "
+                                   f"remove it here")
         return self
 
 

@@ -38,7 +38,11 @@ from gridlab.contracts import (
     PretrainParent,
     PruneConfig,
     PrunePayload,
+    ShardPayload,
+    ShardTask,
     Stage,
+    TokenizerPayload,
+    TokenizerTask,
     TrainConfig,
     TrainPayload,
 )
@@ -71,19 +75,55 @@ def run_stage(stage: Stage, run_dir: str | Path) -> Contract:
     return _RUNNERS[stage.kind](stage.config, context)
 
 
+def _tokenizer_dir(config: DataConfig | TokenizerTask | ShardTask, data: StagePaths) -> Path:
+    """Where a data stage's tokenizer is: trained into its folder, or the grid's tokenizer.path."""
+    return data.output("tokenizer") if config.tokenizer["vocab_size"] is not None else Path(config.tokenizer["path"])
+
+
+def _make_tokenizer(config: DataConfig | TokenizerTask, data: StagePaths) -> Path:
+    """The data stage's tokenizer, trained first if it is to be trained and is not there yet."""
+    from gridlab.data import train_tokenizer
+
+    tokenizer_dir = _tokenizer_dir(config, data)
+    if config.tokenizer["vocab_size"] is not None and not (tokenizer_dir / "tokenizer.json").exists():
+        train_tokenizer(_corpus(config.corpus), _fractions(config.splits), config.tokenizer["vocab_size"],
+                        tokenizer_dir, config.tokenizer["sample_documents"])
+    return tokenizer_dir
+
+
+def _run_tokenizer(config: TokenizerTask, context: StageContext) -> TokenizerPayload:
+    from gridlab.data import load_tokenizer
+
+    tokenizer_dir = _make_tokenizer(config, context.run.stage(config.data_stage))
+    return TokenizerPayload(tokenizer_dir=str(tokenizer_dir), vocab_size=len(load_tokenizer(tokenizer_dir)),
+                            trained=config.tokenizer["vocab_size"] is not None)
+
+
+def _run_shard(config: ShardTask, context: StageContext) -> ShardPayload:
+    from gridlab.data import available_cores, shard_folder, tokenize_partition
+
+    source, fractions = _corpus(config.corpus), _fractions(config.splits)
+    data = context.run.stage(config.data_stage)
+    tokenizer_dir = _tokenizer_dir(config, data)
+    folder = shard_folder(source, tokenizer_dir, fractions, config.seq_len, data.output("shards"))
+    units = tokenize_partition(source, tokenizer_dir, fractions, config.partition, config.partitions, folder,
+                               processes=available_cores())
+    return ShardPayload(partition=config.partition, partitions=config.partitions, shard_dir=str(folder), units=units)
+
+
 def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
-    from gridlab.data import build_shards, load_tokenizer, shard_manifest, train_tokenizer
+    from gridlab.data import assemble, build_shards, load_tokenizer, shard_folder, shard_manifest
 
     source = _corpus(config.corpus)
     fractions = _fractions(config.splits)
-    if config.tokenizer["vocab_size"] is not None:
-        tokenizer_dir = context.out.output("tokenizer")
-        if not (tokenizer_dir / "tokenizer.json").exists():
-            train_tokenizer(source, fractions, config.tokenizer["vocab_size"], tokenizer_dir,
-                            config.tokenizer["sample_documents"])
+    shards_dir = context.out.output("shards")
+    if "tokenizer" in context.stage.deps:  # its tasks made the tokenizer and every piece: assemble them
+        tokenizer_dir = _tokenizer_dir(config, context.out)
+        shards = assemble(source, tokenizer_dir, fractions, config.seq_len,
+                          shard_folder(source, tokenizer_dir, fractions, config.seq_len, shards_dir))
     else:
-        tokenizer_dir = Path(config.tokenizer["path"])
-    shards = build_shards(source, tokenizer_dir, fractions, config.seq_len, context.out.output("shards"))
+        tokenizer_dir = _make_tokenizer(config, context.out)
+        shards = build_shards(source, tokenizer_dir, fractions, config.seq_len, shards_dir)
     manifest = shard_manifest(shards["pretrain"])
     return DataPayload(tokenizer_dir=str(tokenizer_dir), shards={split: str(path) for split, path in shards.items()},
                        vocab_size=len(load_tokenizer(tokenizer_dir)),
@@ -235,8 +275,8 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
     return EvalPayload(model_path=str(model_path), tokens=tokens, metrics=metrics)
 
 
-_RUNNERS = {"data": _run_data, "parent": _run_parent, "prune": _run_prune, "init": _run_init, "train": _run_train,
-            "eval": _run_eval}
+_RUNNERS = {"tokenizer": _run_tokenizer, "shard": _run_shard, "data": _run_data, "parent": _run_parent,
+            "prune": _run_prune, "init": _run_init, "train": _run_train, "eval": _run_eval}
 
 
 class BranchDiverged(RuntimeError):

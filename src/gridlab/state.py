@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridlab.contracts import resource_table
 from gridlab.layout import RunPaths
 from gridlab.lock import process_alive
 from gridlab.results import CorruptResult, read_json, read_result
@@ -243,8 +244,8 @@ def effective_states(stages: list[Any], status: dict[str, str]) -> tuple[dict[st
 _QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "RESIZING"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "SUSPENDED"}
 
-# Terminal states of a job that left no result: (stage state, what it means and what to do). {kind} and the
-# resources the job asked for ({mem_gb}, {time_min}) are filled in.
+# Terminal states of a job that left no result: (stage state, what it means and what to do). {kind} (the resources
+# table of the stage's kind) and the resources the job asked for ({mem_gb}, {time_min}) are filled in.
 _TERMINAL: dict[str, tuple[str, str]] = {
     "COMPLETED": ("failed", "the SLURM job completed without writing a result; see the stage log"),
     "FAILED": ("failed", "the SLURM job failed (exit code {exit_code}) before writing a result; see the stage log"),
@@ -280,8 +281,9 @@ class SlurmJob:
         if self.state not in _TERMINAL:
             return None if self.status != "unknown" else f"SLURM reports the job as {self.state}"
         template = _TERMINAL[self.state][1]
-        return template.format(kind=kind, exit_code=self.exit_code or "?", by=f" by {self.by}" if self.by else "",
-                               mem_gb=resources.get("mem_gb", "?"), time_min=resources.get("time_min", "?"))
+        return template.format(kind=resource_table(kind), exit_code=self.exit_code or "?",
+                               by=f" by {self.by}" if self.by else "", mem_gb=resources.get("mem_gb", "?"),
+                               time_min=resources.get("time_min", "?"))
 
 
 def slurm_job(state: str, reason: str = "", exit_code: str = "") -> SlurmJob:

@@ -1,7 +1,8 @@
 """`gridlab reset` and `gridlab clean`: remove what a run folder no longer needs, saying what and how much.
 
 reset   the outputs of the selected stages and of everything downstream of them (stage folders, done markers, and
-        a train stage's trajectory unless a train stage kept by the reset shares it); the next `submit` reruns them.
+        a train stage's trajectory unless a train stage kept by the reset shares it; a data stage's tokenizer and
+        shard stages, whose outputs are in its folder, with it); the next `submit` reruns them.
 clean   stage folders and trajectories no plan stage has any more (left by edits of the grid), and the checkpoints
         finished stages no longer need: a pretrained parent's resumable state, a prune stage's layer spill, and in a
         trajectory whose train stages are all done everything but the main state a longer budget would extend
@@ -99,6 +100,9 @@ def reset(run_dir: Path, stages: list[Any], chosen: set[str], states: dict[str, 
     dependency order). A held stage among them is a UserError: cancel it first."""
     run = RunPaths(run_dir)
     targets = downstream_closure(stages, chosen)
+    # A data stage's tasks (tokenizer, shard) leave their outputs in its folder: they go with it, so they rerun.
+    targets = downstream_closure(stages, targets | {stage.id for stage in stages
+                                                    if _config(stage).get("data_stage") in targets})
     held = [states[sid] for sid in targets if sid in states and states[sid].held]
     if held:
         first = held[0]

@@ -4,7 +4,7 @@
     formats   streaming readers of .txt, .jsonl(.zst/.gz), .json(.gz), .parquet
     sources   file listings, units, documents in reading order, what `gridlab plan` says about a corpus
     tokenizer train_tokenizer, load_tokenizer, tokenizer_hash
-    shards    tokenize_partition, assemble, build_shards, TokenShard
+    shards    tokenize_partition, assemble, build_shards, shard_folder, TokenShard
 """
 
 from gridlab.data.formats import FORMATS, check_file, format_of, read_documents
@@ -25,6 +25,7 @@ from gridlab.data.shards import (
     assign_partitions,
     available_cores,
     build_shards,
+    shard_folder,
     shard_key,
     shard_manifest,
     token_dtype,
@@ -52,6 +53,7 @@ __all__ = [
     "SOURCE_KINDS", "SPLITS", "CorpusFile", "CorpusListing", "CorpusSource", "SplitFractions", "TokenShard",
     "TokenizerConfig", "Unit", "assemble", "assign_partitions", "assign_split", "available_cores", "build_shards",
     "check_corpus", "check_file", "corpus_files", "corpus_units", "describe_corpus", "format_of", "hub_snapshot",
-    "iter_documents", "iter_unit", "list_corpus", "list_files", "load_tokenizer", "read_documents", "shard_key",
-    "shard_manifest", "stdlib_root", "token_dtype", "tokenize_partition", "tokenizer_hash", "train_tokenizer",
+    "iter_documents", "iter_unit", "list_corpus", "list_files", "load_tokenizer", "read_documents", "shard_folder",
+    "shard_key", "shard_manifest", "stdlib_root", "token_dtype", "tokenize_partition", "tokenizer_hash",
+    "train_tokenizer",
 ]

@@ -14,6 +14,7 @@ A shard folder (build_shards makes ``cache_dir/<key>/``):
     tokenize_partition(source, tokenizer_dir, fractions, k, K, out_dir)   # partition k of K: its units' pieces
     assemble(source, tokenizer_dir, fractions, seq_len, out_dir)          # all pieces present → the shards
     build_shards(source, tokenizer_dir, fractions, seq_len, cache_dir)    # both, on this machine's cores
+    shard_folder(source, tokenizer_dir, fractions, seq_len, cache_dir)    # the out_dir build_shards uses
 """
 
 from __future__ import annotations
@@ -472,14 +473,25 @@ def shard_key(source: CorpusSource, tokenizer_digest: str, fractions: SplitFract
     return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
+def shard_folder(source: CorpusSource, tokenizer_dir: str | Path, fractions: SplitFractions, seq_len: int,
+                 cache_dir: str | Path) -> Path:
+    """The shard folder build_shards makes in ``cache_dir`` (``cache_dir/<key>/``), for partition tasks
+    (tokenize_partition) and assemble to work in when the tokenization is split over separate jobs."""
+    return _shard_folder(source, load_tokenizer(tokenizer_dir), fractions, seq_len, cache_dir)
+
+
+def _shard_folder(source, tokenizer, fractions, seq_len: int, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / shard_key(source, tokenizer_hash(tokenizer), fractions, seq_len)
+
+
 def build_shards(source: CorpusSource, tokenizer_dir: str | Path, fractions: SplitFractions, seq_len: int,
                  cache_dir: str | Path, tasks: int | None = None) -> dict[str, Path]:
     """Tokenize every split into a shard (split -> ``<split>.json``), once per (corpus, tokenizer, splits, seq_len),
-    in ``cache_dir/<key>/`` with ``tasks`` processes (default: this process's cores). The folder is finished when
-    its manifest.json exists; an interrupted build resumes from its finished pieces."""
+    in ``cache_dir/<key>/`` (shard_folder) with ``tasks`` processes (default: this process's cores). The folder is
+    finished when its manifest.json exists; an interrupted build resumes from its finished pieces."""
     _check_seq_len(seq_len)
     tokenizer = load_tokenizer(tokenizer_dir)
-    target = Path(cache_dir) / shard_key(source, tokenizer_hash(tokenizer), fractions, seq_len)
+    target = _shard_folder(source, tokenizer, fractions, seq_len, cache_dir)
     if (target / "manifest.json").is_file():
         return _split_paths(target)
     units = corpus_units(source)
