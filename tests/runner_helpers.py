@@ -151,7 +151,7 @@ def finish_stage(run_dir: Path, stage) -> None:
 
 def wait_until_settled(run_dir: Path, timeout_s: float = 900):
     """Poll until no stage of the run is held any more (queued, running or unknown); return the stage states."""
-    from gridlab.plan import read_plan_record
+    from gridlab.planfile import read_plan_record
     from gridlab.state import stage_states
 
     record = read_plan_record(run_dir)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from gridlab import api
 from gridlab.cli import app
 from gridlab.layout import RunPaths
-from gridlab.plan import read_plan_record
+from gridlab.planfile import read_plan_record
 
 from runner_helpers import SMOKE, tiny_grid, write_grid
 

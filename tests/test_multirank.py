@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from gridlab.cli import app
 from gridlab.layout import RunPaths
-from gridlab.plan import read_plan_record
+from gridlab.planfile import read_plan_record
 from gridlab.results import read_result
 
 from runner_helpers import REPO, slurm_available, tiny_grid, wait_until_settled, write_grid

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from gridlab import api
 from gridlab.cli import app
 from gridlab.layout import RunPaths
-from gridlab.plan import read_plan_record
+from gridlab.planfile import read_plan_record
 from gridlab.state import stage_states
 
 from runner_helpers import SMOKE, slurm_available, tiny_grid, wait_until_settled, write_grid

@@ -63,7 +63,7 @@ def plan(grid: str | Path):
 
 def _record(grid: str | Path):
     """What the run folder holds: the submitted plan (stages, cells)."""
-    from gridlab.plan import read_plan_record
+    from gridlab.planfile import read_plan_record
 
     return read_plan_record(run_dir_of(grid))
 
@@ -187,7 +187,7 @@ def _selection_line(selection, only) -> str:
 def _stale_since_last_submit(run_dir: Path, the_plan) -> list[str]:
     """Inputs whose content changed under the previous submit's finished stages (nothing when there was none)."""
     from gridlab.layout import RunPaths
-    from gridlab.plan import read_plan_record, stale_inputs
+    from gridlab.planfile import read_plan_record, stale_inputs
 
     if not RunPaths(run_dir).plan.exists():
         return []
@@ -255,7 +255,7 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     gridlab.state.SchedulerCache (a watching status asks SLURM at most every 30 s)."""
     from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
     from gridlab.lock import held_by
-    from gridlab.plan import read_index
+    from gridlab.planfile import read_index
     from gridlab.results import tail
     from gridlab.select import select_stages
     from gridlab.state import STATES, effective_states, stage_states
@@ -295,7 +295,7 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
                for s in states.values() if s.status == "unknown"]
     done = sum(1 for s in states.values() if s.status == "done")
     holder = held_by(run_dir)
-    from gridlab.plan import current_inputs, stale_inputs
+    from gridlab.planfile import current_inputs, stale_inputs
 
     record = _record(run_dir)
     stale = stale_inputs(record, current_inputs(record.grid), run_dir)

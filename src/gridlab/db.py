@@ -19,7 +19,7 @@ from gridlab import atomic
 from gridlab.contracts import BranchResult, Contract, Metric, TrainPayload
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
-from gridlab.plan import read_plan_record
+from gridlab.planfile import read_plan_record
 from gridlab.provenance import PROVENANCE_COLUMNS
 from gridlab.results import CorruptResult, load_result
 from gridlab.state import StageState, effective_states

@@ -31,7 +31,7 @@ from gridlab.contracts import STAGE_KINDS, resource_table
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.lock import holder_record, process_alive, process_start, this_host
-from gridlab.plan import write_plan_files
+from gridlab.planfile import write_plan_files
 from gridlab.results import clear_outcome, read_json
 from gridlab.state import (
     ACTIVE,
