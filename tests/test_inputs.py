@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from gridlab import inputs
-from gridlab.data import CorpusSource, SplitFractions, TokenShard, build_shards, describe_corpus, iter_documents
+from gridlab.data import (
+    CorpusSource,
+    SplitFractions,
+    TokenShard,
+    build_shards,
+    corpus_identity,
+    describe_corpus,
+    iter_documents,
+)
 from gridlab.errors import UserError
 
 from data_helpers import records, write
@@ -67,17 +75,17 @@ def test_corpus_identity_follows_file_contents_not_their_location(tmp_path, read
     write(tmp_path / "a" / "x" / "0.jsonl.zst", records(5))
     write(tmp_path / "a" / "x" / "1.parquet", records(5, 1))
     source = CorpusSource(kind="files", files=(str(tmp_path / "a" / "**" / "*.*"),), max_documents=8)
-    identity = inputs.corpus_identity(source)
+    identity = corpus_identity(source)
     assert identity["kind"] == "files" and [key for key, _, _ in identity["files"]] == ["x/0.jsonl.zst", "x/1.parquet"]
     assert str(tmp_path) not in repr(identity)
     (tmp_path / "a").rename(tmp_path / "b")  # the corpus moved to another file system
     moved = CorpusSource(kind="files", files=(str(tmp_path / "b" / "**" / "*.*"),), max_documents=8)
-    assert inputs.corpus_identity(moved) == identity
+    assert corpus_identity(moved) == identity
     write(tmp_path / "b" / "x" / "1.parquet", records(5, 2))  # an edited file
-    assert inputs.corpus_identity(moved) != identity
-    assert inputs.corpus_identity(moved.model_copy(update={"max_documents": 9}))["max_documents"] == 9
+    assert corpus_identity(moved) != identity
+    assert corpus_identity(moved.model_copy(update={"max_documents": 9}))["max_documents"] == 9
     reads.clear()
-    cheap = inputs.corpus_identity(moved, content=False)
+    cheap = corpus_identity(moved, content=False)
     assert reads == [] and len(cheap["files"]) == 2  # sizes and mtimes only: nothing is read
 
 
@@ -85,12 +93,12 @@ def test_disk_and_stdlib_identities(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(tmp_path / "ds")
-    disk = inputs.corpus_identity(CorpusSource(kind="disk", path=str(tmp_path / "ds")))
+    disk = corpus_identity(CorpusSource(kind="disk", path=str(tmp_path / "ds")))
     assert disk["folder"].startswith("b2:")
     datasets.Dataset.from_dict({"text": ["a", "c"]}).save_to_disk(tmp_path / "ds2")
-    assert inputs.corpus_identity(CorpusSource(kind="disk", path=str(tmp_path / "ds2")))["folder"] != disk["folder"]
-    stdlib = inputs.corpus_identity(CorpusSource())
-    assert stdlib["python"] and len(stdlib["listing"]) == 32 and stdlib == inputs.corpus_identity(CorpusSource())
+    assert corpus_identity(CorpusSource(kind="disk", path=str(tmp_path / "ds2")))["folder"] != disk["folder"]
+    stdlib = corpus_identity(CorpusSource())
+    assert stdlib["python"] and len(stdlib["listing"]) == 32 and stdlib == corpus_identity(CorpusSource())
 
 
 def test_hub_names_are_pinned_to_the_cached_revision_or_say_unresolved(tmp_path, monkeypatch):
@@ -112,7 +120,7 @@ def test_hub_names_are_pinned_to_the_cached_revision_or_say_unresolved(tmp_path,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
 
     toy = CorpusSource(kind="hf", name="org/toy")
-    identity = inputs.corpus_identity(toy)
+    identity = corpus_identity(toy)
     assert identity["revision"] == "0123abcd"
     assert [key for key, _, _ in identity["files"]] == ["data/train-00.jsonl.zst", "data/train-01.jsonl.zst"]
     assert [key for key, _ in iter_documents(toy)][:2] == ["data/train-00.jsonl.zst#0", "data/train-00.jsonl.zst#1"]
@@ -120,7 +128,7 @@ def test_hub_names_are_pinned_to_the_cached_revision_or_say_unresolved(tmp_path,
     assert "from its local snapshot: 2 file(s)" in describe_corpus(toy)
     with pytest.raises(UserError, match="no split 'validation'; its splits: train, test"):
         describe_corpus(toy.model_copy(update={"split": "validation"}))
-    assert inputs.corpus_identity(CorpusSource(kind="hf", name="nobody/nothing"))["revision"] == "unresolved"
+    assert corpus_identity(CorpusSource(kind="hf", name="nobody/nothing"))["revision"] == "unresolved"
     assert "streamed from the hub by one task" in describe_corpus(CorpusSource(kind="hf", name="nobody/nothing"))
 
     assert inputs.model_identity("org/lm") == {"hub": "org/lm", "revision": "feedbeef"}
@@ -137,7 +145,7 @@ def test_a_snapshot_folder_can_be_named_directly_and_tokenized(tmp_path):
     tokenizer = train_tokenizer(source, fractions, 512, tmp_path / "tok")
     shards = build_shards(source, tokenizer, fractions, 8, tmp_path / "cache", tasks=1)
     assert TokenShard.open(shards["retrain"]).n_sequences > 0
-    assert inputs.corpus_identity(source)["revision"] == "local folder"
+    assert corpus_identity(source)["revision"] == "local folder"
 
 
 def test_local_model_and_tokenizer_identities_are_by_content(tmp_path):

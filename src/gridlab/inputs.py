@@ -4,7 +4,8 @@
   its real path and (size, mtime, inode), so only new or changed files are read; a folder's is the hash of its
   files' relative names and hashes. Moving or renaming a file keeps its fingerprint; touching it recomputes the
   same one.
-- ``corpus_identity(source)``: the content a corpus reads, without the paths it is read from.
+- ``file_fingerprint`` / ``folder_fingerprint`` / ``stamp_fingerprint`` / ``snapshot_revision``: the pieces
+  ``gridlab.data.corpus_identity`` builds a corpus's identity from.
 - ``model_identity(name_or_path)`` / ``tokenizer_identity(name_or_path)``: a local folder's fingerprint, or a hub
   repository's resolved revision from the local hub cache (``"unresolved"`` when the cache has none).
 
@@ -17,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from gridlab.atomic import write_json
 from gridlab.errors import UserError
@@ -40,13 +39,13 @@ def fingerprint(path: str | Path) -> str:
     """The content fingerprint of a local file or folder (``b2:<hex>``)."""
     path = Path(path)
     if path.is_dir():
-        return _folder_fingerprint(path, _files_under(path))
+        return folder_fingerprint(path, files_under(path))
     if not path.is_file():
         raise UserError(f"{path}: no such file or folder")
-    return _file_fingerprint(path)
+    return file_fingerprint(path)
 
 
-def _files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
     """Every file under a folder, sorted; hidden entries (.git, .cache) skipped."""
     found = []
     for current, dirs, files in os.walk(folder, followlinks=True):
@@ -55,16 +54,16 @@ def _files_under(folder: Path) -> list[Path]:
     return found
 
 
-def _folder_fingerprint(folder: Path, files: list[Path]) -> str:
+def folder_fingerprint(folder: Path, files: list[Path]) -> str:
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:  # hashlib releases the GIL
-        hashes = list(pool.map(_file_fingerprint, files))
+        hashes = list(pool.map(file_fingerprint, files))
     digest = hashlib.blake2b(digest_size=16)
     for file, file_hash in zip(files, hashes, strict=True):
         digest.update(f"{file.relative_to(folder).as_posix()}\0{file_hash}\n".encode())
     return f"b2:{digest.hexdigest()}"
 
 
-def _file_fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
     real = os.path.realpath(path)
     try:
         stat = os.stat(real)
@@ -98,7 +97,7 @@ def hash_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _stamp_fingerprint(files: list[Path], folder: Path) -> str:
+def stamp_fingerprint(files: list[Path], folder: Path) -> str:
     """A hash of relative names, sizes and mtimes: what changes whenever the content may have (no reads)."""
     digest = hashlib.blake2b(digest_size=16)
     for file in files:
@@ -107,48 +106,7 @@ def _stamp_fingerprint(files: list[Path], folder: Path) -> str:
     return f"stat:{digest.hexdigest()}"
 
 
-# ------------------------------------------------------------------------------------------------------ corpora
-
-
-def corpus_identity(source, content: bool = True) -> dict[str, Any]:
-    """What a corpus reads, without where it is read from: the keys that change its documents plus, for local
-    files, each matched file's key (its path relative to its pattern, which names its documents) and content
-    fingerprint; for a saved dataset its folder's fingerprint; for a hub dataset its resolved revision (or
-    "unresolved"); for the standard library the Python version and a fingerprint of its file listing.
-    ``content=False`` puts (size, mtime) in place of content hashes: no file is read."""
-    from gridlab.data.sources import _stdlib_listing, corpus_files, hub_snapshot
-
-    identity: dict[str, Any] = {"kind": source.kind, "max_documents": source.max_documents}
-    if source.kind == "stdlib":
-        listing = hashlib.blake2b(digest_size=16)
-        for relative, size, _mtime in _stdlib_listing():
-            listing.update(f"{relative}\0{size}\n".encode())
-        return identity | {"python": sys.version, "listing": listing.hexdigest()}
-    identity["text_column"] = source.text_column
-    if source.kind == "disk":
-        folder = Path(source.path)
-        if not folder.is_dir():
-            raise UserError(f"corpus.path {source.path!r} does not exist (expected a datasets save_to_disk folder)")
-        files = _files_under(folder)
-        value = _folder_fingerprint(folder, files) if content else _stamp_fingerprint(files, folder)
-        return identity | {"split": source.split, "folder": value}
-    files = corpus_files(source)
-    if source.kind == "hf":
-        identity |= {"name": source.name, "config": source.config, "split": source.split}
-        snapshot = hub_snapshot(source.name)
-        identity["revision"] = _revision_of(snapshot) if snapshot is not None else UNRESOLVED
-        if files is None:
-            return identity
-    listed = [Path(file.path) for file in files]
-    if content:
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(listed)))) as pool:
-            values = list(pool.map(_file_fingerprint, listed))
-    else:
-        values = [f"{file.size}:{file.mtime_ns}" for file in files]
-    return identity | {"files": [[file.key, file.size, value] for file, value in zip(files, values, strict=True)]}
-
-
-def _revision_of(snapshot: Path) -> str:
+def snapshot_revision(snapshot: Path) -> str:
     """The commit of a hub-cache snapshot folder (``…/snapshots/<commit>``); a plain local folder has none."""
     return snapshot.name if snapshot.parent.name == "snapshots" else "local folder"
 
@@ -170,7 +128,7 @@ def tokenizer_identity(name_or_path: str | Path) -> dict[str, str]:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
-        return {"fingerprint": _folder_fingerprint(path, files) if files else fingerprint(path)}
+        return {"fingerprint": folder_fingerprint(path, files) if files else fingerprint(path)}
     if path.exists():
         return {"fingerprint": fingerprint(path)}
     return {"hub": str(name_or_path), "revision": hub_revision(str(name_or_path))}

@@ -242,18 +242,19 @@ def data_stages(spec: GridSpec, config: DataConfig) -> tuple[list[Stage], Stage]
 
 def build_plan(spec: GridSpec) -> Plan:
     from gridlab import inputs as local_inputs
+    from gridlab.data import corpus_identity
     from gridlab.pruning import METHODS
 
     schedule = spec.schedule
     evaluation = canonical(spec.evaluation.model_dump())
-    # Local inputs enter ids by content (gridlab.inputs: a cached hash behind sizes and mtimes), hub ones by revision.
-    corpora = canonical([local_inputs.corpus_identity(corpus) for corpus in spec.evaluation.corpora])
+    # Local inputs enter ids by content (a cached hash behind sizes and mtimes), hub ones by revision.
+    corpora = canonical([corpus_identity(corpus) for corpus in spec.evaluation.corpora])
     tasks = task_identities(spec.evaluation.lm_eval_tasks)
     tokenizer_identity = (canonical(local_inputs.tokenizer_identity(spec.tokenizer.path))
                           if spec.tokenizer.path else None)
     data_tasks, data = data_stages(spec, DataConfig(
         corpus=canonical(spec.corpus.model_dump()),
-        corpus_identity=canonical(local_inputs.corpus_identity(spec.corpus)),
+        corpus_identity=canonical(corpus_identity(spec.corpus)),
         splits=canonical(spec.splits.model_dump()), tokenizer=canonical(spec.tokenizer.model_dump()),
         tokenizer_identity=tokenizer_identity, seq_len=spec.seq_len))
     parent_tokens = spec.parent.tokens

@@ -84,15 +84,16 @@ _INPUT_NAMES = {"corpus": "the corpus", "tokenizer": "the tokenizer folder", "pa
 def current_inputs(grid: dict[str, Any]) -> dict[str, Any]:
     """The identities of what a submitted grid reads, as they are now (gridlab.inputs: cheap when unchanged)."""
     from gridlab import inputs
+    from gridlab.data import corpus_identity
     from gridlab.data.schema import CorpusSource
 
     corpus = CorpusSource.model_validate(grid["corpus"])
     evaluation = [CorpusSource.model_validate({k: v for k, v in c.items() if k != "label"})
                   for c in grid.get("evaluation", {}).get("corpora", [])]
     tokenizer, parent = grid["tokenizer"].get("path"), grid["parent"].get("path")
-    return {"corpus": canonical(inputs.corpus_identity(corpus)),
+    return {"corpus": canonical(corpus_identity(corpus)),
             "tokenizer": canonical(inputs.tokenizer_identity(tokenizer)) if tokenizer else None,
-            "eval_corpora": canonical([inputs.corpus_identity(c) for c in evaluation]),
+            "eval_corpora": canonical([corpus_identity(c) for c in evaluation]),
             "parent": canonical(inputs.model_identity(parent)) if parent else None}
 
 

@@ -2,7 +2,8 @@
 
     schema    CorpusSource, SplitFractions, TokenizerConfig (the grid's [corpus], [splits], [tokenizer])
     formats   streaming readers of .txt, .jsonl(.zst/.gz), .json(.gz), .parquet
-    sources   file listings, units, documents in reading order, what `gridlab plan` says about a corpus
+    sources   file listings, units, documents in reading order, what `gridlab plan` says about a corpus,
+              corpus_identity (what a corpus reads, by content)
     tokenizer train_tokenizer, load_tokenizer, tokenizer_hash
     shards    tokenize_partition, assemble, build_shards, shard_folder, TokenShard
 """
@@ -37,6 +38,7 @@ from gridlab.data.sources import (
     Unit,
     check_corpus,
     corpus_files,
+    corpus_identity,
     corpus_units,
     describe_corpus,
     hub_snapshot,
@@ -52,8 +54,8 @@ __all__ = [
     "DEFAULT_FRACTIONS", "DEFAULT_SAMPLE_DOCUMENTS", "EOS_TOKEN", "FORMATS", "MIN_VOCAB_SIZE", "PAD_TOKEN",
     "SOURCE_KINDS", "SPLITS", "CorpusFile", "CorpusListing", "CorpusSource", "SplitFractions", "TokenShard",
     "TokenizerConfig", "Unit", "assemble", "assign_partitions", "assign_split", "available_cores", "build_shards",
-    "check_corpus", "check_file", "corpus_files", "corpus_units", "describe_corpus", "format_of", "hub_snapshot",
-    "iter_documents", "iter_unit", "list_corpus", "list_files", "load_tokenizer", "read_documents", "shard_folder",
-    "shard_key", "shard_manifest", "stdlib_root", "token_dtype", "tokenize_partition", "tokenizer_hash",
+    "check_corpus", "check_file", "corpus_files", "corpus_identity", "corpus_units", "describe_corpus", "format_of",
+    "hub_snapshot", "iter_documents", "iter_unit", "list_corpus", "list_files", "load_tokenizer", "read_documents",
+    "shard_folder", "shard_key", "shard_manifest", "stdlib_root", "token_dtype", "tokenize_partition", "tokenizer_hash",
     "train_tokenizer",
 ]

@@ -34,7 +34,7 @@ import numpy as np
 
 from gridlab.atomic import staged_directory, write_json
 from gridlab.data.schema import SPLITS, SplitFractions, assign_split
-from gridlab.data.sources import CorpusSource, Unit, corpus_units, iter_unit
+from gridlab.data.sources import CorpusSource, Unit, corpus_identity, corpus_units, iter_unit
 from gridlab.data.tokenizer import load_tokenizer, tokenizer_hash
 from gridlab.errors import UserError
 
@@ -464,10 +464,8 @@ def _check_seq_len(seq_len: int) -> None:
 
 
 def shard_key(source: CorpusSource, tokenizer_digest: str, fractions: SplitFractions, seq_len: int) -> str:
-    """The shard folder's name: the corpus as listed (gridlab.inputs.corpus_identity without content hashes: the
-    stage reading it is already addressed by content), the tokenizer, the splits and seq_len."""
-    from gridlab.inputs import corpus_identity
-
+    """The shard folder's name: the corpus as listed (corpus_identity without content hashes: the stage reading it
+    is already addressed by content), the tokenizer, the splits and seq_len."""
     identity = [SHARD_FORMAT_VERSION, corpus_identity(source, content=False), tokenizer_digest,
                 fractions.model_dump(), seq_len]
     return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=12).hexdigest()

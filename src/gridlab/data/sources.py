@@ -9,6 +9,7 @@ documents is units in order, then documents within a unit.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import sys
 import sysconfig
@@ -16,10 +17,19 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from gridlab.data.formats import FORMATS, MAX_TXT_BYTES, check_file, format_of, parquet_rows, read_documents
 from gridlab.data.schema import CorpusSource
 from gridlab.errors import UserError
+from gridlab.inputs import (
+    UNRESOLVED,
+    file_fingerprint,
+    files_under,
+    folder_fingerprint,
+    snapshot_revision,
+    stamp_fingerprint,
+)
 
 STDLIB_UNIT_FILES = 64
 DISK_UNIT_ROWS = 50_000
@@ -453,3 +463,42 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
     return f"{n} B"
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+
+
+def corpus_identity(source: CorpusSource, content: bool = True) -> dict[str, Any]:
+    """What a corpus reads, without where it is read from: the keys that change its documents plus, for local
+    files, each matched file's key (its path relative to its pattern, which names its documents) and content
+    fingerprint; for a saved dataset its folder's fingerprint; for a hub dataset its resolved revision (or
+    "unresolved"); for the standard library the Python version and a fingerprint of its file listing.
+    ``content=False`` puts (size, mtime) in place of content hashes: no file is read."""
+    identity: dict[str, Any] = {"kind": source.kind, "max_documents": source.max_documents}
+    if source.kind == "stdlib":
+        listing = hashlib.blake2b(digest_size=16)
+        for relative, size, _mtime in _stdlib_listing():
+            listing.update(f"{relative}\0{size}\n".encode())
+        return identity | {"python": sys.version, "listing": listing.hexdigest()}
+    identity["text_column"] = source.text_column
+    if source.kind == "disk":
+        folder = Path(source.path)
+        if not folder.is_dir():
+            raise UserError(f"corpus.path {source.path!r} does not exist (expected a datasets save_to_disk folder)")
+        files = files_under(folder)
+        value = folder_fingerprint(folder, files) if content else stamp_fingerprint(files, folder)
+        return identity | {"split": source.split, "folder": value}
+    files = corpus_files(source)
+    if source.kind == "hf":
+        identity |= {"name": source.name, "config": source.config, "split": source.split}
+        snapshot = hub_snapshot(source.name)
+        identity["revision"] = snapshot_revision(snapshot) if snapshot is not None else UNRESOLVED
+        if files is None:
+            return identity
+    listed = [Path(file.path) for file in files]
+    if content:
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(listed)))) as pool:
+            values = list(pool.map(file_fingerprint, listed))
+    else:
+        values = [f"{file.size}:{file.mtime_ns}" for file in files]
+    return identity | {"files": [[file.key, file.size, value] for file, value in zip(files, values, strict=True)]}
