@@ -241,22 +241,20 @@ def data_stages(spec: GridSpec, config: DataConfig) -> tuple[list[Stage], Stage]
 
 
 def build_plan(spec: GridSpec) -> Plan:
-    from gridlab import inputs as local_inputs
-    from gridlab.data import corpus_identity
+    from gridlab.planfile import current_inputs
     from gridlab.pruning import METHODS
 
     schedule = spec.schedule
     evaluation = canonical(spec.evaluation.model_dump())
-    # Local inputs enter ids by content (a cached hash behind sizes and mtimes), hub ones by revision.
-    corpora = canonical([corpus_identity(corpus) for corpus in spec.evaluation.corpora])
+    # Local inputs enter ids by content (a cached hash behind sizes and mtimes), hub ones by revision; the same
+    # identities submit and status later compare with the inputs as they are then.
+    inputs = current_inputs(spec.model_dump(mode="json"))
+    corpora = inputs["eval_corpora"]
     tasks = task_identities(spec.evaluation.lm_eval_tasks)
-    tokenizer_identity = (canonical(local_inputs.tokenizer_identity(spec.tokenizer.path))
-                          if spec.tokenizer.path else None)
     data_tasks, data = data_stages(spec, DataConfig(
-        corpus=canonical(spec.corpus.model_dump()),
-        corpus_identity=canonical(corpus_identity(spec.corpus)),
+        corpus=canonical(spec.corpus.model_dump()), corpus_identity=inputs["corpus"],
         splits=canonical(spec.splits.model_dump()), tokenizer=canonical(spec.tokenizer.model_dump()),
-        tokenizer_identity=tokenizer_identity, seq_len=spec.seq_len))
+        tokenizer_identity=inputs["tokenizer"], seq_len=spec.seq_len))
     parent_tokens = spec.parent.tokens
     parent_architecture = parent_config(spec) if spec.parent.preset is not None or spec.parent.pretrains else None
     if spec.parent.pretrains:
@@ -266,7 +264,7 @@ def build_plan(spec: GridSpec) -> Plan:
     else:
         declared = config_dict(parent_architecture) if parent_architecture is not None else None
         parent = make_stage(LoadedParent(path=spec.parent.path,
-                                         model_identity=canonical(local_inputs.model_identity(spec.parent.path)),
+                                         model_identity=inputs["parent"],
                                          tokens=parent_tokens, declared=declared), {"data": data.id})
     stages: dict[str, Stage] = {**{task.id: task for task in data_tasks}, data.id: data, parent.id: parent}
     parent_eval = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tasks=tasks,
@@ -380,8 +378,6 @@ def build_plan(spec: GridSpec) -> Plan:
     counts = {kind: 0 for kind in STAGE_KINDS if kind not in DATA_TASK_KINDS or data_tasks}
     for stage in ordered.values():
         counts[stage.kind] += 1
-    inputs = {"corpus": data.config.corpus_identity, "tokenizer": tokenizer_identity, "eval_corpora": corpora,
-              "parent": getattr(parent.config, "model_identity", None)}
     return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts, inputs=inputs)
 
 
