@@ -96,7 +96,7 @@ def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str
 def _check_field_type(config_class, key: str, value: Any, where: str) -> None:
     """The config class's own type check of one field (transformers' strict dataclass validation: e.g. an int for
     a float field, a string for Qwen2Config.sliding_window)."""
-    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
     try:
         config_class(**{key: value})
@@ -104,7 +104,7 @@ def _check_field_type(config_class, key: str, value: Any, where: str) -> None:
         cause = error.__cause__ or error
         reason = str(cause).splitlines()[0].split(". Errors:")[0]
         raise InvalidValue(where, f"{value!r} is refused by {config_class.__name__}: {reason}") from None
-    except (ValueError, TypeError):
+    except (StrictDataclassClassValidationError, ValueError, TypeError):
         pass  # a check across fields, made with the preset's other fields below and by make_config
 
 
