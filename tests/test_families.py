@@ -9,6 +9,7 @@ family, give the random twin its exact config, and survive a save / plain-transf
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -567,3 +568,39 @@ def test_a_qwen3_gguf_whose_head_dim_transformers_cannot_read_is_refused(tokeniz
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "heads are 16 wide" in err and "head_dim 128" in err
     assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------- a grid end to end
+
+def test_a_grid_with_a_loaded_qwen3_parent_runs_end_to_end_layer_by_layer(parents, tmp_path):
+    import duckdb
+    from typer.testing import CliRunner
+
+    from gridlab.cli import app
+    from gridlab.layout import RunPaths
+
+    from runner_helpers import write_grid
+
+    grid = _grid({"path": str(parents["qwen3"]), "tokens": 10**6}, {"path": str(parents["qwen3"])},
+                 name="qwen3", budgets=[1024], calibration={"sequences": 4, "layerwise": True})
+    grid["methods"].append({"name": "sparsegpt"})
+    result = CliRunner().invoke(app, ["submit", str(write_grid(tmp_path, grid)), "--executor", "debug"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "qwen3"
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
+        assert connection.execute("SELECT DISTINCT status FROM cells").fetchall() == [("done",)]
+    models = {}
+    for stage_file in run_dir.glob("stages/*/stage.json"):
+        stage = json.loads(stage_file.read_text())
+        if stage["kind"] in ("prune", "init"):
+            payload = json.loads((stage_file.parent / "result.json").read_text())["payload"]
+            models[stage["kind"], stage["config"].get("method")] = (payload, stage["config"])
+    assert {method for kind, method in models if kind == "prune"} == {"shortgpt", "minitron-width", "wanda",
+                                                                        "sparsegpt"}
+    for (kind, method), (payload, config) in models.items():
+        saved = json.loads((Path(payload["model_path"]) / "config.json").read_text())
+        assert saved["model_type"] == "qwen3" and saved["head_dim"] == 16
+        if kind == "prune":
+            assert payload["layerwise"] == (method in ("shortgpt", "wanda", "sparsegpt"))
+        elif "architecture" in config:  # a random twin: the architecture the plan computed is the saved one
+            assert architecture_diff(config["architecture"], saved) == []
