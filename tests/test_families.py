@@ -554,6 +554,12 @@ def test_a_gguf_file_of_each_family_converts_to_a_plain_hf_folder(family, archit
         assert as_llama.config.model_type == "llama"
         short = probe[:, :8]  # within the window, Llama and Mistral attend alike
         torch.testing.assert_close(logits(as_llama, short), logits(source, short), rtol=1e-5, atol=1e-5)
+        assert main(["--gguf", str(gguf), "--out", str(tmp_path / "v03"), "--as-mistral", "none"]) == 0
+        unwindowed = AutoModelForCausalLM.from_pretrained(tmp_path / "v03")
+        assert unwindowed.config.model_type == "mistral" and unwindowed.config.sliding_window is None
+        torch.testing.assert_close(logits(unwindowed, probe), logits(as_llama, probe), rtol=1e-5, atol=1e-5)
+    else:
+        assert main(["--gguf", str(gguf), "--out", str(tmp_path / "no"), "--as-mistral", "8"]) == 2
 
 
 def test_a_qwen3_gguf_whose_head_dim_transformers_cannot_read_is_refused(tokenizer_dir, tmp_path, capsys):

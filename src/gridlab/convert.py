@@ -70,7 +70,8 @@ def plain_config(config, as_mistral=_NO_WINDOW):
         raise UserError(f"the GGUF file holds a {config.model_type!r} model: {error}") from None
     extra = {}
     if as_mistral is not _NO_WINDOW:
-        if config.model_type != "llama" or config.attention_bias or config.mlp_bias:
+        if config.model_type not in ("llama", "mistral") or getattr(config, "attention_bias", False) or getattr(
+                config, "mlp_bias", False):
             raise UserError(f"--as-mistral rewrites a bias-free llama-architecture file; this one holds a "
                             f"{config.model_type!r} model")
         found, extra = FAMILIES["mistral"], {"sliding_window": as_mistral}
