@@ -578,6 +578,7 @@ def test_a_qwen3_gguf_whose_head_dim_transformers_cannot_read_is_refused(tokeniz
 
 # ---------------------------------------------------------------- a grid end to end
 
+@pytest.mark.slow
 def test_a_grid_with_a_loaded_qwen3_parent_runs_end_to_end_layer_by_layer(parents, tmp_path):
     import duckdb
     from typer.testing import CliRunner
