@@ -611,3 +611,19 @@ def test_a_grid_with_a_loaded_qwen3_parent_runs_end_to_end_layer_by_layer(parent
             assert payload["layerwise"] == (method in ("shortgpt", "wanda", "sparsegpt"))
         elif "architecture" in config:  # a random twin: the architecture the plan computed is the saved one
             assert architecture_diff(config["architecture"], saved) == []
+
+
+def test_the_qwen3_example_plans_a_qwen3_parent_and_qwen3_twins():
+    from gridlab.plan import build_plan
+    from gridlab.spec import load_grid
+
+    from runner_helpers import REPO
+
+    plan = build_plan(load_grid(REPO / "examples" / "qwen3-tiny.toml"))
+    (parent,) = [s for s in plan.stages.values() if s.kind == "parent"]
+    assert parent.config.architecture["model_type"] == "qwen3" and parent.config.architecture["head_dim"] == 16
+    assert parent.config.architecture["hidden_size"] == 32  # 4 heads × 16 = 64 query channels from 32
+    twins = [s.config.architecture for s in plan.stages.values() if s.kind == "init" and hasattr(s.config,
+                                                                                                 "architecture")]
+    assert len(twins) == 3  # depth (shared by both depth methods), minitron-width, llm-pruner
+    assert all(t["model_type"] == "qwen3" and t["head_dim"] == 16 for t in twins)
