@@ -19,6 +19,7 @@ from gridlab.data import CorpusSource, SplitFractions, load_tokenizer, train_tok
 from gridlab.errors import UserError
 from gridlab.families import FAMILIES, check_supported
 from gridlab.model import (
+    PRESETS,
     architecture,
     architecture_diff,
     check_declared_architecture,
@@ -465,6 +466,7 @@ def test_a_grid_plans_a_loaded_parent_of_each_family_and_checks_a_declared_prese
     ("mistral-7b", "rms_norm_eps", 1, "refused by MistralConfig: Field 'rms_norm_eps' expected float"),
     ("qwen3-0.6b", "use_sliding_window", 1, "not true or false"),
     ("qwen3-0.6b", "model_type", "llama", "not a Qwen3Config field"),
+    ("qwen3-0.6b", "rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4}, "Missing required keys"),
 ])
 def test_parent_overrides_are_checked_against_the_familys_config_class(preset, key, value, message):
     from gridlab.spec import parse_grid
@@ -476,6 +478,14 @@ def test_parent_overrides_are_checked_against_the_familys_config_class(preset, k
     with pytest.raises(UserError) as error:
         parse_grid(grid)
     assert f"parent.overrides.{key}" in str(error.value) and message in str(error.value), str(error.value)
+
+
+def test_make_config_leaves_the_presets_and_the_callers_overrides_as_they_were():
+    rope = {"rope_type": "default"}  # transformers fills in rope_theta
+    before = copy.deepcopy(PRESETS["qwen3-0.6b"])
+    config = make_config("qwen3-0.6b", VOCAB, 64, rope_parameters=rope)
+    assert "rope_theta" in config.rope_parameters
+    assert rope == {"rope_type": "default"} and PRESETS["qwen3-0.6b"] == before
 
 
 def test_a_qwen3_preset_takes_a_hidden_size_that_is_not_a_multiple_of_its_heads():

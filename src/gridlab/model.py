@@ -3,6 +3,7 @@ gridlab.families (Llama, Mistral, Qwen2/Qwen2.5, Qwen3)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ def make_config(preset: str, vocab_size: int, seq_len: int, **overrides) -> Pret
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    fields = {key: value for key, value in {**PRESETS[preset], **overrides}.items() if key != "model_type"}
+    # A deep copy: transformers fills in a rope_parameters table in place, which must not edit PRESETS or the caller's.
+    fields = {key: copy.deepcopy(value) for key, value in {**PRESETS[preset], **overrides}.items()
+              if key != "model_type"}
     if "rope_theta" in fields:
         fields["rope_parameters"] = {**fields.get("rope_parameters", {"rope_type": "default"}),
                                      "rope_theta": float(fields.pop("rope_theta"))}

@@ -6,6 +6,7 @@ the offending value and, for unknown keys, the nearest valid key. The file is da
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -99,11 +100,13 @@ def _check_field_type(config_class, key: str, value: Any, where: str) -> None:
     from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
     try:
-        config_class(**{key: value})
+        config_class(**{key: copy.deepcopy(value)})  # a copy: transformers fills in a rope_parameters table in place
     except StrictDataclassFieldValidationError as error:
         cause = error.__cause__ or error
         reason = str(cause).splitlines()[0].split(". Errors:")[0]
         raise InvalidValue(where, f"{value!r} is refused by {config_class.__name__}: {reason}") from None
+    except KeyError as error:  # rope_parameters without the keys its rope_type needs
+        raise InvalidValue(where, f"{value!r} is refused by {config_class.__name__}: {error.args[0]}") from None
     except (StrictDataclassClassValidationError, ValueError, TypeError):
         pass  # a check across fields, made with the preset's other fields below and by make_config
 
