@@ -107,6 +107,16 @@ def family_type(family: str) -> str:
 
 # ---------------------------------------------------------------- loading, counting, presets
 
+def test_the_registry_holds_the_classes_transformers_auto_classes_pick():
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3"}
+    for model_type, family in FAMILIES.items():
+        assert CONFIG_MAPPING[model_type] is family.config_class
+        assert MODEL_FOR_CAUSAL_LM_MAPPING[family.config_class] is family.model_class
+
+
+
 @pytest.mark.parametrize("family", PARENTS)
 def test_a_parent_folder_loads_as_its_own_family_and_counts_biases_and_norms(family, parents):
     model, _ = load_model(parents[family])
