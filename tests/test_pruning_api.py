@@ -211,9 +211,9 @@ def test_bad_input_raises_one_line_and_leaves_the_model_untouched(parent, calibr
 
 def test_a_model_that_is_not_a_decoder_only_llama_is_refused(calibration):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, n_positions=64))
-    with pytest.raises(ValueError, match="decoder-only Llama-style"):
+    with pytest.raises(ValueError, match="decoder-only causal LM of a supported family"):
         prune(gpt2, "wanda", 0.5, calibration)
-    with pytest.raises(ValueError, match="decoder-only Llama-style"):
+    with pytest.raises(ValueError, match="decoder-only causal LM of a supported family"):
         prune(torch.nn.Linear(4, 4), "magnitude", 0.5)
 
 

@@ -122,7 +122,7 @@ class ShardTask(_DataTask):
 class PretrainParent(StageConfig):
     kind: Literal["parent"] = "parent"
     source: Literal["pretrain"] = "pretrain"
-    architecture: dict[str, Any]      # the LlamaConfig it is built from (to_dict, volatile fields dropped)
+    architecture: dict[str, Any]      # the config it is built from (to_dict with model_type, volatile fields dropped)
     tokens: int                       # P
     seed: int
     schedule: Schedule

@@ -135,11 +135,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 
 def plain_model(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An unwrapped CPU LlamaForCausalLM holding a consolidated state (what save_pretrained needs)."""
-    from transformers import LlamaForCausalLM
+    """An unwrapped CPU model of the config's family holding a consolidated state (what save_pretrained needs)."""
+    from gridlab.families import build_model
 
     with torch.device("meta"):  # no memory, no random init: every weight comes from `state`
-        model = LlamaForCausalLM(config)
+        model = build_model(config)
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()

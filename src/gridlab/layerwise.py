@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers import AutoConfig
 
 from gridlab import atomic
+from gridlab.families import build_model, check_supported
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -135,20 +135,22 @@ def local_snapshot(hub_name: str) -> Path:
 
 
 def open_layerwise(checkpoint: str | Path, device: str | torch.device, spill_dir: str | Path):
-    """The parent at `checkpoint` with its decoder layers left on disk (see the module docstring)."""
+    """The parent at `checkpoint` (any supported family: its own model class) with its decoder layers left on disk
+    (see the module docstring)."""
     device = torch.device(device)
     checkpoint = Path(checkpoint) if Path(checkpoint).is_dir() else local_snapshot(str(checkpoint))
     config = AutoConfig.from_pretrained(checkpoint)
+    check_supported(config, str(checkpoint))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = build_model(config).float()
     files = checkpoint_files(checkpoint)
     outside_layers = [name for name, _ in model.named_parameters() if not name.startswith("model.layers.")]
     stored = read_tensors(files, [name for name in outside_layers if name in files], device)
     model.load_state_dict({name: t.float() for name, t in stored.items()}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    # The rotary inverse frequencies are a non-persistent buffer: computed, never stored.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    # The rotary inverse frequencies are a non-persistent buffer: computed, never stored (the family's own class).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
     model.layer_store = LayerStore(checkpoint, device, Path(spill_dir), model.model.layers)
     model.eval()
     return model
@@ -204,7 +206,7 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 def layer_output(output) -> torch.Tensor:
-    # transformers 5 returns a tensor from LlamaDecoderLayer; older versions returned a tuple.
+    # transformers 5 returns a tensor from every supported family's decoder layer; older versions returned a tuple.
     return output[0] if isinstance(output, (tuple, list)) else output
 
 

@@ -1,7 +1,9 @@
-"""Llama configurations, random initialisation, parameter accounting and plain-HF save/load."""
+"""Model configurations, random initialisation, parameter accounting and plain-HF save/load, for every family of
+gridlab.families (Llama, Mistral, Qwen2/Qwen2.5, Qwen3)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -9,16 +11,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gridlab.atomic import staged_directory
 from gridlab.errors import UserError
+from gridlab.families import build_model, config_from_dict, family, layer_norms
 
 # Every field of an architecture but the vocabulary (it comes from the tokenizer). gridlab's own presets are untied,
 # use eps 1e-5 and take their context from the grid's seq_len; presets of published models carry every field of the
 # published config (rope parameters, tying, context, eps, special-token ids), so a random-init model built from the
 # declaration is the published architecture exactly. pico/micro/nano have >= 12 layers so that depth ratios
-# 0.5-0.8 remove distinct layer counts.
+# 0.5-0.8 remove distinct layer counts. A preset of another family names its model_type (absent: llama).
 _GRIDLAB = dict(tie_word_embeddings=False, rms_norm_eps=1e-5)
 PRESETS: dict[str, dict] = {
     "pico": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=12,
@@ -48,6 +51,35 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False, initializer_range=0.02,
         rope_parameters=dict(rope_type="default", rope_theta=100000.0),
         bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    # Qwen/Qwen2.5-0.5B's config.json (vocabulary 151936): q/k/v biases, tied embeddings, 14 query heads in 2 KV
+    # groups of head_dim 64. Its sliding_window is unused (use_sliding_window false; transformers sets it to None).
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, initializer_range=0.02, attention_dropout=0.0,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), use_sliding_window=False,
+        sliding_window=32768, max_window_layers=24, use_mrope=False, bos_token_id=151643, eos_token_id=151643),
+    # Qwen/Qwen3-0.6B's config.json (vocabulary 151936): q_norm/k_norm, head_dim 128 with hidden 1024 and 16 heads.
+    "qwen3-0.6b": dict(
+        model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False, initializer_range=0.02, attention_dropout=0.0,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), use_sliding_window=False,
+        sliding_window=None, max_window_layers=28, bos_token_id=151643, eos_token_id=151645),
+    # mistralai/Mistral-7B-v0.1's config.json (vocabulary 32000): a 4096-token sliding window on every layer.
+    "mistral-7b": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0), sliding_window=4096,
+        bos_token_id=1, eos_token_id=2),
+    # mistralai/Mistral-7B-v0.3's config.json (vocabulary 32768): no sliding window, rope_theta 1e6.
+    "mistral-7b-v0.3": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02, attention_dropout=0.0,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), sliding_window=None,
+        bos_token_id=1, eos_token_id=2),
 }
 
 DECODER_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,14 +92,17 @@ VOLATILE_FIELDS = frozenset({
 })
 
 
-def make_config(preset: str, vocab_size: int, seq_len: int, **overrides) -> LlamaConfig:
-    """The preset's architecture with `overrides` on top; a preset without its own context gets `seq_len`.
+def make_config(preset: str, vocab_size: int, seq_len: int, **overrides) -> PretrainedConfig:
+    """The preset's architecture (a config of its family's class) with `overrides` on top; a preset without its own
+    context gets `seq_len`.
 
     A legacy ``rope_theta`` override updates the preset's ``rope_parameters``.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    fields = {**PRESETS[preset], **overrides}
+    # A deep copy: transformers fills in a rope_parameters table in place, which must not edit PRESETS or the caller's.
+    fields = {key: copy.deepcopy(value) for key, value in {**PRESETS[preset], **overrides}.items()
+              if key != "model_type"}
     if "rope_theta" in fields:
         fields["rope_parameters"] = {**fields.get("rope_parameters", {"rope_type": "default"}),
                                      "rope_theta": float(fields.pop("rope_theta"))}
@@ -76,20 +111,24 @@ def make_config(preset: str, vocab_size: int, seq_len: int, **overrides) -> Llam
     if seq_len > fields["max_position_embeddings"]:
         raise ValueError(f"seq_len {seq_len} exceeds the {preset} architecture's max_position_embeddings "
                          f"{fields['max_position_embeddings']}")
-    return LlamaConfig(**fields)
+    return family(preset_family(preset)).config_class(**fields)
 
 
-def architecture(config: LlamaConfig | dict) -> dict:
+def preset_family(preset: str) -> str:
+    """The model_type of a preset's architecture."""
+    return PRESETS[preset].get("model_type", "llama")
+
+
+def architecture(config: PretrainedConfig | dict) -> dict:
     """The config as a plain dict of every field (defaults filled in, so a config.json's short form gives the same
-    dict) without its volatile fields: what two models of one architecture share."""
+    dict) without its volatile fields: what two models of one architecture share. A dict is read by its family's
+    config class (model_type; absent: llama)."""
     if isinstance(config, dict):
-        from transformers import CONFIG_MAPPING
-
-        config = CONFIG_MAPPING[config.get("model_type", "llama")].from_dict(config)
+        config = config_from_dict(config)
     return {key: value for key, value in config.to_dict().items() if key not in VOLATILE_FIELDS}
 
 
-def architecture_diff(declared: LlamaConfig | dict, loaded: LlamaConfig | dict) -> list[str]:
+def architecture_diff(declared: PretrainedConfig | dict, loaded: PretrainedConfig | dict) -> list[str]:
     """Field-by-field differences, one "field: declared X, loaded Y" line each; [] when the architectures agree.
 
     Volatile fields (VOLATILE_FIELDS) are ignored; nested dicts (rope_parameters) are compared key by key; an absent
@@ -100,7 +139,7 @@ def architecture_diff(declared: LlamaConfig | dict, loaded: LlamaConfig | dict) 
     return differences
 
 
-def check_declared_architecture(declared: LlamaConfig | dict, loaded: LlamaConfig | dict, path: str) -> None:
+def check_declared_architecture(declared: PretrainedConfig | dict, loaded: PretrainedConfig | dict, path: str) -> None:
     """The parent stage's check: a grid that declares its loaded parent's architecture (parent.preset + overrides,
     so that planning needs no download) must declare exactly the checkpoint's, or every random-init model would be
     built from the wrong one. Raises a one-line UserError listing each differing field."""
@@ -136,10 +175,11 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def init_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
-    """A fresh model whose linear and embedding weights are drawn from trunc_normal(0, 0.02)."""
+def init_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A fresh model of the config's family whose linear and embedding weights are drawn from trunc_normal(0, 0.02);
+    biases are zero and norms one (Qwen3's q_norm / k_norm too)."""
     generator = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = build_model(config)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -158,14 +198,19 @@ def init_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    decoder: int  # q, k, v, o, gate, up, down weights: the base of every pruning ratio
+    decoder: int  # q, k, v, o, gate, up, down weights and their biases: the base of every pruning ratio
     embedding: int  # input embeddings + untied lm_head
-    total: int
+    total: int  # everything: decoder + embedding + every norm (Qwen3's q_norm / k_norm included)
 
 
-def param_counts(model_or_config: LlamaForCausalLM | LlamaConfig) -> ParamCounts:
-    """Parameters of a model (counted from its tensors) or of a config (from its shapes alone; same numbers)."""
-    if isinstance(model_or_config, LlamaConfig):
+def param_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> ParamCounts:
+    """Parameters of a model (counted from its tensors) or of a config (from its shapes alone; same numbers).
+
+    ``decoder`` — the base of every pruning ratio — is the decoder layers' projection parameters: the q, k, v, o,
+    gate, up and down weights and whatever biases the family gives them (Qwen2's q/k/v biases). Norms (the layers'
+    RMSNorms, Qwen3's q_norm / k_norm, the final norm) and embeddings count in ``total`` only.
+    """
+    if isinstance(model_or_config, PretrainedConfig):
         return _config_param_counts(model_or_config)
     decoder = embedding = total = 0
     seen: set[int] = set()
@@ -181,27 +226,32 @@ def param_counts(model_or_config: LlamaForCausalLM | LlamaConfig) -> ParamCounts
     return ParamCounts(decoder=decoder, embedding=embedding, total=total)
 
 
-def head_dim(config: LlamaConfig) -> int:
+def head_dim(config: PretrainedConfig) -> int:
     """Width of one attention head: the config's explicit head_dim (pruned widths keep it), else hidden / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def decoder_layer_params(config: LlamaConfig, kv_groups: int | None = None, ffn: int | None = None,
+def decoder_layer_params(config: PretrainedConfig, kv_groups: int | None = None, ffn: int | None = None,
                          hidden: int | None = None) -> int:
-    """Weights of one decoder layer's 7 projections (norms excluded): of `config`, or of `config` with its KV
-    groups, FFN channels or hidden size replaced (width pruning searches these; query heads follow the KV groups)."""
+    """Parameters of one decoder layer's 7 projections, weights and the family's biases (norms excluded): of
+    `config`, or of `config` with its KV groups, FFN channels or hidden size replaced (width pruning searches these;
+    query heads follow the KV groups, head_dim stays). A bias has one entry per output row of its projection."""
     kv_groups = config.num_key_value_heads if kv_groups is None else kv_groups
     ffn = config.intermediate_size if ffn is None else ffn
     hidden = config.hidden_size if hidden is None else hidden
     heads = kv_groups * (config.num_attention_heads // config.num_key_value_heads)
-    return 2 * hidden * head_dim(config) * (heads + kv_groups) + 3 * hidden * ffn
+    hd = head_dim(config)
+    rows = {"q_proj": heads * hd, "k_proj": kv_groups * hd, "v_proj": kv_groups * hd, "o_proj": hidden,
+            "gate_proj": ffn, "up_proj": ffn, "down_proj": hidden}
+    biases = sum(rows[name] for name in family(config).biases(config))
+    return 2 * hidden * hd * (heads + kv_groups) + 3 * hidden * ffn + biases
 
 
-def _config_param_counts(config: LlamaConfig) -> ParamCounts:
+def _config_param_counts(config: PretrainedConfig) -> ParamCounts:
     hidden = config.hidden_size
     decoder = decoder_layer_params(config) * config.num_hidden_layers
     embedding = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    norms = hidden * (2 * config.num_hidden_layers + 1)
+    norms = layer_norms(config) * config.num_hidden_layers + hidden
     return ParamCounts(decoder=decoder, embedding=embedding, total=decoder + embedding + norms)
 
 
@@ -211,7 +261,7 @@ def special_token_ids(tokenizer) -> dict[str, int | None]:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def set_special_tokens(model: LlamaForCausalLM, tokenizer):
+def set_special_tokens(model: PreTrainedModel, tokenizer):
     """Make the model's config and generation_config carry the tokenizer's special-token ids (so generation stops
     on the tokenizer's eos); refuses a tokenizer whose ids do not fit the model's vocabulary. `tokenizer` may be a
     folder or hub name; returns the tokenizer object (None for None)."""
@@ -231,7 +281,7 @@ def set_special_tokens(model: LlamaForCausalLM, tokenizer):
     return tokenizer
 
 
-def write_beside_weights(staging: Path, model: LlamaForCausalLM, mask: dict[str, torch.Tensor] | None = None,
+def write_beside_weights(staging: Path, model: PreTrainedModel, mask: dict[str, torch.Tensor] | None = None,
                          tokenizer=None) -> None:
     """What a gridlab checkpoint folder holds besides weights and config: generation_config, the tokenizer (call
     set_special_tokens before writing the config), the sparse mask; and file permissions others can read
@@ -249,7 +299,7 @@ def write_beside_weights(staging: Path, model: LlamaForCausalLM, mask: dict[str,
         os.chmod(file, 0o666 & ~umask)
 
 
-def save_model(model: LlamaForCausalLM, out_dir: Path, mask: dict[str, torch.Tensor] | None = None,
+def save_model(model: PreTrainedModel, out_dir: Path, mask: dict[str, torch.Tensor] | None = None,
                tokenizer=None) -> Path:
     """Write a plain HF checkpoint (safetensors) atomically: it appears complete or not at all.
 
@@ -264,7 +314,8 @@ def save_model(model: LlamaForCausalLM, out_dir: Path, mask: dict[str, torch.Ten
     return Path(out_dir)
 
 
-def load_model(path: str | Path) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor] | None]:
+def load_model(path: str | Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor] | None]:
+    """A saved model (any supported family, by its config's model_type) in float32, and its sparse mask if any."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     mask_path = Path(path) / MASK_FILE
     mask = load_file(mask_path) if mask_path.exists() else None

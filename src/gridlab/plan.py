@@ -138,7 +138,8 @@ def granularity(method: MethodSpec) -> str:
 
 
 def parent_config(spec: GridSpec):
-    """The parent's LlamaConfig as the parent stage will build or load it."""
+    """The parent's config (of its family's class: gridlab.families) as the parent stage will build or load it; a
+    loaded parent of a family gridlab does not prune is refused here, in one line."""
     if spec.parent.preset is not None:
         from gridlab.model import make_config
 
@@ -148,13 +149,17 @@ def parent_config(spec: GridSpec):
         return make_config(spec.parent.preset, vocab, spec.seq_len, **overrides)
     from transformers import AutoConfig
 
+    from gridlab.families import check_supported
+
     try:
-        return AutoConfig.from_pretrained(spec.parent.path)
+        config = AutoConfig.from_pretrained(spec.parent.path)
     except (OSError, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"parent.path: cannot read the config of {spec.parent.path!r} (a Hugging Face model folder, "
                         f"or a hub name in the local cache; or declare parent.preset to plan without it): "
                         f"{first}") from None
+    check_supported(config, f"parent.path {spec.parent.path!r}")
+    return config
 
 
 def vocab_size(spec: GridSpec) -> int:
@@ -169,7 +174,7 @@ def vocab_size(spec: GridSpec) -> int:
 
 
 def config_dict(config) -> dict[str, Any]:
-    """A LlamaConfig as the plain dict stage configs carry: gridlab.model.architecture (every field, the volatile
+    """A model config as the plain dict stage configs carry: gridlab.model.architecture (every field, the volatile
     ones that say nothing about the architecture dropped), canonical for hashing."""
     from gridlab.model import architecture
 

@@ -6,6 +6,7 @@ the offending value and, for unknown keys, the nearest valid key. The file is da
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -42,24 +43,28 @@ MAX_SEED = 2**31 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
-# LlamaConfig fields that are sizes: positive integers.
+# Config fields that are sizes: positive integers.
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str, Any]) -> None:
-    """parent.overrides against LlamaConfig's real fields and their types, and the shape they give with the preset's
-    own fields; one InvalidValue naming the key."""
-    from transformers import LlamaConfig
+    """parent.overrides against the real fields and types of the preset's family's config class (LlamaConfig,
+    Qwen2Config, ...: gridlab.families), and the shape they give with the preset's own fields; one InvalidValue
+    naming the key."""
+    from gridlab.families import family
 
-    defaults = LlamaConfig().to_dict()
+    config_class = family(preset).config_class
+    defaults = config_class().to_dict()
     for key, value in overrides.items():
         where = f"overrides.{key}"
-        if key not in defaults or key.startswith("_") or key in ("transformers_version", "architectures"):
+        if key not in defaults or key.startswith("_") or key in ("transformers_version", "architectures",
+                                                                  "model_type"):
             fields = [k for k in defaults if not k.startswith("_")]
             hint = difflib.get_close_matches(key, fields, n=1)
             did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-            raise InvalidValue(where, f"not a LlamaConfig field; {did_you_mean}e.g. {', '.join(_SIZE_FIELDS[:5])}")
+            raise InvalidValue(where, f"not a {config_class.__name__} field; {did_you_mean}e.g. "
+                                      f"{', '.join(_SIZE_FIELDS[:5])}")
         if key == "vocab_size" and pretrains:
             raise InvalidValue(where, "a pretrained parent's vocabulary is its tokenizer's (tokenizer.vocab_size or "
                                       "tokenizer.path); remove it here")
@@ -78,13 +83,32 @@ def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str
                 raise InvalidValue(where, f"{value!r} is not a whole number")
         elif isinstance(expected, str):
             if not isinstance(value, str):
-                raise InvalidValue(where, f"{value!r} is not a string (LlamaConfig.{key} is, e.g. {expected!r})")
+                raise InvalidValue(where, f"{value!r} is not a string ({config_class.__name__}.{key} is, e.g. "
+                                          f"{expected!r})")
+        _check_field_type(config_class, key, value, where)
     shape = {**preset, **overrides}
     hidden, heads, kv = (shape.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
     if heads and kv and heads % kv:
         raise InvalidValue("overrides", f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
-    if hidden and heads and hidden % heads:
+    if family(preset).hidden_multiple_of_heads and hidden and heads and hidden % heads:
         raise InvalidValue("overrides", f"num_attention_heads {heads} does not divide hidden_size {hidden}")
+
+
+def _check_field_type(config_class, key: str, value: Any, where: str) -> None:
+    """The config class's own type check of one field (transformers' strict dataclass validation: e.g. an int for
+    a float field, a string for Qwen2Config.sliding_window)."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+
+    try:
+        config_class(**{key: copy.deepcopy(value)})  # a copy: transformers fills in a rope_parameters table in place
+    except StrictDataclassFieldValidationError as error:
+        cause = error.__cause__ or error
+        reason = str(cause).splitlines()[0].split(". Errors:")[0]
+        raise InvalidValue(where, f"{value!r} is refused by {config_class.__name__}: {reason}") from None
+    except KeyError as error:  # rope_parameters without the keys its rope_type needs
+        raise InvalidValue(where, f"{value!r} is refused by {config_class.__name__}: {error.args[0]}") from None
+    except (StrictDataclassClassValidationError, ValueError, TypeError):
+        pass  # a check across fields, made with the preset's other fields below and by make_config
 
 
 class ParentSpec(_Strict):

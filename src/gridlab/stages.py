@@ -131,15 +131,14 @@ def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
 
 
 def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) -> ParentPayload | None:
-    from transformers import LlamaConfig
-
     from gridlab.data import TokenShard
+    from gridlab.families import config_from_dict
     from gridlab.model import init_model, load_model, param_counts
     from gridlab.train import train
 
     data: DataPayload = context.upstream("data")
     if isinstance(config, PretrainParent):
-        model = init_model(LlamaConfig.from_dict(config.architecture), config.seed)
+        model = init_model(config_from_dict(config.architecture), config.seed)
         shard = TokenShard.open(data.shards["pretrain"])
         result = train(model, shard, config.schedule, [config.tokens], context.out.output("train"),
                        seed=config.seed, tokenizer=data.tokenizer_dir)
@@ -152,12 +151,16 @@ def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) ->
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
         model_path, trained, metrics = config.path, config.tokens, []
-        if config.declared is not None:  # what the plan built the random-init models from must be the checkpoint
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
+        from gridlab.families import check_supported
+
+        loaded = AutoConfig.from_pretrained(model_path)
+        check_supported(loaded, f"parent.path {model_path}")  # a family gridlab prunes, before its weights are read
+        if config.declared is not None:  # what the plan built the random-init models from must be the checkpoint
             from gridlab.model import check_declared_architecture
 
-            check_declared_architecture(config.declared, AutoConfig.from_pretrained(model_path), model_path)
+            check_declared_architecture(config.declared, loaded, model_path)
         model, _ = load_model(model_path)
     return ParentPayload(model_path=model_path, tokenizer_dir=data.tokenizer_dir, trained_tokens=trained,
                          params=param_counts(model).__dict__, metrics=metrics)
@@ -204,9 +207,9 @@ def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> Ini
     from gridlab.pruning import PruneResult, random_counterpart
 
     if isinstance(config, ArchitectureInit):
-        from transformers import LlamaConfig
+        from gridlab.families import config_from_dict
 
-        model, mask = init_model(LlamaConfig.from_dict(config.architecture), config.seed), None
+        model, mask = init_model(config_from_dict(config.architecture), config.seed), None
         tokenizer = context.upstream("data").tokenizer_dir  # saved beside the model, so the folder works alone
     else:
         pruned: PrunePayload = context.upstream("model")

@@ -1,4 +1,10 @@
-"""Depth pruning: whole decoder layers leave (ShortGPT, Minitron-Depth)."""
+"""Depth pruning: whole decoder layers leave (ShortGPT, Minitron-Depth).
+
+Per family (gridlab.families): a removed layer takes all its tensors with it — Qwen2's q/k/v biases, Qwen3's
+q_norm / k_norm — and the survivors keep theirs untouched. The config loses the removed layers' entries of
+``layer_types`` (Qwen2/Qwen3 list one per layer; gridlab's parents have one kind, so the first L' entries are the
+survivors'); Mistral's ``sliding_window`` and every other field stay the parent's.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ def depth_config(parent_config, ratio: float, options: dict):
     config = copy.deepcopy(parent_config)
     layers = parent_config.num_hidden_layers
     config.num_hidden_layers = layers - layers_to_remove(layers, ratio)
+    if getattr(config, "layer_types", None) is not None:  # one per layer; all alike (families.check_supported)
+        config.layer_types = list(config.layer_types[:config.num_hidden_layers])
     return config
 
 
@@ -35,7 +43,7 @@ def remove_layers(model, removed: list[int], config):
     model.model.layers = nn.ModuleList(kept)
     for new_index, layer in enumerate(kept):
         layer.self_attn.layer_idx = new_index
-    # A fresh config object: the caller's LlamaConfig (often shared with the model) keeps describing the parent.
+    # A fresh config object: the caller's config (often shared with the model) keeps describing the parent.
     parent_config = model.config
     for module in model.modules():
         if getattr(module, "config", None) is parent_config:

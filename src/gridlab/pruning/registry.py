@@ -7,16 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import PretrainedConfig, PreTrainedModel
 
 from gridlab.errors import InvalidValue
+from gridlab.families import FAMILIES, SUPPORTED, check_supported
 
 Granularity = Literal["depth", "width", "sparse"]
 
 
 @dataclass
 class PruneResult:
-    model: LlamaForCausalLM
+    model: PreTrainedModel  # the parent's family (gridlab.families)
     achieved_ratio: float  # fraction of decoder-layer parameters removed (zeros, for sparse methods)
     removed: Any  # depth: removed layer indices; width: kept indices per dimension; sparse: None
     mask: dict[str, torch.Tensor] | None  # sparse: parameter name -> bool tensor, True = kept
@@ -34,13 +35,13 @@ class Method:
     run: Callable[..., PruneResult]
     # (parent config, ratio, options) -> the pruned model's config, a new object (sparse: a copy of the parent's);
     # `run` builds its model's config through it
-    config: Callable[[LlamaConfig, float, dict], LlamaConfig]
+    config: Callable[[PretrainedConfig, float, dict], PretrainedConfig]
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_calibration: bool = True
     # extra checks on the resolved options; raise ValueError (gridlab.errors.InvalidValue naming the option)
     check_options: Callable[[dict], None] | None = None
-    # checks of the resolved options against the parent's shapes (LlamaConfig), run when the grid is planned
-    check_shapes: Callable[[dict, LlamaConfig], None] | None = None
+    # checks of the resolved options against the parent's shapes (its config), run when the grid is planned
+    check_shapes: Callable[[dict, PretrainedConfig], None] | None = None
     # visits the decoder layers one at a time, in order, so it can prune a parent whose layers stay on disk
     layerwise: bool = False
     # part of every prune stage id of this method: bump it when a change to the method changes what it computes
@@ -70,7 +71,7 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
-def check_against(method: Method, options: dict, parent_config: LlamaConfig) -> None:
+def check_against(method: Method, options: dict, parent_config: PretrainedConfig) -> None:
     """The method's own check of its (resolved) options against the parent it will prune."""
     if method.check_shapes is not None:
         method.check_shapes(options, parent_config)
@@ -88,17 +89,18 @@ def resolve_options(method: Method, options: dict) -> dict:
 
 
 def check_model(model) -> None:
-    if not isinstance(model, LlamaForCausalLM):
-        raise ValueError("pruning needs a decoder-only Llama-style model (transformers LlamaForCausalLM); "
-                         f"got {type(model).__name__}")
-    config = model.config
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ValueError("pruning supports Llama models without attention/MLP biases; this model has biases")
+    """A causal LM of a supported family (its own transformers class), whose layers all attend alike."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FAMILIES or not isinstance(
+            model, FAMILIES[config.model_type].model_class):
+        raise ValueError(f"pruning needs a decoder-only causal LM of a supported family ({SUPPORTED}: "
+                         f"transformers' *ForCausalLM of that model_type); got {type(model).__name__}")
+    check_supported(config, "the model")
     if config.num_attention_heads % config.num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
 
-def check_calibration(calibration, config: LlamaConfig) -> torch.Tensor:
+def check_calibration(calibration, config: PretrainedConfig) -> torch.Tensor:
     if not isinstance(calibration, torch.Tensor) or calibration.dtype not in (torch.int32, torch.int64):
         raise ValueError("calibration must be an integer tensor of token ids shaped [n_sequences, seq_len]")
     if calibration.dim() != 2 or calibration.shape[0] < 1 or calibration.shape[1] < 2:

@@ -5,6 +5,12 @@ Comparison groups (each loses exactly floor(ratio · size) weights):
   sparsegpt each [rows × blocksize] column block of each matrix (the reference chooses the mask per block)
   magnitude each whole matrix
   nm="N:M"  for any of them: each run of M consecutive inputs in a row loses N; the ratio is then N/M.
+
+Only the seven projection weights are pruned, in every family (gridlab.families), as in the references (they prune
+the weights of linear layers): biases (Qwen2's q/k/v biases) and norms (Qwen3's q_norm / k_norm) stay dense and
+unchanged, and the mask names weights only. The ratio's base, gridlab.model.param_counts(...).decoder, counts the
+projections' biases too, so a family with biases reaches r less a bias share (Qwen2.5-0.5B: 0.008% of r).
+A Qwen3 o_proj reads heads × head_dim inputs, which need not equal hidden_size: N:M checks that width too.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 
 from gridlab.errors import InvalidValue
 from gridlab.layerwise import each_layer, input_hooks, run_layer, select_samples, sequential_layers
-from gridlab.model import DECODER_WEIGHTS, param_counts
+from gridlab.model import DECODER_WEIGHTS, head_dim, param_counts
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
 
 
@@ -53,7 +59,8 @@ def check_nm_fits(options: dict, config) -> None:
     nm = parse_nm(options["nm"])
     if nm is None:
         return
-    widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
+    widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+              "num_attention_heads × head_dim (o_proj's input)": config.num_attention_heads * head_dim(config)}
     for name, size in widths.items():
         if size % nm[1]:
             raise InvalidValue("nm", f"{nm[0]}:{nm[1]} needs every input width divisible by {nm[1]}; the parent's "

@@ -1,8 +1,18 @@
 """Width pruning: attention KV groups (with their query heads), FFN channels and hidden channels leave.
 
-Hugging Face's LlamaConfig gives every layer one shape, so every layer keeps the same number of KV groups and FFN
+A Hugging Face config gives every layer one shape, so every layer keeps the same number of KV groups and FFN
 channels (each layer chooses *which* by its own scores) and all layers share the kept hidden channels (the residual
-stream). head_dim never changes. The result is a plain, smaller LlamaForCausalLM.
+stream). head_dim never changes. The result is a plain, smaller model of the parent's family (gridlab.families).
+
+Per family, the extra tensors follow the rows they belong to (`shrink`):
+  biases    a bias is cut with its projection's output rows: Qwen2's q/k/v biases leave with their heads (KV
+            groups); an o_proj or down_proj bias (Llama/Qwen3 with attention_bias, Llama with mlp_bias) keeps the
+            kept hidden channels; gate/up biases keep the kept FFN channels.
+  qk-norms  Qwen3's q_norm / k_norm act on head_dim, which never changes: kept whole whichever heads leave, never
+            sliced by hidden channels. They take no part in the scores (Minitron's hidden score reads the two
+            hidden-wide RMSNorms of each layer only).
+  config    every field but the pruned sizes stays the parent's (Mistral's sliding_window, Qwen's layer_types);
+            head_dim is written explicitly (Qwen2's config has no such field; its model reads it if present).
 """
 
 from __future__ import annotations
@@ -11,9 +21,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaForCausalLM
 
 from gridlab.errors import InvalidValue
+from gridlab.families import build_model, family
 from gridlab.layerwise import batches, decoder_layers, model_device, select_samples
 from gridlab.model import decoder_layer_params, head_dim, param_counts
 from gridlab.pruning.registry import Method, PruneResult, check_nsamples, register
@@ -32,38 +42,43 @@ class WidthSizes:
 def width_sizes(config, ratio: float, axes) -> WidthSizes:
     """Sizes whose decoder parameter count is nearest (1 - ratio) of the parent's, shrinking the axes evenly.
 
-    Hidden sizes are multiples of the kept query-head count (transformers requires it). For every
-    (KV groups, hidden) pair the FFN size nearest the target is taken; among candidates whose count is
-    within half a step of the finest pruned axis (so no other size on that axis is nearer), the one whose keep
+    For Llama, hidden sizes are multiples of the kept query-head count (LlamaConfig requires it); the other
+    families take any hidden size. For every (KV groups, hidden) pair the FFN size nearest the target is taken;
+    among candidates whose count is within half a step of the finest pruned axis (so no other size on that axis is
+    nearer), the one whose keep
     fractions (kv/KV, ffn/F, hidden/D over the pruned axes) are most alike wins; then the smaller error; then more
     KV groups and more hidden channels. If no candidate is that close (extreme ratios), the nearest wins.
     """
     total_kv, total_ffn, total_hidden = config.num_key_value_heads, config.intermediate_size, config.hidden_size
     group_size = config.num_attention_heads // total_kv
-    hd = head_dim(config)
-    target = (1.0 - ratio) * decoder_layer_params(config, total_kv, total_ffn, total_hidden)
+    multiple_of_heads = family(config).hidden_multiple_of_heads
+    count = _layer_counter(config)
+    target = (1.0 - ratio) * count(total_kv, total_ffn, total_hidden)
     best_key, best = None, None
     for kv in (range(1, total_kv + 1) if "heads" in axes else [total_kv]):
         heads = group_size * kv
-        # transformers validates hidden_size % num_attention_heads == 0 even when head_dim is explicit.
-        if "hidden" not in axes and total_hidden % heads:
+        # LlamaConfig validates hidden_size % num_attention_heads == 0 even when head_dim is explicit.
+        if multiple_of_heads and "hidden" not in axes and total_hidden % heads:
             continue
-        hidden_options = range(heads, total_hidden + 1, heads) if "hidden" in axes else [total_hidden]
+        hidden_step = heads if multiple_of_heads else 1
+        hidden_options = range(hidden_step, total_hidden + 1, hidden_step) if "hidden" in axes else [total_hidden]
         for hidden in hidden_options:
-            attention = decoder_layer_params(config, kv, 0, hidden)  # ffn 0: the attention weights alone
+            attention = count(kv, 0, hidden)  # ffn 0: the attention parameters (and any down_proj bias) alone
+            per_ffn = count(kv, 1, hidden) - attention  # one FFN channel: its gate/up rows, down column, biases
             ffn = total_ffn
             if "ffn" in axes:
-                ffn = min(max(round((target - attention) / (3 * hidden)), 1), total_ffn)
-            error = abs(decoder_layer_params(config, kv, ffn, hidden) - target)
+                ffn = min(max(round((target - attention) / per_ffn), 1), total_ffn)
+            kept = count(kv, ffn, hidden)
+            error = abs(kept - target)
             steps, fractions = [], []
             if "heads" in axes:
-                steps.append(2 * hidden * hd * (group_size + 1))
+                steps.append(count(kv + 1, ffn, hidden) - kept)
                 fractions.append(kv / total_kv)
             if "ffn" in axes:
-                steps.append(3 * hidden)
+                steps.append(per_ffn)
                 fractions.append(ffn / total_ffn)
             if "hidden" in axes:
-                steps.append(heads * (2 * hd * (heads + kv) + 3 * ffn))
+                steps.append(count(kv, ffn, hidden + hidden_step) - kept)
                 fractions.append(hidden / total_hidden)
             close = error <= min(steps) / 2 + 1e-6
             spread = max(fractions) - min(fractions) if close else 0.0
@@ -71,6 +86,25 @@ def width_sizes(config, ratio: float, axes) -> WidthSizes:
             if best_key is None or key < best_key:
                 best_key, best = key, WidthSizes(kv, ffn, hidden)
     return best
+
+
+def _layer_counter(config):
+    """decoder_layer_params(config, kv, ffn, hidden) as a fast function: the count is linear in ffn and in hidden
+    for fixed kv, so it is read off the exact formula once per KV-group count (the size search calls it ~10^5 times
+    for a 4096-wide parent)."""
+    cache: dict[int, tuple[int, int, int, int]] = {}
+
+    def count(kv: int, ffn: int, hidden: int) -> int:
+        if kv not in cache:
+            base = decoder_layer_params(config, kv, 0, 0)
+            per_ffn = decoder_layer_params(config, kv, 1, 0) - base
+            per_hidden = decoder_layer_params(config, kv, 0, 1) - base
+            both = decoder_layer_params(config, kv, 1, 1) - base - per_ffn - per_hidden
+            cache[kv] = (base, per_ffn, per_hidden, both)
+        base, per_ffn, per_hidden, both = cache[kv]
+        return base + per_ffn * ffn + per_hidden * hidden + both * ffn * hidden
+
+    return count
 
 
 def sizes_of(config) -> WidthSizes:
@@ -100,8 +134,9 @@ def check_axes(options: dict) -> None:
 
 
 def shrink(model, kept_groups: list[list[int]], kept_ffn: list[list[int]], kept_hidden: list[int], config):
-    """A new, smaller LlamaForCausalLM of architecture `config` (width_config's) holding the kept slices of
-    `model`'s weights."""
+    """A new, smaller model of the parent's family and of architecture `config` (width_config's) holding the kept
+    slices of `model`'s tensors: each weight's kept rows and columns, each bias's kept rows (a bias has one entry per
+    output row), each hidden-wide norm's kept hidden channels; Qwen3's head_dim-wide q_norm / k_norm whole."""
     sizes = sizes_of(config)
     if (len(kept_hidden), {len(g) for g in kept_groups}, {len(f) for f in kept_ffn}) != (
             sizes.hidden, {sizes.kv_groups}, {sizes.ffn}):
@@ -116,31 +151,39 @@ def shrink(model, kept_groups: list[list[int]], kept_ffn: list[list[int]], kept_
         units = [k * per_group + j for k in groups for j in range(per_group)]
         return torch.tensor([u * hd + c for u in units for c in range(hd)], device=device)
 
-    state = {}
+    def layer_slices(layer: int) -> dict[str, tuple]:
+        # module name -> (kept output rows, kept input columns); None keeps the whole dimension.
+        q_rows, kv_rows = rows_of(kept_groups[layer], group_size), rows_of(kept_groups[layer], 1)
+        ffn_idx = torch.tensor(kept_ffn[layer], device=device)
+        return {"q_proj": (q_rows, hidden_idx), "k_proj": (kv_rows, hidden_idx), "v_proj": (kv_rows, hidden_idx),
+                "o_proj": (hidden_idx, q_rows), "gate_proj": (ffn_idx, hidden_idx), "up_proj": (ffn_idx, hidden_idx),
+                "down_proj": (hidden_idx, ffn_idx), "input_layernorm": (hidden_idx, None),
+                "post_attention_layernorm": (hidden_idx, None),
+                "q_norm": (None, None), "k_norm": (None, None)}  # Qwen3: head_dim wide, head_dim stays
+
+    state, slices = {}, {}
     for name, tensor in model.state_dict().items():
         parts = name.split(".")
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             state[name] = tensor[:, hidden_idx]
-        elif parts[-2].endswith("norm"):
+        elif name == "model.norm.weight":
             state[name] = tensor[hidden_idx]
-        elif parts[:2] == ["model", "layers"]:
-            layer, kind = int(parts[2]), parts[-2]
-            if kind == "q_proj":
-                state[name] = tensor[rows_of(kept_groups[layer], group_size)][:, hidden_idx]
-            elif kind in ("k_proj", "v_proj"):
-                state[name] = tensor[rows_of(kept_groups[layer], 1)][:, hidden_idx]
-            elif kind == "o_proj":
-                state[name] = tensor[hidden_idx][:, rows_of(kept_groups[layer], group_size)]
-            elif kind in ("gate_proj", "up_proj"):
-                state[name] = tensor[torch.tensor(kept_ffn[layer], device=device)][:, hidden_idx]
-            elif kind == "down_proj":
-                state[name] = tensor[hidden_idx][:, torch.tensor(kept_ffn[layer], device=device)]
-            else:
+        elif parts[:2] == ["model", "layers"] and parts[-1] in ("weight", "bias"):
+            layer, module = int(parts[2]), parts[-2]
+            if layer not in slices:
+                slices[layer] = layer_slices(layer)
+            if module not in slices[layer]:
                 raise RuntimeError(f"width pruning does not know how to slice {name}")
+            rows, columns = slices[layer][module]
+            if rows is not None:
+                tensor = tensor[rows]
+            if columns is not None and tensor.dim() == 2:
+                tensor = tensor[:, columns]
+            state[name] = tensor
         else:
             raise RuntimeError(f"width pruning does not know how to slice {name}")
     with torch.device("meta"):
-        pruned = LlamaForCausalLM(config)
+        pruned = build_model(config)
     pruned.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
@@ -231,15 +274,19 @@ def taylor_importance(model, calibration: torch.Tensor, batch_size: int):
     """LLM-Pruner's first-order Taylor score |w · dL/dw| summed over each coupled group.
 
     A KV group couples its query heads' q rows, its own k and v rows and those heads' o columns; an FFN channel
-    couples its gate and up rows and its down column.
+    couples its gate and up rows and its down column. A bias entry belongs to its output row's group, as in the
+    reference's dependency graph: Qwen2's q/k/v biases score with their heads' KV group, gate/up biases (Llama
+    mlp_bias) with their FFN channel; o_proj and down_proj biases are hidden-wide, which LLM-Pruner keeps, so they
+    score nothing. Qwen3's q_norm / k_norm are shared by all heads and never removed: no score.
     """
     config = model.config
     group_size = config.num_attention_heads // config.num_key_value_heads
     hd = head_dim(config)
     layers = decoder_layers(model)
-    weights = [m.weight for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                      layer.self_attn.v_proj, layer.self_attn.o_proj,
-                                                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    weights = [p for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+               for p in (m.weight, m.bias) if p is not None]
     previous = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     try:
@@ -263,13 +310,25 @@ def taylor_importance(model, calibration: torch.Tensor, batch_size: int):
                 saliency = {name: (m.weight * m.weight.grad).abs().float() for name, m in (
                     ("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
                     ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj))}
+                bias = {name: (m.bias * m.bias.grad).abs().float() for name, m in (
+                    ("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("gate", mlp.gate_proj),
+                    ("up", mlp.up_proj)) if m.bias is not None}
                 per_q_head = saliency["q"].sum(dim=1).view(config.num_attention_heads, hd).sum(dim=1)
+                if "q" in bias:
+                    per_q_head += bias["q"].view(config.num_attention_heads, hd).sum(dim=1)
                 per_q_head += saliency["o"].sum(dim=0).view(config.num_attention_heads, hd).sum(dim=1)
                 per_group = per_q_head.view(config.num_key_value_heads, group_size).sum(dim=1)
                 per_group += saliency["k"].sum(dim=1).view(config.num_key_value_heads, hd).sum(dim=1)
                 per_group += saliency["v"].sum(dim=1).view(config.num_key_value_heads, hd).sum(dim=1)
+                for kind in ("k", "v"):
+                    if kind in bias:
+                        per_group += bias[kind].view(config.num_key_value_heads, hd).sum(dim=1)
                 group_scores.append(per_group)
-                ffn_scores.append(saliency["gate"].sum(dim=1) + saliency["up"].sum(dim=1) + saliency["down"].sum(dim=0))
+                per_channel = saliency["gate"].sum(dim=1) + saliency["up"].sum(dim=1) + saliency["down"].sum(dim=0)
+                for kind in ("gate", "up"):
+                    if kind in bias:
+                        per_channel += bias[kind]
+                ffn_scores.append(per_channel)
     finally:
         for w in weights:
             w.grad = None
