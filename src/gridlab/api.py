@@ -308,12 +308,15 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
 
 def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], None] = print):
     """scancel the grid's queued and running SLURM jobs and stop its local workers (or only ``where``'s), marking
-    their stages cancelled; a local `submit` still running then starts none of the selected stages. Fail closed:
-    what could not be stopped is left as it was and listed in ``problems``. Returns gridlab.execute.CancelOutcome."""
+    their stages cancelled; a local `submit` still running then starts none of the selected stages. A cell filter
+    stops only the stages no unselected cell needs (gridlab.select.destructive_scope): the parent, a shared random
+    twin or a trajectory other cells wait for keeps running. Fail closed: what could not be stopped is left as it
+    was and listed in ``problems``. Returns gridlab.execute.CancelOutcome."""
     from gridlab import execute, lock
-    from gridlab.select import select_stages
+    from gridlab.select import destructive_scope
     from gridlab.state import stage_states
 
+    where = list(where or ())
     run_dir = run_dir_of(grid)
     record = _record(run_dir)
     parsed = _where(where, record.stages, record.cells)
@@ -325,8 +328,13 @@ def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], 
     run_lock = None if local_submit else lock.acquire(run_dir, "cancel", wait=True, timeout_s=60, report=report)
     try:
         states = stage_states(run_dir, record.stages)
-        chosen = select_stages(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
-        outcome = execute.cancel_stages(run_dir, [states[sid] for sid in chosen], also_waiting=local_submit)
+        scope = destructive_scope(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
+        if where:
+            report(scope.describe("cancel", where))
+            unfinished = {sid: why for sid, why in scope.kept.items() if states[sid].status != "done"}
+            for line in _kept_lines(record.stages, unfinished, "not cancelled"):
+                report(line)
+        outcome = execute.cancel_stages(run_dir, [states[sid] for sid in scope.acted], also_waiting=local_submit)
     finally:
         if run_lock is not None:
             run_lock.release()
@@ -337,11 +345,60 @@ def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], 
 
 # ------------------------------------------------------------------------------------------------------ reset, clean
 
-def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, report: Callable[[str], None] = print):
+_KEPT_WHY = {"shared": "needed by cells not selected",
+             "grid": "needed by every cell (a cell filter never touches them; --where kind=data or kind=parent does)",
+             "filter": "left out by the stage keys"}
+
+
+def _kept_lines(stages, kept: dict[str, str], verb: str = "kept") -> list[str]:
+    """One line per reason a stage the selected cells need is left alone, with the kinds it leaves."""
+    from gridlab.tidy import in_kind_order
+
+    kind_of = {stage.id: stage.kind for stage in stages}
+    lines = []
+    for why, text in _KEPT_WHY.items():
+        counts: dict[str, int] = {}
+        for stage_id, reason in kept.items():
+            if reason == why:
+                counts[kind_of[stage_id]] = counts.get(kind_of[stage_id], 0) + 1
+        if counts:
+            lines.append(f"  {verb}, {text}: " + ", ".join(f"{k} {n}" for k, n in in_kind_order(counts)))
+    return lines
+
+
+def _losing_cells(stages, cells, removed: list[str]) -> int:
+    from gridlab.select import cell_needs
+
+    removed = set(removed)
+    return len({index for sid, users in cell_needs(stages, cells).items() if sid in removed for index in users})
+
+
+def _confirm(removal, verb: str, yes: bool, confirm: Callable[[str], bool] | None) -> None:
+    """Go on only when no finished work is lost, ``yes`` is given, or ``confirm`` (a terminal's question) says so."""
+    if yes or not removal.loses_finished_work:
+        return
+    lost = removal.lost
+    what = f"{lost.count} done stage(s), {lost.tokens:,} tokens trained"
+    if confirm is None:
+        raise UserError(f"{verb} would remove finished work ({what}) and there is no terminal to confirm it on; "
+                        f"nothing was removed: add --yes (yes=True) to go on, or look first with --dry-run")
+    if not confirm(f"{verb}: remove {what}?"):
+        raise UserError(f"{verb} not confirmed; nothing was removed")
+
+
+def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, yes: bool = False,
+          confirm: Callable[[str], bool] | None = None, report: Callable[[str], None] = print):
     """Remove the outputs of ``where``'s stages and of everything downstream of them, so the next submit reruns
-    them; a selected stage somebody holds is a UserError (cancel it first). Returns gridlab.tidy.Removal."""
+    them. A cell filter acts only on the stages no unselected cell needs (gridlab.select.destructive_scope); a
+    stage filter on the stages it selects and everything downstream. ``report`` gets the summary first (the same
+    with ``dry_run``): what is selected, stages by kind, bytes, the finished work lost, what is kept and why.
+    Removing finished work needs ``yes=True`` or a ``confirm(question) -> bool`` that answers yes; otherwise a
+    UserError, and nothing is removed. A selected stage somebody holds is a UserError (cancel it first). Returns
+    gridlab.tidy.Removal."""
+    import contextlib
+
     from gridlab import lock, tidy
-    from gridlab.select import select_stages
+    from gridlab.select import destructive_scope
     from gridlab.state import stage_states
 
     where = list(where or ())
@@ -350,25 +407,69 @@ def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, report:
     run_dir = run_dir_of(grid)
     record = _record(run_dir)
     parsed = _where(where, record.stages, record.cells)
-    with lock.run_lock(run_dir, "reset", report=report):
+    held = contextlib.nullcontext() if dry_run else lock.run_lock(run_dir, "reset", report=report)
+    with held:
         states = stage_states(run_dir, record.stages)
-        chosen = select_stages(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
-        return tidy.reset(run_dir, record.stages, chosen, states, dry_run=dry_run)
+        scope = destructive_scope(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
+        removal = tidy.reset(run_dir, record.stages, scope.acted, states)
+        report(scope.describe("reset", where))
+        for line in removal.summary("reset"):
+            report(line)
+        if scope.by == "stages" and len(removal.stages) > len(scope.acted):
+            report(f"  of them {len(removal.stages) - len(scope.acted)} downstream of the selected stage(s)")
+        report(f"  cells that lose work: {_losing_cells(record.stages, record.cells, removal.stages)} of "
+               f"{len(record.cells)}")
+        removed = set(removal.stages)
+        for line in _kept_lines(record.stages, {sid: why for sid, why in scope.kept.items() if sid not in removed}):
+            report(line)
+        if dry_run:
+            return removal
+        _confirm(removal, "reset", yes, confirm)
+        removal.carry_out()
+    return removal
 
 
-def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False,
-          report: Callable[[str], None] = print):
+def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False, where: Iterable[str] = (),
+          yes: bool = False, confirm: Callable[[str], bool] | None = None, report: Callable[[str], None] = print):
     """Remove stage folders and trajectories no longer in the plan and checkpoints finished stages do not need.
-    With a grid file the plan is the grid's current one; with a run folder, the one last submitted. Returns
-    gridlab.tidy.Removal (``freed`` bytes)."""
+    With a grid file the plan is the grid's current one; with a run folder, the one last submitted. ``where``: only
+    the checkpoints of the stages it selects (a cell filter: those no unselected cell needs). Removing finished
+    work (a done stage or a trajectory the plan no longer has) needs ``yes`` or ``confirm``, as in ``reset``; a dry
+    run writes nothing. Returns gridlab.tidy.Removal (``freed`` bytes)."""
+    import contextlib
+
     from gridlab import lock, tidy
+    from gridlab.layout import RunPaths
+    from gridlab.select import destructive_scope
     from gridlab.state import stage_states
 
+    where = list(where or ())
     run_dir = run_dir_of(grid)
-    stages = list(plan(grid).stages.values()) if not Path(grid).is_dir() else _record(run_dir).stages
-    with lock.run_lock(run_dir, "clean", report=report):
+    if not RunPaths(run_dir).root.is_dir():
+        raise UserError(f"{run_dir}: no run folder; run `gridlab submit {grid}` first")
+    if Path(grid).is_dir():
+        record = _record(run_dir)
+        stages, cells = record.stages, record.cells
+    else:
+        current = plan(grid)
+        stages, cells = list(current.stages.values()), current.cells
+    held = contextlib.nullcontext() if dry_run else lock.run_lock(run_dir, "clean", report=report)
+    with held:
         states = stage_states(run_dir, stages)
-        return tidy.clean(run_dir, stages, states, dry_run=dry_run, all_checkpoints=all_checkpoints)
+        only = None
+        if where:
+            parsed = _where(where, stages, cells)
+            scope = destructive_scope(parsed, stages, cells, {s: st.status for s, st in states.items()})
+            only = scope.acted
+            report(scope.describe("clean", where))
+        removal = tidy.clean(run_dir, stages, states, all_checkpoints=all_checkpoints, only=only)
+        for line in removal.summary("remove"):
+            report(line)
+        if dry_run:
+            return removal
+        _confirm(removal, "clean", yes, confirm)
+        removal.carry_out()
+    return removal
 
 
 # ------------------------------------------------------------------------------------------------------ results

@@ -212,8 +212,9 @@ def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
            where: Where = None):
     """Stop the grid's queued and running jobs and local workers; mark their stages cancelled.
 
-    Only --where's stages when given. `submit --retry-failed` runs them again. Exits 1 when something could not be
-    stopped (it is left as it was)."""
+    Only --where's stages when given: a cell filter (method, ratio, budget …) stops only the stages no unselected
+    cell needs; a stage filter (kind, stage, state) the stages it selects. `submit --retry-failed` runs them again.
+    Exits 1 when something could not be stopped (it is left as it was)."""
     outcome = api.cancel(grid, where=where, report=typer.echo)
     typer.echo(f"cancelled {len(outcome.cancelled)} stage(s): {len(outcome.jobs)} SLURM job(s) scancel'led, "
                f"{len(outcome.pids)} local process(es) stopped")
@@ -221,14 +222,30 @@ def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
         raise typer.Exit(1)
 
 
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="remove finished work without asking (for scripts)")]
+
+
+def _terminal_confirm():
+    """A yes/no question on the terminal, or None when there is none to ask on (then --yes is needed)."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return lambda question: typer.confirm(question, default=False)
+    return None
+
+
 @app.command()
 @_user_errors
 def reset(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
           where: Where = None,
-          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing")):
-    """Remove the outputs of the --where stages and everything downstream (the next submit reruns them)."""
-    removal = api.reset(grid, where=where, dry_run=dry_run, report=typer.echo)
-    typer.echo(f"{'would reset' if dry_run else 'reset'} {len(removal.stages)} stage(s)")
+          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing"),
+          yes: Yes = False):
+    """Remove the outputs of the --where selection so the next submit reruns it.
+
+    A cell filter (method, granularity, ratio, init, budget, setting, seed) acts only on the stages no unselected
+    cell needs: shared work (data, parent, a random twin two methods share, a trajectory other budgets ride on)
+    stays. A stage filter (kind, stage, state) acts on the stages it selects and everything downstream of them.
+    Prints the summary first (stages by kind, bytes, finished work lost); removing finished work asks on a
+    terminal, needs --yes otherwise."""
+    removal = api.reset(grid, where=where, dry_run=dry_run, yes=yes, confirm=_terminal_confirm(), report=typer.echo)
     typer.echo("\n".join(removal.lines()))
 
 
@@ -238,12 +255,17 @@ def clean(grid: str = typer.Argument(DEFAULT_GRID, help="grid file (its current 
           dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing"),
           all_checkpoints: bool = typer.Option(False, "--all-checkpoints",
                                                help="also the main state finished trajectories keep for longer "
-                                                    "budgets")):
+                                                    "budgets"),
+          where: Where = None,
+          yes: Yes = False):
     """Remove what the run no longer needs; print what it freed.
 
     Stage folders and trajectories no longer in the plan, and checkpoints finished stages do not need (a finished
-    trajectory keeps the main state a longer budget extends, unless --all-checkpoints)."""
-    removal = api.clean(grid, dry_run=dry_run, all_checkpoints=all_checkpoints, report=typer.echo)
+    trajectory keeps the main state a longer budget extends, unless --all-checkpoints). --where: only the
+    checkpoints of those stages (a cell filter: the stages no unselected cell needs). Removing finished work (a
+    done stage no longer in the plan) asks on a terminal, needs --yes otherwise."""
+    removal = api.clean(grid, dry_run=dry_run, all_checkpoints=all_checkpoints, where=where, yes=yes,
+                        confirm=_terminal_confirm(), report=typer.echo)
     typer.echo("\n".join(removal.lines()))
 
 

@@ -373,7 +373,7 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
             if rank == 0:
                 attempts, started = _attempts(files)
                 write_result(files, stage, payload, job_id=_job_id(), attempts=attempts, started=started,
-                             provenance=provenance.collect())
+                             resources=_resources_used(), provenance=provenance.collect())
                 print(f"== done in {time.time() - started:.1f} s", flush=True)
             return True
         except Exception as error:
@@ -384,6 +384,20 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
                 "error": f"{type(error).__name__}: {first_line}", "traceback": lines[-20:],
                 "finished": time.time()})
             return False
+
+
+def _resources_used() -> dict[str, int]:
+    """What this stage computed on, recorded beside its runtime in the result (the GPU- and CPU-hours that `gridlab
+    reset` and `clean` say would be lost): its ranks, each rank's torch threads, and GPUs (one per rank when it used
+    CUDA)."""
+    ranks = int(os.environ.get("WORLD_SIZE") or 1)
+    threads, gpus = 1, 0
+    if "torch" in sys.modules:
+        import torch
+
+        threads = torch.get_num_threads()
+        gpus = ranks if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+    return {"ranks": ranks, "threads": threads, "gpus": gpus}
 
 
 def _check_upstream(run: RunPaths, stage: Stage) -> None:
