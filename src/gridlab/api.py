@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,34 +37,73 @@ EXIT_UNKNOWN = 3      # nothing failed, but the state of some stages is unknown 
 
 def run_dir_of(grid: str | Path) -> Path:
     """The run folder of a grid file (read without full validation, so status needs no torch) or a run folder."""
+    from gridlab.gridfile import read_grid_file
+    from gridlab.gridfile import run_dir as grid_run_dir
+
     path = Path(grid)
     if path.is_dir():
         return path
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise UserError(f"{path}: cannot read grid file ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{path}: not valid TOML: {error}") from None
-    if not isinstance(raw.get("name"), str):
-        raise UserError(f"{path}: name: required key is missing")
-    runs_dir = Path(raw.get("runs_dir", "runs"))
-    return (runs_dir if runs_dir.is_absolute() else path.parent / runs_dir).resolve() / raw["name"]
+    return grid_run_dir(read_grid_file(path), path)
 
 
 def plan(grid: str | Path):
-    """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts. Submits nothing."""
+    """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts. Submits nothing. Every problem
+    with the grid is one UserError line naming the file (gridlab.errors.in_grid_file)."""
+    from gridlab.errors import in_grid_file
     from gridlab.plan import build_plan
     from gridlab.spec import load_grid
 
-    return build_plan(load_grid(grid))
+    with in_grid_file(grid):
+        return build_plan(load_grid(grid))
+
+
+def plan_text(grid: str | Path, workers: int | None = None, where: Iterable[str] = ()) -> str:
+    """What `gridlab plan` prints (gridlab.plan.format_plan): the matrix, stages, tokens, the time estimate and where
+    its throughput comes from, disk; with ``where``, also the selected sub-grid's cells, stages, tokens and time."""
+    from gridlab.errors import in_grid_file
+    from gridlab.plan import format_plan
+
+    check_workers(workers)
+    the_plan = plan(grid)
+    check_run_dir(grid, the_plan.spec.run_dir)
+    only, cells = _planned_selection(the_plan, where)
+    with in_grid_file(grid):
+        return format_plan(the_plan, workers, only=only, cells=cells)
+
+
+def _planned_selection(the_plan, where: Iterable[str], status: dict[str, str] | None = None):
+    """(stage ids with what they need upstream, cells) a --where selects from a plan; (None, None) without one."""
+    from gridlab.select import cells_of, select_stages
+
+    where = list(where or ())
+    if not where:
+        return None, None
+    stages = list(the_plan.stages.values())
+    parsed = _where(where, stages, the_plan.cells)
+    if status is None and "state" in parsed.conditions:
+        from gridlab.state import stage_states
+
+        status = {sid: s.status for sid, s in stage_states(the_plan.spec.run_dir, stages).items()}
+    only = select_stages(parsed, stages, the_plan.cells, status, upstream=True)
+    cells = [c for c in cells_of(parsed, the_plan.cells) if c.eval_stage in only]
+    return only, cells
+
+
+def _never_submitted(grid: str | Path, run_dir: Path) -> UserError:
+    if Path(grid).is_dir():
+        return UserError(f"{run_dir}: no submitted run here (no plan.json); run `gridlab submit GRID` first")
+    return UserError(f"{grid}: never submitted (nothing in {run_dir}); run `gridlab submit {grid}` first")
 
 
 def _record(grid: str | Path):
-    """What the run folder holds: the submitted plan (stages, cells)."""
+    """What the run folder holds: the submitted plan (stages, cells); a UserError when nothing was submitted."""
+    from gridlab.layout import RunPaths
     from gridlab.planfile import read_plan_record
 
-    return read_plan_record(run_dir_of(grid))
+    run_dir = run_dir_of(grid)
+    if not RunPaths(run_dir).plan.exists():
+        raise _never_submitted(grid, run_dir)
+    return read_plan_record(run_dir)
 
 
 def _where(where: Iterable[str], stages, cells):
@@ -118,16 +156,22 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
     run instead of raising. The database is rebuilt whenever stages have finished.
     """
     from gridlab import db, execute, lock
+    from gridlab.errors import in_grid_file
     from gridlab.plan import format_plan
     from gridlab.select import select_stages
     from gridlab.state import stage_states
 
     if executor not in execute.EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; valid executors: {', '.join(execute.EXECUTORS)}")
+    check_workers(workers)
     the_plan = plan(grid)
     run_dir = the_plan.spec.run_dir
     stages = list(the_plan.stages.values())
     parsed = _where(where, stages, the_plan.cells)
+    check_run_dir(grid, run_dir)
+    if executor == "slurm":
+        for line in execute.slurm_preflight(the_plan.spec, submitting=not dry_run, source=str(grid)):
+            report(f"  warning: {line}")
     run_lock = None if dry_run else lock.acquire(run_dir, "submit", wait=wait_lock, report=report,
                                                  executor=executor)
     try:
@@ -140,7 +184,11 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
         outcome = SubmitOutcome(run_dir=run_dir, plan=the_plan, done=selection.done, active=selection.active,
                                 failed=selection.failed + selection.lingering, unknown=selection.unknown,
                                 selected=len(stages) if only is None else len(only))
-        report(format_plan(the_plan, workers))
+        cells = None
+        if only is not None:
+            _, cells = _planned_selection(the_plan, where, {s: st.status for s, st in states.items()})
+        with in_grid_file(grid):
+            report(format_plan(the_plan, workers, only=only, cells=cells))
         for line in _stale_since_last_submit(run_dir, the_plan):
             report(f"  warning: {line}")
         report(_selection_line(selection, only))
@@ -173,6 +221,32 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
     finally:
         if run_lock is not None:
             run_lock.release()
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: give at least 1 local worker (default: [local].workers)")
+
+
+def check_run_dir(grid: str | Path, run_dir: Path, create: bool = False) -> None:
+    """The run folder must be one gridlab can create and write, before anything runs: one line naming runs_dir."""
+    import os
+
+    probe = Path(run_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = f"{probe} is a file, not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{probe} is not writable by this user"
+    elif create:
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            why = error.strerror or str(error)
+    if why:
+        raise UserError(f"{grid}: runs_dir: cannot create the run folder {run_dir}: {why}")
 
 
 def _selection_line(selection, only) -> str:
@@ -254,6 +328,7 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     stages with their log tails and the unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
     gridlab.state.SchedulerCache (a watching status asks SLURM at most every 30 s)."""
     from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
+    from gridlab.layout import RunPaths
     from gridlab.lock import held_by
     from gridlab.planfile import read_index
     from gridlab.results import tail
@@ -261,11 +336,13 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     from gridlab.state import STATES, effective_states, stage_states
 
     run_dir = run_dir_of(grid)
+    if not RunPaths(run_dir).index.exists():
+        raise _never_submitted(grid, run_dir)
     index = read_index(run_dir)
     stages = index["stages"]
     cell_stages = index["cell_eval_stages"]
     if where:
-        record = _record(run_dir)
+        record = _record(grid)
         stages = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in record.stages]
     states = stage_states(run_dir, stages, scheduler=scheduler)
     effective, _ = effective_states(stages, {sid: s.status for sid, s in states.items()})
@@ -297,7 +374,7 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     holder = held_by(run_dir)
     from gridlab.planfile import current_inputs, stale_inputs
 
-    record = _record(run_dir)
+    record = _record(grid)
     stale = stale_inputs(record, current_inputs(record.grid), run_dir)
     return {"grid": index["grid"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells, "failed": failed,
             "unknown": unknown, "held_by": holder, "stale": stale,
@@ -318,7 +395,7 @@ def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], 
 
     where = list(where or ())
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
     holder = lock.held_by(run_dir)
     local_submit = bool(holder) and holder.get("command") == "submit" and holder.get("executor") in (
@@ -405,7 +482,7 @@ def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, yes: bo
     if not where:
         raise UserError("reset needs --where (e.g. --where method=wanda, or --where kind=data for everything)")
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
     held = contextlib.nullcontext() if dry_run else lock.run_lock(run_dir, "reset", report=report)
     with held:
@@ -446,9 +523,9 @@ def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False
     where = list(where or ())
     run_dir = run_dir_of(grid)
     if not RunPaths(run_dir).root.is_dir():
-        raise UserError(f"{run_dir}: no run folder; run `gridlab submit {grid}` first")
+        raise _never_submitted(grid, run_dir)
     if Path(grid).is_dir():
-        record = _record(run_dir)
+        record = _record(grid)
         stages, cells = record.stages, record.cells
     else:
         current = plan(grid)
@@ -480,7 +557,7 @@ def ingest(grid: str | Path) -> dict[str, int]:
     from gridlab.state import stage_states
 
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     return db.ingest(run_dir, stage_states(run_dir, record.stages, verify=True))
 
 
@@ -493,7 +570,7 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
     if not where:
         return None
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
     states = stage_states(run_dir, record.stages)
     effective, _ = effective_states(record.stages, {sid: s.status for sid, s in states.items()})
@@ -501,6 +578,26 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
     plain = parsed.__class__({k: v for k, v in parsed.conditions.items() if k != "state"})
     stages = select_stages(plain, record.stages, record.cells)
     return [c.cell_id for c in cells], sorted(stages)
+
+
+def _writable_output(out: Path, option: str, folder: bool) -> None:
+    """``--out`` must be writable before anything is computed: a file (``folder`` False) that is not a folder, or a
+    folder that is not a file, in a place this user can create and write."""
+    import os
+
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out}: a file, not a folder; give a folder for the report")
+    if not folder and out.is_dir():
+        raise UserError(f"{option} {out}: a folder; give a file name, e.g. {out / 'cells.csv'}")
+    probe = out if folder else out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{option} {out}: cannot be created: {probe} is a file, not a folder")
+    target = out if out.exists() else probe
+    if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
+        raise UserError(f"{option} {out}: cannot write there ({target} is not writable by this user)")
 
 
 def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss",
@@ -512,6 +609,7 @@ def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss
     from gridlab.layout import RunPaths
     from gridlab.report import build_report
 
+    _writable_output(Path(out), "--out", folder=True)
     ingest(grid)
     database = RunPaths(run_dir_of(grid)).database
     selected = _selected_cells(grid, where)
@@ -529,6 +627,7 @@ def export(grid: str | Path, out: str | Path, fmt: str | None = None, where: Ite
     from gridlab.export import export as write_export
     from gridlab.layout import RunPaths
 
+    _writable_output(Path(out), "--out", folder=False)
     fmt = fmt or Path(out).suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise UserError(f"cannot tell the export format of {str(out)!r}; give --format "
@@ -553,7 +652,7 @@ def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> li
     if (stage is None) == (not where):
         raise UserError("logs needs a stage id or --where (not both)")
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     if stage is not None:
         where = [f"stage={stage}"]
     parsed = _where(where, record.stages, record.cells)

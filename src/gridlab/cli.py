@@ -71,11 +71,13 @@ DEFAULT_REPORT = Path("report")
 @app.command()
 @_user_errors
 def plan(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
-         workers: int | None = typer.Option(None, help="local workers for the time estimate")):
-    """Print the matrix, stage counts, tokens to train and a time estimate. Submits nothing."""
-    from gridlab.plan import format_plan
+         workers: int | None = typer.Option(None, help="local workers for the time estimate"),
+         where: Where = None):
+    """Print the matrix, stage counts, tokens to train and a time estimate. Submits nothing.
 
-    typer.echo(format_plan(api.plan(grid), workers))
+    The time comes from measured throughput: this run's finished training stages, else a short measurement of the
+    parent's shape on this host (cached); the plan says which. --where: also the sub-grid's cells, tokens, time."""
+    typer.echo(api.plan_text(grid, workers, where=where))
 
 
 @app.command(help=SUBMIT_HELP)
@@ -190,6 +192,10 @@ def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
     at most every 30 s."""
     from gridlab.state import SchedulerCache
 
+    if interval <= 0:
+        raise UserError(f"--interval {interval:g}: give a positive number of seconds between redraws")
+    if lines < 0:
+        raise UserError(f"--lines {lines}: give 0 or more log lines per failed stage")
     scheduler = SchedulerCache(max_age_s=30.0)
     if not watch or as_json:
         while True:
@@ -311,6 +317,8 @@ def logs(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder 
          follow: bool = typer.Option(False, "--follow", "-f", help="keep printing lines as they are written"),
          lines: int | None = typer.Option(None, "--lines", "-n", help="only the last N lines")):
     """Show (or follow) the log of a stage (`gridlab logs [GRID] STAGE_ID`), or of the --where stages."""
+    if lines is not None and lines < 0:
+        raise UserError(f"--lines {lines}: give 0 or more lines (or leave it out for the whole log)")
     if stage is None and not where and not Path(grid).exists():
         grid, stage = DEFAULT_GRID, grid     # `gridlab logs STAGE_ID`
     shown = api.logs(grid, stage, where=where, lines=lines)
