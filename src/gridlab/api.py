@@ -147,13 +147,15 @@ class SubmitOutcome:
 
 def submit(grid: str | Path, executor: str = "local", workers: int | None = None, retry_failed: bool = False,
            dry_run: bool = False, wait: bool = False, where: Iterable[str] = (), wait_lock: bool = False,
-           report: Callable[[str], None] = print) -> SubmitOutcome:
+           report: Callable[[str], None] = print, watch: Callable[..., Any] | None = None) -> SubmitOutcome:
     """Run (local, debug) or submit (slurm) every stage of the grid (or of ``where``'s sub-grid, with what it needs
     upstream) that is not done; idempotent.
 
     ``report`` receives the progress lines. With ``dry_run`` nothing is written and no lock is taken. ``wait``
     (slurm) blocks until every submitted stage has finished. ``wait_lock``: wait for another submitter holding the
-    run instead of raising. The database is rebuilt whenever stages have finished.
+    run instead of raising. ``watch(run_dir, stages, to_train)``: a context manager that is open while the stages
+    run (the CLI's live view reads ``progress_snapshot`` in it); ``stages`` are those to run, ``to_train`` the tokens
+    they train. The database is rebuilt whenever stages have finished.
     """
     from gridlab import db, execute, lock
     from gridlab.errors import in_grid_file
@@ -204,8 +206,14 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
         _record_reconciled(run_dir, states)
         execute.prepare(the_plan, run_dir)
         if selection.to_run:
+            import contextlib
+
             chosen = execute.make_executor(executor, workers or the_plan.spec.local.workers, report)
-            outcome.ran = chosen.run(run_dir, the_plan, selection, states)
+            running = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in selection.to_run]
+            to_train = the_plan.selected_train_tokens({s.id for s in selection.to_run}, remaining=True)
+            view = watch(run_dir, running, to_train) if watch and chosen.finishes else contextlib.nullcontext()
+            with view:
+                outcome.ran = chosen.run(run_dir, the_plan, selection, states)
             if not chosen.finishes:
                 outcome.submitted = True
                 if not wait:
@@ -300,6 +308,31 @@ def _durations(run_dir: Path, states: dict) -> dict[str, list[float]]:
     return durations
 
 
+def progress_snapshot(run_dir: Path, stages: list[dict], to_train: int) -> dict[str, Any]:
+    """Where a running submit is (what its live view shows): of ``stages`` (those it runs), how many are done,
+    running and failed or cancelled, the tokens trained so far out of ``to_train`` (finished training stages'
+    last progress records plus the running ones'), the ETA at the pace of the finished stages, and each running
+    stage's latest progress (gridlab.progress)."""
+    from gridlab.layout import RunPaths
+    from gridlab.progress import read_progress
+    from gridlab.state import stage_states
+
+    run = RunPaths(run_dir)
+    states = stage_states(run_dir, stages)
+    counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
+    trained, running = 0, []
+    for state in states.values():
+        key = "failed" if state.status in ("failed", "cancelled") else state.status
+        counts[key if key in counts else "pending"] += 1
+        record = read_progress(run.stage(state.stage_id)) if state.kind in ("parent", "train") else None
+        if record is not None and state.status in ("done", "running"):
+            trained += int(record.get("trained") or 0)
+        if state.status == "running":
+            running.append({"stage_id": state.stage_id, "kind": state.kind, "progress": record})
+    return {**counts, "total": len(stages), "trained": min(trained, to_train) if to_train else trained,
+            "to_train": to_train, "eta_s": estimate_eta(run_dir, states), "running_stages": running}
+
+
 def estimate_eta(run_dir: Path, states: dict) -> float | None:
     """Seconds until the stages still to finish (pending, running, unknown) are done, at the pace the finished ones
     went: each kind's mean duration, spread over as many stages as run now (at least one). None before any stage
@@ -324,13 +357,15 @@ def estimate_eta(run_dir: Path, states: dict) -> float | None:
 
 
 def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), scheduler=None) -> dict[str, Any]:
-    """Stage counts by kind × state, cell counts by state, progress with an ETA, who holds the run, the failed
-    stages with their log tails and the unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
+    """Stage counts by kind × state, cell counts by state, progress with an ETA, the running stages with their
+    latest training progress (gridlab.progress), who holds the run, the failed stages with their log tails and the
+    unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
     gridlab.state.SchedulerCache (a watching status asks SLURM at most every 30 s)."""
     from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
     from gridlab.layout import RunPaths
     from gridlab.lock import held_by
     from gridlab.planfile import read_index
+    from gridlab.progress import read_progress
     from gridlab.results import tail
     from gridlab.select import select_stages
     from gridlab.state import STATES, effective_states, stage_states
@@ -371,13 +406,16 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     unknown = [{"stage_id": s.stage_id, "kind": s.kind, "job_id": s.job_id, "error": s.error}
                for s in states.values() if s.status == "unknown"]
     done = sum(1 for s in states.values() if s.status == "done")
+    running = [{"stage_id": s.stage_id, "kind": s.kind, "job_id": s.job_id,
+                "progress": read_progress(RunPaths(run_dir).stage(s.stage_id))}
+               for s in states.values() if s.status == "running"]
     holder = held_by(run_dir)
     from gridlab.planfile import current_inputs, stale_inputs
 
     record = _record(grid)
     stale = stale_inputs(record, current_inputs(record.grid), run_dir)
     return {"grid": index["grid"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells, "failed": failed,
-            "unknown": unknown, "held_by": holder, "stale": stale,
+            "unknown": unknown, "running": running, "held_by": holder, "stale": stale,
             "progress": {"done": done, "total": len(states), "eta_s": estimate_eta(run_dir, states)}}
 
 
@@ -667,6 +705,21 @@ def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> li
             submitted = read_json(run.stage(s.id).submit) or {}
             slurm_log = submitted.get("slurm_log")
             found.append((s.id, run.stage(s.id).log, Path(slurm_log) if slurm_log else None))
+    return found
+
+
+def latest_progress(grid: str | Path, stage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The latest progress record (gridlab.progress) of each of these stages that has one and is not done."""
+    from gridlab.layout import RunPaths
+    from gridlab.progress import read_progress
+
+    run = RunPaths(run_dir_of(grid))
+    found = {}
+    for stage_id in stage_ids:
+        files = run.stage(stage_id)
+        record = None if files.result.exists() else read_progress(files)
+        if record is not None:
+            found[stage_id] = record
     return found
 
 
