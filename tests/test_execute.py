@@ -84,6 +84,13 @@ def test_training_stages_report_progress_and_plan_uses_their_pace(finished_grid)
         assert header["resources"]["ranks"] == 1 and header["resources"]["threads"] >= 1
     result = CliRunner().invoke(app, ["plan", str(grid_file)])
     assert f"(throughput of this run's {len(training)} finished training stage(s): " in result.output, result.output
+    # what a reset would lose is counted from the run's own records: trajectory tokens, recorded runtimes
+    from gridlab.train import remaining_tokens
+
+    removal = api.reset(grid_file, where=["init=random"], dry_run=True, report=lambda line: None)
+    train = next(s for s in record.stages if s.kind == "train" and s.id in removal.stages)
+    assert removal.lost.tokens == remaining_tokens(train.config.schedule, train.config.budgets, 32, None) > 0
+    assert removal.lost.cpu_hours > 0 and removal.lost.unrecorded == 0 and not removal.carried_out
 
 
 def test_kill_9_a_worker_mid_train_then_retry_resumes_to_the_same_numbers(finished_grid):

@@ -5,8 +5,10 @@
     outcome.exit_code                                         # 0 on its way, 1 failed/blocked, 3 unknown
     gl.status("grid.toml")["cells"]                           # {"pending": …, "running": …, "done": …, …}
     gl.cancel("grid.toml", where=["kind=train"])              # scancel / stop workers, mark cancelled
-    gl.reset("grid.toml", where=["method=wanda"], dry_run=True)
-    gl.clean("grid.toml")                                     # orphans and unneeded checkpoints; bytes freed
+    gl.reset("grid.toml", where=["method=wanda"], dry_run=True)   # wanda's own stages; shared work stays
+    gl.reset("grid.toml", where=["method=wanda"], yes=True)       # removing finished work needs yes (or confirm=)
+    gl.clean("grid.toml", yes=True)                           # orphans and unneeded checkpoints; bytes freed
+    print(gl.plan_text("grid.toml", where=["budget=80k"]))    # the plan, its time estimate, the sub-grid's share
     gl.export("grid.toml", "cells.parquet", fmt="parquet")
     gl.logs("grid.toml", where=["state=failed"])              # [(stage id, log path, text)]
     gl.report("grid.toml", out="report")                      # {"html": …, "pdf": …}
