@@ -210,3 +210,27 @@ def test_gridlab_cancel_stops_a_running_local_submit(tmp_path):
     assert not any(status["stages"][kind]["running"] for kind in status["stages"])
     # Cancelled stages stay cancelled until --retry-failed; nothing was left half-held.
     assert all(s.get("status") in ("cancelled", "failed") for s in status["failed"])
+
+
+def test_reset_by_method_on_a_real_run_reruns_only_that_methods_stages(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid(name="two", methods=[{"name": "shortgpt"}, {"name": "magnitude"}]))
+    assert _submit(grid_file).exit_code == 0
+    run_dir = tmp_path / "runs" / "two"
+    run, record = RunPaths(run_dir), read_plan_record(run_dir)
+    attempts = {s.id: run.stage(s.id).attempts.read_text() for s in record.stages}
+    before = _val_losses(run_dir)
+    removal = api.reset(grid_file, where=["method=magnitude"], yes=True, report=lambda line: None)
+    kinds = {s.kind for s in record.stages if s.id in removal.stages}
+    assert kinds == {"prune", "init", "train", "eval"} and removal.lost.tokens > 0
+    result = _submit(grid_file)
+    assert result.exit_code == 0 and f"{len(removal.stages)} to run" in result.output, result.output
+    for stage in record.stages:
+        again = run.stage(stage.id).attempts.read_text()
+        assert (again != attempts[stage.id]) == (stage.id in removal.stages), stage.kind
+    after = _val_losses(run_dir)
+    magnitude = {c.cell_id for c in record.cells if c.method == "magnitude"}
+    assert {k: v for k, v in after.items() if k not in magnitude} == {
+        k: v for k, v in before.items() if k not in magnitude}
+    assert after.keys() == before.keys()
+    with duckdb.connect(str(run.database), read_only=True) as connection:
+        assert connection.execute("SELECT DISTINCT status FROM cells").fetchall() == [("done",)]
