@@ -93,7 +93,7 @@ def measure(config, seq_len: int, batch_size: int, workers: int, assumed: float 
     threads = worker_threads(workers)
     key = _cache_key(config, seq_len, sequences, threads)
     shape = (f"the parent's shape, {sequences} × {seq_len} tokens a step"
-             f"{f' (of {batch_size})' if sequences < batch_size else ''}, {threads} thread(s)")
+             f"{f' (of {batch_size})' if sequences < batch_size else ''}, {threads} thread(s), one worker alone")
     cached = _read_cache(key)
     if cached is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached["measured_at"]))
