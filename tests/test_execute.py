@@ -69,6 +69,30 @@ def test_resubmitting_a_finished_grid_runs_nothing(finished_grid):
     assert sorted(p.read_text() for p in run_dir.glob("stages/*/attempts.log")) == attempts_before
 
 
+def test_training_stages_report_progress_and_plan_uses_their_pace(finished_grid):
+    from gridlab.progress import read_progress
+
+    grid_file, run_dir = finished_grid
+    record = read_plan_record(run_dir)
+    training = [s for s in record.stages if s.kind in ("parent", "train")]
+    for stage in training:
+        files = RunPaths(run_dir).stage(stage.id)
+        last = read_progress(files)
+        assert last["finished"] and last["trained"] == last["to_train"] > 0 and last["tokens_per_s"] > 0
+        assert "progress: trunk step " in files.log.read_text() and "tokens/s" in files.log.read_text()
+        header = json.loads(files.result.read_text())
+        assert header["resources"]["ranks"] == 1 and header["resources"]["threads"] >= 1
+    result = CliRunner().invoke(app, ["plan", str(grid_file)])
+    assert f"(throughput of this run's {len(training)} finished training stage(s): " in result.output, result.output
+    # what a reset would lose is counted from the run's own records: trajectory tokens, recorded runtimes
+    from gridlab.train import remaining_tokens
+
+    removal = api.reset(grid_file, where=["init=random"], dry_run=True, report=lambda line: None)
+    train = next(s for s in record.stages if s.kind == "train" and s.id in removal.stages)
+    assert removal.lost.tokens == remaining_tokens(train.config.schedule, train.config.budgets, 32, None) > 0
+    assert removal.lost.cpu_hours > 0 and removal.lost.unrecorded == 0 and not removal.carried_out
+
+
 def test_kill_9_a_worker_mid_train_then_retry_resumes_to_the_same_numbers(finished_grid):
     grid_file, run_dir = finished_grid
     reference = _val_losses(run_dir)
@@ -186,3 +210,27 @@ def test_gridlab_cancel_stops_a_running_local_submit(tmp_path):
     assert not any(status["stages"][kind]["running"] for kind in status["stages"])
     # Cancelled stages stay cancelled until --retry-failed; nothing was left half-held.
     assert all(s.get("status") in ("cancelled", "failed") for s in status["failed"])
+
+
+def test_reset_by_method_on_a_real_run_reruns_only_that_methods_stages(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid(name="two", methods=[{"name": "shortgpt"}, {"name": "magnitude"}]))
+    assert _submit(grid_file).exit_code == 0
+    run_dir = tmp_path / "runs" / "two"
+    run, record = RunPaths(run_dir), read_plan_record(run_dir)
+    attempts = {s.id: run.stage(s.id).attempts.read_text() for s in record.stages}
+    before = _val_losses(run_dir)
+    removal = api.reset(grid_file, where=["method=magnitude"], yes=True, report=lambda line: None)
+    kinds = {s.kind for s in record.stages if s.id in removal.stages}
+    assert kinds == {"prune", "init", "train", "eval"} and removal.lost.tokens > 0
+    result = _submit(grid_file)
+    assert result.exit_code == 0 and f"{len(removal.stages)} to run" in result.output, result.output
+    for stage in record.stages:
+        again = run.stage(stage.id).attempts.read_text()
+        assert (again != attempts[stage.id]) == (stage.id in removal.stages), stage.kind
+    after = _val_losses(run_dir)
+    magnitude = {c.cell_id for c in record.cells if c.method == "magnitude"}
+    assert {k: v for k, v in after.items() if k not in magnitude} == {
+        k: v for k, v in before.items() if k not in magnitude}
+    assert after.keys() == before.keys()
+    with duckdb.connect(str(run.database), read_only=True) as connection:
+        assert connection.execute("SELECT DISTINCT status FROM cells").fetchall() == [("done",)]

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import duckdb
 import pytest
@@ -54,15 +53,10 @@ def test_the_converted_folder_is_smollm2_with_its_tokenizer(converted):
 
 
 def test_the_ci_grid_runs_every_method_on_the_real_parent(converted):
-    grid_file = converted / "smollm2-ci.toml"
-    grid_file.write_text((REPO / "examples" / "smollm2-ci.toml").read_text().replace(
-        'runs_dir = "../runs"', 'runs_dir = "runs"'))
-    cwd = Path.cwd()
-    os.chdir(converted)  # parent.path and tokenizer.path are relative to the working directory
-    try:
-        result = CliRunner().invoke(app, ["submit", str(grid_file)])
-    finally:
-        os.chdir(cwd)
+    grid_file = converted / "examples" / "smollm2-ci.toml"   # as in the repository: paths relative to the file
+    grid_file.parent.mkdir(exist_ok=True)
+    grid_file.write_text((REPO / "examples" / "smollm2-ci.toml").read_text())
+    result = CliRunner().invoke(app, ["submit", str(grid_file)])
     assert result.exit_code == 0, result.output
     run_dir = converted / "runs" / "smollm2-ci"
     with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:

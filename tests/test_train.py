@@ -479,3 +479,25 @@ def test_an_extension_killed_midway_resumes_bit_exactly(tmp_path):
     for a, b in zip(resumed.branches, straight.branches):
         assert a.curve == b.curve
         assert_same_weights(weights(a.path), weights(b.path))
+
+
+def test_progress_reports_every_log_interval_and_what_the_call_trained(tmp_path):
+    data = write_shard(tmp_path / "data")
+    config = tiny_config()
+    a, b = 8 * STEP, 12 * STEP                      # forks at steps 6 and 9; branches end at 8 and 12
+    points = []
+    plain = train(tiny_model(), data, config, [a, b], tmp_path / "plain", seed=0)
+    result = train(tiny_model(), data, config, [a, b], tmp_path / "watched", seed=0, progress=points.append)
+    assert result.curve == plain.curve and result.branches[0].curve == plain.branches[0].curve   # no change
+    *running, last = points
+    # one point per curve point: trunk steps 2, 4, 6 (fork 6), branch a 8, trunk 8 (fork 9), branch b 10, 12
+    assert [(p["phase"], p["step"]) for p in running] == [
+        ("trunk", 2), ("trunk", 4), ("trunk", 6), (f"branch {a}", 8), ("trunk", 8), (f"branch {b}", 10),
+        (f"branch {b}", 12)]
+    assert all(p["to_train"] == remaining_tokens(config, [a, b], SEQ, None) for p in points)
+    assert [p["trained"] for p in running] == sorted(p["trained"] for p in running)
+    assert all(p["loss"] > 0 and p["lr"] > 0 and p["tokens_per_s"] > 0 for p in running)
+    assert last["finished"] and last["trained"] == last["to_train"] and last["elapsed_s"] > 0
+    again = []
+    train(tiny_model(), data, config, [a, b], tmp_path / "watched", seed=0, progress=again.append)
+    assert [p["trained"] for p in again] == [0] and again[0]["to_train"] == 0     # nothing left to train

@@ -88,9 +88,9 @@ def test_reset_removes_the_selection_and_everything_downstream(tmp_path):
     prune = next(s for s in plan.stages.values() if s.kind == "prune" and s.config.method == "magnitude")
     dry = _cli("reset", grid_file, "--where", "method=magnitude", "--where", "kind=prune", "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert "would reset" in dry.output and "would free" in dry.output
+    assert "to reset: " in dry.output and "would free" in dry.output
     assert RunPaths(run_dir).stage(prune.id).result.exists()
-    result = _cli("reset", grid_file, "--where", "method=magnitude", "--where", "kind=prune")
+    result = _cli("reset", grid_file, "--where", "method=magnitude", "--where", "kind=prune", "--yes")
     assert result.exit_code == 0, result.output
     states = stage_states(run_dir, list(plan.stages.values()))
     below = {s.id for s in plan.stages.values() if s.id == prune.id or prune.id in s.deps.values()}
@@ -111,7 +111,7 @@ def test_resetting_the_data_stage_or_one_of_its_tasks_resets_all_of_them(tmp_pat
         write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
     shard = next(s for s in plan.stages.values() if s.kind == "shard" and s.config.partition == 1)
     for where in (f"stage={shard.id}", "kind=data"):
-        result = _cli("reset", grid_file, "--where", where)
+        result = _cli("reset", grid_file, "--where", where, "--yes")
         assert result.exit_code == 0, result.output
         states = stage_states(run_dir, list(plan.stages.values()))
         assert all(state.status == "pending" for state in states.values()), where
@@ -119,7 +119,7 @@ def test_resetting_the_data_stage_or_one_of_its_tasks_resets_all_of_them(tmp_pat
             write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
     # an eval stage alone: nothing upstream goes
     evaluation = next(s for s in plan.stages.values() if s.kind == "eval")
-    assert _cli("reset", grid_file, "--where", f"stage={evaluation.id}").exit_code == 0
+    assert _cli("reset", grid_file, "--where", f"stage={evaluation.id}", "--yes").exit_code == 0
     pending = {sid for sid, s in stage_states(run_dir, list(plan.stages.values())).items() if s.status == "pending"}
     assert pending == {evaluation.id}
 
@@ -388,3 +388,286 @@ def test_follow_logs_yields_new_lines(tmp_path):
 
     lines = list(api.follow_logs(grid_file, prune.id, poll_s=0.01, stop=stop))
     assert lines == [(prune.id, "new line")]
+
+
+# ------------------------------------------------------------------------------------------------ reset by cells
+
+def _shared_run(tmp_path):
+    """Three methods (two depth methods sharing one random twin, one sparse), two budgets, two seeds, both settings
+    (P = 4096 = the larger budget, so a setting-2 reference branch is also a setting-1 branch): every stage done,
+    with a recorded runtime of an hour on 2 threads."""
+    grid_file = write_grid(tmp_path, tiny_grid(methods=[{"name": "shortgpt"}, {"name": "minitron-depth"},
+                                                        {"name": "magnitude"}],
+                                               budgets=[2048, 4096], seeds=[0, 1]))
+    plan = build_plan(load_grid(grid_file))
+    run_dir = plan.spec.run_dir
+    execute.prepare(plan, run_dir)
+    for stage in plan.stages.values():
+        write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage), started=time.time() - 3600,
+                     resources={"ranks": 1, "threads": 2, "gpus": 0})
+    return grid_file, plan, run_dir
+
+
+def _needed(plan, cells) -> set[str]:
+    from gridlab.select import upstream_closure
+
+    return upstream_closure(list(plan.stages.values()), [s for c in cells for s in (c.eval_stage,
+                                                                                     c.start_eval_stage)])
+
+
+def _check_reset(grid_file, plan, run_dir, where, selected):
+    """Reset ``where``: every unselected cell keeps every stage it needs, the data and parent stages stay, and
+    the next submit reruns exactly what was reset."""
+    stages = list(plan.stages.values())
+    removal = api.reset(grid_file, where=where, yes=True, report=lambda line: None)
+    states = stage_states(run_dir, stages)
+    others = [c for c in plan.cells if not selected(c)]
+    assert others and all(states[sid].status == "done" for sid in _needed(plan, others)), where
+    assert all(states[s.id].status == "done" for s in stages if s.kind in ("data", "parent")), where
+    assert {sid for sid, s in states.items() if s.status == "pending"} == set(removal.stages), where
+    assert set(removal.stages) <= _needed(plan, [c for c in plan.cells if selected(c)])
+    dry = api.submit(grid_file, dry_run=True, report=lambda line: None)
+    assert set(dry.plan.stages) - set(dry.done) == set(removal.stages), where
+    return removal
+
+
+def test_reset_by_method_keeps_every_other_methods_work_and_the_shared_twin(tmp_path):
+    grid_file, plan, run_dir = _shared_run(tmp_path)
+    removal = _check_reset(grid_file, plan, run_dir, ["method=shortgpt"], lambda c: c.method == "shortgpt")
+    kinds = {plan.stages[sid].kind for sid in removal.stages}
+    assert kinds == {"prune", "train", "eval"}          # the random twin (and its training) is minitron-depth's too
+    prunes = {s.id for s in plan.stages.values() if s.kind == "prune" and s.config.method == "shortgpt"}
+    assert prunes <= set(removal.stages)
+    assert removal.lost.count == len(removal.stages) and removal.lost.cpu_hours == pytest.approx(
+        2 * len(removal.stages), rel=1e-3)
+
+
+@pytest.mark.parametrize("where, selected", [
+    (["budget=2048"], lambda c: c.budget_tokens == 2048),
+    (["seed=1"], lambda c: c.seed == 1),
+    (["setting=1"], lambda c: c.setting == 1),
+    (["method=magnitude", "init=random"], lambda c: c.method == "magnitude" and c.init == "random"),
+])
+def test_reset_by_budget_seed_or_setting_keeps_what_unselected_cells_share(tmp_path, where, selected):
+    grid_file, plan, run_dir = _shared_run(tmp_path)
+    removal = _check_reset(grid_file, plan, run_dir, where, selected)
+    kinds = {plan.stages[sid].kind for sid in removal.stages}
+    if where == ["budget=2048"]:
+        # a train stage serves both budgets: only the 2048-token branches' evaluations go, never a trajectory
+        assert kinds == {"eval"}
+    if where == ["seed=1"]:
+        assert kinds == {"prune", "init", "train", "eval"}
+    if where == ["setting=1"]:
+        # pruned cells share their evaluations with setting 2; the random 4096 branch is setting 2's reference
+        assert kinds == {"eval"}
+        assert all(plan.stages[sid].config.budget == 2048 for sid in removal.stages)
+
+
+def test_reset_summary_is_the_same_dry_and_real_and_says_what_stays(tmp_path):
+    grid_file, plan, run_dir = _shared_run(tmp_path)
+    dry = _cli("reset", grid_file, "--where", "method=magnitude", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = dry.output.splitlines()
+    assert lines[0] == ("reset --where method=magnitude: a cell filter, 24 of 72 cells; acting only on the stages "
+                        "no unselected cell needs")
+    # per seed: a prune, its mask twin, two trajectories; evals of both models at 0, of the pruned branches 2048 and
+    # 4096, of the random ones 2048, 4096 (= P) and P + 2048, P + 4096
+    assert lines[1].startswith("  to reset: 24 stage(s) (prune 2, init 2, train 4, eval 16); ")
+    assert "finished work it removes: 24 done stage(s)" in lines[2] and "48.00 CPU-hours" in lines[2]
+    assert "cells that lose work: 24 of 72" in dry.output
+    assert "kept, needed by every cell" in dry.output and "data 1, parent 1" in dry.output
+    real = _cli("reset", grid_file, "--where", "method=magnitude", "--yes")
+    assert real.exit_code == 0, real.output
+    assert real.output.splitlines()[:5] == lines[:5] and "would free" not in real.output
+    stage_filter = _cli("reset", grid_file, "--where", "kind=parent", "--dry-run")
+    assert "a stage filter, acting on the 1 stage(s) it selects" in stage_filter.output
+    assert "downstream of the selected stage(s)" in stage_filter.output
+
+
+def test_reset_of_finished_work_needs_yes_or_a_confirmation(tmp_path):
+    grid_file, plan, run_dir = _shared_run(tmp_path)
+    refused = subprocess.run([sys.executable, "-m", "gridlab.cli", "reset", str(grid_file), "--where", "seed=1"],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert refused.returncode == 2, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--yes" in refused.stderr
+    assert "to reset: " in refused.stdout            # the summary came first
+    assert all(s.status == "done" for s in stage_states(run_dir, list(plan.stages.values())).values())
+    with pytest.raises(api.UserError, match="not confirmed"):
+        api.reset(grid_file, where=["seed=1"], confirm=lambda question: False, report=lambda line: None)
+    assert all(s.status == "done" for s in stage_states(run_dir, list(plan.stages.values())).values())
+    asked = []
+    removal = api.reset(grid_file, where=["seed=1"], confirm=lambda q: asked.append(q) or True,
+                        report=lambda line: None)
+    assert asked and "done stage(s)" in asked[0] and removal.carried_out
+    # nothing finished left to lose: no question
+    again = api.reset(grid_file, where=["seed=1"], report=lambda line: None)
+    assert not again.loses_finished_work
+
+
+def test_cancel_by_cells_stops_only_what_no_unselected_cell_needs(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid(methods=[{"name": "shortgpt"}, {"name": "minitron-depth"}]))
+    plan = build_plan(load_grid(grid_file))
+    run_dir = plan.spec.run_dir
+    execute.prepare(plan, run_dir)
+    for stage in plan.stages.values():
+        if stage.kind in ("data", "parent"):
+            write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
+    twin = next(s for s in plan.stages.values() if s.kind == "init")     # shared by both depth methods
+    prune = next(s for s in plan.stages.values() if s.kind == "prune" and s.config.method == "shortgpt")
+    workers = {sid: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+               for sid in (twin.id, prune.id)}
+    try:
+        for sid, worker in workers.items():
+            execute.record_submission(run_dir, sid, "local", f"local-{worker.pid}", worker.pid)
+        result = _cli("cancel", grid_file, "--where", "method=shortgpt")
+        assert result.exit_code == 0, result.output
+        assert "cancelled 1 stage(s)" in result.output and "not cancelled, needed by cells not selected: init 1" \
+            in result.output
+        assert workers[prune.id].wait(timeout=10) == -15
+        assert workers[twin.id].poll() is None
+        states = stage_states(run_dir, list(plan.stages.values()))
+        assert states[prune.id].status == "cancelled" and states[twin.id].status == "running"
+    finally:
+        for worker in workers.values():
+            worker.kill()
+            worker.wait()
+
+
+def test_clean_of_a_grid_never_run_writes_nothing(tmp_path):
+    grid_file = write_grid(tmp_path, tiny_grid())
+    for args in (["clean", grid_file, "--dry-run"], ["clean", grid_file]):
+        result = _cli(*args)
+        assert result.exit_code == 2 and "run `gridlab submit" in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_clean_dry_run_takes_no_lock_and_clean_where_trims_only_the_selection(tmp_path):
+    grid_file, plan, run_dir = _shared_run(tmp_path)
+    run = RunPaths(run_dir)
+    saves = {}
+    for stage in plan.train_stages():
+        checkpoint = run.trajectory(stage.config.trajectory) / "checkpoint"
+        atomic.write_json(checkpoint / "main.json", {"folder": "main-2"})
+        atomic.write_bytes(checkpoint / "main-2" / "shard", b"m" * 100)
+        atomic.write_bytes(checkpoint / "main-1" / "shard", b"o" * 100)
+        saves[stage.id] = checkpoint / "main-1"
+    run.lock.unlink(missing_ok=True)
+    assert _cli("clean", grid_file, "--dry-run").exit_code == 0 and not run.lock.exists()
+    result = _cli("clean", grid_file, "--where", "method=magnitude")
+    assert result.exit_code == 0, result.output
+    magnitude = {c.train_stage for c in plan.cells if c.method == "magnitude" and c.train_stage}
+    assert {sid for sid, path in saves.items() if not path.exists()} == magnitude
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+def test_a_full_disk_is_named_with_what_is_free_and_what_the_stage_needs(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from gridlab import stages
+
+    grid_file = write_grid(tmp_path, tiny_grid())
+    plan = build_plan(load_grid(grid_file))
+    run_dir = plan.spec.run_dir
+    execute.prepare(plan, run_dir)
+    data = next(s for s in plan.stages.values() if s.kind == "data")
+    prune = next(s for s in plan.stages.values() if s.kind == "prune")
+
+    def short_write(config, context):       # what numpy's tofile says on a full disk: no errno
+        raise OSError("349186 requested and 315392 written")
+
+    def no_space(config, context):
+        raise RuntimeError("saving failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    free = {"bytes": 4096}
+    monkeypatch.setattr(stages.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**12, 10**12, free["bytes"]))
+    monkeypatch.setitem(stages._RUNNERS, "data", short_write)
+    assert not stages.execute_stage(run_dir, data.id, redirect_output=False)
+    state = stage_states(run_dir, list(plan.stages.values()), verify=True)[data.id]
+    assert state.status == "failed" and not RunPaths(run_dir).stage(data.id).result.exists()
+    assert state.error.startswith(f"the disk under {run_dir} is full: 4.1 kB free, what this data stage needs is "
+                                  f"unknown before the corpus is read"), state.error
+    assert "--retry-failed" in state.error and "349186 requested and 315392 written" in state.error
+
+    for stage in plan.stages.values():
+        if stage.kind in ("data", "parent"):
+            write_result(RunPaths(run_dir).stage(stage.id), stage, fake_payload(stage))
+    free["bytes"] = 5 * 10**9        # space left, but the writer said ENOSPC (a quota, another writer)
+    monkeypatch.setitem(stages._RUNNERS, "prune", no_space)
+    assert not stages.execute_stage(run_dir, prune.id, redirect_output=False)
+    error = json.loads(RunPaths(run_dir).stage(prune.id).error.read_text())["error"]
+    estimate = json.loads(RunPaths(run_dir).disk_estimate.read_text())["prune"]
+    from gridlab.tidy import human
+
+    assert f"5.0 GB free, this prune stage needs about {human(estimate)} (the plan's disk estimate)" in error
+    selection = execute.select(plan, stage_states(run_dir, list(plan.stages.values())), retry_failed=True)
+    assert prune.id in {s.id for s in selection.to_run}          # nothing taken as done: --retry-failed reruns it
+    # an ordinary failure with plenty of space stays what it is
+    monkeypatch.setitem(stages._RUNNERS, "prune", lambda config, context: 1 / 0)
+    assert not stages.execute_stage(run_dir, prune.id, redirect_output=False)
+    assert json.loads(RunPaths(run_dir).stage(prune.id).error.read_text())["error"] == (
+        "ZeroDivisionError: division by zero")
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def _running_train(tmp_path):
+    """A run whose first train stage is held by a live process and has reported progress."""
+    from gridlab.progress import Recorder
+
+    grid_file, plan, run_dir = _run(tmp_path, finish=lambda s: s.kind in ("data", "parent", "prune", "init"))
+    train = plan.train_stages()[0]
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    execute.record_submission(run_dir, train.id, "local", f"local-{worker.pid}", worker.pid)
+    Recorder(RunPaths(run_dir).stage(train.id), "train")({
+        "phase": "trunk", "step": 4, "steps": 12, "tokens": 512, "trained": 512, "to_train": 2048, "loss": 5.25,
+        "lr": 0.003, "tokens_per_s": 256.0, "elapsed_s": 2.0, "finished": False})
+    return grid_file, plan, run_dir, train, worker
+
+
+def test_status_and_logs_show_a_running_stages_latest_progress(tmp_path, capsys):
+    grid_file, plan, run_dir, train, worker = _running_train(tmp_path)
+    try:
+        line = (f"running train {train.id}: trunk step 4/12 (512 tokens): trained 512 of 2,048 (25%), loss 5.25, "
+                f"lr 3.00e-03, 256 tokens/s, ETA 6 s")
+        result = _cli("status", grid_file)
+        assert result.exit_code == 0 and line in result.output.splitlines(), result.output
+        report = json.loads(_cli("status", grid_file, "--json").output)
+        assert report["running"][0]["progress"]["trained"] == 512
+        logs = _cli("logs", grid_file, train.id[:8])
+        assert logs.exit_code == 0 and logs.output.splitlines()[-1] == "latest progress: " + line.split(": ", 1)[1]
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_submit_shows_plain_progress_lines_without_a_terminal(tmp_path, monkeypatch, capsys):
+    from rich.console import Console
+
+    from gridlab.cli import SubmitView
+
+    grid_file, plan, run_dir, train, worker = _running_train(tmp_path)
+    monkeypatch.setenv("GRIDLAB_PROGRESS_EVERY_S", "0.1")
+    stages = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in plan.stages.values()
+              if s.kind in ("train", "eval")]
+    try:
+        view = SubmitView(live=False)
+        with view(run_dir, stages, 8192):
+            time.sleep(0.6)
+        out = capsys.readouterr().out.splitlines()
+        summary = [line for line in out if " progress: " in line]
+        assert summary and summary[0].endswith(f"progress: 0/{len(stages)} stages done, 1 running, 0 failed; 512 of "
+                                               f"8,192 tokens trained; ETA unknown (no finished stage to measure "
+                                               f"the pace by yet)"), out
+        assert f"  train {train.id[:12]}: trunk step 4/12 (512 tokens): trained 512 of 2,048 (25%)" in \
+            "\n".join(out)
+        console = Console(record=True, width=160)
+        console.print(view._panel(api.progress_snapshot(run_dir, stages, 8192)))
+        panel = console.export_text()
+        assert "1 running" in panel and "trunk step 4/12" in panel
+    finally:
+        worker.kill()
+        worker.wait()

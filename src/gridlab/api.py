@@ -5,8 +5,10 @@
     outcome.exit_code                                         # 0 on its way, 1 failed/blocked, 3 unknown
     gl.status("grid.toml")["cells"]                           # {"pending": …, "running": …, "done": …, …}
     gl.cancel("grid.toml", where=["kind=train"])              # scancel / stop workers, mark cancelled
-    gl.reset("grid.toml", where=["method=wanda"], dry_run=True)
-    gl.clean("grid.toml")                                     # orphans and unneeded checkpoints; bytes freed
+    gl.reset("grid.toml", where=["method=wanda"], dry_run=True)   # wanda's own stages; shared work stays
+    gl.reset("grid.toml", where=["method=wanda"], yes=True)       # removing finished work needs yes (or confirm=)
+    gl.clean("grid.toml", yes=True)                           # orphans and unneeded checkpoints; bytes freed
+    print(gl.plan_text("grid.toml", where=["budget=80k"]))    # the plan, its time estimate, the sub-grid's share
     gl.export("grid.toml", "cells.parquet", fmt="parquet")
     gl.logs("grid.toml", where=["state=failed"])              # [(stage id, log path, text)]
     gl.report("grid.toml", out="report")                      # {"html": …, "pdf": …}
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,34 +39,73 @@ EXIT_UNKNOWN = 3      # nothing failed, but the state of some stages is unknown 
 
 def run_dir_of(grid: str | Path) -> Path:
     """The run folder of a grid file (read without full validation, so status needs no torch) or a run folder."""
+    from gridlab.gridfile import read_grid_file
+    from gridlab.gridfile import run_dir as grid_run_dir
+
     path = Path(grid)
     if path.is_dir():
         return path
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise UserError(f"{path}: cannot read grid file ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{path}: not valid TOML: {error}") from None
-    if not isinstance(raw.get("name"), str):
-        raise UserError(f"{path}: name: required key is missing")
-    runs_dir = Path(raw.get("runs_dir", "runs"))
-    return (runs_dir if runs_dir.is_absolute() else path.parent / runs_dir).resolve() / raw["name"]
+    return grid_run_dir(read_grid_file(path), path)
 
 
 def plan(grid: str | Path):
-    """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts. Submits nothing."""
+    """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts. Submits nothing. Every problem
+    with the grid is one UserError line naming the file (gridlab.errors.in_grid_file)."""
+    from gridlab.errors import in_grid_file
     from gridlab.plan import build_plan
     from gridlab.spec import load_grid
 
-    return build_plan(load_grid(grid))
+    with in_grid_file(grid):
+        return build_plan(load_grid(grid))
+
+
+def plan_text(grid: str | Path, workers: int | None = None, where: Iterable[str] = ()) -> str:
+    """What `gridlab plan` prints (gridlab.plan.format_plan): the matrix, stages, tokens, the time estimate and where
+    its throughput comes from, disk; with ``where``, also the selected sub-grid's cells, stages, tokens and time."""
+    from gridlab.errors import in_grid_file
+    from gridlab.plan import format_plan
+
+    check_workers(workers)
+    the_plan = plan(grid)
+    check_run_dir(grid, the_plan.spec.run_dir)
+    only, cells = _planned_selection(the_plan, where)
+    with in_grid_file(grid):
+        return format_plan(the_plan, workers, only=only, cells=cells)
+
+
+def _planned_selection(the_plan, where: Iterable[str], status: dict[str, str] | None = None):
+    """(stage ids with what they need upstream, cells) a --where selects from a plan; (None, None) without one."""
+    from gridlab.select import cells_of, select_stages
+
+    where = list(where or ())
+    if not where:
+        return None, None
+    stages = list(the_plan.stages.values())
+    parsed = _where(where, stages, the_plan.cells)
+    if status is None and "state" in parsed.conditions:
+        from gridlab.state import stage_states
+
+        status = {sid: s.status for sid, s in stage_states(the_plan.spec.run_dir, stages).items()}
+    only = select_stages(parsed, stages, the_plan.cells, status, upstream=True)
+    cells = [c for c in cells_of(parsed, the_plan.cells) if c.eval_stage in only]
+    return only, cells
+
+
+def _never_submitted(grid: str | Path, run_dir: Path) -> UserError:
+    if Path(grid).is_dir():
+        return UserError(f"{run_dir}: no submitted run here (no plan.json); run `gridlab submit GRID` first")
+    return UserError(f"{grid}: never submitted (nothing in {run_dir}); run `gridlab submit {grid}` first")
 
 
 def _record(grid: str | Path):
-    """What the run folder holds: the submitted plan (stages, cells)."""
+    """What the run folder holds: the submitted plan (stages, cells); a UserError when nothing was submitted."""
+    from gridlab.layout import RunPaths
     from gridlab.planfile import read_plan_record
 
-    return read_plan_record(run_dir_of(grid))
+    run_dir = run_dir_of(grid)
+    if not RunPaths(run_dir).plan.exists():
+        raise _never_submitted(grid, run_dir)
+    return read_plan_record(run_dir)
 
 
 def _where(where: Iterable[str], stages, cells):
@@ -109,25 +149,33 @@ class SubmitOutcome:
 
 def submit(grid: str | Path, executor: str = "local", workers: int | None = None, retry_failed: bool = False,
            dry_run: bool = False, wait: bool = False, where: Iterable[str] = (), wait_lock: bool = False,
-           report: Callable[[str], None] = print) -> SubmitOutcome:
+           report: Callable[[str], None] = print, watch: Callable[..., Any] | None = None) -> SubmitOutcome:
     """Run (local, debug) or submit (slurm) every stage of the grid (or of ``where``'s sub-grid, with what it needs
     upstream) that is not done; idempotent.
 
     ``report`` receives the progress lines. With ``dry_run`` nothing is written and no lock is taken. ``wait``
     (slurm) blocks until every submitted stage has finished. ``wait_lock``: wait for another submitter holding the
-    run instead of raising. The database is rebuilt whenever stages have finished.
+    run instead of raising. ``watch(run_dir, stages, to_train)``: a context manager that is open while the stages
+    run (the CLI's live view reads ``progress_snapshot`` in it); ``stages`` are those to run, ``to_train`` the tokens
+    they train. The database is rebuilt whenever stages have finished.
     """
     from gridlab import db, execute, lock
+    from gridlab.errors import in_grid_file
     from gridlab.plan import format_plan
     from gridlab.select import select_stages
     from gridlab.state import stage_states
 
     if executor not in execute.EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; valid executors: {', '.join(execute.EXECUTORS)}")
+    check_workers(workers)
     the_plan = plan(grid)
     run_dir = the_plan.spec.run_dir
     stages = list(the_plan.stages.values())
     parsed = _where(where, stages, the_plan.cells)
+    check_run_dir(grid, run_dir)
+    if executor == "slurm":
+        for line in execute.slurm_preflight(the_plan.spec, submitting=not dry_run, source=str(grid)):
+            report(f"  warning: {line}")
     run_lock = None if dry_run else lock.acquire(run_dir, "submit", wait=wait_lock, report=report,
                                                  executor=executor)
     try:
@@ -140,7 +188,11 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
         outcome = SubmitOutcome(run_dir=run_dir, plan=the_plan, done=selection.done, active=selection.active,
                                 failed=selection.failed + selection.lingering, unknown=selection.unknown,
                                 selected=len(stages) if only is None else len(only))
-        report(format_plan(the_plan, workers))
+        cells = None
+        if only is not None:
+            _, cells = _planned_selection(the_plan, where, {s: st.status for s, st in states.items()})
+        with in_grid_file(grid):
+            report(format_plan(the_plan, workers, only=only, cells=cells))
         for line in _stale_since_last_submit(run_dir, the_plan):
             report(f"  warning: {line}")
         report(_selection_line(selection, only))
@@ -156,8 +208,14 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
         _record_reconciled(run_dir, states)
         execute.prepare(the_plan, run_dir)
         if selection.to_run:
+            import contextlib
+
             chosen = execute.make_executor(executor, workers or the_plan.spec.local.workers, report)
-            outcome.ran = chosen.run(run_dir, the_plan, selection, states)
+            running = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in selection.to_run]
+            to_train = the_plan.selected_train_tokens({s.id for s in selection.to_run}, remaining=True)
+            view = watch(run_dir, running, to_train) if watch and chosen.finishes else contextlib.nullcontext()
+            with view:
+                outcome.ran = chosen.run(run_dir, the_plan, selection, states)
             if not chosen.finishes:
                 outcome.submitted = True
                 if not wait:
@@ -173,6 +231,32 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
     finally:
         if run_lock is not None:
             run_lock.release()
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: give at least 1 local worker (default: [local].workers)")
+
+
+def check_run_dir(grid: str | Path, run_dir: Path, create: bool = False) -> None:
+    """The run folder must be one gridlab can create and write, before anything runs: one line naming runs_dir."""
+    import os
+
+    probe = Path(run_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = f"{probe} is a file, not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{probe} is not writable by this user"
+    elif create:
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            why = error.strerror or str(error)
+    if why:
+        raise UserError(f"{grid}: runs_dir: cannot create the run folder {run_dir}: {why}")
 
 
 def _selection_line(selection, only) -> str:
@@ -226,6 +310,31 @@ def _durations(run_dir: Path, states: dict) -> dict[str, list[float]]:
     return durations
 
 
+def progress_snapshot(run_dir: Path, stages: list[dict], to_train: int) -> dict[str, Any]:
+    """Where a running submit is (what its live view shows): of ``stages`` (those it runs), how many are done,
+    running and failed or cancelled, the tokens trained so far out of ``to_train`` (finished training stages'
+    last progress records plus the running ones'), the ETA at the pace of the finished stages, and each running
+    stage's latest progress (gridlab.progress)."""
+    from gridlab.layout import RunPaths
+    from gridlab.progress import read_progress
+    from gridlab.state import stage_states
+
+    run = RunPaths(run_dir)
+    states = stage_states(run_dir, stages)
+    counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
+    trained, running = 0, []
+    for state in states.values():
+        key = "failed" if state.status in ("failed", "cancelled") else state.status
+        counts[key if key in counts else "pending"] += 1
+        record = read_progress(run.stage(state.stage_id)) if state.kind in ("parent", "train") else None
+        if record is not None and state.status in ("done", "running"):
+            trained += int(record.get("trained") or 0)
+        if state.status == "running":
+            running.append({"stage_id": state.stage_id, "kind": state.kind, "progress": record})
+    return {**counts, "total": len(stages), "trained": min(trained, to_train) if to_train else trained,
+            "to_train": to_train, "eta_s": estimate_eta(run_dir, states), "running_stages": running}
+
+
 def estimate_eta(run_dir: Path, states: dict) -> float | None:
     """Seconds until the stages still to finish (pending, running, unknown) are done, at the pace the finished ones
     went: each kind's mean duration, spread over as many stages as run now (at least one). None before any stage
@@ -250,22 +359,27 @@ def estimate_eta(run_dir: Path, states: dict) -> float | None:
 
 
 def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), scheduler=None) -> dict[str, Any]:
-    """Stage counts by kind × state, cell counts by state, progress with an ETA, who holds the run, the failed
-    stages with their log tails and the unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
+    """Stage counts by kind × state, cell counts by state, progress with an ETA, the running stages with their
+    latest training progress (gridlab.progress), who holds the run, the failed stages with their log tails and the
+    unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
     gridlab.state.SchedulerCache (a watching status asks SLURM at most every 30 s)."""
     from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
+    from gridlab.layout import RunPaths
     from gridlab.lock import held_by
     from gridlab.planfile import read_index
+    from gridlab.progress import read_progress
     from gridlab.results import tail
     from gridlab.select import select_stages
     from gridlab.state import STATES, effective_states, stage_states
 
     run_dir = run_dir_of(grid)
+    if not RunPaths(run_dir).index.exists():
+        raise _never_submitted(grid, run_dir)
     index = read_index(run_dir)
     stages = index["stages"]
     cell_stages = index["cell_eval_stages"]
     if where:
-        record = _record(run_dir)
+        record = _record(grid)
         stages = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in record.stages]
     states = stage_states(run_dir, stages, scheduler=scheduler)
     effective, _ = effective_states(stages, {sid: s.status for sid, s in states.items()})
@@ -294,13 +408,16 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     unknown = [{"stage_id": s.stage_id, "kind": s.kind, "job_id": s.job_id, "error": s.error}
                for s in states.values() if s.status == "unknown"]
     done = sum(1 for s in states.values() if s.status == "done")
+    running = [{"stage_id": s.stage_id, "kind": s.kind, "job_id": s.job_id,
+                "progress": read_progress(RunPaths(run_dir).stage(s.stage_id))}
+               for s in states.values() if s.status == "running"]
     holder = held_by(run_dir)
     from gridlab.planfile import current_inputs, stale_inputs
 
-    record = _record(run_dir)
+    record = _record(grid)
     stale = stale_inputs(record, current_inputs(record.grid), run_dir)
     return {"grid": index["grid"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells, "failed": failed,
-            "unknown": unknown, "held_by": holder, "stale": stale,
+            "unknown": unknown, "running": running, "held_by": holder, "stale": stale,
             "progress": {"done": done, "total": len(states), "eta_s": estimate_eta(run_dir, states)}}
 
 
@@ -308,14 +425,17 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
 
 def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], None] = print):
     """scancel the grid's queued and running SLURM jobs and stop its local workers (or only ``where``'s), marking
-    their stages cancelled; a local `submit` still running then starts none of the selected stages. Fail closed:
-    what could not be stopped is left as it was and listed in ``problems``. Returns gridlab.execute.CancelOutcome."""
+    their stages cancelled; a local `submit` still running then starts none of the selected stages. A cell filter
+    stops only the stages no unselected cell needs (gridlab.select.destructive_scope): the parent, a shared random
+    twin or a trajectory other cells wait for keeps running. Fail closed: what could not be stopped is left as it
+    was and listed in ``problems``. Returns gridlab.execute.CancelOutcome."""
     from gridlab import execute, lock
-    from gridlab.select import select_stages
+    from gridlab.select import destructive_scope
     from gridlab.state import stage_states
 
+    where = list(where or ())
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
     holder = lock.held_by(run_dir)
     local_submit = bool(holder) and holder.get("command") == "submit" and holder.get("executor") in (
@@ -325,8 +445,13 @@ def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], 
     run_lock = None if local_submit else lock.acquire(run_dir, "cancel", wait=True, timeout_s=60, report=report)
     try:
         states = stage_states(run_dir, record.stages)
-        chosen = select_stages(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
-        outcome = execute.cancel_stages(run_dir, [states[sid] for sid in chosen], also_waiting=local_submit)
+        scope = destructive_scope(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
+        if where:
+            report(scope.describe("cancel", where))
+            unfinished = {sid: why for sid, why in scope.kept.items() if states[sid].status != "done"}
+            for line in _kept_lines(record.stages, unfinished, "not cancelled"):
+                report(line)
+        outcome = execute.cancel_stages(run_dir, [states[sid] for sid in scope.acted], also_waiting=local_submit)
     finally:
         if run_lock is not None:
             run_lock.release()
@@ -337,38 +462,131 @@ def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], 
 
 # ------------------------------------------------------------------------------------------------------ reset, clean
 
-def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, report: Callable[[str], None] = print):
+_KEPT_WHY = {"shared": "needed by cells not selected",
+             "grid": "needed by every cell (a cell filter never touches them; --where kind=data or kind=parent does)",
+             "filter": "left out by the stage keys"}
+
+
+def _kept_lines(stages, kept: dict[str, str], verb: str = "kept") -> list[str]:
+    """One line per reason a stage the selected cells need is left alone, with the kinds it leaves."""
+    from gridlab.tidy import in_kind_order
+
+    kind_of = {stage.id: stage.kind for stage in stages}
+    lines = []
+    for why, text in _KEPT_WHY.items():
+        counts: dict[str, int] = {}
+        for stage_id, reason in kept.items():
+            if reason == why:
+                counts[kind_of[stage_id]] = counts.get(kind_of[stage_id], 0) + 1
+        if counts:
+            lines.append(f"  {verb}, {text}: " + ", ".join(f"{k} {n}" for k, n in in_kind_order(counts)))
+    return lines
+
+
+def _losing_cells(stages, cells, removed: list[str]) -> int:
+    from gridlab.select import cell_needs
+
+    removed = set(removed)
+    return len({index for sid, users in cell_needs(stages, cells).items() if sid in removed for index in users})
+
+
+def _confirm(removal, verb: str, yes: bool, confirm: Callable[[str], bool] | None) -> None:
+    """Go on only when no finished work is lost, ``yes`` is given, or ``confirm`` (a terminal's question) says so."""
+    if yes or not removal.loses_finished_work:
+        return
+    lost = removal.lost
+    what = f"{lost.count} done stage(s), {lost.tokens:,} tokens trained"
+    if confirm is None:
+        raise UserError(f"{verb} would remove finished work ({what}) and there is no terminal to confirm it on; "
+                        f"nothing was removed: add --yes (yes=True) to go on, or look first with --dry-run")
+    if not confirm(f"{verb}: remove {what}?"):
+        raise UserError(f"{verb} not confirmed; nothing was removed")
+
+
+def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, yes: bool = False,
+          confirm: Callable[[str], bool] | None = None, report: Callable[[str], None] = print):
     """Remove the outputs of ``where``'s stages and of everything downstream of them, so the next submit reruns
-    them; a selected stage somebody holds is a UserError (cancel it first). Returns gridlab.tidy.Removal."""
+    them. A cell filter acts only on the stages no unselected cell needs (gridlab.select.destructive_scope); a
+    stage filter on the stages it selects and everything downstream. ``report`` gets the summary first (the same
+    with ``dry_run``): what is selected, stages by kind, bytes, the finished work lost, what is kept and why.
+    Removing finished work needs ``yes=True`` or a ``confirm(question) -> bool`` that answers yes; otherwise a
+    UserError, and nothing is removed. A selected stage somebody holds is a UserError (cancel it first). Returns
+    gridlab.tidy.Removal."""
+    import contextlib
+
     from gridlab import lock, tidy
-    from gridlab.select import select_stages
+    from gridlab.select import destructive_scope
     from gridlab.state import stage_states
 
     where = list(where or ())
     if not where:
         raise UserError("reset needs --where (e.g. --where method=wanda, or --where kind=data for everything)")
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
-    with lock.run_lock(run_dir, "reset", report=report):
+    held = contextlib.nullcontext() if dry_run else lock.run_lock(run_dir, "reset", report=report)
+    with held:
         states = stage_states(run_dir, record.stages)
-        chosen = select_stages(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
-        return tidy.reset(run_dir, record.stages, chosen, states, dry_run=dry_run)
+        scope = destructive_scope(parsed, record.stages, record.cells, {s: st.status for s, st in states.items()})
+        removal = tidy.reset(run_dir, record.stages, scope.acted, states)
+        report(scope.describe("reset", where))
+        for line in removal.summary("reset"):
+            report(line)
+        if scope.by == "stages" and len(removal.stages) > len(scope.acted):
+            report(f"  of them {len(removal.stages) - len(scope.acted)} downstream of the selected stage(s)")
+        report(f"  cells that lose work: {_losing_cells(record.stages, record.cells, removal.stages)} of "
+               f"{len(record.cells)}")
+        removed = set(removal.stages)
+        for line in _kept_lines(record.stages, {sid: why for sid, why in scope.kept.items() if sid not in removed}):
+            report(line)
+        if dry_run:
+            return removal
+        _confirm(removal, "reset", yes, confirm)
+        removal.carry_out()
+    return removal
 
 
-def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False,
-          report: Callable[[str], None] = print):
+def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False, where: Iterable[str] = (),
+          yes: bool = False, confirm: Callable[[str], bool] | None = None, report: Callable[[str], None] = print):
     """Remove stage folders and trajectories no longer in the plan and checkpoints finished stages do not need.
-    With a grid file the plan is the grid's current one; with a run folder, the one last submitted. Returns
-    gridlab.tidy.Removal (``freed`` bytes)."""
+    With a grid file the plan is the grid's current one; with a run folder, the one last submitted. ``where``: only
+    the checkpoints of the stages it selects (a cell filter: those no unselected cell needs). Removing finished
+    work (a done stage or a trajectory the plan no longer has) needs ``yes`` or ``confirm``, as in ``reset``; a dry
+    run writes nothing. Returns gridlab.tidy.Removal (``freed`` bytes)."""
+    import contextlib
+
     from gridlab import lock, tidy
+    from gridlab.layout import RunPaths
+    from gridlab.select import destructive_scope
     from gridlab.state import stage_states
 
+    where = list(where or ())
     run_dir = run_dir_of(grid)
-    stages = list(plan(grid).stages.values()) if not Path(grid).is_dir() else _record(run_dir).stages
-    with lock.run_lock(run_dir, "clean", report=report):
+    if not RunPaths(run_dir).root.is_dir():
+        raise _never_submitted(grid, run_dir)
+    if Path(grid).is_dir():
+        record = _record(grid)
+        stages, cells = record.stages, record.cells
+    else:
+        current = plan(grid)
+        stages, cells = list(current.stages.values()), current.cells
+    held = contextlib.nullcontext() if dry_run else lock.run_lock(run_dir, "clean", report=report)
+    with held:
         states = stage_states(run_dir, stages)
-        return tidy.clean(run_dir, stages, states, dry_run=dry_run, all_checkpoints=all_checkpoints)
+        only = None
+        if where:
+            parsed = _where(where, stages, cells)
+            scope = destructive_scope(parsed, stages, cells, {s: st.status for s, st in states.items()})
+            only = scope.acted
+            report(scope.describe("clean", where))
+        removal = tidy.clean(run_dir, stages, states, all_checkpoints=all_checkpoints, only=only)
+        for line in removal.summary("remove"):
+            report(line)
+        if dry_run:
+            return removal
+        _confirm(removal, "clean", yes, confirm)
+        removal.carry_out()
+    return removal
 
 
 # ------------------------------------------------------------------------------------------------------ results
@@ -379,7 +597,7 @@ def ingest(grid: str | Path) -> dict[str, int]:
     from gridlab.state import stage_states
 
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     return db.ingest(run_dir, stage_states(run_dir, record.stages, verify=True))
 
 
@@ -392,7 +610,7 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
     if not where:
         return None
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
     states = stage_states(run_dir, record.stages)
     effective, _ = effective_states(record.stages, {sid: s.status for sid, s in states.items()})
@@ -400,6 +618,26 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
     plain = parsed.__class__({k: v for k, v in parsed.conditions.items() if k != "state"})
     stages = select_stages(plain, record.stages, record.cells)
     return [c.cell_id for c in cells], sorted(stages)
+
+
+def _writable_output(out: Path, option: str, folder: bool) -> None:
+    """``--out`` must be writable before anything is computed: a file (``folder`` False) that is not a folder, or a
+    folder that is not a file, in a place this user can create and write."""
+    import os
+
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out}: a file, not a folder; give a folder for the report")
+    if not folder and out.is_dir():
+        raise UserError(f"{option} {out}: a folder; give a file name, e.g. {out / 'cells.csv'}")
+    probe = out if folder else out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{option} {out}: cannot be created: {probe} is a file, not a folder")
+    target = out if out.exists() else probe
+    if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
+        raise UserError(f"{option} {out}: cannot write there ({target} is not writable by this user)")
 
 
 def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss",
@@ -411,6 +649,7 @@ def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss
     from gridlab.layout import RunPaths
     from gridlab.report import build_report
 
+    _writable_output(Path(out), "--out", folder=True)
     ingest(grid)
     database = RunPaths(run_dir_of(grid)).database
     selected = _selected_cells(grid, where)
@@ -428,6 +667,7 @@ def export(grid: str | Path, out: str | Path, fmt: str | None = None, where: Ite
     from gridlab.export import export as write_export
     from gridlab.layout import RunPaths
 
+    _writable_output(Path(out), "--out", folder=False)
     fmt = fmt or Path(out).suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise UserError(f"cannot tell the export format of {str(out)!r}; give --format "
@@ -452,7 +692,7 @@ def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> li
     if (stage is None) == (not where):
         raise UserError("logs needs a stage id or --where (not both)")
     run_dir = run_dir_of(grid)
-    record = _record(run_dir)
+    record = _record(grid)
     if stage is not None:
         where = [f"stage={stage}"]
     parsed = _where(where, record.stages, record.cells)
@@ -467,6 +707,21 @@ def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> li
             submitted = read_json(run.stage(s.id).submit) or {}
             slurm_log = submitted.get("slurm_log")
             found.append((s.id, run.stage(s.id).log, Path(slurm_log) if slurm_log else None))
+    return found
+
+
+def latest_progress(grid: str | Path, stage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The latest progress record (gridlab.progress) of each of these stages that has one and is not done."""
+    from gridlab.layout import RunPaths
+    from gridlab.progress import read_progress
+
+    run = RunPaths(run_dir_of(grid))
+    found = {}
+    for stage_id in stage_ids:
+        files = run.stage(stage_id)
+        record = None if files.result.exists() else read_progress(files)
+        if record is not None:
+            found[stage_id] = record
     return found
 
 

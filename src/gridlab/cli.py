@@ -71,11 +71,105 @@ DEFAULT_REPORT = Path("report")
 @app.command()
 @_user_errors
 def plan(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
-         workers: int | None = typer.Option(None, help="local workers for the time estimate")):
-    """Print the matrix, stage counts, tokens to train and a time estimate. Submits nothing."""
-    from gridlab.plan import format_plan
+         workers: int | None = typer.Option(None, help="local workers for the time estimate"),
+         where: Where = None):
+    """Print the matrix, stage counts, tokens to train and a time estimate. Submits nothing.
 
-    typer.echo(format_plan(api.plan(grid), workers))
+    The time comes from measured throughput: this run's finished training stages, else a short measurement of the
+    parent's shape on this host (cached); the plan says which. --where: also the sub-grid's cells, tokens, time."""
+    typer.echo(api.plan_text(grid, workers, where=where))
+
+
+class SubmitView:
+    """What `gridlab submit` shows while its stages run. On a terminal: a live panel (rich) redrawn every second
+    under the lines the executor prints — stages done, running and failed of those it runs, tokens trained of those
+    to train, the ETA, and each running stage's latest training progress. Otherwise (a pipe, a log file, the
+    tests): plain lines, one "progress:" line every ``GRIDLAB_PROGRESS_EVERY_S`` seconds (default 30) with the
+    running training stages' progress below it."""
+
+    def __init__(self, live: bool):
+        self.live = live
+        self.console = None
+
+    def line(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, markup=False, highlight=False)
+        else:
+            typer.echo(text)
+
+    def __call__(self, run_dir: Path, stages: list[dict], to_train: int):
+        import contextlib
+        import threading
+
+        @contextlib.contextmanager
+        def watching():
+            stop = threading.Event()
+            live = None
+            if self.live:
+                from rich.live import Live
+
+                live = Live(self._panel(None), auto_refresh=False, transient=True)
+                live.start()
+                self.console = live.console
+            every = 1.0 if self.live else float(os.environ.get("GRIDLAB_PROGRESS_EVERY_S", "30"))
+
+            def loop():
+                while not stop.wait(every):
+                    try:
+                        snapshot = api.progress_snapshot(run_dir, stages, to_train)
+                    except Exception:   # a view must never end a run
+                        continue
+                    if live is not None:
+                        live.update(self._panel(snapshot), refresh=True)
+                    elif snapshot["running"]:
+                        for text in self._plain(snapshot):
+                            typer.echo(text)
+
+            thread = threading.Thread(target=loop, daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join(timeout=5)
+                if live is not None:
+                    live.stop()
+                    self.console = None
+
+        return watching()
+
+    @staticmethod
+    def _summary(snapshot: dict) -> str:
+        tokens = (f"; {snapshot['trained']:,} of {snapshot['to_train']:,} tokens trained"
+                  if snapshot["to_train"] else "")
+        return (f"progress: {snapshot['done']}/{snapshot['total']} stages done, {snapshot['running']} running, "
+                f"{snapshot['failed']} failed{tokens}; ETA {_duration(snapshot['eta_s'])}")
+
+    def _plain(self, snapshot: dict) -> list[str]:
+        from gridlab.progress import format_progress
+
+        lines = [f"{time.strftime('%H:%M:%S')} {self._summary(snapshot)}"]
+        lines += [f"  {r['kind']} {r['stage_id'][:12]}: {format_progress(r['progress'])}"
+                  for r in snapshot["running_stages"] if r["progress"]]
+        return lines
+
+    def _panel(self, snapshot: dict | None):
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.text import Text
+
+        from gridlab.progress import format_progress
+
+        if snapshot is None:
+            return Text("starting workers…")
+        parts = [Text(self._summary(snapshot)),
+                 ProgressBar(total=max(1, snapshot["total"]), completed=snapshot["done"], width=60)]
+        if snapshot["to_train"]:
+            parts.append(ProgressBar(total=snapshot["to_train"], completed=snapshot["trained"], width=60))
+        for running in snapshot["running_stages"][:12]:
+            detail = format_progress(running["progress"]) if running["progress"] else "running"
+            parts.append(Text(f"  {running['kind']:6} {running['stage_id'][:12]}  {detail}", style="cyan"))
+        return Group(*parts)
 
 
 @app.command(help=SUBMIT_HELP)
@@ -90,8 +184,9 @@ def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
            wait_lock: bool = typer.Option(False, "--wait-lock",
                                           help="wait for another submitter holding this run instead of exiting 2"),
            where: Where = None):
+    view = SubmitView(live=sys.stdout.isatty())
     outcome = api.submit(grid, executor=executor, workers=workers, retry_failed=retry_failed, dry_run=dry_run,
-                         wait=wait, where=where, wait_lock=wait_lock, report=typer.echo)
+                         wait=wait, where=where, wait_lock=wait_lock, report=view.line, watch=view)
     if not dry_run:
         if outcome.submitted and not wait:
             typer.echo(f"submitted; follow with: gridlab status {grid} --watch")
@@ -138,10 +233,26 @@ def format_status(report: dict) -> str:
                      f"{failure['attempts']} attempt(s)): {failure['error'] or ''}")
         lines.append(f"  log {failure['log_path']}")
         lines.extend(f"  | {line}" for line in failure["log_tail"])
+    lines.extend(_running_lines(report))
     for unknown in report["unknown"]:
         lines.append(f"warning: unknown {unknown['kind']} {unknown['stage_id']}: {unknown['error'] or ''}")
     lines.extend(f"warning: {line}" for line in report.get("stale", []))
     return "\n".join(lines)
+
+
+def _running_lines(report: dict, limit: int = 20) -> list[str]:
+    """One line per running stage: its latest training progress when it reports any."""
+    from gridlab.progress import format_progress
+
+    lines = []
+    for running in report.get("running", [])[:limit]:
+        progress = running.get("progress")
+        lines.append(f"running {running['kind']} {running['stage_id']}"
+                     + (f": {format_progress(progress)}" if progress else ""))
+    more = len(report.get("running", [])) - limit
+    if more > 0:
+        lines.append(f"running: {more} more")
+    return lines
 
 
 def _rich_status(report: dict):
@@ -167,6 +278,7 @@ def _rich_status(report: dict):
              ProgressBar(total=max(1, progress["total"]), completed=progress["done"], width=60), table]
     if report["held_by"] is not None:
         parts.append(Text(f"held by {describe(report['held_by'])}"))
+    parts.extend(Text(line, style="cyan") for line in _running_lines(report, limit=10))
     for failure in report["failed"][:10]:
         parts.append(Text(f"{failure['status']} {failure['kind']} {failure['stage_id']}: {failure['error'] or ''}",
                           style="red"))
@@ -190,6 +302,10 @@ def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
     at most every 30 s."""
     from gridlab.state import SchedulerCache
 
+    if interval <= 0:
+        raise UserError(f"--interval {interval:g}: give a positive number of seconds between redraws")
+    if lines < 0:
+        raise UserError(f"--lines {lines}: give 0 or more log lines per failed stage")
     scheduler = SchedulerCache(max_age_s=30.0)
     if not watch or as_json:
         while True:
@@ -212,8 +328,9 @@ def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
            where: Where = None):
     """Stop the grid's queued and running jobs and local workers; mark their stages cancelled.
 
-    Only --where's stages when given. `submit --retry-failed` runs them again. Exits 1 when something could not be
-    stopped (it is left as it was)."""
+    Only --where's stages when given: a cell filter (method, ratio, budget …) stops only the stages no unselected
+    cell needs; a stage filter (kind, stage, state) the stages it selects. `submit --retry-failed` runs them again.
+    Exits 1 when something could not be stopped (it is left as it was)."""
     outcome = api.cancel(grid, where=where, report=typer.echo)
     typer.echo(f"cancelled {len(outcome.cancelled)} stage(s): {len(outcome.jobs)} SLURM job(s) scancel'led, "
                f"{len(outcome.pids)} local process(es) stopped")
@@ -221,14 +338,30 @@ def cancel(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
         raise typer.Exit(1)
 
 
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="remove finished work without asking (for scripts)")]
+
+
+def _terminal_confirm():
+    """A yes/no question on the terminal, or None when there is none to ask on (then --yes is needed)."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return lambda question: typer.confirm(question, default=False)
+    return None
+
+
 @app.command()
 @_user_errors
 def reset(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
           where: Where = None,
-          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing")):
-    """Remove the outputs of the --where stages and everything downstream (the next submit reruns them)."""
-    removal = api.reset(grid, where=where, dry_run=dry_run, report=typer.echo)
-    typer.echo(f"{'would reset' if dry_run else 'reset'} {len(removal.stages)} stage(s)")
+          dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing"),
+          yes: Yes = False):
+    """Remove the outputs of the --where selection so the next submit reruns it.
+
+    A cell filter (method, granularity, ratio, init, budget, setting, seed) acts only on the stages no unselected
+    cell needs: shared work (data, parent, a random twin two methods share, a trajectory other budgets ride on)
+    stays. A stage filter (kind, stage, state) acts on the stages it selects and everything downstream of them.
+    Prints the summary first (stages by kind, bytes, finished work lost); removing finished work asks on a
+    terminal, needs --yes otherwise."""
+    removal = api.reset(grid, where=where, dry_run=dry_run, yes=yes, confirm=_terminal_confirm(), report=typer.echo)
     typer.echo("\n".join(removal.lines()))
 
 
@@ -238,12 +371,17 @@ def clean(grid: str = typer.Argument(DEFAULT_GRID, help="grid file (its current 
           dry_run: bool = typer.Option(False, "--dry-run", help="show what would be removed; remove nothing"),
           all_checkpoints: bool = typer.Option(False, "--all-checkpoints",
                                                help="also the main state finished trajectories keep for longer "
-                                                    "budgets")):
+                                                    "budgets"),
+          where: Where = None,
+          yes: Yes = False):
     """Remove what the run no longer needs; print what it freed.
 
     Stage folders and trajectories no longer in the plan, and checkpoints finished stages do not need (a finished
-    trajectory keeps the main state a longer budget extends, unless --all-checkpoints)."""
-    removal = api.clean(grid, dry_run=dry_run, all_checkpoints=all_checkpoints, report=typer.echo)
+    trajectory keeps the main state a longer budget extends, unless --all-checkpoints). --where: only the
+    checkpoints of those stages (a cell filter: the stages no unselected cell needs). Removing finished work (a
+    done stage no longer in the plan) asks on a terminal, needs --yes otherwise."""
+    removal = api.clean(grid, dry_run=dry_run, all_checkpoints=all_checkpoints, where=where, yes=yes,
+                        confirm=_terminal_confirm(), report=typer.echo)
     typer.echo("\n".join(removal.lines()))
 
 
@@ -289,15 +427,22 @@ def logs(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder 
          follow: bool = typer.Option(False, "--follow", "-f", help="keep printing lines as they are written"),
          lines: int | None = typer.Option(None, "--lines", "-n", help="only the last N lines")):
     """Show (or follow) the log of a stage (`gridlab logs [GRID] STAGE_ID`), or of the --where stages."""
+    if lines is not None and lines < 0:
+        raise UserError(f"--lines {lines}: give 0 or more lines (or leave it out for the whole log)")
     if stage is None and not where and not Path(grid).exists():
         grid, stage = DEFAULT_GRID, grid     # `gridlab logs STAGE_ID`
     shown = api.logs(grid, stage, where=where, lines=lines)
     several = len(shown) > 1
+    progress = api.latest_progress(grid, [stage_id for stage_id, _, _ in shown])
     for stage_id, path, text in shown:
         if several:
             typer.echo(f"==> {stage_id} ({path}) <==")
         if text:
             typer.echo(text.rstrip("\n"))
+        if stage_id in progress:
+            from gridlab.progress import format_progress
+
+            typer.echo(f"latest progress: {format_progress(progress[stage_id])}")
     if not shown:
         typer.echo("no stage selected", err=True)
     if follow:

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 _TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _TOKEN_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
@@ -40,6 +40,9 @@ def parse_tokens(value: Any, allow_zero: bool = False) -> int:
         raise ValueError(f"a token count must be a {kind} whole number of tokens")
     return int(value) if isinstance(value, int) else int(number)
 
+
+# torch device strings a schedule may name (torch.device accepts these; "gpu" it does not).
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
 
 Tokens = Annotated[int, BeforeValidator(parse_tokens)]  # >= 1
 TokensOrZero = Annotated[int, BeforeValidator(lambda value: parse_tokens(value, allow_zero=True))]
@@ -81,6 +84,14 @@ class Schedule(BaseModel):
         "strategy", "activation_checkpointing", "device", "log_every_steps", "checkpoint_every_tokens",
         "keep_checkpoints",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str | None) -> str | None:
+        if value is not None and not _DEVICE.match(value):
+            raise ValueError(f"{value!r} is not a torch device; valid: cpu, cuda, cuda:<index>, mps, xpu (leave it "
+                             f"out: cuda when the job has a GPU, else cpu)")
+        return value
 
     def identity(self) -> dict[str, Any]:
         """The fields the numbers depend on (everything but EXECUTION_FIELDS)."""

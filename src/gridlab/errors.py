@@ -9,6 +9,10 @@ It subclasses ValueError so library callers that catch ValueError for bad argume
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 class UserError(ValueError):
     """A mistake in what the user gave gridlab; its message is one line: what was wrong, what is valid."""
@@ -21,3 +25,16 @@ class InvalidValue(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key, self.message = key, message
+
+
+@contextlib.contextmanager
+def in_grid_file(path: str | Path) -> Iterator[None]:
+    """Name the grid file in every UserError about its content, in the one format every such error has:
+    ``<grid file as given>: <key path>: <what was wrong, what is valid>``."""
+    try:
+        yield
+    except UserError as error:
+        prefix = f"{path}: "
+        if str(error).startswith(prefix):
+            raise
+        raise UserError(prefix + str(error)) from None

@@ -63,6 +63,9 @@ def prepare(plan, run_dir: Path) -> None:
             pass
         atomic.write_text(files.stage, text)
     write_plan_files(run_dir, plan)
+    from gridlab.plan import disk_per_stage
+
+    atomic.write_json(run.disk_estimate, disk_per_stage(plan))
 
 
 def record_submission(run_dir: Path, stage_id: str, executor: str, job_id: str | None, pid: int | None = None,
@@ -150,8 +153,11 @@ def _fail_unless_reported(run_dir: Path, stage_id: str, how: str) -> str:
         return "done"
     error = read_json(files.error)
     if error is None:
-        atomic.write_json(files.error, {
-            "error": f"{how} before writing its result", "finished": time.time(), "traceback": []})
+        try:
+            atomic.write_json(files.error, {
+                "error": f"{how} before writing its result", "finished": time.time(), "traceback": []})
+        except OSError:   # a full disk: the stage is not done either way, and is run again by the next submit
+            pass
     return "cancelled" if is_cancel_record(error) else "failed"
 
 
@@ -562,6 +568,50 @@ def _dependency(deps: list[str], job_of: dict[str, str]) -> str | None:
 
 
 EXECUTORS = ("local", "debug", "slurm")
+SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel")
+_RESOURCE_TABLES = ("default", "data", "parent", "prune", "init", "train", "eval")
+
+
+def slurm_preflight(spec, submitting: bool, source: str = "grid") -> list[str]:
+    """Checks before anything goes to SLURM. Its commands must be on PATH (a UserError when submitting; a warning on
+    a dry run), and the partitions and accounts the grid's [resources] name must exist (sinfo, sacctmgr): a name the
+    cluster does not have is a UserError naming the key; when the cluster cannot say, a warning says they could not
+    be checked. Returns the warnings. ``source``: the grid file, named in the errors about its keys."""
+    import getpass
+    import shutil
+
+    named: dict[str, dict[str, str]] = {"partition": {}, "account": {}}
+    for table in _RESOURCE_TABLES:
+        for key in named:
+            value = getattr(getattr(spec.resources, table), key)
+            if value:
+                named[key].setdefault(value, f"resources.{table}.{key}")
+    missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if missing:
+        message = (f"--executor slurm: no SLURM commands here ({', '.join(missing)} not on PATH), so the partitions "
+                   f"and accounts of [resources] cannot be checked")
+        if submitting:
+            raise UserError(f"{message}; submit from a machine of the cluster (a login node)")
+        return [message]
+    warnings = []
+    queries = {"partition": ["sinfo", "-h", "-o", "%R"],
+               "account": ["sacctmgr", "-n", "-P", "show", "associations", f"user={getpass.getuser()}",
+                           "format=account"]}
+    for key, names in named.items():
+        if not names:
+            continue
+        answer = run_command(queries[key])
+        known = {word.strip() for word in answer.stdout.split()} if answer.ok else set()
+        if not known:
+            warnings.append(f"the {key}s of [resources] ({', '.join(sorted(names))}) cannot be checked: "
+                            f"{answer.problem or f'{queries[key][0]} lists none'}")
+            continue
+        for value, where in names.items():
+            if value not in known:
+                raise UserError(f"{source}: {where}: {value!r} is not {'an' if key == 'account' else 'a'} {key} "
+                                f"of this cluster"
+                                f"{' for this user' if key == 'account' else ''}; valid: {', '.join(sorted(known))}")
+    return warnings
 
 
 def make_executor(name: str, workers: int, report: Callable[[str], None] = print) -> Executor:

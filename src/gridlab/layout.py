@@ -3,6 +3,7 @@
     runs/<grid>/
       plan.json                 the planned stages and cells (written by `gridlab submit`)
       index.json                what status reads: stage ids, kinds, deps, each cell's eval stage
+      disk.json                 the plan's disk estimate per stage of each kind (named when a disk fills up)
       results.duckdb            written only by the submitting/ingesting process; workers never open it
       lock                      the run lock: who is submitting to this run folder
       done/<id>                 an empty marker a worker leaves after its result.json (status lists this folder)
@@ -16,6 +17,7 @@
         attempts.log            one line per worker start
         stage.log               the worker's stdout/stderr
         error.json              written when a worker fails: error line and traceback tail
+        progress.json           a training stage's latest progress (gridlab.progress): step, tokens, loss, lr, speed
         result.json             written last by a finished worker (checksummed header + payload)
         <outputs>               model/, tokenizer/, shards/ … as the stage kind writes them
 
@@ -58,6 +60,10 @@ class StagePaths:
     def result(self) -> Path:
         return self.folder / "result.json"
 
+    @property
+    def progress(self) -> Path:
+        return self.folder / "progress.json"
+
     def output(self, name: str) -> Path:
         """A stage output (``model``, ``tokenizer``, ``shards`` …) inside the stage folder."""
         return self.folder / name
@@ -77,6 +83,10 @@ class RunPaths:
     @property
     def index(self) -> Path:
         return self.root / "index.json"
+
+    @property
+    def disk_estimate(self) -> Path:
+        return self.root / "disk.json"
 
     @property
     def database(self) -> Path:

@@ -36,25 +36,22 @@ from gridlab.contracts import (
 )
 from gridlab.errors import InvalidValue, UserError
 from gridlab.layout import RunPaths
+from gridlab.model import PRESETS
 from gridlab.spec import GridSpec, MethodSpec
 
-# Measured fp32 training throughput in tokens/s of one 2-thread worker on the 2-core development machine, batch 16 ×
-# seq 256 (docs/engine.md, bench/train_throughput.py): micro on an idle machine; nano and mini while the machine was
-# shared with three other busy processes (idle is 2-3× faster); small from /work/shared/environment.md (a 135M model);
-# pico: a 1-thread local worker of the default study (batch 16 × seq 64, two workers busy): the 12-layer parent and
-# the sparse models, which keep its dense shapes, trained at 5,000-5,400 tokens/s.
-# Used only for `gridlab plan`'s time estimate (see relative_step_cost for pruned models). Presets without a
-# measurement fall back to _UNMEASURED_TOKENS_PER_S, and the plan says so.
+# fp32 training throughput in tokens/s of one worker on the 2-core development machine (docs/engine.md,
+# bench/train_throughput.py): micro idle; nano and mini with the machine shared with three busy processes; small
+# from /work/shared/environment.md (a 135M model); pico: 1-thread workers of the default study; smollm2-135m: the
+# example's 1-thread workers side by side. Never the silent default: `gridlab plan` measures this host
+# (gridlab.throughput) and uses this table only, labelled as an assumption, for a parent too large to measure here.
 MEASURED_TOKENS_PER_S: dict[str, float] = {
     "pico": 5200.0,
     "micro": 790.0,
     "nano": 220.0,
     "mini": 136.0,
     "small": 94.0,
-    # examples/smollm2.toml: 11 train stages, 1-thread workers side by side, 41 parent-equivalent tokens/s each
     "smollm2-135m": 41.0,
 }
-_UNMEASURED_TOKENS_PER_S = 100.0
 
 
 @dataclass
@@ -106,19 +103,50 @@ class Plan:
         return remaining_tokens(stage.config.schedule, stage.config.budgets, self.spec.seq_len,
                                 run.trajectory(stage.config.trajectory) if remaining else None)
 
-    def estimated_seconds(self, workers: int, remaining: bool = True) -> float:
-        preset = self.spec.parent.preset
-        speed = MEASURED_TOKENS_PER_S.get(preset, _UNMEASURED_TOKENS_PER_S) if preset else _UNMEASURED_TOKENS_PER_S
+    def step_costs(self) -> dict[str, float]:
+        """Each training stage's step cost relative to the parent's (relative_step_cost): the parent 1."""
         counts = None
-        if preset:
+        if self.spec.parent.preset is not None or self.spec.parent.pretrains:
             from gridlab.model import param_counts
 
             counts = param_counts(parent_config(self.spec))
-        cost = {c.train_stage: relative_step_cost(counts, c.granularity, c.ratio) for c in self.cells}
-        seconds = self._parent_tokens(remaining) / speed
+        costs = {s.id: 1.0 for s in self.stages.values() if s.kind == "parent"}
+        for cell in self.cells:
+            if cell.train_stage:
+                costs[cell.train_stage] = relative_step_cost(counts, cell.granularity, cell.ratio)
+        return costs
+
+    def throughput(self, workers: int):
+        """How fast one local worker trains the parent's shape (gridlab.throughput): this run's finished training
+        stages, else a measurement of this host (cached), else a labelled assumption."""
+        from gridlab import throughput
+
+        found = throughput.from_run(self.spec.run_dir, self.step_costs())
+        if found is not None:
+            return found
+        schedule = self.spec.parent.schedule if self.spec.parent.pretrains else self.spec.schedule
+        return throughput.measure(parent_config(self.spec), self.spec.seq_len, schedule.batch_size, workers,
+                                  assumed=MEASURED_TOKENS_PER_S.get(self.spec.parent.preset or ""))
+
+    def estimated_seconds(self, workers: int, tokens_per_s: float, remaining: bool = True,
+                          only: set[str] | None = None) -> float:
+        """Training time of the plan (or of the stages ``only``) on ``workers`` local workers, each training the
+        parent's shape at ``tokens_per_s`` (a pruned model's step costs relative_step_cost of the parent's)."""
+        costs = self.step_costs()
+        seconds = 0.0
+        parent = next(s for s in self.stages.values() if s.kind == "parent")
+        if only is None or parent.id in only:
+            seconds += self._parent_tokens(remaining) / tokens_per_s
         for stage in self.train_stages():
-            seconds += self._stage_tokens(stage, remaining) * cost.get(stage.id, 1.0) / speed
+            if only is None or stage.id in only:
+                seconds += self._stage_tokens(stage, remaining) * costs.get(stage.id, 1.0) / tokens_per_s
         return seconds / max(1, workers)
+
+    def selected_train_tokens(self, only: set[str], remaining: bool) -> int:
+        """Tokens the stages ``only`` train (the parent's pretraining included when selected)."""
+        parent = next(s for s in self.stages.values() if s.kind == "parent")
+        tokens = self._parent_tokens(remaining) if parent.id in only else 0
+        return tokens + sum(self._stage_tokens(s, remaining) for s in self.train_stages() if s.id in only)
 
 
 def relative_step_cost(parent_counts, granularity: str, ratio: float) -> float:
@@ -139,13 +167,16 @@ def granularity(method: MethodSpec) -> str:
 
 def parent_config(spec: GridSpec):
     """The parent's config (of its family's class: gridlab.families) as the parent stage will build or load it; a
-    loaded parent of a family gridlab does not prune is refused here, in one line."""
+    loaded parent of a family gridlab does not prune is refused here, in one line; seq_len must fit its context."""
     if spec.parent.preset is not None:
         from gridlab.model import make_config
 
         # A loaded parent that declares its preset may declare its vocabulary too (no tokenizer download at plan time).
         overrides = dict(spec.parent.overrides)
         vocab = int(overrides.pop("vocab_size")) if "vocab_size" in overrides else vocab_size(spec)
+        context = overrides.get("max_position_embeddings", PRESETS[spec.parent.preset].get("max_position_embeddings"))
+        _check_context(spec, context, f"parent.preset {spec.parent.preset!r}"
+                       + (" with parent.overrides" if "max_position_embeddings" in overrides else ""))
         return make_config(spec.parent.preset, vocab, spec.seq_len, **overrides)
     from transformers import AutoConfig
 
@@ -159,7 +190,15 @@ def parent_config(spec: GridSpec):
                         f"or a hub name in the local cache; or declare parent.preset to plan without it): "
                         f"{first}") from None
     check_supported(config, f"parent.path {spec.parent.path!r}")
+    _check_context(spec, getattr(config, "max_position_embeddings", None), f"the loaded parent {spec.parent.path}")
     return config
+
+
+def _check_context(spec: GridSpec, context: int | None, whose: str) -> None:
+    """Training and evaluation sequences of seq_len tokens must fit the parent's context."""
+    if context is not None and spec.seq_len > context:
+        raise UserError(f"seq_len: {spec.seq_len} is longer than the parent's context (max_position_embeddings "
+                        f"{context} of {whose}); give seq_len ≤ {context}")
 
 
 def vocab_size(spec: GridSpec) -> int:
@@ -386,7 +425,11 @@ def build_plan(spec: GridSpec) -> Plan:
     return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts, inputs=inputs)
 
 
-def format_plan(plan: Plan, workers: int | None = None) -> str:
+def format_plan(plan: Plan, workers: int | None = None, only: set[str] | None = None,
+                cells: list[Cell] | None = None) -> str:
+    """What `gridlab plan` and `gridlab submit` print: the matrix, stages, tokens (and still to train), the time
+    estimate and where its throughput comes from, disk. ``only`` / ``cells``: a --where selection (its stages with
+    what they need upstream, its cells), whose cells, stages, tokens and time are printed too."""
     spec = plan.spec
     workers = workers or spec.local.workers
     lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded) → {plan.spec.run_dir}"]
@@ -410,13 +453,29 @@ def format_plan(plan: Plan, workers: int | None = None) -> str:
     if remaining != planned:
         lines.append(f"  still to train: {remaining:,} tokens ({planned - remaining:,} are trained already in "
                      f"{spec.run_dir})")
-    if not spec.resources.for_kind("train")["gpus_per_node"]:
-        seconds = plan.estimated_seconds(workers)
-        preset = spec.parent.preset
-        basis = (f"measured {preset} throughput, {MEASURED_TOKENS_PER_S[preset]:,.0f} tokens/s per worker"
-                 if preset in MEASURED_TOKENS_PER_S else
-                 f"no measured throughput for this parent; assumed {_UNMEASURED_TOKENS_PER_S:,.0f} tokens/s per worker")
-        lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({basis})")
+    gpus = spec.resources.for_kind("train")["gpus_per_node"]
+    speed = None if gpus else plan.throughput(workers)
+    if speed is not None and speed.tokens_per_s:
+        seconds = plan.estimated_seconds(workers, speed.tokens_per_s)
+        lines.append(f"  estimated training time: {_duration(seconds)} on {workers} local worker(s) ({speed.basis})")
+    elif speed is not None:
+        lines.append(f"  estimated training time: unknown ({speed.basis})")
+    if only is not None:
+        chosen = cells if cells is not None else []
+        counts: dict[str, int] = {}
+        for stage in plan.stages.values():
+            if stage.id in only:
+                counts[stage.kind] = counts.get(stage.kind, 0) + 1
+        lines.append(f"  --where selects {len(chosen)} of {len(plan.cells)} cells and {len(only)} of "
+                     f"{len(plan.stages)} stages with what they need upstream ("
+                     + ", ".join(f"{kind} {n}" for kind, n in counts.items()) + ")")
+        selected, left = plan.selected_train_tokens(only, False), plan.selected_train_tokens(only, True)
+        line = f"  --where tokens to train: {selected:,}" + (f" (still to train: {left:,})" if left != selected
+                                                              else "")
+        if speed is not None and speed.tokens_per_s:
+            seconds = plan.estimated_seconds(workers, speed.tokens_per_s, only=only)
+            line += f"; estimated training time: {_duration(seconds)} on {workers} local worker(s)"
+        lines.append(line)
     lines.extend(_job_lines(plan))
     lines.extend(_disk_lines(plan))
     return "\n".join(lines)
@@ -491,6 +550,16 @@ def disk_usage(plan: Plan) -> dict[str, Disk | None]:
     usage["train"] = Disk(sum(ends), sum(ends) + sum(transients[:parallel("train")]))
     usage["eval"] = Disk(0, 0)
     return usage
+
+
+def disk_per_stage(plan: Plan) -> dict[str, int | None]:
+    """The most one stage of each kind holds on disk (its kind's peak over its stages; None: unknown before the
+    corpus is read), what a stage that finds the disk full says it needs."""
+    counts: dict[str, int] = {}
+    for stage in plan.stages.values():
+        counts[stage.kind] = counts.get(stage.kind, 0) + 1
+    return {kind: None if disk is None else -(-disk.peak // max(1, counts.get(kind, 1)))
+            for kind, disk in disk_usage(plan).items()}
 
 
 def _disk_lines(plan: Plan) -> list[str]:

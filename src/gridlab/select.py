@@ -13,6 +13,24 @@ key given twice are pooled). Keys:
 
 An unknown key or a value the grid does not have is a UserError naming the valid ones. Cell-level verbs (report,
 export) select cells: by the cell keys, and by ``state`` as the cell's state.
+
+The verbs that destroy or stop work (reset, cancel, clean) select differently (``destructive_scope``), so that they
+never take work that other cells share:
+
+- a *cell filter* (any cell key, with or without stage keys) selects cells, and the verb acts only on the stages
+  those cells need and **no unselected cell needs**. A stage a selected cell needs is kept when an unselected cell
+  needs it too: the data stage and its tasks, the parent and its evaluation (every cell of the grid needs them,
+  whatever its method, ratio, init, budget, setting or seed, so a cell filter never touches them), a random twin
+  two methods share, a train stage whose trajectory also serves budgets or settings that are not selected (a train
+  stage serves every budget of its model: resetting one budget resets that budget's evaluation, never the
+  trajectory the others ride on), the evaluation of a branch that a pruned cell of the other setting also reads.
+  Stage keys given beside it narrow the stages it acts on further.
+- a *stage filter* (only ``kind``, ``stage``, ``state``) selects stages; reset acts on them and on everything
+  downstream of them, cancel on them, and the verbs say so.
+
+For cancel, "needs" is the same relation over stages that have not finished: a queued or running stage an
+unselected cell waits for (the parent, a shared random twin, a trajectory) keeps running, and only the selected
+cells' own stages are stopped.
 """
 
 from __future__ import annotations
@@ -204,3 +222,95 @@ def select_cells(where: Where, cells: list[Any], cell_status: dict[str, str] | N
     if states:
         chosen = [c for c in chosen if (cell_status or {}).get(c.cell_id) in states]
     return chosen
+
+
+# ------------------------------------------------------------------------------------------------ destructive verbs
+
+# Stages every cell of a grid needs whatever its cell keys: a cell filter never acts on them.
+GRID_WIDE_KINDS = ("tokenizer", "shard", "data", "parent")
+
+
+@dataclass
+class Scope:
+    """What a destructive verb (reset, cancel, clean) acts on, and why.
+
+    ``by`` is "cells" (a cell filter: ``acted`` are the stages only the selected cells need, narrowed by any stage
+    keys) or "stages" (a stage filter: ``acted`` are the stages it selects). ``kept`` maps the stages the selected
+    cells need but the verb leaves alone to why (``"shared"``: an unselected cell needs it too; ``"grid"``: every
+    cell of the grid needs it; ``"filter"``: the stage keys left it out)."""
+
+    by: str
+    acted: set[str]
+    cells: int = 0                       # cells selected (cell filter)
+    total_cells: int = 0
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, verb: str, where: Iterable[str]) -> str:
+        """The first line of a destructive verb's summary: what was selected and by which rule."""
+        shown = " ".join(f"--where {w}" for w in where)
+        if self.by == "cells":
+            return (f"{verb} {shown}: a cell filter, {self.cells} of {self.total_cells} cells; acting only on the "
+                    f"stages no unselected cell needs")
+        return f"{verb} {shown}: a stage filter, acting on the {len(self.acted)} stage(s) it selects"
+
+
+def cell_needs(stages: list[Any], cells: list[Any]) -> dict[str, set[int]]:
+    """Stage id → the indices of the cells that need it: the stages producing each cell's numbers (its evaluation
+    and its model's evaluation before training) and everything upstream of them."""
+    deps = {sid: list(d.values()) for sid, _, d in map(_stage_fields, stages)}
+    closures: dict[str, set[str]] = {}
+
+    def closure(stage_id: str) -> set[str]:
+        if stage_id not in closures:
+            found = {stage_id}
+            for dep in deps.get(stage_id, []):
+                found |= closure(dep)
+            closures[stage_id] = found
+        return closures[stage_id]
+
+    needs: dict[str, set[int]] = {}
+    for index, cell in enumerate(cells):
+        for stage_id in closure(cell.eval_stage) | closure(cell.start_eval_stage):
+            needs.setdefault(stage_id, set()).add(index)
+    return needs
+
+
+def grid_wide_stages(stages: list[Any]) -> set[str]:
+    """The data stage (and its tasks), the parent and the parent's evaluation: every cell needs them."""
+    wide = {sid for sid, kind, _ in map(_stage_fields, stages) if kind in GRID_WIDE_KINDS}
+    parents = {sid for sid, kind, _ in map(_stage_fields, stages) if kind == "parent"}
+    wide |= {sid for sid, kind, deps in map(_stage_fields, stages) if kind == "eval" and deps.get("model") in parents}
+    return wide
+
+
+def _matches_stage_keys(where: Where, stage_id: str, kind: str, status: dict[str, str] | None) -> bool:
+    kinds, ids, states = (where.conditions.get(key) for key in ("kind", "stage", "state"))
+    if kinds and kind not in kinds:
+        return False
+    if ids and stage_id not in ids:
+        return False
+    return not (states and (status is None or status.get(stage_id) not in states))
+
+
+def destructive_scope(where: Where, stages: list[Any], cells: list[Any],
+                      status: dict[str, str] | None = None) -> Scope:
+    """The stages a reset, cancel or clean with ``where`` acts on (module docstring: cell filter vs stage filter)."""
+    if not where.on_cells:
+        return Scope(by="stages", acted=select_stages(where, stages, cells, status), total_cells=len(cells))
+    selected = {index for index, cell in enumerate(cells) if where.cell_matches(cell)}
+    needs = cell_needs(stages, cells)
+    wide = grid_wide_stages(stages)
+    scope = Scope(by="cells", acted=set(), cells=len(selected), total_cells=len(cells))
+    for stage_id, kind, _ in map(_stage_fields, stages):
+        users = needs.get(stage_id, set())
+        if not users & selected:
+            continue
+        if stage_id in wide:
+            scope.kept[stage_id] = "grid"
+        elif users - selected:
+            scope.kept[stage_id] = "shared"
+        elif not _matches_stage_keys(where, stage_id, kind, status):
+            scope.kept[stage_id] = "filter"
+        else:
+            scope.acted.add(stage_id)
+    return scope

@@ -10,13 +10,13 @@ import copy
 import difflib
 import math
 import re
-import tomllib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,7 +27,7 @@ from pydantic import (
 from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_tokens: part of this module's API)
 from gridlab.contracts import resource_table
 from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
-from gridlab.errors import InvalidValue, UserError
+from gridlab.errors import InvalidValue, UserError, in_grid_file
 from gridlab.model import PRESETS
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -165,6 +165,14 @@ class MethodSpec(_Strict):
     label: str | None = Field(default=None, pattern=_NAME_PATTERN.pattern)
     options: dict[str, Any] = Field(default_factory=dict)
     ratios: list[Annotated[float, Field(gt=0, lt=1)]] | None = None
+
+    @field_validator("ratios")
+    @classmethod
+    def _some_ratios(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list would drop this method from the grid; give at least one ratio, or leave "
+                             "the key out to use the grid's ratios")
+        return value
 
     @property
     def key(self) -> str:
@@ -416,8 +424,27 @@ def _unique(values: list, what: str) -> None:
         raise ValueError(f"{what} lists {', '.join(duplicates)} more than once")
 
 
+# A grid's name is a folder name (runs/<name>) and part of SLURM job names.
+MAX_NAME_LENGTH = 100
+
+
+def _folder_name(value: Any) -> Any:
+    """A name that becomes a folder: letters, digits, '_', '.', '-', starting with a letter or digit; not too long."""
+    if isinstance(value, str):
+        if not _NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} cannot name a folder: use letters, digits, '_', '.' and '-', starting with a "
+                             f"letter or digit")
+        if len(value) > MAX_NAME_LENGTH:
+            raise ValueError(f"{len(value)} characters is too long for a folder and a SLURM job name: at most "
+                             f"{MAX_NAME_LENGTH}")
+    return value
+
+
+FolderName = Annotated[str, BeforeValidator(_folder_name)]
+
+
 class GridSpec(_Strict):
-    name: str = Field(pattern=_NAME_PATTERN.pattern)
+    name: FolderName
     runs_dir: str = "runs"
     seq_len: int = Field(ge=8, le=1 << 20)
     parent: ParentSpec
@@ -439,6 +466,11 @@ class GridSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> GridSpec:
+        if not self.parent.pretrains and self.tokenizer.vocab_size is not None:
+            raise InvalidValue("tokenizer.vocab_size", "a loaded parent (parent.path) reads text with the tokenizer "
+                                                       "it was trained with; a tokenizer gridlab trains would not "
+                                                       "match its vocabulary: give tokenizer.path (e.g. the parent's "
+                                                       "own folder, as parent.path) instead")
         _unique([m.key for m in self.methods], "methods (by label)")
         for key in ("ratios", "inits", "budgets", "settings", "seeds"):
             _unique(getattr(self, key), key)
@@ -480,21 +512,14 @@ class GridSpec(_Strict):
 
 
 def load_grid(path: str | Path) -> GridSpec:
-    """Read and validate a grid file; every problem is one ValueError line. runs_dir is relative to the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read grid file ({error.strerror})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"{path}: not valid TOML: {error}") from None
-    spec = parse_grid(raw, source=str(path))
-    runs_dir = Path(spec.runs_dir)
-    if not runs_dir.is_absolute():
-        spec = spec.model_copy(update={"runs_dir": str((path.parent / runs_dir).resolve())})
-    return spec
+    """Read and validate a grid file; every problem is one UserError line naming the file and the key path. Every
+    path in the grid is relative to the file (gridlab.gridfile)."""
+    from gridlab.gridfile import read_grid_file, resolve_grid_paths
+
+    raw = read_grid_file(path)
+    with in_grid_file(path):
+        raw = resolve_grid_paths({"runs_dir": "runs", **raw}, path)
+    return parse_grid(raw, source=str(path))
 
 
 def parse_grid(raw: dict[str, Any], source: str = "grid") -> GridSpec:
@@ -513,6 +538,12 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"did you mean {nearest[0]!r}? " if nearest else ""
         return f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
     if error["type"] == "missing":
+        given = error.get("input")
+        valid = set(_valid_keys(loc[:-1]))
+        strays = [key for key in given if key not in valid] if isinstance(given, dict) else []
+        nearest = difflib.get_close_matches(str(loc[-1]), strays, n=1, cutoff=0.6)
+        if nearest:
+            return f"{path}: required key is missing; the grid has {nearest[0]!r}: did you mean {str(loc[-1])!r}?"
         return f"{path}: required key is missing"
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, InvalidValue):  # a validator named the key below it (methods[0] → options.axes)
@@ -523,7 +554,10 @@ def _describe(error: dict[str, Any]) -> str:
         error["input"], dict
     ):
         return f"{where}{message}"
-    return f"{where}{message} (got {error.get('input')!r})"
+    shown = repr(error.get("input"))
+    if shown in message:
+        return f"{where}{message}"
+    return f"{where}{message} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
 
 
 def _key_path(loc: tuple) -> str:

@@ -47,6 +47,7 @@ from gridlab.contracts import (
     TrainPayload,
 )
 from gridlab.layout import RunPaths, StagePaths
+from gridlab.progress import Recorder
 from gridlab.results import read_payload, write_result
 
 # An extra evaluation corpus is held out entirely: nearly all of its documents land in its validation split.
@@ -141,7 +142,7 @@ def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) ->
         model = init_model(config_from_dict(config.architecture), config.seed)
         shard = TokenShard.open(data.shards["pretrain"])
         result = train(model, shard, config.schedule, [config.tokens], context.out.output("train"),
-                       seed=config.seed, tokenizer=data.tokenizer_dir)
+                       seed=config.seed, tokenizer=data.tokenizer_dir, progress=Recorder(context.out, "parent"))
         if process_rank() != 0:
             return None
         branch = result.branches[0]
@@ -232,7 +233,7 @@ def _run_train(config: TrainConfig, context: StageContext) -> TrainPayload | Non
     model, mask = load_model(start.model_path)
     shard = TokenShard.open(data.shards["retrain"])
     result = train(model, shard, config.schedule, config.budgets, context.run.trajectory(config.trajectory),
-                   seed=config.seed, mask=mask, tokenizer=data.tokenizer_dir)
+                   seed=config.seed, mask=mask, tokenizer=data.tokenizer_dir, progress=Recorder(context.out, "train"))
     if process_rank() != 0:
         return None
     return TrainPayload(trajectory=config.trajectory, branches=[
@@ -376,17 +377,70 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
             if rank == 0:
                 attempts, started = _attempts(files)
                 write_result(files, stage, payload, job_id=_job_id(), attempts=attempts, started=started,
-                             provenance=provenance.collect())
+                             resources=_resources_used(), provenance=provenance.collect())
                 print(f"== done in {time.time() - started:.1f} s", flush=True)
             return True
         except Exception as error:
             lines = traceback.format_exc().splitlines()
-            print("\n".join(lines), flush=True)
+            with contextlib.suppress(OSError):   # the log may be on the disk that is full
+                print("\n".join(lines), flush=True)
             first_line = str(error).splitlines()[0] if str(error) else ""
-            atomic.write_json(files.error, {
-                "error": f"{type(error).__name__}: {first_line}", "traceback": lines[-20:],
-                "finished": time.time()})
+            message = f"{type(error).__name__}: {first_line}"
+            message = disk_full(run, stage.kind, error, message) or message
+            try:
+                atomic.write_json(files.error, {"error": message, "traceback": lines[-20:], "finished": time.time()})
+            except OSError as unwritable:   # a full disk: the stage is not done, the next submit runs it again
+                with contextlib.suppress(OSError):
+                    print(f"could not write {files.error}: {unwritable}", flush=True)
             return False
+
+
+# Free bytes under which a failure is taken for a full disk whatever the exception says (a writer that reports a short
+# write, "349186 requested and 315392 written", sets no errno).
+DISK_FULL_BYTES = 1 << 20
+
+
+def disk_full(run: RunPaths, kind: str, error: BaseException, message: str) -> str | None:
+    """The error line of a stage that failed because the disk under the run folder is full (ENOSPC anywhere in the
+    exception's chain, or almost no space left): how much is free, what the stage needs by the plan's disk estimate
+    (RunPaths.disk_estimate), what to do; None when the disk is not full."""
+    import errno
+
+    from gridlab.results import read_json
+    from gridlab.tidy import human
+
+    try:
+        free = shutil.disk_usage(run.root).free
+    except OSError:
+        return None
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    no_space = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    short_write = any(isinstance(e, OSError) and " requested and " in str(e) and " written" in str(e) for e in chain)
+    if not (no_space or short_write or free < DISK_FULL_BYTES):
+        return None
+    need = (read_json(run.disk_estimate) or {}).get(kind)
+    needs = (f"this {kind} stage needs about {human(need)} (the plan's disk estimate)" if isinstance(need, int)
+             else f"what this {kind} stage needs is unknown before the corpus is read (its token shards take 2 "
+                  f"bytes a token, 4 above a 65,536-token vocabulary)")
+    return (f"the disk under {run.root} is full: {human(free)} free, {needs}; free space (`gridlab clean` removes "
+            f"what the run no longer needs) and rerun with `gridlab submit --retry-failed` ({message})")
+
+
+def _resources_used() -> dict[str, int]:
+    """What this stage computed on, recorded beside its runtime in the result (the GPU- and CPU-hours that `gridlab
+    reset` and `clean` say would be lost): its ranks, each rank's torch threads, and GPUs (one per rank when it used
+    CUDA)."""
+    ranks = int(os.environ.get("WORLD_SIZE") or 1)
+    threads, gpus = 1, 0
+    if "torch" in sys.modules:
+        import torch
+
+        threads = torch.get_num_threads()
+        gpus = ranks if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+    return {"ranks": ranks, "threads": threads, "gpus": gpus}
 
 
 def _check_upstream(run: RunPaths, stage: Stage) -> None:

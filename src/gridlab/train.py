@@ -40,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -229,8 +231,18 @@ class _Run:
     """
 
     def __init__(self, model, data: TokenShard, schedule: Schedule, budgets, out_dir, seed: int, mask,
-                 tokenizer=None):
+                 tokenizer=None, progress: Callable[[dict], None] | None = None):
         self.tokenizer = tokenizer
+        # Progress reports (rank 0): tokens this call trains, out of what it has to (a resumed or extended
+        # trajectory trains only what is missing).
+        self.progress = progress
+        try:
+            self.to_train = remaining_tokens(schedule, budgets, data.seq_len, out_dir) if progress else 0
+        except ValueError:   # another trajectory's folder: the identity check below says so
+            self.to_train = 0
+        self.trained_steps = 0
+        self.clock = time.perf_counter()
+        self.reported = (self.clock, 0)
         self.data, self.schedule, self.out_dir = data, schedule, Path(out_dir)
         self.tokens_per_step = schedule.batch_size * data.seq_len
         self.plans = plan_branches(schedule, budgets, self.tokens_per_step)
@@ -371,6 +383,7 @@ class _Run:
             self.apply_mask()
             window.append(loss.detach())
             step += 1
+            self.trained_steps += 1
             logging = step % schedule.log_every_steps == 0 or step == end_step
             checkpointing = (step * tokens_per_step) // schedule.checkpoint_every_tokens > (
                 (step - 1) * tokens_per_step
@@ -384,9 +397,28 @@ class _Run:
                         {"tokens": step * tokens_per_step, "loss": sum(pending) / len(pending), "lr": lr}
                     )
                     pending.clear()
+                    self.report(plan, step, end_step, state["curve"][-1])
                 if checkpointing and step < end_step:
                     self.save(checkpoint_name, state)
         state["step"] = step
+
+    def report(self, plan: _BranchPlan | None, step: int, end_step: int, point: dict | None) -> None:
+        """Hand a progress point to ``progress`` (gridlab.progress): where training is, what it has trained in this
+        call out of what it has to, the loss and lr of the last curve point, and the speed since the last report."""
+        if self.progress is None or not self.topology.is_main:
+            return
+        now = time.perf_counter()
+        trained = self.trained_steps * self.tokens_per_step
+        since, before = self.reported
+        speed = (trained - before) / (now - since) if now > since and trained > before else None
+        self.reported = (now, trained)
+        finished = point is None
+        self.progress({"phase": "trunk" if plan is None else f"branch {plan.budget_tokens}", "step": step,
+                       "steps": end_step, "tokens": step * self.tokens_per_step, "trained": trained,
+                       "to_train": self.to_train, "loss": point["loss"] if point else None,
+                       "lr": point["lr"] if point else None,
+                       "tokens_per_s": trained / (now - self.clock) if finished and now > self.clock else speed,
+                       "elapsed_s": now - self.clock, "finished": finished})
 
     def _check_finite(self, window: list[torch.Tensor], step: int) -> list[float]:
         values = distributed.all_reduce_mean(torch.stack(window).float(), self.topology).cpu().tolist()
@@ -434,6 +466,7 @@ class _Run:
         if on_trunk:
             self.run_trunk(on_trunk)
         self.retain()
+        self.report(None, 0, 0, None)
         return self.result()
 
     def run_from_start(self, plans: list[_BranchPlan]) -> None:
@@ -514,6 +547,7 @@ def train(
     seed: int,
     mask: dict[str, torch.Tensor] | None = None,
     tokenizer=None,
+    progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `data` to every budget (tokens) into the trajectory folder `out_dir`.
 
@@ -522,6 +556,7 @@ def train(
     place and ends holding the weights of the last branch run; each branch's final model is a plain HF checkpoint
     at out_dir/branches/<budget>/ (with sparse_mask.safetensors when masked, and `tokenizer` — a folder or object —
     saved beside it, so the folder works on its own). A diverged branch is returned with status "diverged" and its
-    error, not raised.
+    error, not raised. ``progress`` (rank 0) receives a point at every curve point and one (``finished``) at the end:
+    phase, step, tokens, tokens trained in this call out of those it has to, loss, lr, tokens/s (gridlab.progress).
     """
-    return _Run(model, data, schedule, budgets, out_dir, seed, mask, tokenizer).run()
+    return _Run(model, data, schedule, budgets, out_dir, seed, mask, tokenizer, progress).run()
