@@ -21,7 +21,7 @@ from gridlab.report.read import (
     training_curves,
 )
 from gridlab.report.scaling import Crossover, crossovers
-from gridlab.report.stats import family_spread, gap_table, seed_summary
+from gridlab.report.stats import gap_table, seed_summary
 
 
 @dataclass
@@ -116,7 +116,7 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "seeds") -> 
         references=every_value.filter(pl.col("budget_tokens") == 0),
         summary=summary,
         gaps=gaps,
-        families=family_spread(values, gaps),
+        families=pl.DataFrame(),
         squares=squares,
         answer=answer,
         verdicts=tables.verdict_counts(gaps),
