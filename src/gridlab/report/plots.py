@@ -241,7 +241,7 @@ def verdict_map(analysis: Analysis) -> Figure | None:
             # One text of two lines per square (half as many text artists to lay out as two texts).
             label = ax.text(j + 0.5, i + 0.55, _square_label(square, keys if multi.get(square["granularity"])
                                                              else None),
-                            ha="center", va="center", fontsize=SQUARE_FONT, linespacing=1.25)
+                            ha="center", va="center", fontsize=SQUARE_FONT, linespacing=1.5)
             label.set_gid(f"vm-label-{setting}-{i}-{j}")
         ax.set_xticks(np.arange(len(cols)) + 0.5, [f"B = {format_tokens(b)}" for b in cols], fontsize=7)
         ax.xaxis.tick_top()
@@ -264,14 +264,12 @@ def verdict_map(analysis: Analysis) -> Figure | None:
     return Figure(
         key="verdict-map",
         title="The answer: prune or train from scratch",
-        caption=(f"Each square: one granularity × pruning ratio (rows) × budget B (columns); "
-                 f"{phrases}. Does the "
-                 f"granularity's best method beat training from scratch? prune when one of its methods does, "
-                 f"scratch when every method loses, equivalent when the best is within ±{analysis.margin:g} of "
-                 f"scratch, else inconclusive — adjusted for choosing the best method and, by Benjamini–Hochberg, for "
-                 f"the setting's many squares. Text: that method's gap pruned − random in {plain(analysis.metric)} "
-                 f"({sign} = pruning better) ± the half-width of its 95 % interval "
-                 f"({inference_phrase(analysis.gaps, analysis.pool)}); its letter names it in the legend."),
+        caption=(f"Rows: granularity × pruning ratio; columns: budget B ({phrases}). Each square asks whether the "
+                 f"granularity's best method beats training from scratch: prune, scratch, equivalent (within "
+                 f"±{analysis.margin:g}) or inconclusive, adjusted for choosing the best method and, by "
+                 f"Benjamini–Hochberg, for the setting's many squares. Text: that method's gap pruned − random in "
+                 f"{plain(analysis.metric)} ({sign} = pruning better) ± its 95 % half-width "
+                 f"({inference_phrase(analysis.gaps, analysis.pool)}); letters name the methods in the legend."),
         alt=alt,
         svg=to_svg(figure, "verdict-map", alt),
     )
