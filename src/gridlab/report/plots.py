@@ -24,9 +24,9 @@ from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E40
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from gridlab.report import stats  # noqa: E402
 from gridlab.report.analyse import Analysis  # noqa: E402
 from gridlab.report.scaling import LINEAR_HORIZON, LinearGapFit  # noqa: E402
-from gridlab.report import stats  # noqa: E402
 from gridlab.report.stats import NO_INTERVAL  # noqa: E402
 from gridlab.report.tables import (  # noqa: E402
     CALLS,

@@ -93,10 +93,10 @@ def _warnings(r: Regime, metric: str) -> list[str]:
     noise = r.measurement_noise
     if noise is not None and noise >= r.margin:
         out.append(f"The held-out measurement cannot resolve the margin: {metric}'s stderr is "
-                   f"{format_number(r.stderr, 2)} (median over cells), so a gap carries up to ±{format_number(noise, 2)} "
-                   f"of sample noise (95 %, two models on one sample) against a margin of ±{format_number(r.margin, 2)}; "
-                   f"the intervals, which measure the spread over seeds on this one sample, do not include it. Raise "
-                   f"[evaluation] max_sequences.")
+                   f"{format_number(r.stderr, 2)} (median over cells), so a gap carries up to "
+                   f"±{format_number(noise, 2)} of sample noise (95 %, two models on one sample) against a margin of "
+                   f"±{format_number(r.margin, 2)}; the intervals, which measure the spread over seeds on this one "
+                   f"sample, do not include it. Raise [evaluation] max_sequences.")
     return out
 
 
