@@ -38,8 +38,10 @@ def report(tmp_path_factory):
         return scratch - (shrink if init == "pruned" else 0) + 0.01 * (seed - 0.5) + 0.05 * ratio
 
     metrics = finish(cells, loss, done=lambda c: c["seed"] == 0 or c["budget_tokens"] < 80_000)
+    # The default study's schedule: 1,024 tokens a step, so every budget is warned about on the first screen.
     db = write_db(folder / "results.duckdb", cells, metrics, parent_tokens=P, parent_metrics=parent_loss(5.9, P),
-                  name="browser-grid")
+                  name="browser-grid", spec={"name": "browser-grid", "seq_len": 64, "schedule": {"batch_size": 16},
+                                             "evaluation": {"max_sequences": 256}})
     return build_report(db, folder / "report")
 
 
@@ -70,11 +72,12 @@ LAYOUT = """JSON.stringify((() => {
     .map(e => e.tagName + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().right));
   const map = document.querySelector('#verdict-map').getBoundingClientRect();
   const answer = Array.from(document.querySelectorAll('div.answer p')).map(p => p.textContent);
+  const warnings = Array.from(document.querySelectorAll('div.regime p.warning')).map(p => p.textContent);
   const figures = Array.from(document.querySelectorAll('figure')).map(f => [f.id,
     !!f.querySelector('figcaption'), (f.querySelector('svg') || {getAttribute: () => ''}).getAttribute('aria-label'),
     f.getBoundingClientRect().width, f.getBoundingClientRect().height]);
   return {scrollWidth: document.documentElement.scrollWidth, width, sticking, mapTop: map.top,
-          mapBottom: map.bottom, answer, figures};
+          mapBottom: map.bottom, answer, warnings, figures};
 })())"""
 
 MAP_TEXT = """JSON.stringify((() => {
@@ -119,8 +122,9 @@ def test_the_answer_fills_the_first_screen_without_horizontal_overflow(report, t
 
     assert layout["scrollWidth"] <= layout["width"], layout["scrollWidth"]
     assert layout["sticking"] == []
-    # Title, at most three sentences and the verdict map, all on the first screen.
+    # Title, at most three sentences, the regime's warning and the verdict map, all on the first screen.
     assert 1 <= len(layout["answer"]) <= 3 and layout["answer"][0].startswith("Setting 1")
+    assert layout["warnings"] and layout["warnings"][0].startswith("Warning. Every budget is under 100 optimizer")
     assert 0 < layout["mapTop"] and layout["mapBottom"] <= SCREEN_HEIGHT, layout
     figures = layout["figures"]
     assert len(figures) == 1 + 2 + 3 * 3  # the map, a gap trend per setting, crossover/heatmap/curves × 3

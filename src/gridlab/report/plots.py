@@ -148,7 +148,7 @@ def _counts_text(calls: list[str]) -> str:
 # The answer
 
 
-SQUARE_INCHES = (1.08, 0.36)
+SQUARE_INCHES = (1.08, 0.34)
 SQUARE_FONT = 6.2  # points: two lines of at most SQUARE_CHARACTERS fit a square
 CHARACTER_WIDTH = 0.62  # of the font size: a generous average advance of DejaVu Sans, to wrap text before it spills
 TITLE_FONT = 8.0

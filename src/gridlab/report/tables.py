@@ -108,7 +108,7 @@ def setting_sentence(squares: pl.DataFrame, setting: int, metric: str, higher_is
              f"and {format_signed(last, 2)} at {format_tokens(budgets[-1])} tokens"
              if len(budgets) > 1 else f"the best method's gap in {metric} averages {format_signed(first, 2)}")
     missing = counts[stats.NO_INTERVAL]
-    caveat = f" ({missing} without an interval: fewer than two seeds, no verdict)" if missing else ""
+    caveat = f" ({missing} without an interval: one seed)" if missing else ""
     better = "positive" if higher_is_better else "negative"
     return (f"Setting {setting} ({SETTING_PHRASES.get(setting, f'setting {setting}')}): of {total} granularity × "
             f"ratio × budget squares{caveat}, {tally} — {_budget_pattern(part)}; {trend} ({better} = pruning "
