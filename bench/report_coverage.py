@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from report_synthetic import design_noise  # noqa: E402
-
 from gridlab.report import mixed  # noqa: E402
 from gridlab.report import stats as S  # noqa: E402
+
+from report_synthetic import design_noise  # noqa: E402
 
 RATIOS, BUDGETS = 4, 4
 SCENARIOS = {
