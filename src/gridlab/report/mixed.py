@@ -62,10 +62,6 @@ class Layout:
     signed: np.ndarray  # (K,) bool: may be negative (Σ stays positive definite); the others stay ≥ 0
 
     @property
-    def m(self) -> int:
-        return len(self.ratio)
-
-    @property
     def k(self) -> int:
         return len(self.names)
 
@@ -118,7 +114,6 @@ class Fit:
     theta: np.ndarray  # (R, K) variance components (the data's units squared)
     marginal: np.ndarray  # (R, m) Σ_ii: the between-seed variance of one seed's difference in each cell
     converged: np.ndarray  # (R,) bool
-    iterations: np.ndarray  # (R,) int
     reml_dof: np.ndarray  # (R,) observations − cells
 
 
@@ -152,7 +147,6 @@ class _Blocks:
         padded = np.where(observed, sigma[:, None], 0.0) + missing  # Σ on observed cells, identity elsewhere
         inverse = np.linalg.inv(padded)
         self.a = np.where(observed, inverse, 0.0)  # (R, P, m, m): A_p, the embedded inverse of each seed block
-        self.logdet = np.linalg.slogdet(padded)[1]  # (R, P)
         self.h = np.einsum("rp,rpij->rij", counts, self.a)  # Σ_s A_s
         self.c = np.linalg.inv(self.h)  # Cov(β)
         self.counts = counts
@@ -265,12 +259,11 @@ def fit(y: np.ndarray, layout: Layout) -> Fit:
     theta = np.full((rows, k), 1.0 / 3.0)
     theta[:, layout.residual] = 0.5
     floor = np.where(layout.residual, RESIDUAL_FLOOR, np.where(layout.signed, -np.inf, 0.0))
-    converged = np.zeros(rows, bool)
-    iterations = np.zeros(rows, int)
+    converged = degenerate.copy()  # identical differences across seeds: nothing to fit (every variance is 0)
     free = np.ones((rows, k), bool)
     step_before = np.full(rows, np.inf)
     last_delta = np.zeros((rows, k))
-    for iteration in range(MAX_ITERATIONS):
+    for _ in range(MAX_ITERATIONS):
         at = np.flatnonzero(~converged)  # only the rows still moving are computed
         if at.size == 0:
             break
@@ -285,7 +278,6 @@ def fit(y: np.ndarray, layout: Layout) -> Fit:
         theta[at] += delta
         last_delta[at] = delta
         step_before[at] = np.abs(delta).max(axis=1)
-        iterations[at] = iteration + 1
         converged[at] = (step_before[at] < TOLERANCE) & ~below & ~entering
     blocks = _Blocks(theta, gamma, patterns, counts)
     beta = _gls_mean(blocks, data, which)
@@ -303,4 +295,4 @@ def fit(y: np.ndarray, layout: Layout) -> Fit:
     marginal = np.where(degenerate[:, None], 0.0, marginal)
     beta = np.where(degenerate[:, None], cell_mean, beta * scale[:, None])
     return Fit(mean=beta, variance=variance, dof=dof, theta=theta, marginal=marginal,
-               converged=converged | degenerate, iterations=iterations, reml_dof=reml_dof)
+               converged=converged, reml_dof=reml_dof)
