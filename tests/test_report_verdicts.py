@@ -191,3 +191,22 @@ def test_a_cell_without_two_seeds_has_no_verdict():
     assert single["n_seeds"] == 1 and single["half"] is None and single["verdict"] == "inconclusive"
     squares = S.answer_squares(table).sort("budget_tokens")
     assert squares["call"].to_list()[1] == S.NO_INTERVAL
+
+
+def test_verdict_table_takes_d_eff_from_the_gaps_or_a_transfer_frame():
+    from gridlab.report.tables import VERDICT_COLUMNS, verdict_table
+
+    rng = np.random.default_rng(5)
+    noise = 0.3 * design_noise(rng, 1, 3, RATIOS, BUDGETS)[0]
+    values = design_values(noise, np.full((1, CELLS), -0.3), [0.5, 0.6, 0.7, 0.8], [10, 20, 40, 80], ["shortgpt"])
+    gaps = S.gap_table(values, higher_is_better=False)
+    plain = verdict_table(gaps)
+    assert plain.columns == VERDICT_COLUMNS and plain.height == CELLS and plain["d_eff_tokens"].null_count() == CELLS
+    assert (plain["lo95"] == gaps.sort(["ratio", "budget_tokens"])["gap"] - gaps.sort(["ratio", "budget_tokens"])[
+        "half"]).all()
+    transfer = gaps.select("granularity", "method", "ratio", "setting", "budget_tokens").with_columns(
+        d_eff_tokens=pl.col("budget_tokens") * 3.0).head(5)
+    joined = verdict_table(gaps, transfer)
+    assert joined["d_eff_tokens"].drop_nulls().len() == 5
+    own = verdict_table(gaps.with_columns(d_eff_tokens=pl.lit(7.0)))
+    assert set(own["d_eff_tokens"]) == {7.0}
