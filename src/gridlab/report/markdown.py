@@ -11,6 +11,7 @@ from gridlab.report.stats import NO_INTERVAL
 from gridlab.report.tables import (
     SETTING_NAMES,
     SETTING_PHRASES,
+    WITHOUT_INTERVAL,
     capacity_sentence,
     format_number,
     format_tokens,
@@ -81,7 +82,7 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
         lines += _table(["granularity", "method", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
                         [[r["granularity"], r["method"], f"{r['ratio']:g}", *[_gap(e) for e in r["entries"]]]
                          for r in rows])
-        total = sum(v for k, v in counts.items() if k != NO_INTERVAL)
+        total = sum(v for k, v in counts.items() if k != WITHOUT_INTERVAL)
         changed = a.sensitivity.get(setting, {})
         lines += ["", f"Verdicts: {', '.join(f'{k} {v}' for k, v in counts.items())} of {total} cells. "
                   f"Sensitivity check (each cell's own paired t): {changed.get('changed', 0)} of "

@@ -250,16 +250,19 @@ def square_rows(squares: pl.DataFrame, setting: int) -> tuple[list[int], list[di
     return budgets, rows
 
 
+WITHOUT_INTERVAL = "of them without an interval"  # the inconclusive cells that rest on one seed
+
+
 def verdict_counts(gaps: pl.DataFrame) -> dict[int, dict[str, int]]:
     """Per setting, how many method × ratio × budget cells have each verdict (stats.VERDICTS), and how many of the
-    inconclusive ones have no interval (fewer than two seeds) as "no interval"."""
+    inconclusive ones have no interval (one seed) under WITHOUT_INTERVAL."""
     out: dict[int, dict[str, int]] = {}
     for (setting,), part in sorted(gaps.group_by("setting"), key=lambda item: item[0]):
         counts = Counter(part["verdict"].to_list())
-        out[setting] = {word: counts[word] for word in ("prune", "equivalent", "inconclusive", "scratch")}
+        out[setting] = {word: counts[word] for word in ("prune", "scratch", "equivalent", "inconclusive")}
         missing = int(part["half"].null_count())
         if missing:
-            out[setting][stats.NO_INTERVAL] = missing
+            out[setting][WITHOUT_INTERVAL] = missing
     return out
 
 
