@@ -117,3 +117,54 @@ def parent_loss(value: float, tokens: int, stderr: float | None = None) -> list[
     """parent_metrics rows: the parent's val_loss (and val_ppl) after its `tokens` pretraining tokens."""
     return [dict(tokens=tokens, name="val_loss", value=value, stderr=stderr, higher_is_better=False),
             dict(tokens=tokens, name="val_ppl", value=float(np.exp(value)), stderr=None, higher_is_better=False)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The design's correlation, for simulations with a known truth (tests/test_report_mixed.py, test_report_verdicts.py)
+
+
+def design_noise(rng: np.random.Generator, reps: int, seeds: int, ratios: int, budgets: int, *, sd_seed: float = 0.04,
+                 sd_seed_ratio: float = 0.02, sd_seed_budget: float = 0.04, sd_residual: float = 0.03,
+                 growth: float = 1.5, sd_twin: float = 0.0, methods: int = 1) -> np.ndarray:
+    """Noise of the per-seed paired differences d(seed, ratio, budget) as the grid's design makes it:
+    (reps, methods, seeds, ratios × budgets), cells ordered ratio-major (cell = ratio · budgets + budget).
+
+    Per replicate and seed: a seed effect shared by every cell (the calibration sample and the data order), a seed ×
+    ratio effect, a seed × budget effect shared by the ratios (budgets are branches of one trunk; every ratio sees
+    the same batches), and a residual; the seed × budget and residual spreads grow by `growth` per budget (the
+    spread grows with the budget). With `methods` > 1 the methods' differences share the random twin's noise
+    (`sd_twin`, growing with the budget too): d_m = pruned_m − random, and one random arm serves every method of a
+    granularity."""
+    growth_b = growth ** np.arange(budgets)
+
+    def one(shape_tail):
+        return rng.standard_normal((reps, methods, seeds, *shape_tail))
+
+    ratio_of = np.repeat(np.arange(ratios), budgets)
+    budget_of = np.tile(np.arange(budgets), ratios)
+    noise = (sd_seed * one((1,)) + sd_seed_ratio * one((ratios,))[..., ratio_of]
+             + sd_seed_budget * (one((budgets,)) * growth_b)[..., budget_of]
+             + sd_residual * one((ratios * budgets,)) * growth_b[budget_of])
+    if sd_twin:
+        twin = rng.standard_normal((reps, 1, seeds, ratios * budgets)) * growth_b[budget_of]
+        noise = noise - sd_twin * twin
+    return noise
+
+
+def design_values(noise: np.ndarray, gaps: np.ndarray, ratios: list[float], budgets: list[int],
+                  methods: list[str], granularity: str = "depth") -> pl.DataFrame:
+    """One replicate's seed-level headline values (the frame stats.gap_table reads) from design_noise()[rep] and the
+    true gap of every cell (methods, ratios × budgets): the random arm is 3.0 per seed; pruned = random + gap +
+    noise. Setting 1 only."""
+    rows = []
+    for mi, method in enumerate(methods):
+        for si in range(noise.shape[1]):
+            for ri, ratio in enumerate(ratios):
+                for bi, budget in enumerate(budgets):
+                    cell = ri * len(budgets) + bi
+                    common = dict(granularity=granularity, method=method, ratio=ratio, setting=1,
+                                  budget_tokens=budget, trained_tokens=budget, seed=si)
+                    rows.append({**common, "init": "random", "value": 3.0})
+                    rows.append({**common, "init": "pruned",
+                                 "value": 3.0 + float(gaps[mi, cell]) + float(noise[mi, si, cell])})
+    return pl.DataFrame(rows, schema_overrides={"ratio": pl.Float64})

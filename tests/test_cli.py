@@ -288,3 +288,15 @@ def test_a_parent_too_large_to_measure_is_a_labelled_assumption():
     assumed = throughput.measure(config, 4096, 16, 2, assumed=94.0)
     assert assumed.tokens_per_s == 94.0 and "assumed throughput 94 tokens/s" in assumed.basis
     assert "not on this host" in assumed.basis
+def test_report_takes_a_margin_and_refuses_a_removed_pooling_in_one_line(tmp_path):
+    grid_file, _, _ = _half_finished(tmp_path)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(grid_file), "--out", str(out), "--margin", "0.05",
+                                      "--pool", "none"])
+    assert result.exit_code == 0, result.output
+    assert (out / "verdicts.csv").is_file() and "verdicts:" in result.output
+    for option, value, message in (("--pool", "seeds", "pooling 'seeds' was removed"),
+                                   ("--margin", "0", "margin 0.0 must be a positive number")):
+        refused = CliRunner().invoke(app, ["report", str(grid_file), "--out", str(tmp_path / "r"), option, value])
+        assert refused.exit_code == 2, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and message in refused.output

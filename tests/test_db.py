@@ -56,6 +56,9 @@ def test_ingest_fills_every_table(tmp_path):
     assert random_setting_2 == [(4096,), (4096 + 2048,), (4096 + 4096,)]
     assert _query(run_dir, "SELECT name, parent_tokens, corpus_fingerprint FROM grid") == [("tiny", 4096, "f00d")]
     assert _query(run_dir, "SELECT DISTINCT achieved_ratio FROM cells") == [(0.51,)]
+    # the trained model's parameters (runner_helpers' payloads count 111) and the parent's: tokens per parameter
+    assert _query(run_dir, "SELECT DISTINCT params FROM cells") == [(111,)]
+    assert _query(run_dir, "SELECT parent_params FROM grid") == [(111,)]
     assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'val_loss'") == [(False,)]
     assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'lr'") == [(None,)]
     assert _query(run_dir, "SELECT name, tokens FROM parent_metrics ORDER BY name") == [
@@ -128,3 +131,17 @@ def test_workers_cannot_reach_the_database():
             "print(sorted(m for m in sys.modules if m in ('duckdb', 'gridlab.db', 'polars')))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_a_sparse_models_parameters_leave_out_its_masks_zeros():
+    from gridlab.contracts import InitPayload, PrunePayload
+
+    params = {"decoder": 1000, "embedding": 100, "total": 1110}
+    sparse = PrunePayload(model_path="m", achieved_ratio=0.5, granularity="sparse", calibration_sequences=4,
+                          layerwise=False, params=params)
+    depth = PrunePayload(model_path="m", achieved_ratio=0.5, granularity="depth", calibration_sequences=4,
+                         layerwise=False, params=params)
+    assert db._nonzero_params(sparse, sparse) == 610
+    assert db._nonzero_params(InitPayload(model_path="m", params=params), sparse) == 610  # the twin has the mask
+    assert db._nonzero_params(depth, depth) == 1110
+    assert db._nonzero_params(None, sparse) is None

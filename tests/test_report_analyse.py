@@ -107,7 +107,8 @@ def test_answer_squares_let_the_best_method_stand_for_the_granularity(tmp_path):
     assert set(analysis.squares.filter(pl.col("setting") == 2)["call"]) == {"prune"}
     assert len(analysis.answer) == 3
     assert analysis.answer[0].startswith("Setting 1 (random init trains the same B tokens): of 2 granularity × "
-                                         "ratio × budget squares, prune 2, tie 0, scratch 0")
+                                         "ratio × budget squares, prune 2, equivalent 0, inconclusive 0, "
+                                         "scratch 0")
 
 
 def test_planted_crossover_inside_grid_found_through_the_database(tmp_path):
@@ -132,14 +133,24 @@ def test_groups_that_neither_cross_nor_fit_are_counted_not_listed(tmp_path):
     assert "1 neither (1 too few budgets or seeds to fit a trend)" in analysis.crossover_lines[1]
 
 
-def test_pooling_choice_reaches_the_gaps(tmp_path):
+def test_interval_model_and_margin_reach_the_gaps(tmp_path):
     rng = np.random.default_rng(0)
     cells = build_cells(["shortgpt"], [0.5, 0.6, 0.7], BUDGETS[:3], [0, 1], PARENT)
     metrics = finish(cells, lambda m, r, i, s, tok, seed: 3.0 - 0.3 * (i == "pruned") + rng.normal(0, 0.02))
-    results = read_results(write_db(tmp_path / "results.duckdb", cells, metrics, parent_tokens=PARENT))
+    spec = {"report": {"margin": 0.5, "margins": {"val_ppl": 1.0}}}
+    results = read_results(write_db(tmp_path / "results.duckdb", cells, metrics, parent_tokens=PARENT, spec=spec))
     assert set(A.analyse(results, pool="none").gaps["dof"]) == {1.0}
-    assert set(A.analyse(results, pool="seeds").gaps["dof"]) == {9.0}
-    assert set(A.analyse(results, pool="ratios").gaps["model"]) == {"linear in ratio"}
+    model = A.analyse(results, pool="model")
+    assert set(model.gaps["model"]) == {"mixed model (REML)"} and (model.gaps["dof"] > 1).all()
+    # A margin of 0.5 nats from the grid's [report] table: a gap of −0.3 is then equivalent where it is precise;
+    # at the default 0.02 it is a difference.
+    verdicts = set(model.gaps["verdict"])
+    assert model.margin == 0.5 and "equivalent" in verdicts and "prune" not in verdicts
+    strict = A.analyse(results, margin=0.02)
+    assert strict.margin == 0.02 and "equivalent" not in set(strict.gaps["verdict"])
+    assert A.margin_for(spec, "val_ppl") == 1.0 and A.margin_for(spec, "val_loss", 0.1) == 0.1
+    assert A.margin_for({}, "val_loss") == 0.02
+    assert model.sensitivity[1]["total"] == 9 and model.families[0]["model"] == "mixed model (REML)"
 
 
 def test_partial_grid_lists_missing_cells_and_counts(tmp_path):

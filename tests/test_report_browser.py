@@ -38,9 +38,24 @@ def report(tmp_path_factory):
         return scratch - (shrink if init == "pruned" else 0) + 0.01 * (seed - 0.5) + 0.05 * ratio
 
     metrics = finish(cells, loss, done=lambda c: c["seed"] == 0 or c["budget_tokens"] < 80_000)
+    # The default study's schedule: 1,024 tokens a step, so every budget is warned about on the first screen.
     db = write_db(folder / "results.duckdb", cells, metrics, parent_tokens=P, parent_metrics=parent_loss(5.9, P),
-                  name="browser-grid")
+                  name="browser-grid", spec={"name": "browser-grid", "seq_len": 64, "schedule": {"batch_size": 16},
+                                             "evaluation": {"max_sequences": 256}})
     return build_report(db, folder / "report")
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    """The smoke grid's shape (examples/smoke.toml): every method, 2 ratios, 2 budgets, one seed — no square has an
+    interval, so none may show a verdict."""
+    folder = tmp_path_factory.mktemp("smoke")
+    methods = ["shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt"]
+    cells = build_cells(methods, [0.5, 0.7], [4096, 8192], [0], P, references=True)
+    metrics = finish(cells, lambda m, r, i, s, tokens, seed: 7.0 - (0.3 if i == "pruned" else 0.0) + 0.01 * r)
+    db = write_db(folder / "results.duckdb", cells, metrics, parent_tokens=P, parent_metrics=parent_loss(5.9, P),
+                  name="smoke", spec={"seq_len": 32, "schedule": {"batch_size": 8}})
+    return build_report(db, folder / "report", pdf_engine="weasyprint")
 
 
 def _evaluate(browser, session, expression):
@@ -57,11 +72,23 @@ LAYOUT = """JSON.stringify((() => {
     .map(e => e.tagName + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().right));
   const map = document.querySelector('#verdict-map').getBoundingClientRect();
   const answer = Array.from(document.querySelectorAll('div.answer p')).map(p => p.textContent);
+  const warnings = Array.from(document.querySelectorAll('div.regime p.warning')).map(p => p.textContent);
   const figures = Array.from(document.querySelectorAll('figure')).map(f => [f.id,
     !!f.querySelector('figcaption'), (f.querySelector('svg') || {getAttribute: () => ''}).getAttribute('aria-label'),
     f.getBoundingClientRect().width, f.getBoundingClientRect().height]);
   return {scrollWidth: document.documentElement.scrollWidth, width, sticking, mapTop: map.top,
-          mapBottom: map.bottom, answer, figures};
+          mapBottom: map.bottom, answer, warnings, figures};
+})())"""
+
+MAP_TEXT = """JSON.stringify((() => {
+  const figure = document.querySelector('#verdict-map');
+  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const texts = Array.from(figure.querySelectorAll('svg text')).map(t => [t.textContent, box(t)]);
+  const squares = {}, labels = {};
+  figure.querySelectorAll('g[id^="vm-square-"]').forEach(g => { squares[g.id.slice(10)] = box(g); });
+  figure.querySelectorAll('g[id^="vm-label-"]').forEach(g => {
+    labels[g.id.slice(9)] = [Array.from(g.querySelectorAll('text')).map(t => t.textContent), box(g)]; });
+  return {texts, squares, labels, figure: box(figure.querySelector('svg'))};
 })())"""
 
 PRINT_LAYOUT = """JSON.stringify(Array.from(document.querySelectorAll('figure')).map(f => [f.id,
@@ -95,8 +122,9 @@ def test_the_answer_fills_the_first_screen_without_horizontal_overflow(report, t
 
     assert layout["scrollWidth"] <= layout["width"], layout["scrollWidth"]
     assert layout["sticking"] == []
-    # Title, at most three sentences and the verdict map, all on the first screen.
+    # Title, at most three sentences, the regime's warning and the verdict map, all on the first screen.
     assert 1 <= len(layout["answer"]) <= 3 and layout["answer"][0].startswith("Setting 1")
+    assert layout["warnings"] and layout["warnings"][0].startswith("Warning. Every budget is under 100 optimizer")
     assert 0 < layout["mapTop"] and layout["mapBottom"] <= SCREEN_HEIGHT, layout
     figures = layout["figures"]
     assert len(figures) == 1 + 2 + 3 * 3  # the map, a gap trend per setting, crossover/heatmap/curves × 3
@@ -127,3 +155,43 @@ def test_every_figure_fits_a_pdf_page_with_its_caption(report, tmp_path):
     first = pages[0]
     assert "gridlab report — browser-grid" in first and "The answer: prune or train from scratch." in first
     assert "B = 10k" in first and "depth 0.5" in first and "sparse 0.8" in first
+
+
+def _overlap(a, b, slack=0.5):
+    return min(a[2], b[2]) - max(a[0], b[0]) > slack and min(a[3], b[3]) - max(a[1], b[1]) > slack
+
+
+@pytest.mark.parametrize("width", [1400, 800])
+@pytest.mark.parametrize("grid", ["report", "smoke_report"])
+def test_the_maps_text_fits_its_squares_and_no_two_texts_overlap(grid, width, request, tmp_path):
+    """Every text of the verdict map (panel titles, budget and row labels, square labels, legend) has a box of its
+    own, every square's label stays inside its square, and a square without an interval shows no verdict."""
+    paths = request.getfixturevalue(grid)
+    browser = DevTools(CHROMIUM, tmp_path / "profile")
+    try:
+        session = browser.open_page(("Page", "Runtime"))
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": width, "height": SCREEN_HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+                     session=session)
+        browser.send("Page.navigate", {"url": paths["html"].resolve().as_uri()}, session=session)
+        browser.wait_for("Page.loadEventFired")
+        layout = _evaluate(browser, session, MAP_TEXT)
+        left, top, right, bottom = layout["figure"]
+        shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
+            "x": left, "y": top, "width": right - left, "height": bottom - top, "scale": 1}}, session=session)
+    finally:
+        browser.close()
+    (paths["html"].parent / f"verdict-map-{width}.png").write_bytes(base64.b64decode(shot["data"]))  # to look at
+    texts = [(text, b) for text, b in layout["texts"] if text.strip()]
+    assert len(texts) > 20
+    clashes = [(a[0], b[0]) for i, a in enumerate(texts) for b in texts[i + 1:] if _overlap(a[1], b[1])]
+    assert clashes == []
+    assert set(layout["labels"]) == set(layout["squares"]) and layout["labels"]
+    for key, (lines, b) in layout["labels"].items():
+        square = layout["squares"][key]
+        assert square[0] - 0.5 <= b[0] and b[2] <= square[2] + 0.5, (key, lines, b, square)
+        assert square[1] - 0.5 <= b[1] and b[3] <= square[3] + 0.5, (key, lines, b, square)
+    if grid == "smoke_report":  # one seed: no interval anywhere, so no verdict anywhere
+        words = {line.split(" ")[0] for lines, _ in layout["labels"].values() for line in lines}
+        assert not words & {"prune", "scratch", "equivalent", "inconclusive"}
+        assert all(lines[-1] == "no interval" for lines, _ in layout["labels"].values())

@@ -50,11 +50,13 @@ def _text(paths):
     return html, re.sub(r"\s+", " ", pdf)
 
 
-def test_three_files_written_whole_and_shareable(full_report):
-    assert set(full_report) == {"html", "summary", "pdf"}
-    assert [full_report[k].name for k in ("html", "summary", "pdf")] == ["index.html", "summary.md", "report.pdf"]
+def test_four_files_written_whole_and_shareable(full_report):
+    assert set(full_report) == {"html", "summary", "verdicts", "pdf"}
+    assert [full_report[k].name for k in ("html", "summary", "verdicts", "pdf")] == [
+        "index.html", "summary.md", "verdicts.csv", "report.pdf"]
     assert full_report["pdf"].read_bytes().startswith(b"%PDF")
-    assert sorted(p.name for p in full_report["html"].parent.iterdir()) == ["index.html", "report.pdf", "summary.md"]
+    assert sorted(p.name for p in full_report["html"].parent.iterdir()) == [
+        "index.html", "report.pdf", "summary.md", "verdicts.csv"]
     umask = os.umask(0)
     os.umask(umask)
     for path in full_report.values():
@@ -70,7 +72,8 @@ def test_html_is_self_contained_and_every_figure_has_alt_text(full_report):
     # the verdict map, a gap trend per setting, and crossover + heatmap + training curves per granularity
     assert len(svgs) == 1 + 2 + 3 * 2 == len(re.findall("<svg ", html))
     assert all(len(label) > 40 and label == title for label, title in svgs)
-    assert svgs[0][0].startswith("Verdict map. Setting 1: 20 prune, 0 tie, 0 scratch of 20 squares.")
+    assert svgs[0][0].startswith("Verdict map. Setting 1: 20 prune, 0 equivalent, 0 inconclusive, 0 scratch of 20 "
+                                 "squares.")
 
 
 def test_the_answer_comes_first(full_report):
@@ -101,7 +104,8 @@ def test_summary_markdown_has_the_verdict_tables_and_sentences(full_report):
     assert "## The answer — Setting 1 — same budget" in summary
     assert "## Verdicts per method — Setting 2 — whole-pipeline budget" in summary
     assert "| granularity | method | ratio | B = 1M | B = 2M | B = 4M | B = 8M | B = 16M |" in summary
-    assert re.search(r"\| depth \| shortgpt \| 0\.5 \| -[0-9.]+ ± [0-9.e-]+ prune \|", summary)
+    assert re.search(r"\| depth \| shortgpt \| 0\.5 \| -[0-9.]+ ± [0-9.e-]+ prune \(n=2\) \|", summary)
+    assert "Sensitivity check (each cell's own paired t): 0 of 20 verdicts change." in summary
     assert "## Is setting 2 meaningful here?" in summary and "## Crossovers" in summary
     assert "−" not in summary.split("## The answer", 1)[1].split("## Crossovers")[0]  # ASCII signs in the tables
 
@@ -145,12 +149,16 @@ def test_templates_are_found_from_the_checkout_and_overridable(tmp_path, monkeyp
         templates_dir(tmp_path / "nowhere")
 
 
-def test_unknown_pdf_engine_and_pooling_are_refused(tmp_path):
+def test_unknown_pdf_engine_pooling_and_margin_are_refused(tmp_path):
     db = write_db(tmp_path / "results.duckdb", build_cells(["shortgpt"], [0.5], BUDGETS[:1], [0], P), [])
     with pytest.raises(UserError, match="unknown PDF engine 'latex'; valid: auto, chromium, weasyprint"):
         build_report(db, tmp_path / "report", pdf_engine="latex")
-    with pytest.raises(UserError, match="unknown pooling 'all'; valid: none, seeds, ratios"):
+    with pytest.raises(UserError, match="unknown pooling 'all'; valid: model, none"):
         build_report(db, tmp_path / "report", pool="all")
+    with pytest.raises(UserError, match="pooling 'seeds' was removed .*under-covers.*; valid: model, none"):
+        build_report(db, tmp_path / "report", pool="seeds")
+    with pytest.raises(UserError, match="margin -0.1 must be a positive number"):
+        build_report(db, tmp_path / "report", margin=-0.1)
 
 
 def test_auto_engine_falls_back_to_weasyprint_when_chromium_fails(tmp_path, monkeypatch):
@@ -189,3 +197,32 @@ def test_a_second_process_draws_the_same_figures_and_a_failing_one_is_replaced(t
         broken.close()
     assert [f.key for f in again["crossover"]] == [f.key for f in here["crossover"]]
     assert render.plot_worker(read_results(db)) is None  # 4 method × ratio pairs: not worth a process
+
+
+def test_verdicts_csv_has_every_cell_and_the_regime_warns_on_the_first_screen(tmp_path):
+    """verdicts.csv: one row per cell with the documented columns (d_eff_tokens empty without a transfer analysis);
+    a grid of 10–40 optimizer steps per budget is warned about right under the answer, and the margin comes from the
+    grid's [report] table unless --margin overrides it."""
+    import polars as pl
+
+    cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS[:3], [0, 1, 2], P)
+    rng = __import__("numpy").random.default_rng(0)
+    metrics = finish(cells, lambda m, r, i, s, tok, seed: _loss(m, r, i, s, tok, seed) + rng.normal(0, 0.01))
+    spec = {"name": "steps", "seq_len": 1000, "schedule": {"batch_size": 100}, "evaluation": {"max_sequences": 64},
+            "report": {"margin": 0.05, "margins": {}}}
+    db = write_db(tmp_path / "results.duckdb", cells, metrics, name="steps", parent_tokens=P, spec=spec)
+    paths = build_report(db, tmp_path / "report", pdf_engine="weasyprint")
+    table = pl.read_csv(paths["verdicts"])
+    assert table.columns == ["setting", "method", "granularity", "ratio", "budget_tokens", "n_seeds", "gap", "lo95",
+                             "hi95", "verdict", "d_eff_tokens"]
+    assert table.height == 2 * 2 * 3 * 2  # methods × ratios × budgets × settings
+    assert set(table["verdict"]) <= {"prune", "scratch", "equivalent", "inconclusive"}
+    assert table["d_eff_tokens"].null_count() == table.height and set(table["n_seeds"]) == {3}
+    assert (table["lo95"] <= table["gap"]).all() and (table["gap"] <= table["hi95"]).all()
+    html = paths["html"].read_text(encoding="utf-8")
+    first = re.sub(r"<[^>]+>", " ", html.split('<table class="facts">', 1)[0])
+    assert "Every budget is under 100 optimizer steps of 100k tokens — B (steps): 1M (10), 2M (20), 4M (40)" in first
+    assert first.index("Warning.") < html.index('id="verdict-map"')
+    assert "64 sequences × 1000 tokens = 64k tokens" in first and "margin ±0.05" in first
+    again = build_report(db, tmp_path / "again", pdf_engine="weasyprint", margin=0.2)
+    assert "margin ±0.2" in again["html"].read_text(encoding="utf-8")

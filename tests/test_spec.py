@@ -134,6 +134,8 @@ MALFORMED = [
     ("zero calibration sequences", ("calibration", "sequences"), 0, ["calibration.sequences", "0"]),
     ("zero evaluation sequences", ("evaluation", "max_sequences"), 0, ["evaluation.max_sequences", "0"]),
     ("negative few-shot count", ("evaluation", "num_fewshot"), -1, ["evaluation.num_fewshot", "-1"]),
+    ("zero report margin", ("report",), {"margin": 0}, ["report.margin", "0"]),
+    ("typo in the report table", ("report",), {"margn": 0.1}, ["report.margn: unknown key", "'margin'"]),
     ("runs_dir not a string", ("runs_dir",), 5, ["runs_dir", "5"]),
     ("name not a string", ("name",), 5, ["name", "5"]),
     ("files corpus matching nothing", ("corpus",), {"kind": "files", "files": ["/nonexistent/*.jsonl"]},

@@ -641,23 +641,26 @@ def _writable_output(out: Path, option: str, folder: bool) -> None:
 
 
 def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss",
-           where: Iterable[str] = (), pool: str = "seeds") -> dict[str, Path]:
-    """Ingest the results, then write the HTML and PDF report and its Markdown summary (of ``where``'s cells only,
-    when given); {"html": path, "summary": path, "pdf": path}. ``pool``: how gap intervals pool their spread
-    ("none", "seeds", "ratios"; docs/report.md)."""
+           where: Iterable[str] = (), pool: str = "model", margin: float | None = None) -> dict[str, Path]:
+    """Ingest the results, then write the HTML and PDF report, its Markdown summary and verdicts.csv (of ``where``'s
+    cells only, when given); {"html": path, "summary": path, "verdicts": path, "pdf": path}. ``pool``: the interval
+    model ("model" or "none"); ``margin``: the equivalence margin in the metric's units, overriding the grid's
+    ``[report] margin`` (docs/report.md)."""
     from gridlab.export import subset_database
     from gridlab.layout import RunPaths
     from gridlab.report import build_report
+    from gridlab.report.render import check_options
 
     _writable_output(Path(out), "--out", folder=True)
+    check_options(pool, margin)
     ingest(grid)
     database = RunPaths(run_dir_of(grid)).database
     selected = _selected_cells(grid, where)
     if selected is None:
-        return build_report(database, Path(out), metric=metric, pool=pool)
+        return build_report(database, Path(out), metric=metric, pool=pool, margin=margin)
     with tempfile.TemporaryDirectory(prefix="gridlab-report-") as folder:
         subset = subset_database(database, Path(folder) / "results.duckdb", *selected)
-        return build_report(subset, Path(out), metric=metric, pool=pool)
+        return build_report(subset, Path(out), metric=metric, pool=pool, margin=margin)
 
 
 def export(grid: str | Path, out: str | Path, fmt: str | None = None, where: Iterable[str] = ()) -> dict[str, Any]:

@@ -400,10 +400,14 @@ def ingest(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
 def report(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder"),
            out: Annotated[Path, typer.Option("--out", help="folder for the report")] = DEFAULT_REPORT,
            metric: str = typer.Option("val_loss", help="headline metric"),
-           pool: str = typer.Option("seeds", help="how gap intervals pool their spread: none | seeds | ratios"),
+           pool: str = typer.Option("model", help="interval model: model (mixed model of the per-seed differences) "
+                                                  "| none (each cell's own paired t)"),
+           margin: float | None = typer.Option(None, help="equivalence margin in the headline metric's units "
+                                                          "(default: the grid's [report] margin, 0.02)"),
            where: Where = None):
-    """Ingest the results, then write the HTML/PDF report and summary.md (of the --where cells only, when given)."""
-    for kind, path in api.report(grid, out=out, metric=metric, where=where, pool=pool).items():
+    """Ingest the results, then write the HTML/PDF report, summary.md and verdicts.csv (of the --where cells only,
+    when given)."""
+    for kind, path in api.report(grid, out=out, metric=metric, where=where, pool=pool, margin=margin).items():
         typer.echo(f"{kind}: {path}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import gridlab
 from gridlab import atomic
-from gridlab.contracts import BranchResult, Contract, Metric, TrainPayload
+from gridlab.contracts import BranchResult, Contract, InitPayload, Metric, ParentPayload, PrunePayload, TrainPayload
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.planfile import read_plan_record
@@ -27,12 +27,14 @@ from gridlab.state import StageState, effective_states
 SCHEMA = {
     "grid": [("name", "VARCHAR"), ("parent", "VARCHAR"), ("parent_tokens", "BIGINT"),
              ("calibration_tokens", "BIGINT"), ("corpus_fingerprint", "VARCHAR"), ("gridlab_version", "VARCHAR"),
-             ("spec_json", "VARCHAR"), ("submitted_at", "DOUBLE")],
+             ("spec_json", "VARCHAR"), ("submitted_at", "DOUBLE"), ("parent_params", "BIGINT")],
     "cells": [("cell_id", "VARCHAR"), ("method", "VARCHAR"), ("granularity", "VARCHAR"), ("ratio", "DOUBLE"),
               ("achieved_ratio", "DOUBLE"), ("init", "VARCHAR"), ("setting", "INTEGER"),
               ("budget_tokens", "BIGINT"), ("trained_tokens", "BIGINT"), ("seed", "INTEGER"), ("status", "VARCHAR"),
               ("error", "VARCHAR"), ("train_stage", "VARCHAR"), ("branch_path", "VARCHAR"),
-              ("prune_stage", "VARCHAR"), ("model_stage", "VARCHAR"), ("eval_stage", "VARCHAR")],
+              ("prune_stage", "VARCHAR"), ("model_stage", "VARCHAR"), ("eval_stage", "VARCHAR"),
+              # Non-zero parameters of the model the cell trains (sparse: the mask's zeros not counted).
+              ("params", "BIGINT")],
     "metrics": [("cell_id", "VARCHAR"), ("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"),
                 ("stderr", "DOUBLE"), ("higher_is_better", "BOOLEAN")],
     # The parent's own measurements (its validation loss after P tokens …), beside the cells it is pruned into.
@@ -109,7 +111,8 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
                      "error": f"{blamed}: {error_of[blamed] or status_of[blamed]}" if blamed else None,
                      "achieved_ratio": getattr(prune, "achieved_ratio", None),
                      "trained_tokens": branch.trained_tokens if branch else cell.trained_tokens,
-                     "branch_path": branch.path if branch else None})
+                     "branch_path": branch.path if branch else None,
+                     "params": _nonzero_params(payloads.get(cell.model_stage), prune)})
         sources = [cell.start_eval_stage] + ([cell.eval_stage] if cell.eval_stage != cell.start_eval_stage else [])
         measured: list[list[Metric]] = [branch.metrics] if branch else []
         measured += [payloads[s].metrics for s in sources if s in payloads]
@@ -126,13 +129,26 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
     parent = grid["parent"]
     data = payloads.get(record.data_stage)
     summary = _Table("grid")
+    parent_payload = payloads.get(record.parent_stage)
     summary.add(name=grid["name"], parent=parent["preset"] or parent["path"], parent_tokens=parent["tokens"],
+                parent_params=parent_payload.params.total if isinstance(parent_payload, ParentPayload) else None,
                 calibration_tokens=grid["calibration"]["sequences"] * grid["seq_len"],
                 corpus_fingerprint=getattr(data, "corpus_fingerprint", None), gridlab_version=gridlab.__version__,
                 spec_json=json.dumps(grid, sort_keys=True), submitted_at=record.submitted_at)
     tables = [summary, cells, metrics, parent_metrics, stages]
     write_tables(paths.database, tables)
     return {"cells": len(cells), "metrics": len(metrics), "stages": len(stages), "results": len(payloads)}
+
+
+def _nonzero_params(model: Contract | None, prune: Contract | None) -> int | None:
+    """Parameters of a cell's model (its prune or init payload's count); for a sparse model the zeros its mask sets
+    (achieved_ratio × decoder weights, the same mask for both inits) are not counted. None until the model exists."""
+    if not isinstance(model, PrunePayload | InitPayload):
+        return None
+    zeros = 0
+    if isinstance(prune, PrunePayload) and prune.granularity == "sparse":
+        zeros = round(prune.achieved_ratio * model.params.decoder)
+    return model.params.total - zeros
 
 
 def provenance_row(provenance: dict[str, Any] | None) -> dict[str, Any]:

@@ -389,6 +389,15 @@ class ResourcesSpec(_Strict):
         return self
 
 
+class ReportSpec(_Strict):
+    """How `gridlab report` judges the gaps; read back from the grid's stored spec, never part of a stage's id."""
+
+    # The margin δ of the equivalence test: the smallest gap in the headline metric's units that matters, declared
+    # before looking. 0.02 nats of loss is 2 % of perplexity (docs/report.md).
+    margin: float = Field(0.02, gt=0)
+    margins: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # per metric name
+
+
 class LocalSpec(_Strict):
     """The local executor: parallel worker processes sharing this machine's cores (cores ÷ workers threads each)."""
 
@@ -462,6 +471,7 @@ class GridSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     local: LocalSpec = LocalSpec()
+    report: ReportSpec = ReportSpec()
     exclude: list[ExcludeRule] = Field(default_factory=list)
 
     @model_validator(mode="after")

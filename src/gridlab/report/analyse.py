@@ -20,8 +20,9 @@ from gridlab.report.read import (
     metric_direction,
     training_curves,
 )
+from gridlab.report.regime import Regime, regime, regime_line
 from gridlab.report.scaling import Crossover, crossovers
-from gridlab.report.stats import family_spread, gap_table, seed_summary
+from gridlab.report.stats import DEFAULT_MARGIN, gap_table, seed_summary
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Downstream:
 
     metric: str
     tasks: list[str]
+    margin: float
     gaps: pl.DataFrame
     squares: pl.DataFrame
     verdicts: dict[int, dict[str, int]]
@@ -41,6 +43,7 @@ class Analysis:
     metric: str
     higher_is_better: bool
     pool: str
+    margin: float  # δ of the equivalence test, in the headline metric's units
     grid: dict
     spec: dict
     counts: dict[str, int]
@@ -50,7 +53,8 @@ class Analysis:
     references: pl.DataFrame  # budget-0 cells: right after pruning, at init, setting-2 random after P tokens
     summary: pl.DataFrame  # seed statistics per group, budget 0 included
     gaps: pl.DataFrame
-    families: pl.DataFrame  # pooled spread per (granularity, method, setting) and Bartlett's check
+    families: list[dict]  # the variance model per (granularity, method, setting, budget): tables.model_rows
+    sensitivity: dict[int, dict[str, int]]  # verdicts the cells' own paired t would change, per setting
     squares: pl.DataFrame  # the answer: one call per granularity × ratio × setting × budget
     answer: list[str]  # at most three sentences
     verdicts: dict[int, dict[str, int]]
@@ -68,33 +72,50 @@ class Analysis:
     curves: pl.DataFrame  # train_loss per (granularity, method, ratio, init, setting, tokens) at the largest budget
     downstream: Downstream | None
     environments: list[dict]  # where the results were computed (gridlab.db's environments view)
+    regime: Regime  # optimizer steps, tokens per parameter, the held-out sample; warnings for the first screen
+    regime_line: str
 
 
-def _downstream(results: Results, pool: str) -> Downstream | None:
+def margin_for(spec: dict, metric: str, override: float | None = None) -> float:
+    """The equivalence margin of a metric: the override (`gridlab report --margin`), else the grid spec's
+    `[report] margins[metric]`, else its `[report] margin`, else stats.DEFAULT_MARGIN (a spec stored before the
+    `[report]` table existed)."""
+    if override is not None:
+        return float(override)
+    report = spec.get("report") if isinstance(spec.get("report"), dict) else {}
+    margins = report.get("margins") if isinstance(report.get("margins"), dict) else {}
+    return float(margins.get(metric, report.get("margin", DEFAULT_MARGIN)))
+
+
+def _downstream(results: Results, pool: str, spec: dict) -> Downstream | None:
     if not (results.metrics["name"] == LM_EVAL_AVERAGE).any():
         return None
     values = headline_values(results.cells, results.metrics, LM_EVAL_AVERAGE).filter(pl.col("budget_tokens") > 0)
-    gaps = gap_table(values, True, pool)
-    squares = tables.answer_squares(gaps)
+    margin = margin_for(spec, LM_EVAL_AVERAGE)
+    gaps = gap_table(values, True, pool, margin)
+    squares = tables.answer_squares(gaps, margin)
     sentences = [s for s in (tables.setting_sentence(squares, setting, LM_EVAL_AVERAGE, True) for setting in (1, 2))
                  if s]
-    return Downstream(LM_EVAL_AVERAGE, lm_eval_average_tasks(results.metrics), gaps, squares,
+    return Downstream(LM_EVAL_AVERAGE, lm_eval_average_tasks(results.metrics), margin, gaps, squares,
                       tables.verdict_counts(gaps), sentences)
 
 
-def analyse(results: Results, metric: str = "val_loss", pool: str = "seeds") -> Analysis:
-    """Everything the report needs from the results, for one headline metric and pooling model (stats.POOLING)."""
+def analyse(results: Results, metric: str = "val_loss", pool: str = "model", margin: float | None = None) -> Analysis:
+    """Everything the report needs from the results, for one headline metric, interval model (stats.POOLING) and
+    equivalence margin (None: the grid spec's, see margin_for)."""
     names = available_metrics(results.metrics)
     scores = sorted(name for name, higher in directions(results.metrics).items() if higher is not None)
     # An empty database (every cell pending) has no metrics yet: val_loss is then assumed, as it will be declared.
     higher = metric_direction(results.metrics, metric) if names else False
+    spec = grid_spec(results.grid)
+    margin = margin_for(spec, metric, margin)
     every_value = headline_values(results.cells, results.metrics, metric)
     values = every_value.filter(pl.col("budget_tokens") > 0)
     summary = seed_summary(every_value)
-    gaps = gap_table(values, higher, pool)
+    gaps = gap_table(values, higher, pool, margin)
     parent_tokens = results.grid.get("parent_tokens")
     found = crossovers(values, gaps, parent_tokens, higher)
-    squares = tables.answer_squares(gaps)
+    squares = tables.answer_squares(gaps, margin)
     capacity = capacity_diagnostic(results.cells, results.metrics, results.parent_metrics,
                                    results.has_parent_metrics, parent_tokens, metric)
     dimensions = tables.grid_dimensions(results.cells)
@@ -102,13 +123,15 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "seeds") -> 
     capacity_summary = tables.capacity_sentence(capacity)
     if answer and 2 in dimensions["settings"]:
         answer.append(capacity_summary)
+    measured = regime(spec, results.grid, values, results.metrics, metric, margin)
     return Analysis(
         metric=metric,
         higher_is_better=higher,
         pool=pool,
+        margin=margin,
         grid=results.grid,
         environments=results.environments,
-        spec=grid_spec(results.grid),
+        spec=spec,
         counts=tables.status_counts(results.cells),
         dimensions=dimensions,
         metrics_available=scores,
@@ -116,7 +139,8 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "seeds") -> 
         references=every_value.filter(pl.col("budget_tokens") == 0),
         summary=summary,
         gaps=gaps,
-        families=family_spread(values, gaps),
+        families=tables.model_rows(gaps),
+        sensitivity=tables.sensitivity(gaps),
         squares=squares,
         answer=answer,
         verdicts=tables.verdict_counts(gaps),
@@ -132,5 +156,7 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "seeds") -> 
         costs=tables.cost_rows(dimensions["budgets"], parent_tokens, results.grid.get("calibration_tokens")),
         missing=tables.missing_groups(results.cells, every_value),
         curves=training_curves(results.cells, results.metrics),
-        downstream=_downstream(results, pool) if metric != LM_EVAL_AVERAGE else None,
+        downstream=_downstream(results, pool, spec) if metric != LM_EVAL_AVERAGE else None,
+        regime=measured,
+        regime_line=regime_line(measured, metric),
     )

@@ -7,9 +7,11 @@ import math
 
 from gridlab.report.analyse import Analysis
 from gridlab.report.read import LM_EVAL_AVERAGE
+from gridlab.report.stats import NO_INTERVAL
 from gridlab.report.tables import (
     SETTING_NAMES,
     SETTING_PHRASES,
+    WITHOUT_INTERVAL,
     capacity_sentence,
     format_number,
     format_tokens,
@@ -19,17 +21,19 @@ from gridlab.report.tables import (
 
 
 def _gap(entry: dict | None, with_method: bool = False) -> str:
+    """'-0.32 ± 0.05 prune (n=3)': the gap, its 95 % half-width, the verdict (none without an interval)."""
     if entry is None:
         return "–"
     text = f"{entry['gap']:+.3g}"
-    if entry.get("half") is not None and not math.isnan(entry["half"]):
+    has_interval = entry.get("half") is not None and not math.isnan(entry["half"])
+    if has_interval:
         text += f" ± {entry['half']:.2g}"
     word = entry.get("call") or entry["verdict"]
-    if entry.get("single_seed") and "(n=1)" not in word:
-        word += " (n=1)"
-    text += f" {word}"
-    if with_method and entry.get("call") and entry["call"] != "scratch":
-        text += f" ({entry['method']})"
+    text += f" {word}" if has_interval else f" (n={entry.get('n_seeds') or 1}, no interval)"
+    if has_interval and entry.get("n_seeds") is not None:
+        text += f" (n={entry['n_seeds']})"
+    if with_method and has_interval and entry.get("call") not in (None, "scratch", NO_INTERVAL):
+        text += f" {entry['method']}"
     return text
 
 
@@ -46,17 +50,25 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
     direction = "higher is better" if a.higher_is_better else "lower is better"
     lines = [f"# gridlab report — {a.grid.get('name') or 'unnamed grid'}: summary", ""]
     lines += [sentence for s in a.answer for sentence in (s, "")]
+    lines += [f"> **Warning.** {warning}" for warning in a.regime.warnings]
+    if a.regime.warnings:
+        lines.append("")
+    if a.regime_line:
+        lines += [a.regime_line, ""]
     lines += [f"Headline metric `{a.metric}` ({direction}); gap = pruned − random ± the half-width of its 95 % "
-              f"interval ({inference_phrase(a.gaps, a.pool)}). Generated {generated} from the results database; "
-              f"index.html has the details.", ""]
+              f"interval ({inference_phrase(a.gaps, a.pool)}); verdicts: equivalent when the 90 % interval lies "
+              f"within ±{a.margin:g} (TOST), prune or scratch when the gap differs from 0, else inconclusive, each "
+              f"with Benjamini–Hochberg at a 5 % false discovery rate over the setting's cells. Generated "
+              f"{generated} from the results database; index.html has the details, verdicts.csv every cell.", ""]
 
     for setting in (1, 2):
         budgets, rows = a.answer_tables[setting]
         if not rows:
             continue
         lines += [f"## The answer — {SETTING_NAMES[setting]}", "",
-                  f"One call per granularity × ratio × budget ({SETTING_PHRASES[setting]}); the granularity's best "
-                  f"method stands for pruning.", ""]
+                  f"One call per granularity × ratio × budget ({SETTING_PHRASES[setting]}): does the granularity's "
+                  f"best method beat scratch? Adjusted for choosing it among the granularity's methods; n = the "
+                  f"fewest seeds behind a compared interval.", ""]
         lines += _table(["granularity", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
                         [[r["granularity"], f"{r['ratio']:g}", *[_gap(e, True) for e in r["entries"]]] for r in rows])
         lines.append("")
@@ -70,8 +82,11 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
         lines += _table(["granularity", "method", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
                         [[r["granularity"], r["method"], f"{r['ratio']:g}", *[_gap(e) for e in r["entries"]]]
                          for r in rows])
-        total = sum(counts.values())
-        lines += ["", f"Verdicts: {', '.join(f'{k} {v}' for k, v in counts.items())} of {total} groups.", ""]
+        total = sum(v for k, v in counts.items() if k != WITHOUT_INTERVAL)
+        changed = a.sensitivity.get(setting, {})
+        lines += ["", f"Verdicts: {', '.join(f'{k} {v}' for k, v in counts.items())} of {total} cells. "
+                  f"Sensitivity check (each cell's own paired t): {changed.get('changed', 0)} of "
+                  f"{changed.get('total', 0)} verdicts change.", ""]
 
     if a.crossover_lines:
         lines += ["## Crossovers", ""]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import re
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -23,9 +24,13 @@ from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E40
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from gridlab.report import stats  # noqa: E402
 from gridlab.report.analyse import Analysis  # noqa: E402
 from gridlab.report.scaling import LINEAR_HORIZON, LinearGapFit  # noqa: E402
+from gridlab.report.stats import NO_INTERVAL  # noqa: E402
 from gridlab.report.tables import (  # noqa: E402
+    CALLS,
+    SETTING_NAMES,
     SETTING_PHRASES,
     format_signed,
     format_tokens,
@@ -37,7 +42,6 @@ from gridlab.report.tables import (  # noqa: E402
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442"]
 RANDOM_COLOURS = {1: "#000000", 2: "#777777"}
 PRUNE_BLUE, SCRATCH_VERMILLION = "#0072B2", "#D55E00"
-VERDICT_FILL = {"prune": "#A6CEE9", "scratch": "#F5B78E", "tie": "#E4E4E4"}
 # Diverging, colour-blind safe: vermillion (scratch better) – white – blue (pruning better), in benefit orientation.
 BENEFIT_CMAP = LinearSegmentedColormap.from_list("scratch_prune", [SCRATCH_VERMILLION, "#FFFFFF", PRUNE_BLUE])
 RATIO_COLOURS = ["#0072B2", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#D55E00"]
@@ -86,15 +90,16 @@ LEGEND_ROW_INCHES = 0.22
 
 def _panel_grid(n_rows: int, n_cols: int, panel=(3.0, 2.3), sharex: bool = True, hspace: float = 0.45,
                 right: float = 0.15, legend_rows: int = 2, left: float = 0.75, wspace: float = 0.35,
-                axis_label: float = 0.55):
+                axis_label: float = 0.55, top: float = 0.35):
     """Small multiples with fixed margins in inches (no constrained/tight layout: those redraw the figure several
-    times); room below for the x-axis labels (`axis_label`) and a figure legend of `legend_rows` rows."""
+    times); room below for the x-axis labels (`axis_label`) and a figure legend of `legend_rows` rows, and `top`
+    above the first row."""
     width = max(5.0, panel[0] * n_cols + left + right)
     bottom = axis_label + LEGEND_ROW_INCHES * legend_rows
-    height = panel[1] * n_rows + bottom + 0.35
+    height = panel[1] * n_rows + bottom + top
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False, sharex=sharex)
     figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
-                           top=1 - 0.35 / height, wspace=wspace, hspace=hspace)
+                           top=1 - top / height, wspace=wspace, hspace=hspace)
     return figure, axes
 
 
@@ -134,19 +139,57 @@ def _methods_and_ratios(frame: pl.DataFrame, granularity: str) -> tuple[list[str
 
 
 def _counts_text(calls: list[str]) -> str:
-    return ", ".join(f"{calls.count(word)} {word}" for word in ("prune", "tie", "scratch"))
+    counted = ", ".join(f"{calls.count(word)} {word}" for word in CALLS)
+    missing = calls.count(NO_INTERVAL)
+    return counted + (f", {missing} without an interval" if missing else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The answer
 
 
-SQUARE_INCHES = (1.08, 0.36)
+SQUARE_INCHES = (1.08, 0.34)
+SQUARE_FONT = 6.2  # points: two lines of at most SQUARE_CHARACTERS fit a square
+CHARACTER_WIDTH = 0.62  # of the font size: a generous average advance of DejaVu Sans, to wrap text before it spills
+TITLE_FONT = 8.0
+LEGEND_FONT = 7.5
+CALL_FILL = {"prune": "#A6CEE9", "scratch": "#F5B78E", "equivalent": "#D9D9D9", "inconclusive": "#FFFFFF",
+             NO_INTERVAL: "#FFFFFF"}
+CALL_MEANING = {"prune": "prune: pruned init better", "scratch": "scratch: random init better",
+                "equivalent": "equivalent: within ±δ", "inconclusive": "inconclusive",
+                NO_INTERVAL: "no interval: < 2 seeds, no verdict"}
+
+
+def method_keys(methods: list[str]) -> dict[str, str]:
+    """A one-letter key per method (A, B, …; then A2, B2, …) for labels that must fit a square; the legend spells
+    them out."""
+    letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    return {m: letters[i % len(letters)] + (str(i // len(letters) + 1) if i >= len(letters) else "")
+            for i, m in enumerate(sorted(set(methods)))}
+
+
+def _wrap(text: str, inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit `inches` at `fontsize` (a generous estimate of the glyphs' width)."""
+    per_line = max(8, int(inches * 72 / (fontsize * CHARACTER_WIDTH)))
+    return "\n".join(textwrap.wrap(text, per_line)) or text
+
+
+def _square_label(square: dict, keys: dict[str, str] | None) -> str:
+    """Two lines that fit a square: the gap ± its half-width, and the call (with the best method's key when the
+    granularity has several methods); a square without an interval shows its gap and no verdict."""
+    if square["call"] == NO_INTERVAL:
+        return f"{format_signed(square['gap'], 2)}\nno interval"
+    word = square["call"]
+    if keys is not None and square["call"] != "scratch":
+        word += f" · {keys[square['method']]}"
+    return f"{format_signed(square['gap'], 2)} ± {square['half']:.2g}\n{word}"
 
 
 def verdict_map(analysis: Analysis) -> Figure | None:
     """One square per granularity × ratio × budget and setting: colour and word = the call, text = the best method's
-    gap ± its 95 % half-width. Settings side by side when they fit, else one above the other."""
+    gap ± its 95 % half-width. Settings side by side when they fit, else one above the other. Every text fits its
+    square or panel (tests/test_report_browser.py measures the boxes): methods are one-letter keys spelled out in the
+    legend, panel titles wrap to their panel's width, and a square without an interval shows no verdict."""
     squares = analysis.squares
     if squares.height == 0:
         return None
@@ -155,18 +198,32 @@ def verdict_map(analysis: Analysis) -> Figure | None:
         [pl.col("granularity").replace_strict({g: i for i, g in enumerate(_by_granularity(squares))},
                                               return_dtype=pl.Int64), "ratio"]).rows()
     multi = dict(squares.group_by("granularity").agg((pl.col("methods").max() > 1).alias("m")).iter_rows())
+    keyed = squares.filter(pl.col("granularity").is_in([g for g, m in multi.items() if m])
+                           & (pl.col("call") != NO_INTERVAL) & (pl.col("call") != "scratch"))["method"].to_list()
+    keys = method_keys(keyed)
     budgets = {s: sorted(squares.filter(pl.col("setting") == s)["budget_tokens"].unique().to_list())
                for s in settings}
     columns = max(len(b) for b in budgets.values())
     side_by_side = columns * len(settings) <= 10
     grid_shape = (1, len(settings)) if side_by_side else (len(settings), 1)
     panel = (SQUARE_INCHES[0] * columns, SQUARE_INCHES[1] * len(rows) + 0.15)
-    if not side_by_side:  # room for the 0.75 in between stacked panels, so that the squares keep their size
-        panel = (panel[0], panel[1] + 0.75 * (len(settings) - 1) / len(settings))
-    # Stacked panels: 0.75 in between them, for the upper panel's setting label and the lower one's budget labels.
-    figure, axes = _panel_grid(*grid_shape, panel=panel, sharex=False, hspace=0.75 / panel[1], wspace=0.08,
-                               right=0.1, legend_rows=1, left=0.95, axis_label=0.3)
-    fontsize = 6.8
+    left, right, gap = 0.95, 0.1, 0.75  # inches; gap: between stacked panels, for the lower one's title and ticks
+    if not side_by_side:  # room for the gap between stacked panels, so that the squares keep their size
+        panel = (panel[0], panel[1] + gap * (len(settings) - 1) / len(settings))
+    width = max(5.0, panel[0] * grid_shape[1] + left + right)
+    legend = {CALL_MEANING[c]: Patch(facecolor=CALL_FILL[c], edgecolor="#999999",
+                                     hatch="////" if c == NO_INTERVAL else None)
+              for c in (*stats.VERDICTS, NO_INTERVAL)}
+    legend.update({f"{k}: {plain(m)}": Patch(visible=False) for m, k in keys.items()})
+    legend_columns = max(1, min(len(legend), int(width / 2.1)))
+    legend_rows = -(-len(legend) // legend_columns)
+    title_inches = panel[0] * (1 if side_by_side else 1) - 0.1
+    titles = {s: _wrap(f"{SETTING_NAMES.get(s, f'Setting {s}')}", title_inches, TITLE_FONT) for s in settings}
+    title_lines = max(t.count("\n") + 1 for t in titles.values())
+    top = 0.25 + 0.16 * title_lines
+    hspace = (gap + 0.16 * (title_lines - 1)) / panel[1]
+    figure, axes = _panel_grid(*grid_shape, panel=panel, sharex=False, hspace=hspace, wspace=0.08, right=right,
+                               legend_rows=legend_rows, left=left, axis_label=0.12, top=top)
     for index, setting in enumerate(settings):
         ax = axes.flat[index]
         part = squares.filter(pl.col("setting") == setting)
@@ -176,15 +233,16 @@ def verdict_map(analysis: Analysis) -> Figure | None:
         for square in part.iter_rows(named=True):
             i = rows.index((square["granularity"], square["ratio"]))
             j = cols.index(square["budget_tokens"])
-            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=VERDICT_FILL[square["call"]], edgecolor="white",
-                                       linewidth=1.2, hatch="////" if square["single_seed"] else None))
-            half = "" if square["half"] is None else f" ± {square['half']:.2g}"
-            word = square["call"] + (" (n=1)" if square["single_seed"] else "")
-            if multi.get(square["granularity"]) and square["call"] != "scratch":
-                word += f" · {plain(square['method'])}"
+            call = square["call"]
+            patch = plt.Rectangle((j, i), 1, 1, facecolor=CALL_FILL[call], edgecolor="#BBBBBB",
+                                  linewidth=0.8, hatch="////" if call == NO_INTERVAL else None)
+            patch.set_gid(f"vm-square-{setting}-{i}-{j}")
+            ax.add_patch(patch)
             # One text of two lines per square (half as many text artists to lay out as two texts).
-            ax.text(j + 0.5, i + 0.55, f"{format_signed(square['gap'], 2)}{half}\n{word}", ha="center",
-                    va="center", fontsize=fontsize - 0.6, linespacing=1.25)
+            label = ax.text(j + 0.5, i + 0.55, _square_label(square, keys if multi.get(square["granularity"])
+                                                             else None),
+                            ha="center", va="center", fontsize=SQUARE_FONT, linespacing=1.5)
+            label.set_gid(f"vm-label-{setting}-{i}-{j}")
         ax.set_xticks(np.arange(len(cols)) + 0.5, [f"B = {format_tokens(b)}" for b in cols], fontsize=7)
         ax.xaxis.tick_top()
         ax.tick_params(length=0, pad=2)
@@ -193,24 +251,25 @@ def verdict_map(analysis: Analysis) -> Figure | None:
                       [f"{plain(g)} {r:g}" for g, r in rows] if first_column else [], fontsize=7)
         for spine in ax.spines.values():
             spine.set_visible(False)
-        ax.set_xlabel(f"Setting {setting}: {SETTING_PHRASES.get(setting, '')}", fontsize=8, labelpad=4)
-    handles = {f"{word} ({meaning})": Patch(facecolor=VERDICT_FILL[word], edgecolor="#999999")
-               for word, meaning in (("prune", "pruned init better"), ("tie", "interval contains 0"),
-                                     ("scratch", "random init better"))}
-    handles["single seed (no interval)"] = Patch(facecolor="white", edgecolor="#999999", hatch="////")
-    _figure_legend(figure, np.array([]), handles)
+        ax.set_title(titles[setting], fontsize=TITLE_FONT, y=1.0, pad=13, linespacing=1.2)
+    columns_legend = figure.legend(legend.values(), legend.keys(), loc="lower center", ncol=legend_columns,
+                                   fontsize=LEGEND_FONT, frameon=False, bbox_to_anchor=(0.5, 0.0),
+                                   handlelength=1.6, columnspacing=1.2)
+    columns_legend.set_gid("vm-legend")
     sign = "positive" if analysis.higher_is_better else "negative"
+    phrases = "; ".join(f"setting {s}: {SETTING_PHRASES.get(s, '')}" for s in settings)
     alt = "Verdict map. " + " ".join(
         f"Setting {s}: {_counts_text(squares.filter(pl.col('setting') == s)['call'].to_list())} of "
         f"{squares.filter(pl.col('setting') == s).height} squares." for s in settings)
     return Figure(
         key="verdict-map",
         title="The answer: prune or train from scratch",
-        caption=(f"Each square: one granularity × pruning ratio (rows) × budget B (columns). The granularity's best "
-                 f"method stands for pruning: the square says prune when its interval favours pruned init, scratch "
-                 f"when every method's interval favours random init, tie otherwise. Text: that method's gap pruned − "
-                 f"random in {plain(analysis.metric)} ({sign} = pruning better) ± the half-width of its 95 % "
-                 f"interval ({inference_phrase(analysis.gaps, analysis.pool)})."),
+        caption=(f"Rows: granularity × pruning ratio; columns: budget B ({phrases}). Each square asks whether the "
+                 f"granularity's best method beats training from scratch: prune, scratch, equivalent (within "
+                 f"±{analysis.margin:g}) or inconclusive, adjusted for choosing the best method and, by "
+                 f"Benjamini–Hochberg, for the setting's many squares. Text: that method's gap pruned − random in "
+                 f"{plain(analysis.metric)} ({sign} = pruning better) ± its 95 % half-width "
+                 f"({inference_phrase(analysis.gaps, analysis.pool)}); letters name the methods in the legend."),
         alt=alt,
         svg=to_svg(figure, "verdict-map", alt),
     )
@@ -401,7 +460,7 @@ def gap_heatmaps(analysis: Analysis) -> list[Figure]:
                 for row in rows.iter_rows(named=True):
                     i, j = ratios.index(row["ratio"]), budgets.index(row["budget_tokens"])
                     grid[i, j] = row["benefit"]
-                    labels[i][j] = row["verdict"].split(" ")[0][0].upper()
+                    labels[i][j] = row["verdict"][0].upper() if row["half"] is not None else "–"
                 # pcolormesh stays vector in SVG (imshow would embed a raster image)
                 image = ax.pcolormesh(np.ma.masked_invalid(grid), cmap=BENEFIT_CMAP, norm=norm, edgecolors="white",
                                       linewidth=0.5)
@@ -430,8 +489,8 @@ def gap_heatmaps(analysis: Analysis) -> list[Figure]:
             key=key,
             title=f"Gap heatmap — {granularity}",
             caption=(f"Colour: the benefit of pruning ({sign} in {plain(analysis.metric)}); blue means pruning is "
-                     "better, vermillion that scratch is. Letters: verdict (P prune, S scratch, T tie); empty squares "
-                     "have no finished pair."),
+                     "better, vermillion that scratch is. Letters: verdict (P prune, S scratch, E equivalent, I "
+                     "inconclusive, – no interval: fewer than two seeds); empty squares have no finished pair."),
             alt=alt,
             svg=to_svg(figure, key, alt),
         ))

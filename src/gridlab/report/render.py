@@ -26,8 +26,8 @@ from gridlab.report.chromium import DevTools, find_chromium
 from gridlab.report.markdown import summary_markdown
 from gridlab.report.plotworker import PlotWorker
 from gridlab.report.read import Results, read_results
-from gridlab.report.stats import POOLING
-from gridlab.report.tables import SETTING_NAMES, format_number, format_signed, format_tokens
+from gridlab.report.stats import POOLING, REMOVED_POOLING
+from gridlab.report.tables import SETTING_NAMES, format_number, format_signed, format_tokens, verdict_table
 
 TEMPLATES_ENV = "GRIDLAB_TEMPLATES"
 TEMPLATE = "report.html.j2"
@@ -154,12 +154,33 @@ def make_figures(analysis: Analysis, worker: PlotWorker | None = None) -> dict[s
     return {kind: figures[kind] for kind in plots.FIGURE_KINDS}
 
 
-def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templates: Path | None = None,
-                 timings: dict | None = None, pdf_engine: str = "auto", pool: str = "seeds") -> dict[str, Path]:
-    """Write out_dir/index.html, out_dir/summary.md and out_dir/report.pdf for a results database; returns
-    {"html": ..., "summary": ..., "pdf": ...}.
+def verdicts_csv(analysis: Analysis) -> str:
+    """verdicts.csv (tables.VERDICT_COLUMNS): one row per cell, d_eff_tokens from the analysis' `transfer` frame
+    when it has one."""
+    return verdict_table(analysis.gaps, getattr(analysis, "transfer", None)).write_csv(float_precision=6)
 
-    `pool` is the pooling model of the intervals (stats.POOLING: "none", "seeds", "ratios"). The PDF is index.html
+
+def check_options(pool: str, margin: float | None) -> None:
+    """One line for a pooling or margin the report cannot use (a user error, before anything runs)."""
+    if pool in REMOVED_POOLING:
+        raise UserError(f"pooling {pool!r} was removed ({REMOVED_POOLING[pool]}, and under-covers); valid: "
+                        f"{', '.join(POOLING)}")
+    if pool not in POOLING:
+        raise UserError(f"unknown pooling {pool!r}; valid: {', '.join(POOLING)}")
+    if margin is not None and not (isinstance(margin, int | float) and 0 < margin < float("inf")):
+        raise UserError(f"margin {margin!r} must be a positive number in the headline metric's units (e.g. 0.02 "
+                        f"nats)")
+
+
+def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templates: Path | None = None,
+                 timings: dict | None = None, pdf_engine: str = "auto", pool: str = "model",
+                 margin: float | None = None) -> dict[str, Path]:
+    """Write out_dir/index.html, out_dir/summary.md, out_dir/verdicts.csv and out_dir/report.pdf for a results
+    database; returns {"html": ..., "summary": ..., "verdicts": ..., "pdf": ...}.
+
+    `pool` is the interval model (stats.POOLING: "model", the mixed model; "none", each cell's own paired t);
+    `margin` the equivalence margin in the headline metric's units (None: the grid spec's `[report] margin`). The
+    PDF is index.html
     printed by headless Chromium when it is installed (`pdf_engine="auto"` or "chromium"), else by WeasyPrint
     (`"weasyprint"`, or "auto" when Chromium is missing or fails, with a warning). Chromium starts before the
     analysis so that its start-up overlaps it; for a large grid a second process draws half of the figures
@@ -168,8 +189,7 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
     """
     if pdf_engine not in PDF_ENGINES:
         raise UserError(f"unknown PDF engine {pdf_engine!r}; valid: {', '.join(PDF_ENGINES)}")
-    if pool not in POOLING:
-        raise UserError(f"unknown pooling {pool!r}; valid: {', '.join(POOLING)}")
+    check_options(pool, margin)
     executable = find_chromium() if pdf_engine != "weasyprint" else None
     if pdf_engine == "chromium" and executable is None:
         raise UserError("PDF engine chromium requested but no chromium executable is on PATH "
@@ -182,15 +202,17 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
     try:
         results = read_results(Path(db_path))
         worker = plot_worker(results)
-        analysis = analyse(results, metric, pool)
+        analysis = analyse(results, metric, pool, margin)
         after_analysis = time.perf_counter()
         figures = make_figures(analysis, worker)
         after_plots = time.perf_counter()
         generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         html = render_html(analysis, figures, folder, generated)
-        paths = {"html": out_dir / "index.html", "summary": out_dir / "summary.md", "pdf": out_dir / "report.pdf"}
+        paths = {"html": out_dir / "index.html", "summary": out_dir / "summary.md",
+                 "verdicts": out_dir / "verdicts.csv", "pdf": out_dir / "report.pdf"}
         atomic.write_text(paths["html"], html)
         atomic.write_text(paths["summary"], summary_markdown(analysis, generated))
+        atomic.write_text(paths["verdicts"], verdicts_csv(analysis))
         after_html = time.perf_counter()
         engine = "weasyprint"
         if browser is not None:

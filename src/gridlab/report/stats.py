@@ -1,45 +1,68 @@
-"""Seed statistics: intervals, the pruned − random gap (paired or Welch), pooling, verdicts, seeds to resolve a tie.
+"""Seed statistics: intervals of the pruned − random gap, verdicts with multiplicity control, the answer's squares
+adjusted for the choice of the best method, and the design power.
 
 Conventions:
 - a *group* is one (granularity, method, ratio, init, setting, budget) combination; its seeds are the samples;
-- a *pair* is a pruned group and its random twin (same granularity, method, ratio, setting, budget); a pruned cell
-  and the random cell with the same seed share the data order and the calibration sample;
-- *gap* = pruned − random of the headline metric, in the metric's own units;
-- *benefit* = the gap signed so that positive means pruning is better (−gap for lower-is-better metrics);
-- intervals are two-sided 95 % Student-t intervals.
+- a *cell* (pair) is a pruned group and its random twin (same granularity, method, ratio, setting, budget); a pruned
+  cell and the random cell with the same seed share the data order and the calibration sample, so the per-seed
+  difference d = pruned − random is the unit of analysis (the seed is the unit of replication);
+- *gap* = pruned − random of the headline metric, in the metric's own units; *benefit* = the gap signed so that
+  positive means pruning is better (−gap for lower-is-better metrics);
+- intervals are two-sided 95 %; the *margin* δ (grid spec `[report] margin`) is the smallest gap that matters.
 
-Inference per pair: **paired** when both arms have the same seeds (the mean and spread of the per-seed differences),
-**Welch** otherwise (unequal variances, Welch–Satterthwaite degrees of freedom). Pooling (`pool`):
-- "none": each pair on its own;
-- "seeds" (default): the spread is pooled over the pairs of a family (granularity, method, setting): every ratio and
-  budget of a method in a setting shares one noise variance (paired: of the differences; Welch: per arm), with the
-  degrees of freedom of all its seeds — model d = μ(ratio, budget) + ε, ε ~ N(0, σ²(method, setting));
-- "ratios": additionally, in paired families with at least 3 ratios, the gap at each budget is linear in the
-  ratio, d = a(budget) + b(budget)·ratio + ε with one σ² per family; each ratio's estimate is the fitted line.
+Intervals (`pool`):
+- "model" (default): per (granularity, method, setting, budget) the per-seed differences over the ratios follow the
+  mixed model of gridlab.report.mixed (a seed effect shared by the budget's ratios and a cell effect, each with its
+  own variance per budget and family; REML; missing seeds handled by GLS). A cell's interval uses the model's
+  variance of its mean and the harmonic mean of the model's Satterthwaite degrees of freedom and the cell's own
+  n − 1 (the seed stratum's): Satterthwaite alone is optimistic with two or three seeds when the seed effect
+  dominates (tests/test_report_mixed.py measures both). Where the model cannot be fitted, the cell's own paired t.
+- "none": every cell's own paired t interval (n − 1 degrees of freedom), the sensitivity check of the model.
+Cells whose arms share no seed use Welch's interval (unequal variances, Welch–Satterthwaite dof). A cell needs two
+seeds of its own for an interval; without one it has no verdict.
+
+Verdicts per cell, over the cells of one setting: p-values of the difference (two-sided t) and of equivalence
+(TOST: two one-sided tests against ±δ), each adjusted by Benjamini–Hochberg at a 5 % false discovery rate;
+*equivalent* when equivalence is declared, else *prune* / *scratch* when the difference is, else *inconclusive*.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import polars as pl
 from scipy import special
 
+from gridlab.report import mixed
+
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # the FDR of the verdicts; the TOST uses the (1 − 2α) interval, as equivalence tests do
+POWER = 0.80  # of the design power figure
+DEFAULT_MARGIN = 0.02  # in the metric's units: 0.02 nats of loss = 2 % of perplexity (docs/report.md)
 GROUP_KEYS = ["granularity", "method", "ratio", "init", "setting", "budget_tokens"]
 PAIR_KEYS = ["granularity", "method", "ratio", "setting", "budget_tokens"]
 FAMILY_KEYS = ["granularity", "method", "setting"]
-POOLING = ("none", "seeds", "ratios")
-MIN_RATIOS_FOR_RATIO_MODEL = 3
-MAX_SEEDS = 1000  # "seeds to resolve a tie" is searched up to this many per arm
+ROW_KEYS = [*FAMILY_KEYS, "budget_tokens"]  # one row of the model: a family's ratios at one budget
+SQUARE_KEYS = ["granularity", "ratio", "setting", "budget_tokens"]
+POOLING = ("model", "none")
+REMOVED_POOLING = {"seeds": "it pooled the spread over ratios and budgets as if they were independent",
+                   "ratios": "it pooled the spread over ratios and budgets as if they were independent"}
+VERDICTS = ("prune", "scratch", "equivalent", "inconclusive")
+MAX_SEEDS = 1000  # the design power is searched up to this many seeds per arm
+MODEL = "mixed model (REML)"
+CELL_T = "per-cell paired t"
+FALLBACK = "per-cell paired t (model not fitted)"
+WELCH = "Welch"
 
 
-def t_quantile(dof) -> np.ndarray:
-    """The two-sided CONFIDENCE quantile of Student's t; NaN where dof < 1 or unknown."""
+def t_quantile(dof, confidence: float = CONFIDENCE) -> np.ndarray:
+    """The two-sided `confidence` quantile of Student's t; NaN where dof < 1 or unknown."""
     dof = np.asarray(dof, dtype=float)
     with np.errstate(invalid="ignore"):
-        return np.where(dof >= 1, special.stdtrit(np.where(dof >= 1, dof, 1.0), 0.5 + CONFIDENCE / 2), np.nan)
+        return np.where(dof >= 1, special.stdtrit(np.where(dof >= 1, dof, 1.0), 0.5 + confidence / 2), np.nan)
+
+
+def _t_cdf(dof: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return special.stdtr(dof, t)
 
 
 def seed_summary(values: pl.DataFrame) -> pl.DataFrame:
@@ -61,216 +84,387 @@ def seed_summary(values: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def verdict(benefit_low: float | None, benefit_high: float | None, benefit: float) -> str:
-    """prune / scratch / tie from the interval of the benefit; without an interval the sign decides, marked (n=1)."""
-    if benefit_low is None or benefit_high is None or math.isnan(benefit_low):
-        word = "prune" if benefit > 0 else "scratch" if benefit < 0 else "tie"
-        return f"{word} (n=1)"
-    if benefit_low > 0:
-        return "prune"
-    if benefit_high < 0:
-        return "scratch"
-    return "tie"
+# ---------------------------------------------------------------------------------------------------------------
+# Intervals
+
+
+def interval_dof(satterthwaite: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The degrees of freedom of a model interval: the harmonic mean of the model's Satterthwaite dof and the cell's
+    own n − 1 (the seed stratum's). With few seeds Satterthwaite's plug-in dof is too large exactly when the seed
+    effect's mean square comes out small by chance; the harmonic mean keeps the coverage at nominal in the design's
+    simulations (tests/test_report_mixed.py) while keeping most of what the model gains from the other ratios."""
+    own = np.asarray(seeds, dtype=float) - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(own >= 1, 2.0 / (1.0 / satterthwaite + 1.0 / own), np.nan)
+
+
+def model_intervals(y: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's estimate for each cell of rows of per-seed differences y (rows, seeds, cells; NaN where a seed has
+    no difference; every cell observed at least once): gap, se, dof (interval_dof), the between-seed variance of one
+    seed's difference (`marginal`), the two variance components (`seed`: shared by the row's cells; `cell`), and
+    `fitted`. Where the model does not converge (a row whose seeds' means nearly coincide puts the REML optimum on the
+    edge of positive definiteness) a cell gets its own paired t interval (n − 1 dof) and `fitted` is False. Cells with
+    fewer than two seeds have no se."""
+    rows, _, m = y.shape
+    seeds = (~np.isnan(y)).sum(axis=1)
+    filled = np.where(np.isnan(y), 0.0, y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        own_mean = filled.sum(axis=1) / seeds
+        squares = np.where(np.isnan(y), 0.0, (y - own_mean[:, None, :]) ** 2).sum(axis=1)
+        own_var = np.where(seeds >= 2, squares / (seeds - 1), np.nan)
+    out = {"gap": own_mean, "se": np.sqrt(own_var / seeds), "dof": np.where(seeds >= 2, seeds - 1.0, np.nan),
+           "marginal": own_var, "seed": np.full((rows, m), np.nan), "cell": np.full((rows, m), np.nan),
+           "fitted": np.zeros((rows, m), bool)}
+    usable = (seeds.sum(axis=1) - m) >= 1  # a residual degree of freedom at least
+    if not usable.any():
+        return out
+    layout = mixed.layout(np.arange(m), np.zeros(m, int))
+    fit = mixed.fit(y[usable], layout)
+    ok = fit.converged
+    at = np.flatnonzero(usable)[ok]
+    theta = dict(zip(layout.names, fit.theta[ok].T, strict=True))
+    enough = seeds[at] >= 2
+    out["gap"][at] = fit.mean[ok]
+    out["se"][at] = np.where(enough, np.sqrt(fit.variance[ok]), np.nan)
+    out["dof"][at] = np.where(enough, interval_dof(fit.dof[ok], seeds[at]), np.nan)
+    out["marginal"][at] = fit.marginal[ok]
+    out["seed"][at] = theta.get("seed", np.zeros(len(at)))[:, None]
+    out["cell"][at] = theta["residual@0"][:, None]
+    out["fitted"][at] = True
+    return out
+
+
+def _cell_arrays(diffs: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """The per-seed differences as dense arrays for the model: one row per (family, budget), its ratios as cells.
+    Returns the cell index (PAIR_KEYS, `_m` cells in its row, `_row`, `_cell`) and, per cell count m, the array
+    (rows, seeds, m) and the row ids it holds."""
+    cells = (diffs.select(PAIR_KEYS).unique()
+             .with_columns(_row=pl.struct(ROW_KEYS).rank("dense").cast(pl.Int64) - 1)
+             .with_columns(_cell=pl.col("ratio").rank("dense").over("_row").cast(pl.Int64) - 1,
+                           _m=pl.len().over("_row").cast(pl.Int64)))
+    located = diffs.join(cells, on=PAIR_KEYS).with_columns(_seed=pl.col("seed").rank("dense").cast(pl.Int64) - 1)
+    seeds = int(located["_seed"].max()) + 1 if located.height else 0
+    arrays = {}
+    for (m,), part in located.group_by("_m"):
+        rows = np.unique(part["_row"].to_numpy())
+        y = np.full((len(rows), seeds, int(m)), np.nan)
+        y[np.searchsorted(rows, part["_row"].to_numpy()), part["_seed"].to_numpy(), part["_cell"].to_numpy()] = \
+            part["d"].to_numpy()
+        keep = ~np.isnan(y).all(axis=(0, 2))  # seeds that appear in these rows
+        arrays[int(m)] = (y[:, keep], rows)
+    return cells, arrays
+
+
+def _model_columns(diffs: pl.DataFrame) -> pl.DataFrame:
+    """Per paired cell: the model's gap, se, dof, marginal variance, components and whether it was fitted."""
+    cells, arrays = _cell_arrays(diffs)
+    names = ("gap", "se", "dof", "marginal", "seed", "cell", "fitted")
+    parts = []
+    for m, (y, rows) in arrays.items():
+        result = model_intervals(y)
+        parts.append(pl.DataFrame({"_row": np.repeat(rows, m), "_cell": np.tile(np.arange(m), len(rows)),
+                                   **{f"model_{k}": result[k].ravel() for k in names}}))
+    if not parts:
+        return cells.select(PAIR_KEYS)
+    fitted = pl.concat(parts).with_columns(pl.col(pl.Float64).fill_nan(None))
+    return cells.join(fitted, on=["_row", "_cell"]).drop("_row", "_cell", "_m")
 
 
 def _arm_stats(values: pl.DataFrame, init: str) -> pl.DataFrame:
     return values.filter(pl.col("init") == init).group_by(PAIR_KEYS).agg(
-        n=pl.col("value").count(), mean=pl.col("value").mean(), var=pl.col("value").var(),
-        seeds=pl.col("seed").sort(),
-    )
+        n=pl.col("value").count(), mean=pl.col("value").mean(), var=pl.col("value").var())
 
 
-def _pair_differences(values: pl.DataFrame) -> pl.DataFrame:
-    """Per pair key and seed present in both arms: d = pruned − random."""
+def pair_differences(values: pl.DataFrame) -> pl.DataFrame:
+    """Per cell and seed present in both arms: d = pruned − random."""
     pruned = values.filter(pl.col("init") == "pruned").select([*PAIR_KEYS, "seed", "value"])
     random = values.filter(pl.col("init") == "random").select([*PAIR_KEYS, "seed", "value"])
     return pruned.join(random, on=[*PAIR_KEYS, "seed"], suffix="_random").with_columns(
         d=pl.col("value") - pl.col("value_random"))
 
 
-def _pooled(frame: pl.DataFrame, var: str, n: str, where: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled variance Σ(n−1)·var / Σ(n−1) over the rows of each `keys` family where `where` holds, and its dof."""
-    weighted = frame.with_columns(
-        _ss=pl.when(pl.col(where)).then((pl.col(n) - 1) * pl.col(var).fill_null(0)).otherwise(0.0),
-        _dof=pl.when(pl.col(where)).then(pl.col(n) - 1).otherwise(0),
-    ).with_columns(_ss_f=pl.col("_ss").sum().over(keys), _dof_f=pl.col("_dof").sum().over(keys))
-    dof = weighted["_dof_f"].to_numpy().astype(float)
+def _welch(var_p, n_p, var_r, n_r) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
-        variance = np.where(dof > 0, weighted["_ss_f"].to_numpy() / np.where(dof > 0, dof, 1), np.nan)
-    return variance, dof
-
-
-def _satterthwaite(a: np.ndarray, b: np.ndarray, dof_a: np.ndarray, dof_b: np.ndarray) -> np.ndarray:
-    """Degrees of freedom of a + b, two independent variance terms with dof_a and dof_b."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (a + b) ** 2 / (np.where(dof_a > 0, a**2 / dof_a, np.nan) + np.where(dof_b > 0, b**2 / dof_b, np.nan))
-
-
-def _ratio_model(diffs: pl.DataFrame) -> pl.DataFrame:
-    """Per (family, budget) with ≥ MIN_RATIOS_FOR_RATIO_MODEL ratios: OLS of d on ratio over the seed-level
-    differences; σ² pooled over the budgets of the family. One row per pair key with the fitted value and its se."""
-    lines = (
-        diffs.group_by([*FAMILY_KEYS, "budget_tokens"])
-        .agg(
-            N=pl.len(), ratios=pl.col("ratio").n_unique(), xbar=pl.col("ratio").mean(), ybar=pl.col("d").mean(),
-            sxx=((pl.col("ratio") - pl.col("ratio").mean()) ** 2).sum(),
-            sxy=((pl.col("ratio") - pl.col("ratio").mean()) * (pl.col("d") - pl.col("d").mean())).sum(),
-            syy=((pl.col("d") - pl.col("d").mean()) ** 2).sum(),
-        )
-        .filter(pl.col("ratios") >= MIN_RATIOS_FOR_RATIO_MODEL)
-        .with_columns(slope=pl.col("sxy") / pl.col("sxx"))
-        .with_columns(rss=(pl.col("syy") - pl.col("slope") * pl.col("sxy")).clip(lower_bound=0),
-                      rdof=pl.col("N") - 2)
-        .with_columns(s2=pl.col("rss").sum().over(FAMILY_KEYS) / pl.col("rdof").sum().over(FAMILY_KEYS),
-                      model_dof=pl.col("rdof").sum().over(FAMILY_KEYS))
-    )
-    at_ratio = diffs.select([*PAIR_KEYS]).unique().join(lines, on=[*FAMILY_KEYS, "budget_tokens"])
-    return at_ratio.select(
-        *PAIR_KEYS,
-        model_gap=pl.col("ybar") + pl.col("slope") * (pl.col("ratio") - pl.col("xbar")),
-        model_se=(pl.col("s2") * (1 / pl.col("N") + (pl.col("ratio") - pl.col("xbar")) ** 2 / pl.col("sxx"))).sqrt(),
-        model_dof=pl.col("model_dof").cast(pl.Float64),
-    )
+        a, b = var_p / n_p, var_r / n_r
+        se = np.sqrt(a + b)
+        dof = (a + b) ** 2 / (np.where(n_p > 1, a**2 / (n_p - 1), np.nan) + np.where(n_r > 1, b**2 / (n_r - 1), np.nan))
+        dof = np.where(se > 0, dof, np.minimum(n_p, n_r) - 1)
+    return se, dof
 
 
 _GAP_SCHEMA = {
     **dict(zip(PAIR_KEYS, (pl.Utf8, pl.Utf8, pl.Float64, pl.Int64, pl.Int64), strict=True)),
-    "n_pruned": pl.UInt32, "n_random": pl.UInt32, "n_pairs": pl.UInt32, "mean_pruned": pl.Float64,
-    "mean_random": pl.Float64, "test": pl.Utf8, "model": pl.Utf8, "observed_gap": pl.Float64, "gap": pl.Float64,
-    "se": pl.Float64, "dof": pl.Float64, "half": pl.Float64, "benefit": pl.Float64, "benefit_low": pl.Float64,
-    "benefit_high": pl.Float64, "verdict": pl.Utf8, "seeds_needed": pl.Float64,
+    "n_pruned": pl.UInt32, "n_random": pl.UInt32, "n_pairs": pl.UInt32, "n_seeds": pl.UInt32,
+    "mean_pruned": pl.Float64, "mean_random": pl.Float64, "test": pl.Utf8, "model": pl.Utf8,
+    "observed_gap": pl.Float64, "gap": pl.Float64, "se": pl.Float64, "dof": pl.Float64, "half": pl.Float64,
+    "benefit": pl.Float64, "benefit_low": pl.Float64, "benefit_high": pl.Float64, "p_value": pl.Float64,
+    "q_value": pl.Float64, "p_equivalent": pl.Float64, "q_equivalent": pl.Float64, "verdict": pl.Utf8,
+    "sd_seed": pl.Float64, "sd_cell": pl.Float64, "sd_between_seeds": pl.Float64, "seeds_needed": pl.Float64,
+    "cell_gap": pl.Float64, "cell_half": pl.Float64, "cell_dof": pl.Float64, "cell_verdict": pl.Utf8,
 }
 
 
-def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "seeds") -> pl.DataFrame:
-    """Pruned vs random per (granularity, method, ratio, setting, budget) from seed-level headline values.
+def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
+              margin: float = DEFAULT_MARGIN) -> pl.DataFrame:
+    """Pruned vs random per cell (granularity, method, ratio, setting, budget) from seed-level headline values.
 
-    Columns: n_pruned, n_random, n_pairs (seeds in both arms), mean_pruned, mean_random, test ("paired" or
-    "Welch"), model ("per pair", "pooled σ" or "linear in ratio"), observed_gap (mean pruned − mean random),
-    gap (the model's estimate: observed_gap except under the ratio model), se, dof, half (95 % half-width),
-    benefit (+ = pruning better), benefit_low/high, verdict, seeds_needed (ties: seeds per arm that would resolve
-    a gap of this size at this spread, ≈; MAX_SEEDS + 1 = more than MAX_SEEDS; null otherwise).
+    Columns: n_pruned, n_random, n_pairs (seeds in both arms), n_seeds (seeds behind the estimate), mean_pruned,
+    mean_random, test ("paired" or "Welch": how the arms' seeds pair), model (MODEL, CELL_T, FALLBACK or WELCH),
+    observed_gap (mean pruned − mean random), gap (the estimate: the model's GLS mean, the mean difference, or
+    observed_gap for Welch), se, dof, half (95 % half-width), benefit (+ = pruning better), benefit_low/high,
+    p_value / q_value (difference from 0; q: Benjamini–Hochberg over the setting's cells), p_equivalent /
+    q_equivalent (TOST against ±margin), verdict (VERDICTS), sd_seed (sd of the seed effect shared by the budget's
+    ratios; signed square root, it may be negative), sd_cell, sd_between_seeds (sd of one seed's difference: what
+    the design power uses), seeds_needed (seeds per arm for 80 % power at the margin; MAX_SEEDS + 1 = more), and the
+    sensitivity check: cell_gap, cell_half, cell_dof and cell_verdict from the cell's own paired t interval.
     """
+    if pool in REMOVED_POOLING:
+        raise ValueError(f"pooling {pool!r} was removed ({REMOVED_POOLING[pool]}, and under-covers); "
+                         f"valid: {', '.join(POOLING)}")
     if pool not in POOLING:
         raise ValueError(f"unknown pooling {pool!r}; valid: {', '.join(POOLING)}")
     pruned, random = _arm_stats(values, "pruned"), _arm_stats(values, "random")
     joined = pruned.join(random, on=PAIR_KEYS, how="inner", suffix="_random").rename(
-        {"n": "n_pruned", "mean": "mean_pruned", "var": "var_pruned", "seeds": "seeds_pruned"})
+        {"n": "n_pruned", "mean": "mean_pruned", "var": "var_pruned"})
     if joined.height == 0:
         return pl.DataFrame(schema=_GAP_SCHEMA)
-    diffs = _pair_differences(values)
-    paired_stats = diffs.group_by(PAIR_KEYS).agg(n_pairs=pl.len(), mean_d=pl.col("d").mean(), var_d=pl.col("d").var())
-    joined = joined.join(paired_stats, on=PAIR_KEYS, how="left").with_columns(
-        n_pairs=pl.col("n_pairs").fill_null(0),
-        paired=(pl.col("seeds_pruned") == pl.col("seeds_random")) & pl.col("n_pairs").eq(pl.col("n_pruned")),
-    ).with_columns(welch=~pl.col("paired")).sort(PAIR_KEYS)
+    diffs = pair_differences(values)
+    per_cell = diffs.group_by(PAIR_KEYS).agg(n_pairs=pl.len(), mean_d=pl.col("d").mean(), var_d=pl.col("d").var())
+    joined = joined.join(per_cell, on=PAIR_KEYS, how="left").with_columns(n_pairs=pl.col("n_pairs").fill_null(0))
+    if pool == "model" and diffs.height:
+        joined = joined.join(_model_columns(diffs), on=PAIR_KEYS, how="left")
+    joined = joined.sort(PAIR_KEYS)
 
-    paired = joined["paired"].to_numpy()
-    n_p = joined["n_pruned"].to_numpy().astype(float)
-    n_r = joined["n_random"].to_numpy().astype(float)
+    paired = joined["n_pairs"].to_numpy() > 0
     n_d = joined["n_pairs"].to_numpy().astype(float)
+    n_p, n_r = (joined[c].to_numpy().astype(float) for c in ("n_pruned", "n_random"))
+    var_p, var_r = (joined[c].fill_null(np.nan).to_numpy().astype(float) for c in ("var_pruned", "var_random"))
     observed = joined["mean_pruned"].to_numpy() - joined["mean_random"].to_numpy()
-    if pool == "none":
-        var_d = joined["var_d"].to_numpy().astype(float)
-        dof_d = n_d - 1
-        var_p, dof_p = joined["var_pruned"].to_numpy().astype(float), n_p - 1
-        var_r, dof_r = joined["var_random"].to_numpy().astype(float), n_r - 1
-    else:
-        var_d, dof_d = _pooled(joined, "var_d", "n_pairs", "paired", FAMILY_KEYS)
-        var_p, dof_p = _pooled(joined, "var_pruned", "n_pruned", "welch", FAMILY_KEYS)
-        var_r, dof_r = _pooled(joined, "var_random", "n_random", "welch", FAMILY_KEYS)
+    mean_d = joined["mean_d"].fill_null(np.nan).to_numpy().astype(float)
+    var_d = joined["var_d"].fill_null(np.nan).to_numpy().astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        se_paired = np.sqrt(var_d / n_d)
-        a, b = var_p / n_p, var_r / n_r
-        se_welch = np.sqrt(a + b)
-        dof_welch = np.where(se_welch > 0, _satterthwaite(a, b, dof_p, dof_r), np.minimum(dof_p, dof_r))
-    se = np.where(paired, se_paired, se_welch)
-    dof = np.where(paired, dof_d, dof_welch)
-    gap = observed.copy()
-    model = np.array(["per pair" if pool == "none" else "pooled σ"] * len(gap), dtype=object)
-    if pool == "ratios":
-        fitted = joined.select(PAIR_KEYS).with_row_index("_row").join(
-            _ratio_model(diffs.join(joined.filter(pl.col("paired")).select(PAIR_KEYS), on=PAIR_KEYS)), on=PAIR_KEYS)
-        rows = fitted["_row"].to_numpy()
-        gap[rows] = fitted["model_gap"].to_numpy()
-        se[rows] = fitted["model_se"].to_numpy()
-        dof[rows] = fitted["model_dof"].to_numpy()
-        model[rows] = "linear in ratio"
-    se = np.where(np.isfinite(se) & (dof >= 1), se, np.nan)
-    half = t_quantile(dof) * se
-    half = np.where(se == 0, 0.0, half)
+        cell_se = np.where(n_d >= 2, np.sqrt(var_d / n_d), np.nan)
+    cell_dof = np.where(n_d >= 2, n_d - 1, np.nan)
+    welch_se, welch_dof = _welch(var_p, n_p, var_r, n_r)
+    welch_ok = (n_p >= 2) & (n_r >= 2)
+
+    def column(name: str, fill=np.nan) -> np.ndarray:
+        if name not in joined.columns:
+            return np.full(joined.height, fill)
+        return joined[name].fill_null(fill).to_numpy().astype(type(fill) if isinstance(fill, bool) else float)
+
+    modelled = column("model_fitted", False) & paired
+    fitted = np.isfinite(column("model_gap")) & paired  # by the model, or its fallback inside a model row
+    gap = np.where(paired, np.where(fitted, column("model_gap"), mean_d), observed)
+    se = np.where(fitted, column("model_se"), np.where(paired, cell_se, np.where(welch_ok, welch_se, np.nan)))
+    dof = np.where(fitted, column("model_dof"), np.where(paired, cell_dof, np.where(welch_ok, welch_dof, np.nan)))
+    model = np.where(modelled, MODEL, np.where(paired, CELL_T if pool == "none" else FALLBACK, WELCH))
+    n_seeds = np.where(paired, n_d, np.minimum(n_p, n_r))
+    between = np.where(fitted, column("model_marginal"), np.where(paired, var_d, var_p + var_r))
+
     sign = 1.0 if higher_is_better else -1.0
-    benefit = sign * gap
-    low, high = benefit - half, benefit + half
-    verdicts = [verdict(None if math.isnan(lo) else lo, None if math.isnan(hi) else hi, value)
-                for lo, hi, value in zip(low, high, benefit, strict=True)]
-    needed = seeds_to_resolve(np.abs(gap), se, dof, np.where(paired, n_d, np.minimum(n_p, n_r)),
-                              np.array([v == "tie" for v in verdicts]), paired)
+    setting = joined["setting"].to_numpy()
+    decided = decide(sign * gap, se, dof, setting, margin)
+    cell_decided = decide(sign * mean_d, cell_se, cell_dof, setting, margin)
+    half = decided["half"]
     return joined.select([*PAIR_KEYS, "n_pruned", "n_random", "n_pairs", "mean_pruned", "mean_random"]).with_columns(
+        n_seeds=pl.Series(n_seeds, dtype=pl.UInt32),
         test=pl.Series(np.where(paired, "paired", "Welch"), dtype=pl.Utf8),
-        model=pl.Series(model.tolist(), dtype=pl.Utf8),
+        model=pl.Series(model, dtype=pl.Utf8),
         observed_gap=pl.Series(observed, dtype=pl.Float64),
         gap=pl.Series(gap, dtype=pl.Float64),
-        se=pl.Series(se, dtype=pl.Float64).fill_nan(None),
-        dof=pl.Series(dof, dtype=pl.Float64).fill_nan(None),
-        half=pl.Series(half, dtype=pl.Float64).fill_nan(None),
-        benefit=pl.Series(benefit, dtype=pl.Float64),
-        benefit_low=pl.Series(low, dtype=pl.Float64).fill_nan(None),
-        benefit_high=pl.Series(high, dtype=pl.Float64).fill_nan(None),
-        verdict=pl.Series(verdicts, dtype=pl.Utf8),
-        seeds_needed=pl.Series(needed, dtype=pl.Float64).fill_nan(None),
+        se=_series(decided["se"]),
+        dof=_series(np.where(np.isfinite(decided["se"]), dof, np.nan)),
+        half=_series(half),
+        benefit=pl.Series(sign * gap, dtype=pl.Float64),
+        benefit_low=_series(sign * gap - half),
+        benefit_high=_series(sign * gap + half),
+        p_value=_series(decided["p"]), q_value=_series(decided["q"]),
+        p_equivalent=_series(decided["p_equivalent"]), q_equivalent=_series(decided["q_equivalent"]),
+        verdict=pl.Series(decided["verdict"], dtype=pl.Utf8),
+        sd_seed=_series(np.sign(column("model_seed")) * np.sqrt(np.abs(column("model_seed")))),
+        sd_cell=_series(np.sqrt(column("model_cell"))),
+        sd_between_seeds=_series(np.sqrt(between)),
+        seeds_needed=_series(design_seeds(between, margin)),
+        cell_gap=_series(mean_d),
+        cell_half=_series(cell_decided["half"]),
+        cell_dof=_series(np.where(np.isfinite(cell_decided["se"]), cell_dof, np.nan)),
+        cell_verdict=pl.Series(cell_decided["verdict"], dtype=pl.Utf8),
     ).cast(_GAP_SCHEMA)
 
 
-def seeds_to_resolve(gap: np.ndarray, se: np.ndarray, dof: np.ndarray, n: np.ndarray, rows: np.ndarray,
-                     paired: np.ndarray) -> np.ndarray:
-    """Smallest seeds per arm n' for which the 95 % half-width t(dof')·se·√(n/n') falls below |gap|, assuming the
-    gap and the spread stay as observed; dof' = dof + (n' − n) for paired differences (one more difference per
-    seed), dof·(n' − 1)/(n − 1) for Welch (both arms grow). Only for `rows`; NaN elsewhere or when there is no
-    spread to extrapolate; MAX_SEEDS + 1 when even MAX_SEEDS would not do."""
-    out = np.full(gap.shape, np.nan)
-    ok = rows & np.isfinite(se) & (se > 0) & np.isfinite(gap) & np.isfinite(dof) & (n >= 1)
+def _series(values: np.ndarray) -> pl.Series:
+    return pl.Series(np.asarray(values, dtype=float), dtype=pl.Float64).fill_nan(None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def benjamini_hochberg(p: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q) within each group; NaN p stay NaN and do not count."""
+    p = np.asarray(p, dtype=float)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
     if not ok.any():
+        return q
+    index = np.flatnonzero(ok)
+    groups = np.asarray(group)[index]
+    order = np.lexsort((p[index], groups))
+    index, groups, sorted_p = index[order], groups[order], p[index][order]
+    starts = np.r_[0, np.flatnonzero(groups[1:] != groups[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(groups)])
+    rank = np.arange(len(groups)) - np.repeat(starts, sizes) + 1
+    scaled = sorted_p * np.repeat(sizes, sizes) / rank
+    # q_(i) = min over j ≥ i of scaled_(j), within each group: a reversed running minimum per group.
+    reversed_min = np.empty_like(scaled)
+    for start, size in zip(starts, sizes, strict=True):
+        reversed_min[start:start + size] = np.minimum.accumulate(scaled[start:start + size][::-1])[::-1]
+    q[index] = np.minimum(reversed_min, 1.0)
+    return q
+
+
+def one_sided(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """p-values of H0: benefit ≤ shift (small when the benefit is above it) and of H0: benefit ≥ shift (small when
+    below it). se = 0 gives 0 or 1; missing se gives NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = (benefit - shift) / se
+        above = np.where(se > 0, 1 - _t_cdf(dof, t), np.where(benefit > shift, 0.0, 1.0))
+        below = np.where(se > 0, _t_cdf(dof, t), np.where(benefit < shift, 0.0, 1.0))
+    missing = ~(np.isfinite(se) & (np.isfinite(dof) | (se == 0)))
+    return np.where(missing, np.nan, above), np.where(missing, np.nan, below)
+
+
+def decide(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, group: np.ndarray, margin: float,
+           alpha: float = ALPHA) -> dict[str, np.ndarray]:
+    """Verdicts of cells with an estimate, its se and dof: the difference from 0 (two-sided t) and equivalence
+    within ±margin (TOST), each Benjamini–Hochberg-adjusted within `group` (a setting). Returns se (NaN where no
+    interval), half (95 % half-width), p, q, p_equivalent, q_equivalent and verdict (VERDICTS)."""
+    benefit, se, dof = (np.asarray(x, dtype=float) for x in (benefit, se, dof))
+    se = np.where(np.isfinite(se) & ((se == 0) | (np.isfinite(dof) & (dof > 0))), se, np.nan)
+    above, below = one_sided(benefit, se, dof, 0.0)
+    p = np.minimum(1.0, 2 * np.minimum(above, below))
+    under_margin = one_sided(benefit, se, dof, margin)[1]  # H0: benefit ≥ +δ
+    over_minus = one_sided(benefit, se, dof, -margin)[0]  # H0: benefit ≤ −δ
+    p_equivalent = np.maximum(under_margin, over_minus)
+    q, q_equivalent = benjamini_hochberg(p, group), benjamini_hochberg(p_equivalent, group)
+    verdict = np.where(q_equivalent <= alpha, "equivalent",
+                       np.where(q <= alpha, np.where(benefit > 0, "prune", "scratch"), "inconclusive"))
+    half = half_width(se, dof)
+    return dict(se=se, half=half, p=p, q=q, p_equivalent=p_equivalent, q_equivalent=q_equivalent, verdict=verdict)
+
+
+def half_width(se: np.ndarray, dof: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
+    """Half-width of the two-sided interval t(dof)·se for any positive, possibly fractional dof (a Satterthwaite
+    dof can fall below 1); 0 where se is 0, NaN where there is no se or dof."""
+    se, dof = np.asarray(se, dtype=float), np.asarray(dof, dtype=float)
+    ok = np.isfinite(dof) & (dof > 0)
+    with np.errstate(invalid="ignore"):
+        quantile = np.where(ok, special.stdtrit(np.where(ok, dof, 1.0), 0.5 + confidence / 2), np.nan)
+        return np.where(se == 0, 0.0, quantile * se)
+
+
+def design_seeds(between: np.ndarray, margin: float, alpha: float = ALPHA, power: float = POWER) -> np.ndarray:
+    """Seeds per arm a rerun needs to decide at the margin with `power`: the smallest n ≥ 2 for which a true gap of
+    ±margin is told from 0 (two-sided t at alpha) and a true gap of 0 is declared equivalent (TOST), with the
+    measured between-seed variance of one seed's difference and the cell's own n − 1 degrees of freedom (no
+    pooling assumed). NaN without a variance; MAX_SEEDS + 1 when even MAX_SEEDS would not do."""
+    between = np.asarray(between, dtype=float)
+    out = np.full(between.shape, np.nan)
+    ok = np.isfinite(between) & (between >= 0)
+    if not ok.any() or margin <= 0:
         return out
-    g, s, d, k, pair = gap[ok], se[ok], dof[ok], n[ok], paired[ok]
-
-    def resolves(m: np.ndarray) -> np.ndarray:
-        grown = np.where(pair, d + (m - k), d * (m - 1) / np.maximum(k - 1, 1))
-        return t_quantile(grown) * s * np.sqrt(k / m) < g
-
-    low, high = k.copy(), np.full(k.shape, float(MAX_SEEDS))
-    never = ~resolves(high)
-    for _ in range(12):  # bisection on integers: 2^12 > MAX_SEEDS
-        mid = np.floor((low + high) / 2)
-        good = resolves(mid)
-        high = np.where(good, mid, high)
-        low = np.where(good, low, mid)
-        if np.all(high - low <= 1):
-            break
-    out[ok] = np.where(never, MAX_SEEDS + 1, high)
+    n = np.arange(2, MAX_SEEDS + 1, dtype=float)
+    dof = n - 1
+    difference = special.stdtrit(dof, 1 - alpha / 2) + special.stdtrit(dof, power)
+    equivalence = special.stdtrit(dof, 1 - alpha) + special.stdtrit(dof, 1 - (1 - power) / 2)
+    factor = np.maximum(difference, equivalence) / np.sqrt(n)  # decreasing in n
+    needed = factor[None, :] * np.sqrt(between[ok])[:, None] <= margin
+    found = needed.any(axis=1)
+    out[ok] = np.where(found, n[np.argmax(needed, axis=1)], MAX_SEEDS + 1)
     return out
 
 
-def family_spread(values: pl.DataFrame, gaps: pl.DataFrame) -> pl.DataFrame:
-    """Per family (granularity, method, setting): the pooled spread of paired differences and its dof, the number of
-    pairs with each test, and Bartlett's test of equal variance across the family's pairs (p; null with fewer than
-    two pairs of ≥ 2 differences). The check of the pooling model."""
-    from scipy import stats  # here: scipy.stats takes ~0.7 s to import, and the plotting process never needs it
-    diffs = _pair_differences(values).join(gaps.filter(pl.col("test") == "paired").select(PAIR_KEYS), on=PAIR_KEYS)
-    rows = []
-    for key, part in sorted(gaps.group_by(FAMILY_KEYS), key=lambda item: item[0]):
-        granularity, method, setting = key
-        family = diffs.filter((pl.col("granularity") == granularity) & (pl.col("method") == method)
-                              & (pl.col("setting") == setting))
-        samples = [g["d"].to_numpy() for _, g in family.group_by(["ratio", "budget_tokens"]) if g.height >= 2]
-        dof = sum(len(s) - 1 for s in samples)
-        pooled_sd = math.sqrt(sum(((s - s.mean()) ** 2).sum() for s in samples) / dof) if dof else None
-        p = None
-        if len(samples) >= 2 and all(np.ptp(s) > 0 for s in samples):
-            p = float(stats.bartlett(*samples).pvalue)
-        rows.append(dict(granularity=granularity, method=method, setting=setting,
-                         paired=int((part["test"] == "paired").sum()), welch=int((part["test"] == "Welch").sum()),
-                         pooled_sd=pooled_sd, dof=dof, bartlett_p=p))
-    return pl.DataFrame(rows, schema={"granularity": pl.Utf8, "method": pl.Utf8, "setting": pl.Int64,
-                                      "paired": pl.Int64, "welch": pl.Int64, "pooled_sd": pl.Float64,
-                                      "dof": pl.Int64, "bartlett_p": pl.Float64})
+# ---------------------------------------------------------------------------------------------------------------
+# The answer: one square per granularity × ratio × setting × budget
+
+
+_SQUARE_SCHEMA = {"granularity": pl.Utf8, "ratio": pl.Float64, "setting": pl.Int64, "budget_tokens": pl.Int64,
+                  "call": pl.Utf8, "method": pl.Utf8, "gap": pl.Float64, "half": pl.Float64, "test": pl.Utf8,
+                  "methods": pl.UInt32, "decided_by": pl.UInt32, "n_seeds": pl.UInt32, "p_value": pl.Float64,
+                  "q_value": pl.Float64, "p_equivalent": pl.Float64, "q_equivalent": pl.Float64}
+NO_INTERVAL = "no interval"
+
+
+def square_tests(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, square: np.ndarray,
+                 margin: float) -> dict[str, np.ndarray]:
+    """Per square (the methods of one granularity at one ratio, setting and budget) the tests of the best method
+    against scratch, adjusted for choosing it: 'some method beats scratch' is a union over the k methods
+    (Bonferroni: k × the smallest one-sided p), 'every method loses' an intersection (the largest one-sided p);
+    equivalence of the best method with scratch needs every method below +δ (intersection) and some method above
+    −δ (union, Bonferroni). Returns per square (sorted ids): p (two-sided direction), p_equivalent, prune (the
+    direction is prune), k (methods with an interval)."""
+    ok = np.isfinite(se)
+    ids, inverse = np.unique(square, return_inverse=True)
+    size = len(ids)
+    k = np.bincount(inverse, weights=ok, minlength=size)
+    above, below = one_sided(benefit, se, dof, 0.0)
+    under_margin = one_sided(benefit, se, dof, margin)[1]
+    over_minus = one_sided(benefit, se, dof, -margin)[0]
+
+    def smallest(p):
+        out = np.full(size, np.inf)
+        np.minimum.at(out, inverse[ok], p[ok])
+        return out
+
+    def largest(p):
+        out = np.full(size, -np.inf)
+        np.maximum.at(out, inverse[ok], p[ok])
+        return out
+
+    with np.errstate(invalid="ignore"):
+        p_prune = np.minimum(1.0, k * smallest(above))
+        p_scratch = largest(below)
+        p = np.minimum(1.0, 2 * np.minimum(p_prune, p_scratch))
+        p_equivalent = np.maximum(largest(under_margin), np.minimum(1.0, k * smallest(over_minus)))
+    none = k == 0
+    return dict(ids=ids, p=np.where(none, np.nan, p), p_equivalent=np.where(none, np.nan, p_equivalent),
+                prune=p_prune <= p_scratch, k=k)
+
+
+def answer_squares(gaps: pl.DataFrame, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA) -> pl.DataFrame:
+    """Per granularity × ratio × setting × budget the call the reader wants — does pruning, with the granularity's
+    best method, beat training from scratch? — with square_tests' adjustment for the choice of the method and
+    Benjamini–Hochberg over the setting's squares: prune / scratch / equivalent / inconclusive, or NO_INTERVAL when
+    no method has an interval there (no verdict). Columns: the keys, call, method (prune: the method with the
+    strongest evidence; otherwise the one with the largest benefit), its gap, half and test, methods (compared),
+    decided_by (methods with an interval), n_seeds (the fewest seeds behind a compared interval), p/q values."""
+    if gaps.height == 0:
+        return pl.DataFrame(schema=_SQUARE_SCHEMA)
+    frame = gaps.select(*SQUARE_KEYS, "method", "gap", "half", "test", "benefit", "se", "dof", "n_seeds").with_columns(
+        _square=pl.struct(SQUARE_KEYS).rank("dense").cast(pl.Int64) - 1)
+    benefit = frame["benefit"].to_numpy().astype(float)
+    se, dof = (frame[c].fill_null(np.nan).to_numpy().astype(float) for c in ("se", "dof"))
+    tests = square_tests(benefit, se, dof, frame["_square"].to_numpy(), margin)
+    setting = (frame.group_by("_square").agg(pl.col("setting").first()).sort("_square")["setting"].to_numpy())
+    q = benjamini_hochberg(tests["p"], setting)
+    q_equivalent = benjamini_hochberg(tests["p_equivalent"], setting)
+    call = np.where(tests["k"] == 0, NO_INTERVAL,
+                    np.where(q_equivalent <= alpha, "equivalent",
+                             np.where(q <= alpha, np.where(tests["prune"], "prune", "scratch"), "inconclusive")))
+    calls = pl.DataFrame({"_square": tests["ids"].astype(np.int64), "call": call, "p_value": tests["p"],
+                          "q_value": q, "p_equivalent": tests["p_equivalent"], "q_equivalent": q_equivalent,
+                          "decided_by": tests["k"].astype(np.int64)}).with_columns(pl.col(pl.Float64).fill_nan(None))
+    best = (
+        frame.with_columns(_above=pl.Series(one_sided(benefit, se, dof, 0.0)[0]).fill_nan(None))
+        .join(calls, on="_square")
+        .with_columns(_has=pl.col("se").is_not_null(),
+                      # prune: the method with the strongest evidence; otherwise the largest benefit
+                      _first=pl.when(pl.col("call") == "prune").then(-pl.col("_above")).otherwise(0.0))
+        .sort(["_has", "_first", "benefit"], descending=True, nulls_last=True)
+        .group_by("_square", maintain_order=True)
+        .agg(*[pl.col(c).first() for c in (*SQUARE_KEYS, "call", "method", "gap", "half", "test", "p_value",
+                                            "q_value", "p_equivalent", "q_equivalent", "decided_by")],
+             methods=pl.len(), n_seeds=pl.col("n_seeds").filter(pl.col("_has")).min())
+    )
+    return best.sort(SQUARE_KEYS).select(list(_SQUARE_SCHEMA)).cast(_SQUARE_SCHEMA)

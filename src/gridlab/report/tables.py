@@ -7,6 +7,7 @@ from collections import Counter
 
 import polars as pl
 
+from gridlab.report import stats
 from gridlab.report.capacity import Capacity
 from gridlab.report.scaling import Crossover
 
@@ -14,7 +15,6 @@ GRANULARITY_ORDER = {"depth": 0, "width": 1, "sparse": 2}
 STATUSES = ("pending", "running", "done", "failed", "cancelled", "unknown")
 SETTING_NAMES = {1: "Setting 1 — same budget", 2: "Setting 2 — whole-pipeline budget"}
 SETTING_PHRASES = {1: "random init trains the same B tokens", 2: "random init also trains the parent's P tokens"}
-SQUARE_KEYS = ["granularity", "ratio", "setting", "budget_tokens"]
 
 
 def granularity_key(granularity: str) -> tuple:
@@ -48,56 +48,40 @@ def _span(budgets: list) -> str:
     return f"{format_tokens(budgets[0])}–{format_tokens(budgets[-1])}"
 
 
-POOL_PHRASES = {"none": "each pair on its own", "seeds": "spread pooled over the ratios and budgets of each method "
-                "and setting", "ratios": "gap linear in the ratio, spread pooled over each method and setting"}
+POOL_PHRASES = {
+    "model": "a mixed model of the per-seed differences per method, setting and budget (REML, Satterthwaite dof "
+             "combined with the cell's own n − 1)",
+    "none": "each cell's own paired t (n − 1 dof)",
+}
+CALLS = ("prune", "equivalent", "inconclusive", "scratch")  # the answer's words, in the order the report counts them
 
 
 def inference_phrase(gaps: pl.DataFrame, pool: str) -> str:
-    """How the intervals were made, in a few words: the test(s) used and the pooling model."""
-    tests = set(gaps["test"].to_list())
-    test = ("paired by seed" if tests == {"paired"} else "Welch (seeds do not pair)" if tests == {"Welch"}
-            else "paired where seeds match, else Welch")
-    return f"{test}; {POOL_PHRASES[pool]}"
+    """How the intervals were made, in a few words: the pooling model, and Welch where seeds do not pair."""
+    welch = "; Welch where the arms share no seed" if (gaps["test"] == "Welch").any() else ""
+    return f"{POOL_PHRASES[pool]}{welch}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The answer: one square per granularity × ratio × setting × budget
 
 
-def answer_squares(gaps: pl.DataFrame) -> pl.DataFrame:
-    """Per granularity × ratio × setting × budget the call the reader wants: the granularity's best method (largest
-    benefit) stands for pruning — *prune* if its verdict is prune, *scratch* if every method's verdict is scratch,
-    *tie* otherwise; `single_seed` when a verdict used rests on one seed (no interval). Columns: the keys, call,
-    single_seed, method (the best), gap, half, test, methods (how many were compared)."""
-    schema = {"granularity": pl.Utf8, "ratio": pl.Float64, "setting": pl.Int64, "budget_tokens": pl.Int64,
-              "call": pl.Utf8, "single_seed": pl.Boolean, "method": pl.Utf8, "gap": pl.Float64,
-              "half": pl.Float64, "test": pl.Utf8, "methods": pl.UInt32, "verdict": pl.Utf8}
-    if gaps.height == 0:
-        return pl.DataFrame(schema=schema)
-    squares = (
-        gaps.sort("benefit", descending=True)
-        .group_by(SQUARE_KEYS, maintain_order=True)
-        .agg(method=pl.col("method").first(), gap=pl.col("gap").first(), half=pl.col("half").first(),
-             test=pl.col("test").first(), verdict=pl.col("verdict").first(), methods=pl.len(),
-             all_scratch=pl.col("verdict").str.starts_with("scratch").all(),
-             any_single=pl.col("verdict").str.ends_with("(n=1)").any())
-        .with_columns(call=pl.when(pl.col("verdict").str.starts_with("prune")).then(pl.lit("prune"))
-                      .when(pl.col("all_scratch")).then(pl.lit("scratch")).otherwise(pl.lit("tie")),
-                      single_seed=pl.col("any_single"))
-    )
+def answer_squares(gaps: pl.DataFrame, margin: float) -> pl.DataFrame:
+    """stats.answer_squares (the selection-adjusted call per square) in the report's granularity order."""
+    squares = stats.answer_squares(gaps, margin)
     order = pl.col("granularity").replace_strict(GRANULARITY_ORDER, default=9, return_dtype=pl.Int64)
-    return squares.sort([order, "granularity", "ratio", "setting", "budget_tokens"]).select(list(schema)).cast(schema)
+    return squares.sort([order, "granularity", "ratio", "setting", "budget_tokens"])
 
 
 def _budget_pattern(part: pl.DataFrame) -> str:
-    """'prune in every square at 10k–40k tokens; at 80k: 7 prune, 5 tie' from the squares of one setting."""
+    """'prune in every square at 10k–40k tokens; at 80k: 7 prune, 5 inconclusive' from the squares of a setting."""
     labels = []
     for (budget,), at in part.group_by("budget_tokens", maintain_order=True):
         counts = Counter(at["call"].to_list())
         if len(counts) == 1:
             labels.append((budget, f"{next(iter(counts))} in every square"))
         else:
-            labels.append((budget, ", ".join(f"{counts[c]} {c}" for c in ("prune", "tie", "scratch") if counts[c])))
+            labels.append((budget, ", ".join(f"{counts[c]} {c}" for c in (*CALLS, stats.NO_INTERVAL) if counts[c])))
     runs: list[tuple[list, str]] = []
     for budget, label in labels:
         if runs and runs[-1][1] == label:
@@ -117,14 +101,14 @@ def setting_sentence(squares: pl.DataFrame, setting: int, metric: str, higher_is
         return None
     counts = Counter(part["call"].to_list())
     total = part.height
-    tally = ", ".join(f"{word} {counts[word]}" for word in ("prune", "tie", "scratch"))
+    tally = ", ".join(f"{word} {counts[word]}" for word in CALLS)
     budgets = sorted(part["budget_tokens"].unique().to_list())
     first, last = (part.filter(pl.col("budget_tokens") == b)["gap"].mean() for b in (budgets[0], budgets[-1]))
     trend = (f"the best method's gap in {metric} averages {format_signed(first, 2)} at {format_tokens(budgets[0])} "
              f"and {format_signed(last, 2)} at {format_tokens(budgets[-1])} tokens"
              if len(budgets) > 1 else f"the best method's gap in {metric} averages {format_signed(first, 2)}")
-    single = int(part["single_seed"].sum())
-    caveat = f" ({single} rest on a single seed)" if single else ""
+    missing = counts[stats.NO_INTERVAL]
+    caveat = f" ({missing} without an interval: one seed)" if missing else ""
     better = "positive" if higher_is_better else "negative"
     return (f"Setting {setting} ({SETTING_PHRASES.get(setting, f'setting {setting}')}): of {total} granularity × "
             f"ratio × budget squares{caveat}, {tally} — {_budget_pattern(part)}; {trend} ({better} = pruning "
@@ -266,15 +250,79 @@ def square_rows(squares: pl.DataFrame, setting: int) -> tuple[list[int], list[di
     return budgets, rows
 
 
+WITHOUT_INTERVAL = "of them without an interval"  # the inconclusive cells that rest on one seed
+
+
 def verdict_counts(gaps: pl.DataFrame) -> dict[int, dict[str, int]]:
-    """Per setting, how many method × ratio × budget groups have each verdict word (n=1 ones counted apart)."""
+    """Per setting, how many method × ratio × budget cells have each verdict (stats.VERDICTS), and how many of the
+    inconclusive ones have no interval (one seed) under WITHOUT_INTERVAL."""
     out: dict[int, dict[str, int]] = {}
     for (setting,), part in sorted(gaps.group_by("setting"), key=lambda item: item[0]):
         counts = Counter(part["verdict"].to_list())
-        out[setting] = {word: counts[word] for word in ("prune", "tie", "scratch")}
-        single = {f"{word} (n=1)": counts[f"{word} (n=1)"] for word in ("prune", "tie", "scratch")}
-        out[setting].update({k: v for k, v in single.items() if v})
+        out[setting] = {word: counts[word] for word in ("prune", "scratch", "equivalent", "inconclusive")}
+        missing = int(part["half"].null_count())
+        if missing:
+            out[setting][WITHOUT_INTERVAL] = missing
     return out
+
+
+def sensitivity(gaps: pl.DataFrame) -> dict[int, dict[str, int]]:
+    """Per setting: how many verdicts the cells' own paired t intervals (the sensitivity check) would change, of how
+    many compared, and how many cells each way."""
+    out: dict[int, dict[str, int]] = {}
+    for (setting,), part in sorted(gaps.group_by("setting"), key=lambda item: item[0]):
+        compared = part.filter(pl.col("test") == "paired")
+        changed = compared.filter(pl.col("verdict") != pl.col("cell_verdict"))
+        decided = ("prune", "scratch", "equivalent")
+        out[setting] = dict(
+            total=compared.height, changed=changed.height,
+            only_model=changed.filter(pl.col("verdict").is_in(decided)).height,
+            only_cell=changed.filter(pl.col("cell_verdict").is_in(decided)).height,
+        )
+    return out
+
+
+def model_rows(gaps: pl.DataFrame) -> list[dict]:
+    """The variance model per family and budget, for the Methods section: how the intervals were made there, the
+    seeds, the seed effect shared by the budget's ratios and the cell effect (sd), the between-seed sd of one
+    difference and the range of dof and of seeds needed at the margin."""
+    if gaps.height == 0:
+        return []
+    rows = (
+        gaps.group_by(["granularity", "method", "setting", "budget_tokens"])
+        .agg(model=pl.col("model").mode().first(), seeds=pl.col("n_seeds").max(), sd_seed=pl.col("sd_seed").first(),
+             sd_cell=pl.col("sd_cell").first(), sd_between=pl.col("sd_between_seeds").median(),
+             dof_low=pl.col("dof").min(), dof_high=pl.col("dof").max(),
+             needed=pl.col("seeds_needed").median())
+        .to_dicts()
+    )
+    return sorted(rows, key=lambda r: (r["setting"], *granularity_key(r["granularity"]), r["method"],
+                                       r["budget_tokens"]))
+
+
+VERDICT_COLUMNS = ["setting", "method", "granularity", "ratio", "budget_tokens", "n_seeds", "gap", "lo95", "hi95",
+                   "verdict", "d_eff_tokens"]
+
+
+def verdict_table(gaps: pl.DataFrame, transfer: pl.DataFrame | None = None) -> pl.DataFrame:
+    """verdicts.csv: one row per cell (VERDICT_COLUMNS). lo95/hi95: the 95 % interval of the gap (empty without
+    one); d_eff_tokens: the effective data transferred at B (tokens of scratch training the pruned start is worth),
+    from the gaps' own column `d_eff_tokens` or a `transfer` frame keyed by the cell's keys; empty where none."""
+    schema = {"setting": pl.Int64, "method": pl.Utf8, "granularity": pl.Utf8, "ratio": pl.Float64,
+              "budget_tokens": pl.Int64, "n_seeds": pl.Int64, "gap": pl.Float64, "lo95": pl.Float64,
+              "hi95": pl.Float64, "verdict": pl.Utf8, "d_eff_tokens": pl.Float64}
+    if gaps.height == 0:
+        return pl.DataFrame(schema=schema)
+    table = gaps.with_columns(lo95=pl.col("gap") - pl.col("half"), hi95=pl.col("gap") + pl.col("half"))
+    keys = ["granularity", "method", "ratio", "setting", "budget_tokens"]
+    if "d_eff_tokens" not in table.columns:
+        if transfer is not None and "d_eff_tokens" in transfer.columns and set(keys) <= set(transfer.columns):
+            table = table.join(transfer.select(*keys, "d_eff_tokens").unique(keys), on=keys, how="left")
+        else:
+            table = table.with_columns(d_eff_tokens=pl.lit(None, dtype=pl.Float64))
+    order = pl.col("granularity").replace_strict(GRANULARITY_ORDER, default=9, return_dtype=pl.Int64)
+    return table.sort(["setting", order, "granularity", "method", "ratio", "budget_tokens"]).select(
+        VERDICT_COLUMNS).cast(schema)
 
 
 def arm_rows(summary: pl.DataFrame) -> tuple[list[int], list[dict]]:
