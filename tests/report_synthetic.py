@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +119,49 @@ def parent_loss(value: float, tokens: int, stderr: float | None = None) -> list[
     """parent_metrics rows: the parent's val_loss (and val_ppl) after its `tokens` pretraining tokens."""
     return [dict(tokens=tokens, name="val_loss", value=value, stderr=stderr, higher_is_better=False),
             dict(tokens=tokens, name="val_ppl", value=float(np.exp(value)), stderr=None, higher_is_better=False)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Studies with a known answer: learning curves with a known effective data transferred, and gap curves with a known
+# trend, correlated within seeds as the design makes them (budgets are branches of one trunk per seed).
+
+
+def _noise(*key) -> np.random.Generator:
+    """A generator fixed by `key` (the same cell always gets the same noise, in any order)."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def transfer_loss(curve: Callable[[float], float], transfer: Callable[[str, float, float], float],
+                  seed_sd: float = 0.02, cell_sd: float = 0.01) -> LossFunction:
+    """Losses where the random arm follows `curve` (value at trained tokens D) and the pruned model at budget B equals
+    the random arm at B + transfer(method, ratio, B): D_eff(B) = transfer(...) by construction. A seed's own level
+    (its data order, shared by both arms and every budget) plus independent noise per cell."""
+    def loss(method, ratio, init, setting, tokens, seed):
+        level = _noise("seed", ratio, seed).normal(0, seed_sd)
+        own = _noise(method if init == "pruned" else "random", ratio, init, tokens, seed).normal(0, cell_sd)
+        if tokens == 0:
+            return 8.0 + level
+        if init == "random":
+            return curve(tokens) + level + own
+        return curve(tokens + transfer(method, ratio, tokens)) + level + own
+    return loss
+
+
+def gap_study(truth: Callable[[np.ndarray], np.ndarray], budgets, seeds: int, replicates: int,
+              rng: np.random.Generator, noise: float = 0.04, seed_sd: float = 0.05, slope_sd: float = 0.02,
+              rho: float = 0.5, growth: float = 0.3) -> np.ndarray:
+    """Paired differences d[replicate, seed, budget] = truth(B) + u_s + w_s·(x − x̄) + e, vectorised: a seed's own
+    level u_s and slope w_s in x = ln B (shared by its budgets, as one trunk is), and noise that is AR(1) along the
+    budgets (correlation `rho` between neighbouring branches) with a spread growing by `growth` from the smallest to
+    the largest budget. `budgets` may include budgets held out of a fit (the truth a rerun of these seeds would see)."""
+    b = np.asarray(budgets, dtype=float)
+    x = np.log(b / b[0])
+    level = rng.normal(0, seed_sd, (replicates, seeds, 1))
+    slope = rng.normal(0, slope_sd, (replicates, seeds, 1))
+    scale = noise * (1 + growth * x / max(x.max(), 1e-12))
+    shocks = rng.normal(size=(replicates, seeds, b.size))
+    e = np.empty_like(shocks)
+    e[..., 0] = shocks[..., 0]
+    for k in range(1, b.size):
+        e[..., k] = rho * e[..., k - 1] + math.sqrt(1 - rho**2) * shocks[..., k]
+    return truth(b)[None, None, :] + level + slope * (x - x.mean())[None, None, :] + e * scale

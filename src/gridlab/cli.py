@@ -264,7 +264,8 @@ def report(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
            metric: str = typer.Option("val_loss", help="headline metric"),
            pool: str = typer.Option("seeds", help="how gap intervals pool their spread: none | seeds | ratios"),
            where: Where = None):
-    """Ingest the results, then write the HTML/PDF report and summary.md (of the --where cells only, when given)."""
+    """Ingest the results, then write the HTML/PDF report, summary.md and predictions.csv (of the --where cells only,
+    when given)."""
     for kind, path in api.report(grid, out=out, metric=metric, where=where, pool=pool).items():
         typer.echo(f"{kind}: {path}")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import gridlab
 from gridlab import atomic
-from gridlab.contracts import BranchResult, Contract, Metric, TrainPayload
+from gridlab.contracts import BranchResult, Contract, Metric, ParentPayload, TrainPayload
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.planfile import read_plan_record
@@ -26,7 +26,7 @@ from gridlab.state import StageState, effective_states
 
 SCHEMA = {
     "grid": [("name", "VARCHAR"), ("parent", "VARCHAR"), ("parent_tokens", "BIGINT"),
-             ("calibration_tokens", "BIGINT"), ("corpus_fingerprint", "VARCHAR"), ("gridlab_version", "VARCHAR"),
+             ("parent_params", "BIGINT"), ("calibration_tokens", "BIGINT"), ("corpus_fingerprint", "VARCHAR"), ("gridlab_version", "VARCHAR"),
              ("spec_json", "VARCHAR"), ("submitted_at", "DOUBLE")],
     "cells": [("cell_id", "VARCHAR"), ("method", "VARCHAR"), ("granularity", "VARCHAR"), ("ratio", "DOUBLE"),
               ("achieved_ratio", "DOUBLE"), ("init", "VARCHAR"), ("setting", "INTEGER"),
@@ -125,8 +125,10 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
     grid = record.grid
     parent = grid["parent"]
     data = payloads.get(record.data_stage)
+    parent_payload = payloads.get(record.parent_stage)
     summary = _Table("grid")
     summary.add(name=grid["name"], parent=parent["preset"] or parent["path"], parent_tokens=parent["tokens"],
+                parent_params=parent_payload.params.total if isinstance(parent_payload, ParentPayload) else None,
                 calibration_tokens=grid["calibration"]["sequences"] * grid["seq_len"],
                 corpus_fingerprint=getattr(data, "corpus_fingerprint", None), gridlab_version=gridlab.__version__,
                 spec_json=json.dumps(grid, sort_keys=True), submitted_at=record.submitted_at)

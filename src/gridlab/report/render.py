@@ -26,8 +26,9 @@ from gridlab.report.chromium import DevTools, find_chromium
 from gridlab.report.markdown import summary_markdown
 from gridlab.report.plotworker import PlotWorker
 from gridlab.report.read import Results, read_results
+from gridlab.report.scaling import predictions_csv
 from gridlab.report.stats import POOLING
-from gridlab.report.tables import SETTING_NAMES, format_number, format_signed, format_tokens
+from gridlab.report.tables import SETTING_NAMES, format_number, format_signed, format_tokens, setting2_text, slope_text
 
 TEMPLATES_ENV = "GRIDLAB_TEMPLATES"
 TEMPLATE = "report.html.j2"
@@ -120,6 +121,8 @@ def render_html(analysis: Analysis, figures: dict[str, list[plots.Figure]], fold
         figures=figure_context,
         spec_text=json.dumps(analysis.spec, indent=2, sort_keys=True) if analysis.spec else "",
         setting_names=SETTING_NAMES,
+        setting2_text=setting2_text,
+        slope_text=slope_text,
         total_cells=sum(analysis.counts.values()),
     )
 
@@ -156,8 +159,8 @@ def make_figures(analysis: Analysis, worker: PlotWorker | None = None) -> dict[s
 
 def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templates: Path | None = None,
                  timings: dict | None = None, pdf_engine: str = "auto", pool: str = "seeds") -> dict[str, Path]:
-    """Write out_dir/index.html, out_dir/summary.md and out_dir/report.pdf for a results database; returns
-    {"html": ..., "summary": ..., "pdf": ...}.
+    """Write out_dir/index.html, out_dir/summary.md, out_dir/report.pdf and out_dir/predictions.csv for a results
+    database; returns {"html": ..., "summary": ..., "pdf": ..., "predictions": ...}.
 
     `pool` is the pooling model of the intervals (stats.POOLING: "none", "seeds", "ratios"). The PDF is index.html
     printed by headless Chromium when it is installed (`pdf_engine="auto"` or "chromium"), else by WeasyPrint
@@ -188,9 +191,11 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
         after_plots = time.perf_counter()
         generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         html = render_html(analysis, figures, folder, generated)
-        paths = {"html": out_dir / "index.html", "summary": out_dir / "summary.md", "pdf": out_dir / "report.pdf"}
+        paths = {"html": out_dir / "index.html", "summary": out_dir / "summary.md", "pdf": out_dir / "report.pdf",
+                 "predictions": out_dir / "predictions.csv"}
         atomic.write_text(paths["html"], html)
         atomic.write_text(paths["summary"], summary_markdown(analysis, generated))
+        atomic.write_text(paths["predictions"], predictions_csv(analysis.predictions))
         after_html = time.perf_counter()
         engine = "weasyprint"
         if browser is not None:
