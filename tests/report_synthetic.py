@@ -94,11 +94,14 @@ def _frame(rows: list[dict] | pl.DataFrame, columns: dict[str, str]) -> pl.DataF
 
 def write_db(path: Path, cells: list[dict], metrics: list[dict] | pl.DataFrame, *, name: str = "synthetic",
              parent: str = "nano", parent_tokens: int = 50_000_000, calibration_tokens: int = 65_536,
-             spec: dict | None = None, parent_metrics: list[dict] | None = None) -> Path:
+             spec: dict | None = None, parent_metrics: list[dict] | None = None,
+             parent_params: int | None = None) -> Path:
     """A results database; `parent_metrics=None` leaves the parent_metrics table out (a database written before it
-    existed), [] creates it empty."""
+    existed), [] creates it empty; `parent_params=None`: the parent's size unknown (a database from before it was
+    recorded)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = dict(name=name, parent=parent, parent_tokens=parent_tokens, calibration_tokens=calibration_tokens,
+    grid = dict(name=name, parent=parent, parent_tokens=parent_tokens, parent_params=parent_params,
+                calibration_tokens=calibration_tokens,
                 corpus_fingerprint="sha256:0123abcd", gridlab_version="0.1.0", spec_json=json.dumps(spec or {}),
                 submitted_at=1_764_000_000.0)
     tables = [("grid", [grid]), ("cells", cells), ("metrics", metrics), ("stages", [])]
@@ -126,7 +129,7 @@ def parent_loss(value: float, tokens: int, stderr: float | None = None) -> list[
 # trend, correlated within seeds as the design makes them (budgets are branches of one trunk per seed).
 
 
-def _noise(*key) -> np.random.Generator:
+def noise(*key) -> np.random.Generator:
     """A generator fixed by `key` (the same cell always gets the same noise, in any order)."""
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
@@ -137,8 +140,8 @@ def transfer_loss(curve: Callable[[float], float], transfer: Callable[[str, floa
     the random arm at B + transfer(method, ratio, B): D_eff(B) = transfer(...) by construction. A seed's own level
     (its data order, shared by both arms and every budget) plus independent noise per cell."""
     def loss(method, ratio, init, setting, tokens, seed):
-        level = _noise("seed", ratio, seed).normal(0, seed_sd)
-        own = _noise(method if init == "pruned" else "random", ratio, init, tokens, seed).normal(0, cell_sd)
+        level = noise("seed", ratio, seed).normal(0, seed_sd)
+        own = noise(method if init == "pruned" else "random", ratio, init, tokens, seed).normal(0, cell_sd)
         if tokens == 0:
             return 8.0 + level
         if init == "random":
@@ -165,3 +168,40 @@ def gap_study(truth: Callable[[np.ndarray], np.ndarray], budgets, seeds: int, re
     for k in range(1, b.size):
         e[..., k] = rho * e[..., k - 1] + math.sqrt(1 - rho**2) * shocks[..., k]
     return truth(b)[None, None, :] + level + slope * (x - x.mean())[None, None, :] + e * scale
+
+
+def paired_significance(data: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """Per replicate and budget of `gap_study` data (losses: a negative gap favours pruning): +1 where the per-cell
+    paired t-interval says prune, −1 where it says scratch, 0 otherwise (the verdicts a crossover rests on)."""
+    from scipy import special
+
+    seeds = data.shape[1]
+    mean = data.mean(axis=1)
+    half = special.stdtrit(seeds - 1, 0.5 + confidence / 2) * data.std(axis=1, ddof=1) / math.sqrt(seeds)
+    return np.where(mean + half < 0, 1, np.where(mean - half > 0, -1, 0))
+
+
+def declared_crossovers(budgets, data: np.ndarray, families=None) -> list[str]:
+    """The crossover kind gridlab.report.scaling declares for each replicate of `gap_study` data (G, S, K), with
+    the per-cell paired verdicts: the same functions `trend` runs, vectorised over the replicates."""
+    from gridlab.report import scaling as F
+
+    budgets = np.asarray(budgets, dtype=float)
+    fits = F.fit_gap_models(budgets, data, families)
+    largest = budgets[-1]
+    beyond = np.geomspace(largest, F.HORIZON * largest, F.EXTRAPOLATION_POINTS)
+    prediction = F.predict(fits, beyond)
+    check = F.holdout(fits, families)
+    significant = paired_significance(data)
+    kinds = []
+    for g in range(fits.groups):
+        benefit = -fits.means[g]
+        inside = F.inside_crossing(budgets, benefit, significant[g])
+        if inside is not None:
+            kinds.append(inside[0])
+            continue
+        row = None if check is None else dict(checked=bool(check.checked[g]), covered=bool(check.covered[g]))
+        found = F.extrapolate(fits, g, prediction, row, beyond, 0, benefit[-1],
+                              dict(granularity="", method="", ratio=0.0, setting=1, model=fits.model(g)))
+        kinds.append(found.kind)
+    return kinds

@@ -12,15 +12,15 @@ from gridlab.report import build_report, render
 from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
 
-from report_synthetic import build_cells, finish, parent_loss, power_law, write_db
+from report_synthetic import noise, build_cells, finish, parent_loss, power_law, write_db
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
 P = 50_000_000
 HOSTILE = "<script>alert('x')</script>"
 SECTION_HEADINGS = [
     "Methods", "Recommendation table — Setting 1 — same budget",
-    "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Is setting 2 meaningful here?",
-    "Gap heatmaps", "Training curves", "Cost of pruning", "Results per cell group", "What is missing",
+    "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Effective data transferred",
+    "Setting 2, judged by what it needs", "Gap heatmaps", "Training curves", "Cost of pruning", "Results per cell group", "What is missing",
     "Grid specification",
 ]
 
@@ -29,7 +29,8 @@ def _loss(method, ratio, init, setting, tokens, seed):
     if tokens == 0:
         return 8.0 + 0.01 * seed
     curve = power_law(2.0, 0.5, 0.3) if init == "pruned" else power_law(1.9, 2.0, 0.5)
-    return curve(tokens) + 0.002 * (seed - 0.5) + 0.05 * ratio
+    measured = noise(method, ratio, init, setting, tokens, seed).normal(0, 0.004)  # what a measurement adds
+    return curve(tokens) + 0.002 * (seed - 0.5) + 0.05 * ratio + measured
 
 
 @pytest.fixture(scope="module", params=["chromium", "weasyprint"])
@@ -40,7 +41,8 @@ def full_report(request, tmp_path_factory):
     cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS, [0, 1], P, references=True)
     metrics = finish(cells, _loss)
     db = write_db(folder / "results.duckdb", cells, metrics, name="full-grid", parent_tokens=P,
-                  spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]}, parent_metrics=parent_loss(2.3, P))
+                  spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]}, parent_metrics=parent_loss(2.3, P),
+                  parent_params=2_500_000)
     return build_report(db, folder / "report", pdf_engine=request.param)
 
 
@@ -50,11 +52,13 @@ def _text(paths):
     return html, re.sub(r"\s+", " ", pdf)
 
 
-def test_three_files_written_whole_and_shareable(full_report):
-    assert set(full_report) == {"html", "summary", "pdf"}
-    assert [full_report[k].name for k in ("html", "summary", "pdf")] == ["index.html", "summary.md", "report.pdf"]
+def test_four_files_written_whole_and_shareable(full_report):
+    assert set(full_report) == {"html", "summary", "pdf", "predictions"}
+    assert [full_report[k].name for k in ("html", "summary", "pdf", "predictions")] == [
+        "index.html", "summary.md", "report.pdf", "predictions.csv"]
     assert full_report["pdf"].read_bytes().startswith(b"%PDF")
-    assert sorted(p.name for p in full_report["html"].parent.iterdir()) == ["index.html", "report.pdf", "summary.md"]
+    assert sorted(p.name for p in full_report["html"].parent.iterdir()) == [
+        "index.html", "predictions.csv", "report.pdf", "summary.md"]
     umask = os.umask(0)
     os.umask(umask)
     for path in full_report.values():
@@ -67,8 +71,8 @@ def test_html_is_self_contained_and_every_figure_has_alt_text(full_report):
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", html)
     assert not re.search(r"url\((?!#)", html)  # only in-document references such as clip paths
     svgs = re.findall(r'<svg class="figure" role="img" aria-label="([^"]+)"[^>]*>\s*<title>([^<]+)</title>', html)
-    # the verdict map, a gap trend per setting, and crossover + heatmap + training curves per granularity
-    assert len(svgs) == 1 + 2 + 3 * 2 == len(re.findall("<svg ", html))
+    # the verdict map, a gap trend per setting, crossover + heatmap + training curves per granularity, D_eff
+    assert len(svgs) == 1 + 2 + 3 * 2 + 1 == len(re.findall("<svg ", html))
     assert all(len(label) > 40 and label == title for label, title in svgs)
     assert svgs[0][0].startswith("Verdict map. Setting 1: 20 prune, 0 tie, 0 scratch of 20 squares.")
 
@@ -79,7 +83,8 @@ def test_the_answer_comes_first(full_report):
     first = re.sub(r"<[^>]+>", " ", body.split('<table class="facts">', 1)[0])
     assert "gridlab report — full-grid" in first
     assert first.count("Setting 1 (random init trains the same B tokens)") == 1
-    assert "At P = 50M tokens the parent is" in first
+    assert "P = 50M tokens) favours pruning exactly when the pruned start is worth more" in first
+    assert "the parent saw 20 tokens per parameter" in first
     assert body.index('id="verdict-map"') < body.index('<table class="facts">') < body.index('id="methods"')
 
 
@@ -92,7 +97,7 @@ def test_pdf_has_every_section_heading_and_the_answers(full_report):
     assert "2025-11-24 16:00 UTC" in pdf  # grid.submitted_at, epoch seconds as the store writes it
     assert "The answer: prune or train from scratch" in pdf
     assert "extrapolation" in pdf
-    assert "data-limited" in pdf or "capacity-limited" in pdf
+    assert "Hold-out check: fitted without the largest budget (16M tokens)" in pdf
 
 
 def test_summary_markdown_has_the_verdict_tables_and_sentences(full_report):
@@ -102,7 +107,9 @@ def test_summary_markdown_has_the_verdict_tables_and_sentences(full_report):
     assert "## Verdicts per method — Setting 2 — whole-pipeline budget" in summary
     assert "| granularity | method | ratio | B = 1M | B = 2M | B = 4M | B = 8M | B = 16M |" in summary
     assert re.search(r"\| depth \| shortgpt \| 0\.5 \| -[0-9.]+ ± [0-9.e-]+ prune \|", summary)
-    assert "## Is setting 2 meaningful here?" in summary and "## Crossovers" in summary
+    assert "## Setting 2, judged by what it needs" in summary and "## Crossovers" in summary
+    assert "## Effective data transferred" in summary and "- Hold-out check: fitted without" in summary
+    assert re.search(r"\| depth \| shortgpt \| 0\.5 \| \+[0-9.]+[kM] \[", summary)  # D_eff with its interval
     assert "−" not in summary.split("## The answer", 1)[1].split("## Crossovers")[0]  # ASCII signs in the tables
 
 
@@ -121,7 +128,7 @@ def test_partial_grid_with_hostile_names_is_escaped_and_lists_what_is_missing(tm
     assert "pending" in missing and "failed" in missing and "RuntimeError: &lt;script&gt;" in missing
     assert "8M, 16M" in missing
     assert "What is missing" in pdf and "pending" in pdf
-    assert "Not available: the grid has no setting-2 random branch at B = 0" in pdf
+    assert "tokens per parameter are unknown" in html  # no parent_params in this database
     assert "| grid <script>" not in paths["summary"].read_text()  # pipes are escaped, text stays literal
 
 
@@ -189,3 +196,16 @@ def test_a_second_process_draws_the_same_figures_and_a_failing_one_is_replaced(t
         broken.close()
     assert [f.key for f in again["crossover"]] == [f.key for f in here["crossover"]]
     assert render.plot_worker(read_results(db)) is None  # 4 method × ratio pairs: not worth a process
+
+
+def test_predictions_csv_has_every_budget_and_two_extrapolations_per_group(full_report):
+    import polars as pl
+
+    table = pl.read_csv(full_report["predictions"])
+    assert table.columns[:7] == ["setting", "method", "ratio", "budget_tokens", "predicted_gap", "lo90", "hi90"]
+    # 2 methods × 2 ratios × 2 settings, each at the 5 budgets and at 2× and 4× the largest
+    assert table.height == 8 * 7
+    assert sorted(table["budget_tokens"].unique()) == [*BUDGETS, 2 * BUDGETS[-1], 4 * BUDGETS[-1]]
+    known = table.drop_nulls("predicted_gap")
+    assert known.height and ((known["lo90"] <= known["predicted_gap"]) & (known["predicted_gap"] <= known["hi90"])).all()
+    assert set(table.filter(pl.col("budget_tokens") > BUDGETS[-1])["extrapolated"]) == {True}

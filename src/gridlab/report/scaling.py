@@ -73,11 +73,24 @@ def _t(dof, level: float = LEVEL) -> np.ndarray:
     return np.where(ok, special.stdtrit(np.where(ok, dof, 1.0), 0.5 + level / 2), np.nan)
 
 
-def _basis(x: np.ndarray) -> np.ndarray:
-    """(1 − e^(−γx))/γ for every γ of GAMMAS (rows) at x (columns); x itself for γ = 0."""
-    g = GAMMAS[:, None]
+REFINE = np.linspace(-0.05, 0.05, 21)  # the power model's γ is refined on this grid around the best of GAMMAS
+
+
+def _basis(x: np.ndarray, gammas: np.ndarray) -> np.ndarray:
+    """(1 − e^(−γx))/γ, shape gammas.shape + x.shape: every γ at every x; x itself for γ = 0."""
+    g = np.asarray(gammas, dtype=float)[..., None]
     safe = np.where(g == 0, 1.0, g)
-    return np.where(g == 0, x[None, :], -np.expm1(-g * x[None, :]) / safe)
+    return np.where(g == 0, x, -np.expm1(-g * x) / safe)
+
+
+def _weights(x: np.ndarray, xn: np.ndarray, gammas: np.ndarray) -> np.ndarray:
+    """Linear weights of the least-squares fit of a + b·f_γ(x) at new points: prediction at xn[m] = Σ_k w[m, k]·y[k],
+    shape gammas.shape + (M, K)."""
+    basis, basis_new = _basis(x, gammas), _basis(xn, gammas)
+    fbar = basis.mean(axis=-1, keepdims=True)
+    centred = basis - fbar
+    sff = (centred**2).sum(axis=-1, keepdims=True)
+    return 1.0 / x.size + ((basis_new - fbar) / sff)[..., :, None] * centred[..., None, :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,10 +108,10 @@ class GapFits:
     pure_error: np.ndarray  # (G,) s²_e, pooled over each group's family
     pure_dof: np.ndarray  # (G,) its degrees of freedom
     rss: np.ndarray  # (G, 3) per candidate (power: at its best γ)
-    rss_gamma: np.ndarray  # (G, len(GAMMAS))
+    rss_gamma: np.ndarray  # (G, len(GAMMAS)): the power model's profile over the γ grid
     lof_p: np.ndarray  # (G, 3), NaN where the candidate cannot be checked (p ≥ K)
     passed: np.ndarray  # (G, 3) bool
-    gamma: np.ndarray  # (G,) best γ of the power candidate
+    gamma: np.ndarray  # (G,) best γ of the power candidate (refined between grid points)
     choice: np.ndarray  # (G,) index into MODELS, −1: none passed
 
     @property
@@ -136,14 +149,24 @@ def fit_gap_models(budgets, data, families=None) -> GapFits:
     pure_error = np.bincount(labels, weights=squares)[labels] / pure_dof
     # Exact synthetic data have no noise: a floor keeps the ratios finite (and every exact model passes).
     pure_error = np.maximum(pure_error, 1e-12 * (1.0 + (means**2).mean(axis=1)))
-    basis = _basis(x)
-    centred = basis - basis.mean(axis=1, keepdims=True)
-    sff = (centred**2).sum(axis=1)
     mc = means - means.mean(axis=1, keepdims=True)
     syy = (mc**2).sum(axis=1)
-    rss_gamma = np.maximum(syy[:, None] - (mc @ centred.T) ** 2 / sff[None, :], 0.0)
+
+    def rss_of(gammas):  # (G, L) or (L,) γ → (G, L) residual sum of squares of the seed means
+        centred = _basis(x, gammas)
+        centred = centred - centred.mean(axis=-1, keepdims=True)
+        sff = (centred**2).sum(axis=-1)
+        sfy = np.einsum("glk,gk->gl", np.broadcast_to(centred, (groups, *centred.shape[-2:])), mc)
+        return np.maximum(syy[:, None] - sfy**2 / np.broadcast_to(sff, sfy.shape), 0.0)
+
+    rss_gamma = rss_of(GAMMAS)
     best = np.argmin(rss_gamma, axis=1)
-    rss = np.column_stack([syy, rss_gamma[:, LINEAR], rss_gamma[np.arange(groups), best]])
+    local = np.clip(GAMMAS[best][:, None] + REFINE[None, :], GAMMAS[0], GAMMAS[-1])
+    rss_local = rss_of(local)
+    fine = np.argmin(rss_local, axis=1)
+    rows = np.arange(groups)
+    gamma = local[rows, fine]
+    rss = np.column_stack([syy, rss_gamma[:, LINEAR], rss_local[rows, fine]])
     lof_dof = k - PARAMETERS
     checkable = lof_dof >= 1
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -153,8 +176,7 @@ def fit_gap_models(budgets, data, families=None) -> GapFits:
     passed = checkable[None, :] & (lof_p >= LOF_ALPHA)
     criterion = np.where(passed, seeds * rss / pure_error[:, None] + 2 * PARAMETERS[None, :], np.inf)
     choice = np.where(passed.any(axis=1), np.argmin(criterion, axis=1), -1)
-    return GapFits(budgets, data, centre, means, pure_error, pure_dof, rss, rss_gamma, lof_p, passed,
-                   GAMMAS[best], choice)
+    return GapFits(budgets, data, centre, means, pure_error, pure_dof, rss, rss_gamma, lof_p, passed, gamma, choice)
 
 
 @dataclass(frozen=True)
@@ -190,15 +212,11 @@ def predict(fits: GapFits, tokens, level: float = LEVEL) -> Prediction:
     groups, seeds, k = fits.data.shape
     x = np.log(fits.budgets) - fits.centre
     xn = np.log(tokens) - fits.centre
-    basis, basis_new = _basis(x), _basis(xn)
-    fbar = basis.mean(axis=1)
-    centred = basis - fbar[:, None]
-    sff = (centred**2).sum(axis=1)
-    # Linear weights of each γ's fit at the new points: prediction = weights · (values at the budgets).
-    weights = 1.0 / k + (basis_new - fbar[:, None])[:, :, None] * centred[:, None, :] / sff[:, None, None]
-    per_seed = np.einsum("gsk,cmk->gcsm", fits.data, weights)  # (G, Γ, S, M)
+    per_seed = np.einsum("gsk,cmk->gcsm", fits.data, _weights(x, xn, GAMMAS))  # (G, Γ, S, M)
     mean = per_seed.mean(axis=2)
     spread = per_seed.var(axis=2, ddof=1)
+    power_seed = np.einsum("gsk,gmk->gsm", fits.data, _weights(x, xn, fits.gamma))  # at each group's own γ
+    power_mean, power_spread = power_seed.mean(axis=1), power_seed.var(axis=1, ddof=1)
     constant = fits.data.mean(axis=2)  # (G, S): each seed's own level
     constant_mean = np.repeat(constant.mean(axis=1)[:, None], tokens.size, axis=1)
     constant_spread = np.repeat(constant.var(axis=1, ddof=1)[:, None], tokens.size, axis=1)
@@ -215,25 +233,23 @@ def predict(fits: GapFits, tokens, level: float = LEVEL) -> Prediction:
         return m - half_pi, m + half_pi, m - half_ci, m + half_ci
 
     g_lo, g_hi, gc_lo, gc_hi = intervals(mean, spread, s2e, dof_e)
+    p_lo, p_hi, pc_lo, pc_hi = intervals(power_mean, power_spread, s2e[:, 0], dof_e[:, 0])
     c_lo, c_hi, cc_lo, cc_hi = intervals(constant_mean, constant_spread, s2e[:, 0], dof_e[:, 0])
-    # Power: the union over γ's profile confidence set.
+    # Power: the union over γ's profile confidence set (the grid's γ in it, and the best γ itself).
     threshold = special.fdtri(1, fits.pure_dof, level)[:, None]
-    inside = seeds * (fits.rss_gamma - fits.rss_gamma.min(axis=1, keepdims=True)) / fits.pure_error[:, None] \
-        <= threshold
-    best = np.argmin(fits.rss_gamma, axis=1)
-    rows = np.arange(groups)
+    inside = seeds * (fits.rss_gamma - fits.rss[:, 2:]) / fits.pure_error[:, None] <= threshold
 
-    def union(array, low: bool):
+    def union(array, best, low: bool):
         masked = np.where(inside[:, :, None], array, np.inf if low else -np.inf)
-        return masked.min(axis=1) if low else masked.max(axis=1)
+        return np.minimum(masked.min(axis=1), best) if low else np.maximum(masked.max(axis=1), best)
 
     stack = lambda c, lin, power: np.stack([c, lin, power])  # noqa: E731
     return Prediction(
-        mean=stack(constant_mean, mean[:, LINEAR], mean[rows, best]),
-        pi_low=stack(c_lo, g_lo[:, LINEAR], union(g_lo, True)),
-        pi_high=stack(c_hi, g_hi[:, LINEAR], union(g_hi, False)),
-        ci_low=stack(cc_lo, gc_lo[:, LINEAR], union(gc_lo, True)),
-        ci_high=stack(cc_hi, gc_hi[:, LINEAR], union(gc_hi, False)),
+        mean=stack(constant_mean, mean[:, LINEAR], power_mean),
+        pi_low=stack(c_lo, g_lo[:, LINEAR], union(g_lo, p_lo, True)),
+        pi_high=stack(c_hi, g_hi[:, LINEAR], union(g_hi, p_hi, False)),
+        ci_low=stack(cc_lo, gc_lo[:, LINEAR], union(gc_lo, pc_lo, True)),
+        ci_high=stack(cc_hi, gc_hi[:, LINEAR], union(gc_hi, pc_hi, False)),
     )
 
 
@@ -489,7 +505,7 @@ def trend(values: pl.DataFrame, gaps: pl.DataFrame, grid_budgets: list[int] | No
             crossovers.append(Crossover(kind="not-fitted", budget=None, low=None, high=None,
                                         direction=_direction(benefit[-1]), reason=group.reason, **common))
             continue
-        crossovers.append(_extrapolate(fits, g, prediction, check_row, points, n_targets, benefit[-1], common))
+        crossovers.append(extrapolate(fits, g, prediction, check_row, points, n_targets, benefit[-1], common))
     predictions = pl.DataFrame(rows, schema=PREDICTION_SCHEMA) if rows else pl.DataFrame(schema=PREDICTION_SCHEMA)
     return Trend(crossovers, predictions.sort(["setting", "method", "ratio", "budget_tokens"]),
                  holdout_summary(crossovers))
@@ -500,7 +516,7 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _extrapolate(fits: GapFits, g: int, prediction: Prediction, check: dict | None, points: np.ndarray,
+def extrapolate(fits: GapFits, g: int, prediction: Prediction, check: dict | None, points: np.ndarray,
                  n_targets: int, benefit_last: float, common: dict) -> Crossover:
     """Kind extrapolated, or none with the reason (see the module text)."""
     direction = _direction(benefit_last)

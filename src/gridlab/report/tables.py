@@ -144,7 +144,7 @@ def crossover_summary(found: list[Crossover], setting: int) -> str | None:
     total = len(mine)
     models = Counter(c.model or "none passed" for c in mine if c.fitted)
     chosen = ", ".join(f"{name} {models[name]}" for name in (*MODEL_ORDER, "none passed") if models[name])
-    text = f"Setting {setting}: {total} groups (method × ratio)"
+    text = f"Setting {setting}: {total} group{'s' if total != 1 else ''} (method × ratio)"
     if chosen:
         text += f"; gap models chosen by lack of fit: {chosen}"
     inside = [c for c in mine if c.kind == "interpolated"]
@@ -335,9 +335,9 @@ def setting2_sentence(transfer: Transfer) -> str:
                   f"({format_number(low / p, 2)}–{format_number(high / p, 2)} P)")
     slope = ""
     if transfer.slopes.height:
-        s = transfer.slopes["slope"]
-        slope = (f"; around P the random arm still changes by {format_signed(s.min(), 2)} to "
-                 f"{format_signed(s.max(), 2)} per doubling of its tokens")
+        low, high = format_signed(transfer.slopes["slope"].min(), 2), format_signed(transfer.slopes["slope"].max(), 2)
+        span = low if low == high else f"{low} to {high}"
+        slope = f"; around P the random arm still changes by {span} per doubling of its tokens"
     return (f"Setting 2 (scratch also trains the parent's P = {format_tokens(p)} tokens) favours pruning exactly when "
             f"the pruned start is worth more scratch tokens than P, D_eff(B) > P: of {total} group × budget pairs, "
             f"{counts['prune']} yes, {counts['scratch']} no, {counts['undecided'] + counts['unknown']} undecided"
