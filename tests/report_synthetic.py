@@ -205,3 +205,18 @@ def declared_crossovers(budgets, data: np.ndarray, families=None) -> list[str]:
                               dict(granularity="", method="", ratio=0.0, setting=1, model=fits.model(g)))
         kinds.append(found.kind)
     return kinds
+
+
+def learning_study(curve: Callable[[np.ndarray], np.ndarray], transfer: Callable[[np.ndarray], np.ndarray],
+                   budgets, parent_tokens: float, seeds: int, replicates: int, rng: np.random.Generator,
+                   seed_sd: float = 0.03, cell_sd: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Learning curves with a known D_eff, vectorised: the random arm's values at every token count its trajectory
+    has (budgets B, the parent's P, and P + B), (replicates, seeds, tokens), and the pruned values at B, (replicates,
+    seeds, budgets), equal to the random arm's curve at B + transfer(B). A seed's own level is shared by both arms
+    and every token count (one data order); each cell adds its own noise. Returns (tokens, random, pruned)."""
+    b = np.asarray(budgets, dtype=float)
+    tokens = np.concatenate([b, [parent_tokens], parent_tokens + b])
+    level = rng.normal(0, seed_sd, (replicates, seeds, 1))
+    random = curve(tokens)[None, None, :] + level + rng.normal(0, cell_sd, (replicates, seeds, tokens.size))
+    pruned = curve(b + transfer(b))[None, None, :] + level + rng.normal(0, cell_sd, (replicates, seeds, b.size))
+    return tokens, random, pruned

@@ -12,7 +12,7 @@ from gridlab.report import build_report, render
 from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
 
-from report_synthetic import noise, build_cells, finish, parent_loss, power_law, write_db
+from report_synthetic import build_cells, finish, noise, parent_loss, power_law, write_db
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
 P = 50_000_000
@@ -20,8 +20,8 @@ HOSTILE = "<script>alert('x')</script>"
 SECTION_HEADINGS = [
     "Methods", "Recommendation table — Setting 1 — same budget",
     "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Effective data transferred",
-    "Setting 2, judged by what it needs", "Gap heatmaps", "Training curves", "Cost of pruning", "Results per cell group", "What is missing",
-    "Grid specification",
+    "Setting 2, judged by what it needs", "Gap heatmaps", "Training curves", "Cost of pruning",
+    "Results per cell group", "What is missing", "Grid specification",
 ]
 
 
@@ -207,5 +207,6 @@ def test_predictions_csv_has_every_budget_and_two_extrapolations_per_group(full_
     assert table.height == 8 * 7
     assert sorted(table["budget_tokens"].unique()) == [*BUDGETS, 2 * BUDGETS[-1], 4 * BUDGETS[-1]]
     known = table.drop_nulls("predicted_gap")
-    assert known.height and ((known["lo90"] <= known["predicted_gap"]) & (known["predicted_gap"] <= known["hi90"])).all()
+    assert known.height
+    assert ((known["lo90"] <= known["predicted_gap"]) & (known["predicted_gap"] <= known["hi90"])).all()
     assert set(table.filter(pl.col("budget_tokens") > BUDGETS[-1])["extrapolated"]) == {True}

@@ -405,8 +405,8 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
 def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss",
            where: Iterable[str] = (), pool: str = "seeds") -> dict[str, Path]:
     """Ingest the results, then write the HTML and PDF report, its Markdown summary and predictions.csv (of
-    ``where``'s cells only, when given); {"html": path, "summary": path, "pdf": path, "predictions": path}. ``pool``: how gap intervals pool their spread
-    ("none", "seeds", "ratios"; docs/report.md)."""
+    ``where``'s cells only, when given); {"html": path, "summary": path, "pdf": path, "predictions": path}.
+    ``pool``: how gap intervals pool their spread ("none", "seeds", "ratios"; docs/report.md)."""
     from gridlab.export import subset_database
     from gridlab.layout import RunPaths
     from gridlab.report import build_report

@@ -26,7 +26,8 @@ from gridlab.state import StageState, effective_states
 
 SCHEMA = {
     "grid": [("name", "VARCHAR"), ("parent", "VARCHAR"), ("parent_tokens", "BIGINT"),
-             ("parent_params", "BIGINT"), ("calibration_tokens", "BIGINT"), ("corpus_fingerprint", "VARCHAR"), ("gridlab_version", "VARCHAR"),
+             ("parent_params", "BIGINT"), ("calibration_tokens", "BIGINT"), ("corpus_fingerprint", "VARCHAR"),
+             ("gridlab_version", "VARCHAR"),
              ("spec_json", "VARCHAR"), ("submitted_at", "DOUBLE")],
     "cells": [("cell_id", "VARCHAR"), ("method", "VARCHAR"), ("granularity", "VARCHAR"), ("ratio", "DOUBLE"),
               ("achieved_ratio", "DOUBLE"), ("init", "VARCHAR"), ("setting", "INTEGER"),

@@ -99,6 +99,20 @@ def invert(curve: Curve, targets) -> tuple[np.ndarray, np.ndarray]:
 # Per group
 
 
+def transfer_at(curves: list[Curve], budgets: np.ndarray, pruned: np.ndarray) -> list[dict]:
+    """D_eff of one group at each budget: `curves` the random arm's curve per seed, `pruned` (seeds × budgets) the
+    pruned values of the same seeds (y: lower is better; NaN where missing). One row per budget (_aggregate)."""
+    log_d = np.full(pruned.shape, np.nan)
+    flags = np.zeros(pruned.shape, dtype=int)
+    for s, curve in enumerate(curves):
+        there = np.isfinite(pruned[s])
+        log_d[s, there], flags[s, there] = invert(curve, pruned[s, there])
+    low_end = max((c.range[0] for c in curves), default=1.0)
+    high_end = min((c.range[1] for c in curves), default=1.0)
+    return [_aggregate(log_d[np.isfinite(log_d[:, k]), k], flags[np.isfinite(log_d[:, k]), k], float(budget),
+                       low_end, high_end) for k, budget in enumerate(budgets)]
+
+
 def _aggregate(log_d: np.ndarray, flags: np.ndarray, budget: float, low_end: float, high_end: float) -> dict:
     """One budget of one group over its seeds: D_eff, its interval (back-transformed), bound and open ends."""
     n = int(log_d.size)
@@ -191,30 +205,23 @@ def effective_transfer(every_value: pl.DataFrame, higher_is_better: bool, settin
     rows, slope_rows, curves = [], [], {}
     for key, arm in sorted(pruned.partition_by(ARM_KEYS, as_dict=True).items()):
         budgets = sorted(arm["budget_tokens"].unique().to_list())
-        per_budget = {b: ([], []) for b in budgets}
-        ends: list[tuple[float, float]] = []
-        slopes = []
-        for (seed,), points in sorted(arm.partition_by("seed", as_dict=True).items()):
-            curve_points = random_parts.get((*key, seed))
-            if curve_points is None:
-                continue
-            curve = monotone_curve(curve_points["trained_tokens"].to_numpy(), curve_points["y"].to_numpy())
+        wide = arm.pivot(on="budget_tokens", index="seed", values="y", aggregate_function="mean").sort("seed")
+        seed_curves, pruned_values, slopes = [], [], []
+        for seed, *values_at in wide.select("seed", *[str(b) for b in budgets]).iter_rows():
+            points = random_parts.get((*key, seed))
+            curve = None if points is None else monotone_curve(points["trained_tokens"].to_numpy(),
+                                                                 points["y"].to_numpy())
             if curve is None:
                 continue
-            ends.append(curve.range)
-            log_d, flags = invert(curve, points["y"].to_numpy())
-            for budget, value, flag in zip(points["budget_tokens"].to_list(), log_d, flags, strict=True):
-                per_budget[budget][0].append(value)
-                per_budget[budget][1].append(flag)
-            slope = _slope_around(curve_points, parent_tokens)
+            seed_curves.append(curve)
+            pruned_values.append([np.nan if v is None else v for v in values_at])
+            slope = _slope_around(points, parent_tokens)
             if slope is not None:
                 slopes.append(slope)
-        low_end = max((e[0] for e in ends), default=1.0)
-        high_end = min((e[1] for e in ends), default=1.0)
-        for budget in budgets:
-            log_d, flags = (np.array(v, dtype=float) for v in per_budget[budget])
-            row = _aggregate(log_d, flags.astype(int), float(budget), low_end, high_end)
-            if not ends:
+        found = transfer_at(seed_curves, np.array(budgets, dtype=float),
+                            np.array(pruned_values, dtype=float).reshape(len(seed_curves), len(budgets)))
+        for budget, row in zip(budgets, found, strict=True):
+            if not seed_curves:
                 row["reason"] = "no random-init learning curve with two distinct levels for these seeds"
             row["setting2"] = _setting2(row, float(budget), parent_tokens)
             rows.extend(dict(setting=s, granularity=key[0], method=key[1], ratio=key[2], budget_tokens=budget,
