@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
 from gridlab.report.analyse import Analysis  # noqa: E402
 from gridlab.report.scaling import HORIZON, LEVEL  # noqa: E402
@@ -394,10 +394,11 @@ def transfer_figure(analysis: Analysis) -> Figure | None:
     parent = effective.parent_tokens
     for index, (granularity, method) in enumerate(methods):
         ax = axes.flat[index]
-        _log_x(ax)
         ax.set_yscale("log")
+        _log_x(ax)
+        ax.minorticks_off()
+        ax.yaxis.set_major_locator(LogLocator(numticks=4))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda tokens, _: format_tokens(tokens)))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
         ax.plot(budgets, budgets, color="#444444", linewidth=0.8, linestyle="--", label="D_eff = 0 (setting 1 even)")
         if parent:
             ax.plot(budgets, budgets + parent, color="#777777", linewidth=0.8, linestyle=":",

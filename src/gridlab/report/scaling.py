@@ -223,21 +223,28 @@ def predict(fits: GapFits, tokens, level: float = LEVEL) -> Prediction:
 
     s2e = fits.pure_error[:, None, None]
     dof_e = fits.pure_dof[:, None, None].astype(float)
-
-    def intervals(m, v, s2, dof_s2):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            total = v + s2
-            dof = total**2 / (v**2 / (seeds - 1) + s2**2 / dof_s2)
-            half_pi = _t(dof, level) * np.sqrt(total / seeds)
-            half_ci = _t(seeds - 1, level) * np.sqrt(v / seeds)
-        return m - half_pi, m + half_pi, m - half_ci, m + half_ci
-
-    g_lo, g_hi, gc_lo, gc_hi = intervals(mean, spread, s2e, dof_e)
-    p_lo, p_hi, pc_lo, pc_hi = intervals(power_mean, power_spread, s2e[:, 0], dof_e[:, 0])
-    c_lo, c_hi, cc_lo, cc_hi = intervals(constant_mean, constant_spread, s2e[:, 0], dof_e[:, 0])
     # Power: the union over γ's profile confidence set (the grid's γ in it, and the best γ itself).
     threshold = special.fdtri(1, fits.pure_dof, level)[:, None]
     inside = seeds * (fits.rss_gamma - fits.rss[:, 2:]) / fits.pure_error[:, None] <= threshold
+    needed = inside.copy()
+    needed[:, LINEAR] = True  # the linear model is a candidate of its own
+
+    def intervals(m, v, s2, dof_s2, where=None):
+        """PI and CI bounds; `where` (broadcast over the last axis): compute only there (Student's t quantiles
+        are the costly part), NaN elsewhere."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total = v + s2
+            dof = total**2 / (v**2 / (seeds - 1) + s2**2 / dof_s2)
+            quantile = np.full(dof.shape, np.nan)
+            mask = np.ones(dof.shape, bool) if where is None else np.broadcast_to(where[..., None], dof.shape)
+            quantile[mask] = _t(dof[mask], level)
+            half_pi = quantile * np.sqrt(total / seeds)
+            half_ci = _t(seeds - 1, level) * np.sqrt(v / seeds)
+        return m - half_pi, m + half_pi, m - half_ci, m + half_ci
+
+    g_lo, g_hi, gc_lo, gc_hi = intervals(mean, spread, s2e, dof_e, needed)
+    p_lo, p_hi, pc_lo, pc_hi = intervals(power_mean, power_spread, s2e[:, 0], dof_e[:, 0])
+    c_lo, c_hi, cc_lo, cc_hi = intervals(constant_mean, constant_spread, s2e[:, 0], dof_e[:, 0])
 
     def union(array, best, low: bool):
         masked = np.where(inside[:, :, None], array, np.inf if low else -np.inf)

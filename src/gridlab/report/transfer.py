@@ -215,7 +215,7 @@ def effective_transfer(every_value: pl.DataFrame, higher_is_better: bool, settin
                 continue
             seed_curves.append(curve)
             pruned_values.append([np.nan if v is None else v for v in values_at])
-            slope = _slope_around(points, parent_tokens)
+            slope = _slope_around(points["trained_tokens"].to_numpy(), points["y"].to_numpy(), parent_tokens)
             if slope is not None:
                 slopes.append(slope)
         found = transfer_at(seed_curves, np.array(budgets, dtype=float),
@@ -233,23 +233,23 @@ def effective_transfer(every_value: pl.DataFrame, higher_is_better: bool, settin
             slope_rows.append(dict(granularity=key[0], method=key[1], ratio=key[2], n=n, slope=float(values_.mean()),
                                    half=half, low_tokens=float(np.mean([s[1] for s in slopes])),
                                    high_tokens=float(np.mean([s[2] for s in slopes]))))
-        mean_curve = random.filter((pl.col("granularity") == key[0]) & (pl.col("method") == key[1])
-                                   & (pl.col("ratio") == key[2])).group_by("trained_tokens").agg(
-            pl.col("y").mean()).sort("trained_tokens")
-        curves[key] = dict(tokens=mean_curve["trained_tokens"].to_numpy(), value=sign * mean_curve["y"].to_numpy())
+    mean_curves = random.group_by([*ARM_KEYS, "trained_tokens"]).agg(pl.col("y").mean()).sort("trained_tokens")
+    for key, part in mean_curves.partition_by(ARM_KEYS, as_dict=True).items():
+        curves[key] = dict(tokens=part["trained_tokens"].to_numpy(), value=sign * part["y"].to_numpy())
     frame = pl.DataFrame(rows, schema=TRANSFER_SCHEMA).sort(["setting", "granularity", "method", "ratio",
                                                              "budget_tokens"])
     return Transfer(True, "", frame, _slope_frame(slope_rows), parent_tokens, parent_params, curves)
 
 
-def _slope_around(points: pl.DataFrame, parent_tokens: float | None) -> tuple[float, float, float] | None:
+def _slope_around(tokens: np.ndarray, y: np.ndarray, parent_tokens: float | None,
+                  ) -> tuple[float, float, float] | None:
     """The random arm's change of y (lower is better: negative = still improving) per doubling of tokens between P
     and its largest point beyond P: (slope, from tokens, to tokens); None without two such points."""
     if not parent_tokens:
         return None
-    beyond = points.filter(pl.col("trained_tokens") >= parent_tokens).sort("trained_tokens")
-    if beyond.height < 2 or beyond["trained_tokens"][0] == beyond["trained_tokens"][-1]:
+    beyond = tokens >= parent_tokens
+    if np.unique(tokens[beyond]).size < 2:
         return None
-    first, last = beyond.row(0, named=True), beyond.row(beyond.height - 1, named=True)
-    doublings = math.log2(last["trained_tokens"] / first["trained_tokens"])
-    return (last["y"] - first["y"]) / doublings, float(first["trained_tokens"]), float(last["trained_tokens"])
+    first, last = np.argmin(np.where(beyond, tokens, np.inf)), np.argmax(np.where(beyond, tokens, -np.inf))
+    doublings = math.log2(tokens[last] / tokens[first])
+    return float((y[last] - y[first]) / doublings), float(tokens[first]), float(tokens[last])
