@@ -251,7 +251,8 @@ def deff_text(entry: dict | None) -> str:
 
 
 def _signed_tokens(tokens: float) -> str:
-    return ("−" if tokens < 0 else "+") + format_tokens(abs(tokens))
+    tokens = round(tokens)  # whole tokens: an interval clipped at the curve's first point can end at 0 ± rounding
+    return "0" if tokens == 0 else ("−" if tokens < 0 else "+") + format_tokens(abs(tokens))
 
 
 def transfer_rows(transfer: Transfer) -> tuple[list[int], list[dict]]:
@@ -279,11 +280,14 @@ def setting2_text(entry: dict | None, parent_tokens: float | None) -> str:
     if entry is None or entry.get("d_eff_tokens") is None or not parent_tokens:
         return "–"
     p = float(parent_tokens)
+    def share(tokens: float) -> str:
+        return format_number(round(tokens) / p, 2)
+
     text = f"{entry['d_eff_bound']} " if entry["d_eff_bound"] else ""
-    text += f"{format_number(entry['d_eff_tokens'] / p, 2)} P"
+    text += f"{share(entry['d_eff_tokens'])} P"
     if entry.get("d_eff_low") is not None:
-        low = ("≤ " if entry["open_low"] else "") + format_number(entry["d_eff_low"] / p, 2)
-        high = ("≥ " if entry["open_high"] else "") + format_number(entry["d_eff_high"] / p, 2)
+        low = ("≤ " if entry["open_low"] else "") + share(entry["d_eff_low"])
+        high = ("≥ " if entry["open_high"] else "") + share(entry["d_eff_high"])
         text += f" [{low}, {high}]"
     return f"{text} → {entry['setting2']}"
 
