@@ -8,11 +8,13 @@ seed, so the d of one seed are correlated across budgets: the seed, not the cell
 **Candidates** for the seed-mean gap g(B), with x = ln(B / B̄) (B̄ the geometric mean of the budgets):
 - *constant*: g = a (1 parameter);
 - *linear in log B*: g = a + b·x (2; it crosses 0 once unless flat);
-- *power*: g = a + b·(1 − e^(−γx))/γ, i.e. g∞ + c·B^(−γ) with g∞ = a + b/γ (3; γ on a grid in [−1, 3]; γ → 0 is
-  the linear model, γ > 0 approaches g∞, so the gap can approach 0 without crossing it, γ < 0 accelerates).
+- *power*: g = a + b·(1 − e^(−γx))/γ, i.e. g∞ + c·B^(−γ) with g∞ = a + b/γ (3; γ on a grid in [−1, 3], refined
+  around its best; γ → 0 is the linear model, γ > 0 approaches g∞, so the gap can approach 0 without crossing it,
+  γ < 0 accelerates).
 
 **Pure error and lack of fit.** The pure error is the seed × budget interaction of d (a two-way layout: each seed's
-own level is taken out, as the design shares it across budgets), s²_e with (S − 1)(K − 1) degrees of freedom. A
+own level is taken out, as the design shares it across budgets), s²_e with (S − 1)(K − 1) degrees of freedom per
+group, pooled over the ratios of a method in a setting (3 degrees of freedom of 2 seeds × 4 budgets are too few). A
 candidate with p < K parameters is checked with F = S·RSS/(K − p) / s²_e (RSS: the seed means' squared residuals
 around the fitted curve) against F(K − p, (S − 1)(K − 1)); it *passes* at p ≥ LOF_ALPHA. Among those that pass, the
 smallest S·RSS/s²_e + 2p (Mallows' Cp, with the pure error as the variance) is chosen; when none passes there is no
@@ -23,8 +25,10 @@ differences are fitted with the chosen model (the same linear weights as the fit
 the per-seed predictions at B between seeds carries every correlation within a seed; the pure error is added for
 the new cell's own noise: ĝ(B) ± t(ν)·√((s²_pred(B) + s²_e)/S), ν by Welch–Satterthwaite. For the power model the
 interval is the union over every γ of its profile confidence set (S·ΔRSS(γ)/s²_e ≤ F(1, dof_e) at LEVEL), so γ's
-uncertainty is in it. Confidence bands of the curve itself (for crossovers) leave out the new-noise term and use
-t(S − 1).
+uncertainty is in it, and the interval reported is the union over every model that passes its lack-of-fit test (the
+data cannot tell them apart); the point is the chosen model's. The seed spread holds each seed's own level and slope,
+which a rerun of the same seeds shares: conservative for that target. Confidence bands of the curve itself (for
+crossovers) leave out the new-noise term and use t(S − 1).
 
 **Hold-out check.** Fitted without the largest budget, each group's model predicts the seed-mean gap there; the
 report counts how many measured gaps fall in the 90 % prediction intervals.
