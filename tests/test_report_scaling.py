@@ -121,13 +121,16 @@ def test_the_hold_out_check_catches_a_line_that_cannot_bend():
 def test_inside_the_grid_a_crossover_needs_significant_verdicts_on_both_sides():
     budgets = np.array([1e4, 2e4, 4e4, 8e4])
     benefit = np.array([0.5, 0.2, -0.1, -0.4])
-    kind, at, low, high, _ = F.inside_crossing(budgets, benefit, np.array([1, 1, 0, -1]))
-    assert kind == "interpolated" and (low, high) == (2e4, 8e4)
+    kind, at, low, high, _, before = F.inside_crossing(budgets, benefit, np.array([1, 1, 0, -1]))
+    assert kind == "interpolated" and (low, high) == (2e4, 8e4) and before == 1  # pruning was ahead
     assert at == pytest.approx(math.exp(math.log(2e4) + 0.2 / 0.3 * math.log(2)))  # where the means change sign
-    kind, _, low, high, reason = F.inside_crossing(budgets, benefit, np.array([1, 1, 0, 0]))
+    kind, _, low, high, reason, _ = F.inside_crossing(budgets, benefit, np.array([1, 1, 0, 0]))
     assert kind == "unresolved" and (low, high) == (2e4, None) and reason == "no significant verdict after it"
-    kind, _, low, high, _ = F.inside_crossing(budgets, benefit, np.array([0, 0, 0, -1]))
+    kind, _, low, high, _, _ = F.inside_crossing(budgets, benefit, np.array([0, 0, 0, -1]))
     assert kind == "unresolved" and (low, high) == (1e4, 8e4)
+    # scratch ahead first (a noisy opposite mean at the smallest budget does not decide the direction)
+    flipped = F.inside_crossing(budgets, np.array([0.05, -0.3, 0.1, 0.4]), np.array([0, -1, 0, 1]))
+    assert flipped[0] == "interpolated" and flipped[-1] == -1 and (flipped[2], flipped[3]) == (2e4, 8e4)
     assert F.inside_crossing(budgets, np.array([0.5, 0.3, 0.2, 0.1]), np.array([1, 1, 1, 0])) is None
 
 

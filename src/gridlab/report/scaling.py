@@ -334,8 +334,8 @@ def _log_zero(b0: float, b1: float, y0: float, y1: float) -> float:
 
 
 def inside_crossing(budgets: np.ndarray, benefit: np.ndarray, significant: np.ndarray,
-                    ) -> tuple[str, float | None, float | None, float | None, str] | None:
-    """A sign change inside the grid: (kind, budget, low, high, reason) or None.
+                    ) -> tuple[str, float | None, float | None, float | None, str, float] | None:
+    """A sign change inside the grid: (kind, budget, low, high, reason, the benefit's sign before it) or None.
 
     `significant`: +1 where the verdict is prune, −1 where scratch, 0 otherwise (in benefit orientation). Resolved
     (interpolated) when a significant verdict is followed by the opposite one with nothing significant between them;
@@ -351,7 +351,7 @@ def inside_crossing(budgets: np.ndarray, benefit: np.ndarray, significant: np.nd
                     break
             if at is None:  # the means do not change sign between two opposite significant verdicts: cannot be
                 at = _log_zero(budgets[i], budgets[j], benefit[i], benefit[j])
-            return "interpolated", at, float(budgets[i]), float(budgets[j]), ""
+            return "interpolated", at, float(budgets[i]), float(budgets[j]), "", float(significant[i])
     signs = np.sign(benefit)
     changes = np.flatnonzero(signs[1:] != signs[:-1])
     if not changes.size:
@@ -366,7 +366,7 @@ def inside_crossing(budgets: np.ndarray, benefit: np.ndarray, significant: np.nd
                   "no significant verdict after it" if not after else
                   "the verdicts on both sides favour the same arm")
     at = _log_zero(budgets[first], budgets[first + 1], benefit[first], benefit[first + 1])
-    return "unresolved", at, low, high, unresolved
+    return "unresolved", at, low, high, unresolved, float(signs[first])
 
 
 def _band_crossing(side: float, ci_low: np.ndarray, ci_high: np.ndarray) -> bool:
@@ -508,9 +508,9 @@ def trend(values: pl.DataFrame, gaps: pl.DataFrame, grid_budgets: list[int] | No
         common.update(model=model, lof_p=lof_p, gamma=gamma, curve=curve, holdout=check_row, fitted=key in fitted)
         inside = inside_crossing(budgets_all, benefit, significant)
         if inside is not None:
-            kind, at, low, high, reason = inside
+            kind, at, low, high, reason, before = inside
             crossovers.append(Crossover(kind=kind, budget=at, low=low, high=high, reason=reason,
-                                        direction=_direction(benefit[0]), **common))
+                                        direction=_direction(before), **common))
             continue
         if key not in fitted:
             crossovers.append(Crossover(kind="not-fitted", budget=None, low=None, high=None,
