@@ -196,7 +196,8 @@ def effective_transfer(every_value: pl.DataFrame, higher_is_better: bool, settin
     sign = -1.0 if higher_is_better else 1.0  # y: lower is better
     values = every_value.with_columns(y=pl.col("value") * sign)
     random = (values.filter((pl.col("init") == "random") & (pl.col("trained_tokens") > 0))
-              .group_by([*ARM_KEYS, "seed", "trained_tokens"]).agg(pl.col("y").mean()))
+              .group_by([*ARM_KEYS, "seed", "trained_tokens"])
+              .agg(pl.col("y").mean(), setting2=(pl.col("setting") == 2).any()))
     pruned = (values.filter((pl.col("init") == "pruned") & (pl.col("budget_tokens") > 0))
               .group_by([*ARM_KEYS, "seed", "budget_tokens"]).agg(pl.col("y").mean()))
     if random.height == 0 or pruned.height == 0:
@@ -215,7 +216,8 @@ def effective_transfer(every_value: pl.DataFrame, higher_is_better: bool, settin
                 continue
             seed_curves.append(curve)
             pruned_values.append([np.nan if v is None else v for v in values_at])
-            slope = _slope_around(points["trained_tokens"].to_numpy(), points["y"].to_numpy(), parent_tokens)
+            beyond_p = points.filter(pl.col("setting2"))  # P + B, measured: P itself is the B = 0 reference
+            slope = _slope_around(beyond_p["trained_tokens"].to_numpy(), beyond_p["y"].to_numpy())
             if slope is not None:
                 slopes.append(slope)
         found = transfer_at(seed_curves, np.array(budgets, dtype=float),
@@ -241,15 +243,12 @@ def effective_transfer(every_value: pl.DataFrame, higher_is_better: bool, settin
     return Transfer(True, "", frame, _slope_frame(slope_rows), parent_tokens, parent_params, curves)
 
 
-def _slope_around(tokens: np.ndarray, y: np.ndarray, parent_tokens: float | None,
-                  ) -> tuple[float, float, float] | None:
-    """The random arm's change of y (lower is better: negative = still improving) per doubling of tokens between P
-    and its largest point beyond P: (slope, from tokens, to tokens); None without two such points."""
-    if not parent_tokens:
+def _slope_around(tokens: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
+    """The random arm's change of y (lower is better: negative = still improving) per doubling of tokens across its
+    setting-2 points (P + B, from the B = 0 reference at P when it exists to the largest budget): (slope, from
+    tokens, to tokens); None without two distinct such points."""
+    if np.unique(tokens).size < 2:
         return None
-    beyond = tokens >= parent_tokens
-    if np.unique(tokens[beyond]).size < 2:
-        return None
-    first, last = np.argmin(np.where(beyond, tokens, np.inf)), np.argmax(np.where(beyond, tokens, -np.inf))
+    first, last = int(np.argmin(tokens)), int(np.argmax(tokens))
     doublings = math.log2(tokens[last] / tokens[first])
     return float((y[last] - y[first]) / doublings), float(tokens[first]), float(tokens[last])
