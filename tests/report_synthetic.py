@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,11 +94,14 @@ def _frame(rows: list[dict] | pl.DataFrame, columns: dict[str, str]) -> pl.DataF
 
 def write_db(path: Path, cells: list[dict], metrics: list[dict] | pl.DataFrame, *, name: str = "synthetic",
              parent: str = "nano", parent_tokens: int = 50_000_000, calibration_tokens: int = 65_536,
-             spec: dict | None = None, parent_metrics: list[dict] | None = None) -> Path:
+             spec: dict | None = None, parent_metrics: list[dict] | None = None,
+             parent_params: int | None = None) -> Path:
     """A results database; `parent_metrics=None` leaves the parent_metrics table out (a database written before it
-    existed), [] creates it empty."""
+    existed), [] creates it empty; `parent_params=None`: the parent's size unknown (a database from before it was
+    recorded)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = dict(name=name, parent=parent, parent_tokens=parent_tokens, calibration_tokens=calibration_tokens,
+    grid = dict(name=name, parent=parent, parent_tokens=parent_tokens, parent_params=parent_params,
+                calibration_tokens=calibration_tokens,
                 corpus_fingerprint="sha256:0123abcd", gridlab_version="0.1.0", spec_json=json.dumps(spec or {}),
                 submitted_at=1_764_000_000.0)
     tables = [("grid", [grid]), ("cells", cells), ("metrics", metrics), ("stages", [])]
@@ -168,3 +173,100 @@ def design_values(noise: np.ndarray, gaps: np.ndarray, ratios: list[float], budg
                     rows.append({**common, "init": "pruned",
                                  "value": 3.0 + float(gaps[mi, cell]) + float(noise[mi, si, cell])})
     return pl.DataFrame(rows, schema_overrides={"ratio": pl.Float64})
+
+
+# Studies with a known answer: learning curves with a known effective data transferred, and gap curves with a known
+# trend, correlated within seeds as the design makes them (budgets are branches of one trunk per seed).
+
+
+def noise(*key) -> np.random.Generator:
+    """A generator fixed by `key` (the same cell always gets the same noise, in any order)."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def transfer_loss(curve: Callable[[float], float], transfer: Callable[[str, float, float], float],
+                  seed_sd: float = 0.02, cell_sd: float = 0.01) -> LossFunction:
+    """Losses where the random arm follows `curve` (value at trained tokens D) and the pruned model at budget B equals
+    the random arm at B + transfer(method, ratio, B): D_eff(B) = transfer(...) by construction. A seed's own level
+    (its data order, shared by both arms and every budget) plus independent noise per cell."""
+    def loss(method, ratio, init, setting, tokens, seed):
+        level = noise("seed", ratio, seed).normal(0, seed_sd)
+        own = noise(method if init == "pruned" else "random", ratio, init, tokens, seed).normal(0, cell_sd)
+        if tokens == 0:
+            return 8.0 + level
+        if init == "random":
+            return curve(tokens) + level + own
+        return curve(tokens + transfer(method, ratio, tokens)) + level + own
+    return loss
+
+
+def gap_study(truth: Callable[[np.ndarray], np.ndarray], budgets, seeds: int, replicates: int,
+              rng: np.random.Generator, noise: float = 0.04, seed_sd: float = 0.05, slope_sd: float = 0.02,
+              rho: float = 0.5, growth: float = 0.3) -> np.ndarray:
+    """Paired differences d[replicate, seed, budget] = truth(B) + u_s + w_s·(x − x̄) + e, vectorised: a seed's own
+    level u_s and slope w_s in x = ln B (shared by its budgets, as one trunk is), and noise that is AR(1) along the
+    budgets (correlation `rho` between neighbouring branches) with a spread growing by `growth` from the smallest to
+    the largest budget. `budgets` may include budgets held out of a fit (the truth a rerun of these seeds would see)."""
+    b = np.asarray(budgets, dtype=float)
+    x = np.log(b / b[0])
+    level = rng.normal(0, seed_sd, (replicates, seeds, 1))
+    slope = rng.normal(0, slope_sd, (replicates, seeds, 1))
+    scale = noise * (1 + growth * x / max(x.max(), 1e-12))
+    shocks = rng.normal(size=(replicates, seeds, b.size))
+    e = np.empty_like(shocks)
+    e[..., 0] = shocks[..., 0]
+    for k in range(1, b.size):
+        e[..., k] = rho * e[..., k - 1] + math.sqrt(1 - rho**2) * shocks[..., k]
+    return truth(b)[None, None, :] + level + slope * (x - x.mean())[None, None, :] + e * scale
+
+
+def paired_significance(data: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """Per replicate and budget of `gap_study` data (losses: a negative gap favours pruning): +1 where the per-cell
+    paired t-interval says prune, −1 where it says scratch, 0 otherwise (the verdicts a crossover rests on)."""
+    from scipy import special
+
+    seeds = data.shape[1]
+    mean = data.mean(axis=1)
+    half = special.stdtrit(seeds - 1, 0.5 + confidence / 2) * data.std(axis=1, ddof=1) / math.sqrt(seeds)
+    return np.where(mean + half < 0, 1, np.where(mean - half > 0, -1, 0))
+
+
+def declared_crossovers(budgets, data: np.ndarray, families=None) -> list[str]:
+    """The crossover kind gridlab.report.scaling declares for each replicate of `gap_study` data (G, S, K), with
+    the per-cell paired verdicts: the same functions `trend` runs, vectorised over the replicates."""
+    from gridlab.report import scaling as F
+
+    budgets = np.asarray(budgets, dtype=float)
+    fits = F.fit_gap_models(budgets, data, families)
+    largest = budgets[-1]
+    beyond = np.geomspace(largest, F.HORIZON * largest, F.EXTRAPOLATION_POINTS)
+    prediction = F.predict(fits, beyond)
+    check = F.holdout(fits, families)
+    significant = paired_significance(data)
+    kinds = []
+    for g in range(fits.groups):
+        benefit = -fits.means[g]
+        inside = F.inside_crossing(budgets, benefit, significant[g])
+        if inside is not None:
+            kinds.append(inside[0])
+            continue
+        row = None if check is None else dict(checked=bool(check.checked[g]), covered=bool(check.covered[g]))
+        found = F.extrapolate(fits, g, prediction, row, beyond, 0, benefit[-1],
+                              dict(granularity="", method="", ratio=0.0, setting=1, model=fits.model(g)))
+        kinds.append(found.kind)
+    return kinds
+
+
+def learning_study(curve: Callable[[np.ndarray], np.ndarray], transfer: Callable[[np.ndarray], np.ndarray],
+                   budgets, parent_tokens: float, seeds: int, replicates: int, rng: np.random.Generator,
+                   seed_sd: float = 0.03, cell_sd: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Learning curves with a known D_eff, vectorised: the random arm's values at every token count its trajectory
+    has (budgets B, the parent's P, and P + B), (replicates, seeds, tokens), and the pruned values at B, (replicates,
+    seeds, budgets), equal to the random arm's curve at B + transfer(B). A seed's own level is shared by both arms
+    and every token count (one data order); each cell adds its own noise. Returns (tokens, random, pruned)."""
+    b = np.asarray(budgets, dtype=float)
+    tokens = np.concatenate([b, [parent_tokens], parent_tokens + b])
+    level = rng.normal(0, seed_sd, (replicates, seeds, 1))
+    random = curve(tokens)[None, None, :] + level + rng.normal(0, cell_sd, (replicates, seeds, tokens.size))
+    pruned = curve(b + transfer(b))[None, None, :] + level + rng.normal(0, cell_sd, (replicates, seeds, b.size))
+    return tokens, random, pruned

@@ -55,6 +55,8 @@ def test_ingest_fills_every_table(tmp_path):
                                        "ORDER BY trained_tokens")
     assert random_setting_2 == [(4096,), (4096 + 2048,), (4096 + 4096,)]
     assert _query(run_dir, "SELECT name, parent_tokens, corpus_fingerprint FROM grid") == [("tiny", 4096, "f00d")]
+    # the parent's size, from its stage's payload (the report's tokens per parameter)
+    assert _query(run_dir, "SELECT parent_params FROM grid") == [(111,)]  # fake_payload: params.total
     assert _query(run_dir, "SELECT DISTINCT achieved_ratio FROM cells") == [(0.51,)]
     # the trained model's parameters (runner_helpers' payloads count 111) and the parent's: tokens per parameter
     assert _query(run_dir, "SELECT DISTINCT params FROM cells") == [(111,)]

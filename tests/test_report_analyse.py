@@ -121,8 +121,10 @@ def test_planted_crossover_inside_grid_found_through_the_database(tmp_path):
     assert found.kind == "interpolated"
     assert found.budget == pytest.approx(planted, rel=0.05)
     assert found.direction == "scratch catches up with pruning"
-    assert analysis.crossover_lines[1].startswith("Setting 1: 1 of 1 groups (method × ratio) change sign inside the "
-                                                  "grid")
+    assert found.low < planted < found.high  # between the two significant verdicts that bracket it
+    line = analysis.crossover_lines[1]
+    assert line.startswith("Setting 1: 1 group (method × ratio)")
+    assert "1 cross inside the grid between significant verdicts" in line
     assert [row["kind"] for row in analysis.crossover_table] == ["interpolated"]  # setting 2 does not cross
 
 
@@ -130,7 +132,11 @@ def test_groups_that_neither_cross_nor_fit_are_counted_not_listed(tmp_path):
     analysis = _analysis(tmp_path, lambda m, r, i, s, tok, seed: (2.0 if i == "pruned" else 2.5) + 0.01 * seed,
                          budgets=BUDGETS[:2])
     assert analysis.crossover_table == []
-    assert "1 neither (1 too few budgets or seeds to fit a trend)" in analysis.crossover_lines[1]
+    assert "1 neither (1 too few budgets to extrapolate)" in analysis.crossover_lines[1]
+    single = _analysis(tmp_path / "one", lambda m, r, i, s, tok, seed: 2.0 + 0.5 * (i == "pruned"), seeds=(0,),
+                       budgets=BUDGETS[:3])
+    assert "1 neither (1 too few seeds or budgets to fit and check a model)" in single.crossover_lines[1]
+    assert "a model needs ≥ 2 seeds" in _crossover(single, 1).reason
 
 
 def test_interval_model_and_margin_reach_the_gaps(tmp_path):
@@ -171,4 +177,5 @@ def test_all_pending_grid_analyses_to_nothing(tmp_path):
     cells = build_cells(["shortgpt"], [0.5], BUDGETS[:2], [0], PARENT)
     analysis = A.analyse(read_results(write_db(tmp_path / "results.duckdb", cells, [])))
     assert analysis.answer == [] and analysis.gaps.height == 0 and analysis.squares.height == 0
-    assert analysis.crossovers == [] and not analysis.capacity.available
+    assert analysis.crossovers == [] and not analysis.effective.available
+    assert analysis.predictions.height == 0 and analysis.transfer.height == 0

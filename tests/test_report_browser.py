@@ -127,7 +127,8 @@ def test_the_answer_fills_the_first_screen_without_horizontal_overflow(report, t
     assert layout["warnings"] and layout["warnings"][0].startswith("Warning. Every budget is under 100 optimizer")
     assert 0 < layout["mapTop"] and layout["mapBottom"] <= SCREEN_HEIGHT, layout
     figures = layout["figures"]
-    assert len(figures) == 1 + 2 + 3 * 3  # the map, a gap trend per setting, crossover/heatmap/curves × 3
+    # the map, a gap trend per setting, crossover/heatmap/curves × 3 granularities, effective data transferred
+    assert len(figures) == 1 + 2 + 3 * 3 + 1
     for key, has_caption, alt, fig_width, fig_height in figures:
         assert has_caption and alt and len(alt) > 40, key
         assert 100 < fig_width <= layout["width"] and fig_height > 100, (key, fig_width, fig_height)
@@ -146,7 +147,7 @@ def test_every_figure_fits_a_pdf_page_with_its_caption(report, tmp_path):
         figures = _evaluate(browser, session, PRINT_LAYOUT)
     finally:
         browser.close()
-    assert len(figures) == 12
+    assert len(figures) == 13
     for key, height, breaking, _ in figures:
         assert breaking == "avoid" and height <= PRINT_HEIGHT, (key, height, breaking)
     assert figures[0][0] == "verdict-map" and figures[0][3] <= PRINT_HEIGHT  # on the first page, under the title

@@ -12,16 +12,16 @@ from gridlab.report import build_report, render
 from gridlab.report.chromium import find_chromium
 from gridlab.report.render import TEMPLATES_ENV, templates_dir
 
-from report_synthetic import build_cells, finish, parent_loss, power_law, write_db
+from report_synthetic import build_cells, finish, noise, parent_loss, power_law, write_db
 
 BUDGETS = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]
 P = 50_000_000
 HOSTILE = "<script>alert('x')</script>"
 SECTION_HEADINGS = [
     "Methods", "Recommendation table — Setting 1 — same budget",
-    "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Is setting 2 meaningful here?",
-    "Gap heatmaps", "Training curves", "Cost of pruning", "Results per cell group", "What is missing",
-    "Grid specification",
+    "Recommendation table — Setting 2 — whole-pipeline budget", "Crossover budgets", "Effective data transferred",
+    "Setting 2, judged by what it needs", "Gap heatmaps", "Training curves", "Cost of pruning",
+    "Results per cell group", "What is missing", "Grid specification",
 ]
 
 
@@ -29,7 +29,8 @@ def _loss(method, ratio, init, setting, tokens, seed):
     if tokens == 0:
         return 8.0 + 0.01 * seed
     curve = power_law(2.0, 0.5, 0.3) if init == "pruned" else power_law(1.9, 2.0, 0.5)
-    return curve(tokens) + 0.002 * (seed - 0.5) + 0.05 * ratio
+    measured = noise(method, ratio, init, setting, tokens, seed).normal(0, 0.004)  # what a measurement adds
+    return curve(tokens) + 0.002 * (seed - 0.5) + 0.05 * ratio + measured
 
 
 @pytest.fixture(scope="module", params=["chromium", "weasyprint"])
@@ -40,7 +41,8 @@ def full_report(request, tmp_path_factory):
     cells = build_cells(["shortgpt", "wanda"], [0.5, 0.7], BUDGETS, [0, 1], P, references=True)
     metrics = finish(cells, _loss)
     db = write_db(folder / "results.duckdb", cells, metrics, name="full-grid", parent_tokens=P,
-                  spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]}, parent_metrics=parent_loss(2.3, P))
+                  spec={"name": "full-grid", "methods": ["shortgpt", "wanda"]}, parent_metrics=parent_loss(2.3, P),
+                  parent_params=2_500_000)
     return build_report(db, folder / "report", pdf_engine=request.param)
 
 
@@ -51,12 +53,12 @@ def _text(paths):
 
 
 def test_four_files_written_whole_and_shareable(full_report):
-    assert set(full_report) == {"html", "summary", "verdicts", "pdf"}
-    assert [full_report[k].name for k in ("html", "summary", "verdicts", "pdf")] == [
-        "index.html", "summary.md", "verdicts.csv", "report.pdf"]
+    assert set(full_report) == {"html", "summary", "verdicts", "predictions", "pdf"}
+    assert [full_report[k].name for k in ("html", "summary", "verdicts", "predictions", "pdf")] == [
+        "index.html", "summary.md", "verdicts.csv", "predictions.csv", "report.pdf"]
     assert full_report["pdf"].read_bytes().startswith(b"%PDF")
     assert sorted(p.name for p in full_report["html"].parent.iterdir()) == [
-        "index.html", "report.pdf", "summary.md", "verdicts.csv"]
+        "index.html", "predictions.csv", "report.pdf", "summary.md", "verdicts.csv"]
     umask = os.umask(0)
     os.umask(umask)
     for path in full_report.values():
@@ -69,8 +71,8 @@ def test_html_is_self_contained_and_every_figure_has_alt_text(full_report):
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", html)
     assert not re.search(r"url\((?!#)", html)  # only in-document references such as clip paths
     svgs = re.findall(r'<svg class="figure" role="img" aria-label="([^"]+)"[^>]*>\s*<title>([^<]+)</title>', html)
-    # the verdict map, a gap trend per setting, and crossover + heatmap + training curves per granularity
-    assert len(svgs) == 1 + 2 + 3 * 2 == len(re.findall("<svg ", html))
+    # the verdict map, a gap trend per setting, crossover + heatmap + training curves per granularity, D_eff
+    assert len(svgs) == 1 + 2 + 3 * 2 + 1 == len(re.findall("<svg ", html))
     assert all(len(label) > 40 and label == title for label, title in svgs)
     assert svgs[0][0].startswith("Verdict map. Setting 1: 20 prune, 0 equivalent, 0 inconclusive, 0 scratch of 20 "
                                  "squares.")
@@ -82,7 +84,8 @@ def test_the_answer_comes_first(full_report):
     first = re.sub(r"<[^>]+>", " ", body.split('<table class="facts">', 1)[0])
     assert "gridlab report — full-grid" in first
     assert first.count("Setting 1 (random init trains the same B tokens)") == 1
-    assert "At P = 50M tokens the parent is" in first
+    assert "Setting 2 favours pruning exactly when the pruned start is worth more than the parent" in first
+    assert "the parent saw 20 tokens per parameter" in html  # the setting-2 section, after the answer
     assert body.index('id="verdict-map"') < body.index('<table class="facts">') < body.index('id="methods"')
 
 
@@ -95,7 +98,7 @@ def test_pdf_has_every_section_heading_and_the_answers(full_report):
     assert "2025-11-24 16:00 UTC" in pdf  # grid.submitted_at, epoch seconds as the store writes it
     assert "The answer: prune or train from scratch" in pdf
     assert "extrapolation" in pdf
-    assert "data-limited" in pdf or "capacity-limited" in pdf
+    assert "Hold-out check: fitted without the largest budget (16M tokens)" in pdf
 
 
 def test_summary_markdown_has_the_verdict_tables_and_sentences(full_report):
@@ -106,7 +109,9 @@ def test_summary_markdown_has_the_verdict_tables_and_sentences(full_report):
     assert "| granularity | method | ratio | B = 1M | B = 2M | B = 4M | B = 8M | B = 16M |" in summary
     assert re.search(r"\| depth \| shortgpt \| 0\.5 \| -[0-9.]+ ± [0-9.e-]+ prune \(n=2\) \|", summary)
     assert "Sensitivity check (each cell's own paired t): 0 of 20 verdicts change." in summary
-    assert "## Is setting 2 meaningful here?" in summary and "## Crossovers" in summary
+    assert "## Setting 2, judged by what it needs" in summary and "## Crossovers" in summary
+    assert "## Effective data transferred" in summary and "- Hold-out check: fitted without" in summary
+    assert re.search(r"\| depth \| shortgpt \| 0\.5 \| \+[0-9.]+[kM] \[", summary)  # D_eff with its interval
     assert "−" not in summary.split("## The answer", 1)[1].split("## Crossovers")[0]  # ASCII signs in the tables
 
 
@@ -125,7 +130,7 @@ def test_partial_grid_with_hostile_names_is_escaped_and_lists_what_is_missing(tm
     assert "pending" in missing and "failed" in missing and "RuntimeError: &lt;script&gt;" in missing
     assert "8M, 16M" in missing
     assert "What is missing" in pdf and "pending" in pdf
-    assert "Not available: the grid has no setting-2 random branch at B = 0" in pdf
+    assert "tokens per parameter are unknown" in html  # no parent_params in this database
     assert "| grid <script>" not in paths["summary"].read_text()  # pipes are escaped, text stays literal
 
 
@@ -214,10 +219,10 @@ def test_verdicts_csv_has_every_cell_and_the_regime_warns_on_the_first_screen(tm
     paths = build_report(db, tmp_path / "report", pdf_engine="weasyprint")
     table = pl.read_csv(paths["verdicts"])
     assert table.columns == ["setting", "method", "granularity", "ratio", "budget_tokens", "n_seeds", "gap", "lo95",
-                             "hi95", "verdict", "d_eff_tokens"]
+                             "hi95", "verdict", "d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound"]
     assert table.height == 2 * 2 * 3 * 2  # methods × ratios × budgets × settings
     assert set(table["verdict"]) <= {"prune", "scratch", "equivalent", "inconclusive"}
-    assert table["d_eff_tokens"].null_count() == table.height and set(table["n_seeds"]) == {3}
+    assert set(table["n_seeds"]) == {3}
     assert (table["lo95"] <= table["gap"]).all() and (table["gap"] <= table["hi95"]).all()
     html = paths["html"].read_text(encoding="utf-8")
     first = re.sub(r"<[^>]+>", " ", html.split('<table class="facts">', 1)[0])
@@ -226,3 +231,17 @@ def test_verdicts_csv_has_every_cell_and_the_regime_warns_on_the_first_screen(tm
     assert "64 sequences × 1000 tokens = 64k tokens" in first and "margin ±0.05" in first
     again = build_report(db, tmp_path / "again", pdf_engine="weasyprint", margin=0.2)
     assert "margin ±0.2" in again["html"].read_text(encoding="utf-8")
+
+
+def test_predictions_csv_has_every_budget_and_two_extrapolations_per_group(full_report):
+    import polars as pl
+
+    table = pl.read_csv(full_report["predictions"])
+    assert table.columns[:7] == ["setting", "method", "ratio", "budget_tokens", "predicted_gap", "lo90", "hi90"]
+    # 2 methods × 2 ratios × 2 settings, each at the 5 budgets and at 2× and 4× the largest
+    assert table.height == 8 * 7
+    assert sorted(table["budget_tokens"].unique()) == [*BUDGETS, 2 * BUDGETS[-1], 4 * BUDGETS[-1]]
+    known = table.drop_nulls("predicted_gap")
+    assert known.height
+    assert ((known["lo90"] <= known["predicted_gap"]) & (known["predicted_gap"] <= known["hi90"])).all()
+    assert set(table.filter(pl.col("budget_tokens") > BUDGETS[-1])["extrapolated"]) == {True}

@@ -642,10 +642,10 @@ def _writable_output(out: Path, option: str, folder: bool) -> None:
 
 def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss",
            where: Iterable[str] = (), pool: str = "model", margin: float | None = None) -> dict[str, Path]:
-    """Ingest the results, then write the HTML and PDF report, its Markdown summary and verdicts.csv (of ``where``'s
-    cells only, when given); {"html": path, "summary": path, "verdicts": path, "pdf": path}. ``pool``: the interval
-    model ("model" or "none"); ``margin``: the equivalence margin in the metric's units, overriding the grid's
-    ``[report] margin`` (docs/report.md)."""
+    """Ingest the results, then write the HTML and PDF report, its Markdown summary, verdicts.csv and
+    predictions.csv (of ``where``'s cells only, when given); {"html", "summary", "verdicts", "predictions", "pdf":
+    path}. ``pool``: the interval model ("model" or "none"); ``margin``: the equivalence margin in the metric's
+    units, overriding the grid's ``[report] margin`` (docs/report.md)."""
     from gridlab.export import subset_database
     from gridlab.layout import RunPaths
     from gridlab.report import build_report

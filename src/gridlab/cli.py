@@ -405,8 +405,8 @@ def report(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
            margin: float | None = typer.Option(None, help="equivalence margin in the headline metric's units "
                                                           "(default: the grid's [report] margin, 0.02)"),
            where: Where = None):
-    """Ingest the results, then write the HTML/PDF report, summary.md and verdicts.csv (of the --where cells only,
-    when given)."""
+    """Ingest the results, then write the HTML/PDF report, summary.md, verdicts.csv and predictions.csv (of the
+    --where cells only, when given)."""
     for kind, path in api.report(grid, out=out, metric=metric, where=where, pool=pool, margin=margin).items():
         typer.echo(f"{kind}: {path}")
 

@@ -128,8 +128,8 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
     grid = record.grid
     parent = grid["parent"]
     data = payloads.get(record.data_stage)
-    summary = _Table("grid")
     parent_payload = payloads.get(record.parent_stage)
+    summary = _Table("grid")
     summary.add(name=grid["name"], parent=parent["preset"] or parent["path"], parent_tokens=parent["tokens"],
                 parent_params=parent_payload.params.total if isinstance(parent_payload, ParentPayload) else None,
                 calibration_tokens=grid["calibration"]["sequences"] * grid["seq_len"],

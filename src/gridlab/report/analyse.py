@@ -1,5 +1,6 @@
-"""Results → everything the report shows: `analyse()` composes reading (read.py), statistics (stats.py), scaling fits
-(scaling.py), the capacity diagnostic (capacity.py) and the tables and sentences (tables.py)."""
+"""Results → everything the report shows: `analyse()` composes reading (read.py), statistics (stats.py), the gap's
+trend and crossovers (scaling.py), effective data transferred and setting 2 (transfer.py) and the tables and
+sentences (tables.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 import polars as pl
 
 from gridlab.report import tables
-from gridlab.report.capacity import Capacity, capacity_diagnostic
 from gridlab.report.read import (
     LM_EVAL_AVERAGE,
     Results,
@@ -21,8 +21,9 @@ from gridlab.report.read import (
     training_curves,
 )
 from gridlab.report.regime import Regime, regime, regime_line
-from gridlab.report.scaling import Crossover, crossovers
+from gridlab.report.scaling import Crossover, trend
 from gridlab.report.stats import DEFAULT_MARGIN, gap_table, seed_summary
+from gridlab.report.transfer import Transfer, effective_transfer
 
 
 @dataclass
@@ -61,9 +62,13 @@ class Analysis:
     crossovers: list[Crossover]
     crossover_lines: dict[int, str]
     crossover_table: list[dict]
-    capacity: Capacity
-    capacity_summary: str
-    capacity_table: list[dict]
+    holdout: dict[int, dict]  # per setting: groups, checked, covered (scaling.holdout_summary)
+    holdout_line: str
+    predictions: pl.DataFrame  # predictions.csv (scaling.PREDICTION_SCHEMA)
+    effective: Transfer  # D_eff, the random arm's slope around P, the parent's tokens per parameter
+    transfer: pl.DataFrame  # D_eff per (setting, granularity, method, ratio, budget_tokens): transfer.TRANSFER_SCHEMA
+    transfer_table: tuple[list[int], list[dict]]
+    setting2_summary: str
     recommendations: dict[int, tuple[list[int], list[dict]]]
     answer_tables: dict[int, tuple[list[int], list[dict]]]
     arms: tuple[list[int], list[dict]]
@@ -114,15 +119,16 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
     summary = seed_summary(every_value)
     gaps = gap_table(values, higher, pool, margin)
     parent_tokens = results.grid.get("parent_tokens")
-    found = crossovers(values, gaps, parent_tokens, higher)
     squares = tables.answer_squares(gaps, margin)
-    capacity = capacity_diagnostic(results.cells, results.metrics, results.parent_metrics,
-                                   results.has_parent_metrics, parent_tokens, metric)
     dimensions = tables.grid_dimensions(results.cells)
+    gap_trend = trend(values, gaps, dimensions["budgets"])
+    found = gap_trend.crossovers
+    effective = effective_transfer(every_value, higher, sorted(gaps["setting"].unique().to_list()), parent_tokens,
+                                   results.grid.get("parent_params"))
     answer = [s for s in (tables.setting_sentence(squares, setting, metric, higher) for setting in (1, 2)) if s]
-    capacity_summary = tables.capacity_sentence(capacity)
+    setting2_summary = tables.setting2_sentence(effective)
     if answer and 2 in dimensions["settings"]:
-        answer.append(capacity_summary)
+        answer.append(tables.setting2_sentence(effective, short=True))
     measured = regime(spec, results.grid, values, results.metrics, metric, margin)
     return Analysis(
         metric=metric,
@@ -145,11 +151,15 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
         answer=answer,
         verdicts=tables.verdict_counts(gaps),
         crossovers=found,
-        crossover_lines={s: line for s in (1, 2) if (line := tables.crossover_summary(found, s, higher))},
+        crossover_lines={s: line for s in (1, 2) if (line := tables.crossover_summary(found, s))},
         crossover_table=tables.crossover_rows(found),
-        capacity=capacity,
-        capacity_summary=capacity_summary,
-        capacity_table=tables.capacity_rows(capacity),
+        holdout=gap_trend.holdout,
+        holdout_line=tables.holdout_sentence(gap_trend.holdout),
+        predictions=gap_trend.predictions,
+        effective=effective,
+        transfer=effective.frame,
+        transfer_table=tables.transfer_rows(effective),
+        setting2_summary=setting2_summary,
         recommendations={s: tables.recommendation_rows(gaps, s) for s in (1, 2)},
         answer_tables={s: tables.square_rows(squares, s) for s in (1, 2)},
         arms=tables.arm_rows(summary),

@@ -12,10 +12,10 @@ from gridlab.report.tables import (
     SETTING_NAMES,
     SETTING_PHRASES,
     WITHOUT_INTERVAL,
-    capacity_sentence,
-    format_number,
     format_tokens,
     inference_phrase,
+    setting2_text,
+    slope_text,
     square_rows,
 )
 
@@ -88,31 +88,7 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
                   f"Sensitivity check (each cell's own paired t): {changed.get('changed', 0)} of "
                   f"{changed.get('total', 0)} verdicts change.", ""]
 
-    if a.crossover_lines:
-        lines += ["## Crossovers", ""]
-        lines += [f"- {line}" for line in a.crossover_lines.values()]
-        if a.crossover_table:
-            lines.append("")
-            lines += _table(["granularity", "method", "ratio", "setting", "crossover"],
-                            [[c["granularity"], c["method"], f"{c['ratio']:g}", c["setting"], c["text"]]
-                             for c in a.crossover_table])
-        lines.append("")
-
-    capacity = a.capacity
-    lines += ["## Is setting 2 meaningful here?", ""]
-    if capacity.available:
-        lines += [capacity_sentence(capacity), ""]
-        lines += _table(
-            ["granularity", "ratio", "small architecture from scratch on P (n trajectories)", "parent at P",
-             "small − parent", "regime"],
-            [[r["granularity"], f"{r['ratio']:g}",
-              f"{format_number(r['small'], 4)}" + (f" ± {r['small_half']:.2g}" if r["small_half"] else "")
-              + f" (n={r['n']})", format_number(r["parent"], 4), f"{r['difference']:+.3g}"
-              + (f" ± {r['half']:.2g}" if r["half"] is not None else ""), r["regime"]] for r in a.capacity_table])
-    else:
-        lines.append(f"Not available: {capacity.reason}.")
-    lines.append("")
-
+    lines += _trend_and_transfer(a)
     if a.downstream is not None:
         d = a.downstream
         lines += [f"## Downstream accuracy (`{LM_EVAL_AVERAGE}`, higher is better)", "",
@@ -128,3 +104,40 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
                 lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
+
+def _trend_and_transfer(a: Analysis) -> list[str]:
+    """Crossovers with the hold-out check, effective data transferred, and setting 2 judged by what it needs."""
+    lines: list[str] = []
+    if a.crossover_lines:
+        lines += ["## Crossovers", ""]
+        lines += [f"- {line}" for line in a.crossover_lines.values()]
+        lines += [f"- {a.holdout_line}"]
+        if a.crossover_table:
+            lines.append("")
+            lines += _table(["granularity", "method", "ratio", "setting", "kind", "crossover"],
+                            [[c["granularity"], c["method"], f"{c['ratio']:g}", c["setting"], c["kind"], c["text"]]
+                             for c in a.crossover_table])
+        lines += ["", "Gap predictions with 90 % intervals for every budget and 2× and 4× the largest: "
+                  "`predictions.csv`.", ""]
+    budgets, rows = a.transfer_table
+    lines += ["## Effective data transferred", ""]
+    if rows:
+        lines += ["D_eff: the scratch tokens the pruned start is worth at budget B (L_scratch(B + D_eff) = "
+                  "L_pruned(B)), geometric mean over seeds [95 % interval]; > / < are bounds beyond the random "
+                  "arm's measured curve.", ""]
+        lines += _table(["granularity", "method", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
+                        [[r["granularity"], r["method"], f"{r['ratio']:g}",
+                          *[(e or {}).get("text", "–") for e in r["entries"]]] for r in rows])
+    else:
+        lines.append(f"Not available: {a.effective.reason or 'no pruned/random pair has finished'}.")
+    lines.append("")
+    if 2 in a.dimensions["settings"]:
+        lines += ["## Setting 2, judged by what it needs", "", a.setting2_summary, ""]
+        if rows and a.effective.parent_tokens:
+            lines += _table(["granularity", "method", "ratio", *[f"B = {format_tokens(b)}" for b in budgets],
+                             "random arm around P, per doubling"],
+                            [[r["granularity"], r["method"], f"{r['ratio']:g}",
+                              *[setting2_text(e, a.effective.parent_tokens) for e in r["entries"]],
+                              slope_text(r["slope"])] for r in rows])
+            lines.append("")
+    return lines

@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
 from gridlab.report import stats  # noqa: E402
 from gridlab.report.analyse import Analysis  # noqa: E402
-from gridlab.report.scaling import LINEAR_HORIZON, LinearGapFit  # noqa: E402
+from gridlab.report.scaling import HORIZON, LEVEL  # noqa: E402
 from gridlab.report.stats import NO_INTERVAL  # noqa: E402
 from gridlab.report.tables import (  # noqa: E402
     CALLS,
@@ -281,7 +281,8 @@ def verdict_map(analysis: Analysis) -> Figure | None:
 
 def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figure]:
     """Per granularity, one panel per method × ratio: metric vs budget (log x) for pruned init and random init in
-    each setting, seed-mean ± 95 % interval, fitted power-law curves where they converged, crossovers marked."""
+    each setting, seed-mean ± 95 % interval, crossovers marked (a shaded range where a sign change is not
+    resolved)."""
     figures = []
     summary = analysis.summary.filter(pl.col("budget_tokens") > 0)
     if summary.height == 0:
@@ -312,11 +313,11 @@ def crossover_figures(analysis: Analysis, colours: dict[str, str]) -> list[Figur
         figures.append(Figure(
             key=key,
             title=f"Crossover plot — {granularity}",
-            caption=("Seed mean (markers) with its 95 % t-interval (band) per budget B for pruned init "
-                     "(method colour), random init in setting 1 (black, B tokens) and in setting 2 (grey, parent + B "
-                     "tokens, drawn at B). Lines: fitted L(D) = E + A·D^(−α) where the fit converged. Dotted vertical "
-                     "lines: crossover budgets (1 and 2 name the setting; beyond the largest budget they are "
-                     "extrapolations)."),
+            caption=("Seed mean (markers, joined by thin lines) with its 95 % t-interval (band) per budget B for "
+                     "pruned init (method colour), random init in setting 1 (black, B tokens) and in setting 2 (grey, "
+                     "parent + B tokens, drawn at B). Dotted vertical lines: crossover budgets (1 and 2 name the "
+                     "setting; beyond the largest budget they are extrapolations); shaded: a sign change of the mean "
+                     "gap that the verdicts do not resolve."),
             alt=alt,
             svg=to_svg(figure, key, alt),
         ))
@@ -328,7 +329,6 @@ def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list, colour: s
     if panel is None or panel.height == 0:
         ax.text(0.5, 0.5, "no finished cells", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         return
-    by_setting = {c.setting: c for c in crossovers}
     random_settings = sorted(panel.filter(pl.col("init") == "random")["setting"].unique().to_list())
     arms = [("pruned", None, dict(color=colour, marker="o"), "pruned init", "-")]
     arms += [("random", s, dict(color=RANDOM_COLOURS.get(s, "#000000"), marker="s" if s == 1 else "D"),
@@ -346,16 +346,13 @@ def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list, colour: s
             # ax.fill (one Polygon) rather than fill_between (a PolyCollection, several times slower to build)
             ax.fill(np.concatenate([budgets, budgets[::-1]]), np.concatenate([means - half, (means + half)[::-1]]),
                     color=style["color"], alpha=0.18, linewidth=0)
-        ax.plot(budgets, means, linestyle="none", markersize=3, label=label, **style)
-        crossover = by_setting.get(setting) if setting else next(iter(by_setting.values()), None)
-        fit = crossover.fits.get(init) if crossover else None
-        if fit is not None and fit.converged:
-            top = max([budgets.max()] + [c.budget for c in crossovers if c.budget])
-            xs = np.geomspace(budgets.min(), top * 1.05, 60)
-            offset = crossover.random_offset if init == "random" else 0.0
-            ax.plot(xs, fit.predict(xs + offset), color=style["color"], linewidth=0.9, linestyle=line_style)
+        ax.plot(budgets, means, linestyle=line_style, linewidth=0.6, markersize=3, label=label, **style)
     for crossover in crossovers:
-        if crossover.budget is not None:
+        if crossover.kind == "unresolved":
+            high = crossover.high if crossover.high is not None else crossover.largest_budget
+            ax.axvspan(crossover.low, high, color="#CC79A7", alpha=0.12, linewidth=0,
+                       label="sign change, not resolved")
+        elif crossover.budget is not None:
             ax.axvline(crossover.budget, color="#CC79A7", linestyle=":", linewidth=1.1,
                        label=f"crossover ({crossover.kind})")
             ax.text(crossover.budget, 1.0, f" {crossover.setting}", transform=ax.get_xaxis_transform(),
@@ -363,9 +360,9 @@ def _crossover_panel(ax, panel: pl.DataFrame | None, crossovers: list, colour: s
 
 
 def gap_trend_figures(analysis: Analysis) -> list[Figure]:
-    """Per setting, one panel per method: the mean gap against the budget (markers, one colour per ratio) and its
-    linear trend in log tokens (line), continued dashed into the extrapolation range up to the linear horizon
-    (shaded); crosses mark extrapolated crossovers."""
+    """Per setting, one panel per method: the mean gap against the budget (markers, one colour per ratio), the chosen
+    gap model (line) with its 90 % prediction band, continued dashed into the shaded extrapolation range up to
+    HORIZON × the largest budget; crosses mark extrapolated crossovers."""
     gaps = analysis.gaps
     if gaps.height == 0:
         return []
@@ -396,38 +393,120 @@ def gap_trend_figures(analysis: Analysis) -> list[Figure]:
                 ax.plot(rows["budget_tokens"].to_numpy(), rows["gap"].to_numpy(), marker="o", markersize=2.5,
                         linestyle="none", color=colour, label=f"ratio {ratio:g}")
                 crossover = fits.get((granularity, method, ratio, setting))
-                linear = crossover.linear if crossover else None
-                if isinstance(linear, LinearGapFit):
-                    inside = np.geomspace(linear.smallest_budget, linear.largest_budget, 12)
-                    beyond = np.geomspace(linear.largest_budget, linear.largest_budget * LINEAR_HORIZON, 12)
-                    ax.plot(inside, linear.predict(inside)[0], color=colour, linewidth=0.9)
-                    ax.plot(beyond, linear.predict(beyond)[0], color=colour, linewidth=0.9, linestyle="--")
-                if crossover and crossover.kind == "extrapolated" and crossover.model == "linear gap in log tokens":
+                curve = crossover.curve if crossover else None
+                if curve is not None:
+                    tokens = curve["tokens"]
+                    inside = tokens <= largest * 1.0001
+                    ax.fill(np.concatenate([tokens, tokens[::-1]]),
+                            np.concatenate([curve["low"], curve["high"][::-1]]), color=colour, alpha=0.10,
+                            linewidth=0)
+                    ax.plot(tokens[inside], curve["mean"][inside], color=colour, linewidth=0.9)
+                    ax.plot(tokens[~inside], curve["mean"][~inside], color=colour, linewidth=0.9, linestyle="--")
+                if crossover and crossover.kind == "extrapolated":
                     crossings += 1
                     ax.plot([crossover.budget], [0], marker="x", color=colour, markersize=5, linestyle="none")
-            ax.axvspan(largest, largest * LINEAR_HORIZON, color="#EEEEEE", zorder=0, linewidth=0)
+            ax.axvspan(largest, largest * HORIZON, color="#EEEEEE", zorder=0, linewidth=0)
             _title(ax, f"{plain(method)} ({granularity})", 8.5)
             ax.set_xlabel("budget B (tokens)", fontsize=8)
             if index % columns == 0:
                 ax.set_ylabel(f"gap in {plain(analysis.metric)}", fontsize=8)
-        handles = {"extrapolation range (linear trend)": Patch(facecolor="#EEEEEE")}
+        handles = {"extrapolation range": Patch(facecolor="#EEEEEE")}
         _figure_legend(figure, axes, handles)
         key = f"gap-trend-{setting}"
         sign = "positive" if analysis.higher_is_better else "negative"
         alt = (f"Gap trend in setting {setting}: mean gap pruned − random against budget for {len(methods)} "
-               f"method(s) × {len(ratios)} ratio(s), with linear trends in log tokens; {crossings} extrapolated "
-               f"crossover(s) marked.")
+               f"method(s) × {len(ratios)} ratio(s), with the chosen gap model and its {LEVEL:.0%} prediction band; "
+               f"{crossings} extrapolated crossover(s) marked.")
         figures.append(Figure(
             key=key,
             title=f"Gap against budget — setting {setting}",
             caption=(f"Markers: mean gap pruned − random ({sign} = pruning better) per budget, one colour per ratio. "
-                     f"Solid lines: the gap's linear trend in log tokens (least squares over the seeds), continued "
-                     f"dashed into the shaded extrapolation range up to {LINEAR_HORIZON:g}× the largest budget; "
-                     f"crosses: extrapolated crossovers. Outside the measured budgets the lines are extrapolations."),
+                     f"Lines: the gap model chosen by its lack-of-fit test (constant, linear in log B, or "
+                     f"g∞ + c·B^−γ), with its {LEVEL:.0%} prediction band for a rerun's seed mean (shaded), continued "
+                     f"dashed into the grey extrapolation range up to {HORIZON:g}× the largest budget; no line where "
+                     f"no model passed. Crosses: extrapolated crossovers. Beyond the measured budgets the lines are "
+                     f"extrapolations."),
             alt=alt,
             svg=to_svg(figure, key, alt),
         ))
     return figures
+
+
+def transfer_figure(analysis: Analysis) -> Figure | None:
+    """Effective data transferred: per method a panel of B + D_eff (the scratch tokens the pruned model matches)
+    against B, log-log, one colour per ratio, with the lines where setting 1 (D_eff = 0) and setting 2 (D_eff = P)
+    break even."""
+    effective = analysis.effective
+    frame = analysis.transfer
+    if frame.height == 0 or frame["d_eff_tokens"].is_null().all():
+        return None
+    frame = frame.filter(pl.col("setting") == frame["setting"].min())
+    methods = sorted(frame.select("granularity", "method").unique().rows(),
+                     key=lambda gm: (*granularity_key(gm[0]), gm[1]))
+    ratios = sorted(frame["ratio"].unique().to_list())
+    columns = min(3, len(methods))
+    n_rows = -(-len(methods) // columns)
+    figure, axes = _panel_grid(n_rows, columns, panel=(3.1, 2.3), sharex=False, legend_rows=2)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    budgets = np.array(sorted(frame["budget_tokens"].unique().to_list()), dtype=float)
+    parent = effective.parent_tokens
+    for index, (granularity, method) in enumerate(methods):
+        ax = axes.flat[index]
+        ax.set_yscale("log")
+        _log_x(ax)
+        ax.minorticks_off()
+        ax.yaxis.set_major_locator(LogLocator(numticks=4))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda tokens, _: format_tokens(tokens)))
+        ax.plot(budgets, budgets, color="#444444", linewidth=0.8, linestyle="--", label="D_eff = 0 (setting 1 even)")
+        if parent:
+            ax.plot(budgets, budgets + parent, color="#777777", linewidth=0.8, linestyle=":",
+                    label="D_eff = P (setting 2 even)")
+        for k, ratio in enumerate(ratios):
+            colour = RATIO_COLOURS[k % len(RATIO_COLOURS)]
+            rows = frame.filter((pl.col("method") == method) & (pl.col("granularity") == granularity)
+                                & (pl.col("ratio") == ratio) & pl.col("d_eff_tokens").is_not_null()).sort(
+                "budget_tokens")
+            if rows.height == 0:
+                continue
+            b = rows["budget_tokens"].to_numpy().astype(float)
+            matched = b + rows["d_eff_tokens"].to_numpy()
+            bound = rows["d_eff_bound"].to_numpy()
+            exact = bound == ""
+            positive = matched > 0
+            ax.plot(b[exact & positive], matched[exact & positive], marker="o", markersize=3, linewidth=0.9,
+                    color=colour, label=f"ratio {ratio:g}")
+            low = b + rows["d_eff_low"].fill_null(np.nan).to_numpy()
+            high = b + rows["d_eff_high"].fill_null(np.nan).to_numpy()
+            has = exact & np.isfinite(low) & np.isfinite(high) & (low > 0)
+            if has.any():
+                ax.vlines(b[has], low[has], high[has], color=colour, linewidth=0.9)
+            for marker, side in (("^", ">"), ("v", "<")):
+                chosen = (bound == side) & positive
+                if chosen.any():
+                    ax.plot(b[chosen], matched[chosen], marker=marker, markersize=4, linestyle="none", color=colour)
+        _title(ax, f"{plain(method)} ({granularity})", 8.5)
+        ax.set_xlabel("budget B (tokens)", fontsize=8)
+        if index % columns == 0:
+            ax.set_ylabel("scratch tokens matched, B + D_eff", fontsize=8)
+    _figure_legend(figure, axes)
+    key = "transfer"
+    known = frame.filter(pl.col("d_eff_tokens").is_not_null()).height
+    alt = (f"Effective data transferred: for {len(methods)} method(s) × {len(ratios)} ratio(s), the scratch tokens "
+           f"that match the pruned model against the budget B, with the break-even lines of setting 1 and setting 2; "
+           f"{known} of {frame.height} group × budget values known.")
+    return Figure(
+        key=key,
+        title="Effective data transferred",
+        caption=("Per budget B, how many tokens of scratch training the pruned model is worth: the point where the "
+                 "random arm's learning curve (setting-1 and setting-2 branches of one trajectory, made monotone) "
+                 "reaches the pruned model's value, plotted as B + D_eff, geometric mean over seeds with its 95 % "
+                 "interval (bars). Triangles: bounds (the pruned value lies beyond the measured curve; ▲ at least, "
+                 "▼ at most). Above the dashed line pruning beats scratch at the same budget (setting 1); above the "
+                 "dotted line it beats scratch given the parent's P tokens too (setting 2: D_eff > P)."),
+        alt=alt,
+        svg=to_svg(figure, key, alt),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -547,7 +626,7 @@ def training_curve_figures(analysis: Analysis, colours: dict[str, str]) -> list[
 # All figures of a report
 
 
-FIGURE_KINDS = ("answer", "trend", "crossover", "heatmap", "curves")
+FIGURE_KINDS = ("answer", "trend", "crossover", "transfer", "heatmap", "curves")
 
 
 def draw(analysis: Analysis, kinds=FIGURE_KINDS) -> dict[str, list[Figure]]:
@@ -558,6 +637,7 @@ def draw(analysis: Analysis, kinds=FIGURE_KINDS) -> dict[str, list[Figure]]:
         "answer": lambda: [f for f in (verdict_map(analysis),) if f is not None],
         "trend": lambda: gap_trend_figures(analysis),
         "crossover": lambda: crossover_figures(analysis, colours),
+        "transfer": lambda: [f for f in (transfer_figure(analysis),) if f is not None],
         "heatmap": lambda: gap_heatmaps(analysis),
         "curves": lambda: training_curve_figures(analysis, colours),
     }

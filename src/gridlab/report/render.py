@@ -26,8 +26,17 @@ from gridlab.report.chromium import DevTools, find_chromium
 from gridlab.report.markdown import summary_markdown
 from gridlab.report.plotworker import PlotWorker
 from gridlab.report.read import Results, read_results
+from gridlab.report.scaling import predictions_csv
 from gridlab.report.stats import POOLING, REMOVED_POOLING
-from gridlab.report.tables import SETTING_NAMES, format_number, format_signed, format_tokens, verdict_table
+from gridlab.report.tables import (
+    SETTING_NAMES,
+    format_number,
+    format_signed,
+    format_tokens,
+    setting2_text,
+    slope_text,
+    verdict_table,
+)
 
 TEMPLATES_ENV = "GRIDLAB_TEMPLATES"
 TEMPLATE = "report.html.j2"
@@ -120,6 +129,8 @@ def render_html(analysis: Analysis, figures: dict[str, list[plots.Figure]], fold
         figures=figure_context,
         spec_text=json.dumps(analysis.spec, indent=2, sort_keys=True) if analysis.spec else "",
         setting_names=SETTING_NAMES,
+        setting2_text=setting2_text,
+        slope_text=slope_text,
         total_cells=sum(analysis.counts.values()),
     )
 
@@ -175,8 +186,8 @@ def check_options(pool: str, margin: float | None) -> None:
 def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templates: Path | None = None,
                  timings: dict | None = None, pdf_engine: str = "auto", pool: str = "model",
                  margin: float | None = None) -> dict[str, Path]:
-    """Write out_dir/index.html, out_dir/summary.md, out_dir/verdicts.csv and out_dir/report.pdf for a results
-    database; returns {"html": ..., "summary": ..., "verdicts": ..., "pdf": ...}.
+    """Write out_dir/index.html, out_dir/summary.md, out_dir/verdicts.csv, out_dir/predictions.csv and
+    out_dir/report.pdf for a results database; returns {"html", "summary", "verdicts", "predictions", "pdf": path}.
 
     `pool` is the interval model (stats.POOLING: "model", the mixed model; "none", each cell's own paired t);
     `margin` the equivalence margin in the headline metric's units (None: the grid spec's `[report] margin`). The
@@ -209,10 +220,12 @@ def build_report(db_path: Path, out_dir: Path, metric: str = "val_loss", templat
         generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         html = render_html(analysis, figures, folder, generated)
         paths = {"html": out_dir / "index.html", "summary": out_dir / "summary.md",
-                 "verdicts": out_dir / "verdicts.csv", "pdf": out_dir / "report.pdf"}
+                 "verdicts": out_dir / "verdicts.csv", "predictions": out_dir / "predictions.csv",
+                 "pdf": out_dir / "report.pdf"}
         atomic.write_text(paths["html"], html)
         atomic.write_text(paths["summary"], summary_markdown(analysis, generated))
         atomic.write_text(paths["verdicts"], verdicts_csv(analysis))
+        atomic.write_text(paths["predictions"], predictions_csv(analysis.predictions))
         after_html = time.perf_counter()
         engine = "weasyprint"
         if browser is not None:

@@ -1,317 +1,299 @@
-"""Scaling fits and crossovers: where the pruned − random gap changes sign as the budget B grows.
+"""The gap's trend with the budget: models that can predict it, checked against the seed replicates, a hold-out check
+in every report, and crossovers only where the data resolve them.
 
-Per (granularity, method, ratio, setting), in this order:
-1. *interpolated*: the mean gap changes sign between two measured budgets → linear in log tokens between them;
-2. *power law*: each arm's seed-level values fitted with L(D) = E + A·D^(−α); when both fits converge, the first
-   crossing of the fitted curves beyond the largest budget, up to POWER_LAW_HORIZON × it, with a parametric
-   bootstrap interval;
-3. *linear gap in log tokens*: otherwise (the usual case when the curves are straight in log tokens over a short
-   range) the gap itself fitted as a + b·ln B (OLS over seed-level differences when seeds pair, else one line per
-   arm), which always converges; its zero is reported only within LINEAR_HORIZON × the largest budget, with the
-   95 % interval of the budgets where the fitted gap's confidence band contains 0 (Fieller's construction), and is
-   always labelled an extrapolation.
+Per group (granularity, method, ratio, setting) the data are the seed-level paired differences d[s, k] = pruned −
+random (the seeds that have both arms at every budget used; budgets B_k). Budgets are branches of one trunk per
+seed, so the d of one seed are correlated across budgets: the seed, not the cell, is the unit of replication.
+
+**Candidates** for the seed-mean gap g(B), with x = ln(B / B̄) (B̄ the geometric mean of the budgets):
+- *constant*: g = a (1 parameter);
+- *linear in log B*: g = a + b·x (2; it crosses 0 once unless flat);
+- *power*: g = a + b·(1 − e^(−γx))/γ, i.e. g∞ + c·B^(−γ) with g∞ = a + b/γ (3; γ on a grid in [−1, 3], refined
+  around its best; γ → 0 is the linear model, γ > 0 approaches g∞, so the gap can approach 0 without crossing it,
+  γ < 0 accelerates).
+
+**Pure error and lack of fit.** The pure error is the seed × budget interaction of d (a two-way layout: each seed's
+own level is taken out, as the design shares it across budgets), s²_e with (S − 1)(K − 1) degrees of freedom per
+group, pooled over the ratios of a method in a setting (3 degrees of freedom of 2 seeds × 4 budgets are too few). A
+candidate with p < K parameters is checked with F = S·RSS/(K − p) / s²_e (RSS: the seed means' squared residuals
+around the fitted curve) against F(K − p, (S − 1)(K − 1)); it *passes* at p ≥ LOF_ALPHA. Among those that pass, the
+smallest S·RSS/s²_e + 2p (Mallows' Cp, with the pure error as the variance) is chosen; when none passes there is no
+model, and nothing is predicted.
+
+**Intervals** are for the seed-mean gap that a rerun of the same seeds would measure at B. Each seed's own
+differences are fitted with the chosen model (the same linear weights as the fit of the means), and the spread of
+the per-seed predictions at B between seeds carries every correlation within a seed; the pure error is added for
+the new cell's own noise: ĝ(B) ± t(ν)·√((s²_pred(B) + s²_e)/S), ν by Welch–Satterthwaite. For the power model the
+interval is the union over every γ of its profile confidence set (S·ΔRSS(γ)/s²_e ≤ F(1, dof_e) at LEVEL), so γ's
+uncertainty is in it, and the interval reported is the union over every model that passes its lack-of-fit test (the
+data cannot tell them apart); the point is the chosen model's. The seed spread holds each seed's own level and slope,
+which a rerun of the same seeds shares: conservative for that target. Confidence bands of the curve itself (for
+crossovers) leave out the new-noise term and use t(S − 1).
+
+**Hold-out check.** Fitted without the largest budget, each group's model predicts the seed-mean gap there; the
+report counts how many measured gaps fall in the 90 % prediction intervals.
+
+**Crossovers** (where the gap changes sign), from the verdicts (a verdict is significant when it is prune or
+scratch, anything else is not):
+- *interpolated*: significant on both sides (prune at one budget, scratch at a later one, nothing significant in
+  between): between those budgets, at the sign change of the mean gaps (linear in log tokens);
+- *unresolved*: the mean gap changes sign but not between two significant verdicts: a range, "between B1 and B2,
+  not resolved";
+- *extrapolated*: no sign change inside the grid, at least MIN_BUDGETS_TO_EXTRAPOLATE budgets (so that a curve
+  approaching 0 can be fitted and checked), the chosen model passed its lack-of-fit test and the group's hold-out
+  check (made, and passed), and every candidate that passes its lack-of-fit test has its 90 % band wholly across 0
+  somewhere up to HORIZON × the largest budget; the budget where the chosen model reaches 0, with the range where
+  its band contains 0. Always labelled an extrapolation;
+- *none* / *not fitted*: counted, with the reason.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
+from scipy import special
 
-from gridlab.report.stats import t_quantile
-
-POWER_LAW_HORIZON = 10.0  # the power-law crossover is searched up to this multiple of the largest budget
-LINEAR_HORIZON = 4.0  # the linear trend is extrapolated at most this multiple beyond the largest budget
-ALPHA_BOUNDS = (1e-3, 3.0)
-MIN_POINTS_FOR_FIT = 4  # power law: three parameters plus at least one degree of freedom
-MIN_BUDGETS_FOR_LINE = 3  # linear gap: two parameters plus one budget to see whether it is straight
-BOOTSTRAP_DRAWS = 400
-MIN_CROSSING_FRACTION = 0.5  # a power-law crossover is reported only when most bootstrap draws cross too
+LEVEL = 0.90  # prediction intervals and crossover bands (two-sided)
+LOF_ALPHA = 0.05  # a candidate passes its lack-of-fit test when p ≥ this
+HORIZON = 4.0  # extrapolation at most this multiple of the largest budget
+PREDICTION_MULTIPLES = (2.0, 4.0)  # predictions.csv: beyond the grid, these multiples of the largest budget
+MIN_BUDGETS_TO_EXTRAPOLATE = 4  # a power curve (3 parameters) needs one more budget to be checked
+GAMMAS = np.round(np.linspace(-1.0, 3.0, 41), 10)  # the power model's γ grid; 0 is the linear model
+LINEAR = int(np.flatnonzero(GAMMAS == 0)[0])
+MODELS = ("constant", "linear in log B", "power")
+PARAMETERS = np.array([1, 2, 3])
 CURVE_KEYS = ["granularity", "method", "ratio", "setting"]
+EXTRAPOLATION_POINTS = 64  # the grid of budgets searched beyond the largest one
+SIGNIFICANT = ("prune", "scratch")
+
+
+def _t(dof, level: float = LEVEL) -> np.ndarray:
+    """Two-sided `level` quantile of Student's t (fractional dof allowed); NaN where dof is not positive."""
+    dof = np.asarray(dof, dtype=float)
+    ok = np.isfinite(dof) & (dof > 0)
+    return np.where(ok, special.stdtrit(np.where(ok, dof, 1.0), 0.5 + level / 2), np.nan)
+
+
+REFINE = np.linspace(-0.05, 0.05, 21)  # the power model's γ is refined on this grid around the best of GAMMAS
+
+
+def _basis(x: np.ndarray, gammas: np.ndarray) -> np.ndarray:
+    """(1 − e^(−γx))/γ, shape gammas.shape + x.shape: every γ at every x; x itself for γ = 0."""
+    g = np.asarray(gammas, dtype=float)[..., None]
+    safe = np.where(g == 0, 1.0, g)
+    return np.where(g == 0, x, -np.expm1(-g * x) / safe)
+
+
+def _weights(x: np.ndarray, xn: np.ndarray, gammas: np.ndarray) -> np.ndarray:
+    """Linear weights of the least-squares fit of a + b·f_γ(x) at new points: prediction at xn[m] = Σ_k w[m, k]·y[k],
+    shape gammas.shape + (M, K)."""
+    basis, basis_new = _basis(x, gammas), _basis(xn, gammas)
+    fbar = basis.mean(axis=-1, keepdims=True)
+    centred = basis - fbar
+    sff = (centred**2).sum(axis=-1, keepdims=True)
+    return 1.0 / x.size + ((basis_new - fbar) / sff)[..., :, None] * centred[..., None, :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Power law per arm
+# The models, vectorised over groups that share their budgets and seed count
 
 
 @dataclass(frozen=True)
-class PowerLawFit:
-    """L(D) = E + A·(D/reference)^(−α), fitted on the lower-is-better orientation of the metric."""
+class GapFits:
+    """The three candidates fitted to G groups at once (data: G × seeds × budgets) and the choice among them."""
 
-    converged: bool
-    message: str
-    reference: float = 1.0
-    params: tuple[float, float, float] | None = None  # (E, A, alpha)
-    covariance: np.ndarray | None = field(default=None, repr=False)
-    sign: float = 1.0  # +1: fitted on the metric itself; −1: fitted on −metric (higher-is-better metrics)
+    budgets: np.ndarray  # (K,)
+    data: np.ndarray  # (G, S, K) paired differences
+    centre: float  # ln B̄
+    means: np.ndarray  # (G, K)
+    pure_error: np.ndarray  # (G,) s²_e, pooled over each group's family
+    pure_dof: np.ndarray  # (G,) its degrees of freedom
+    rss: np.ndarray  # (G, 3) per candidate (power: at its best γ)
+    rss_gamma: np.ndarray  # (G, len(GAMMAS)): the power model's profile over the γ grid
+    lof_p: np.ndarray  # (G, 3), NaN where the candidate cannot be checked (p ≥ K)
+    passed: np.ndarray  # (G, 3) bool
+    gamma: np.ndarray  # (G,) best γ of the power candidate (refined between grid points)
+    choice: np.ndarray  # (G,) index into MODELS, −1: none passed
 
-    def predict(self, tokens) -> np.ndarray:
-        """The fitted curve in the metric's own orientation."""
-        e, a, alpha = self.params
-        return self.sign * (e + a * (np.asarray(tokens, dtype=float) / self.reference) ** (-alpha))
+    @property
+    def groups(self) -> int:
+        return self.data.shape[0]
 
+    @property
+    def seeds(self) -> int:
+        return self.data.shape[1]
 
-def _power_law(x, e, a, alpha):
-    return e + a * x ** (-alpha)
-
-
-def _power_law_jacobian(x, e, a, alpha):
-    power = x ** (-alpha)
-    return np.column_stack([np.ones_like(x), power, -a * power * np.log(x)])
-
-
-STARTING_ALPHAS = np.geomspace(0.01, 3.0, 48)
-
-
-def _starting_point(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Best (E, A, α) over a grid of α, with E and A solved by linear least squares for each α (all α at once:
-    a straight-line fit of y on x^(−α))."""
-    alphas = STARTING_ALPHAS
-    z = x[None, :] ** -alphas[:, None]
-    z_centred = z - z.mean(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        a = (z_centred @ (y - y.mean())) / np.einsum("ij,ij->i", z_centred, z_centred)
-    e = y.mean() - a * z.mean(axis=1)
-    error = ((e[:, None] + a[:, None] * z - y[None, :]) ** 2).sum(axis=1)
-    error[~((a >= 0) & (e <= y.min()) & np.isfinite(error))] = np.inf
-    best = int(np.argmin(error))
-    if np.isinf(error[best]):
-        spread = float(np.ptp(y)) or 1.0
-        return float(y.min()) - 0.1 * spread, spread, 0.3
-    return float(e[best]), float(a[best]), float(alphas[best])
+    def model(self, g: int) -> str | None:
+        return MODELS[self.choice[g]] if self.choice[g] >= 0 else None
 
 
-def fit_power_law(
-    tokens: np.ndarray, values: np.ndarray, higher_is_better: bool = False, max_evaluations: int = 2000
-) -> PowerLawFit:
-    """Least-squares fit of L(D) = E + A·D^(−α) (A ≥ 0, α in ALPHA_BOUNDS, E ≤ min L) by `scipy.optimize.curve_fit`.
+def fit_gap_models(budgets, data, families=None) -> GapFits:
+    """Fit and check every candidate for each group; `data` (G, S, K): d[group, seed, budget], no missing values,
+    S ≥ 2 and K ≥ 2 (nothing can be checked otherwise). `families` (G,): groups with the same label pool their pure
+    error (the noise of a method in a setting is shared by its ratios; 3 degrees of freedom per group are too few
+    to judge a fit by); default: each group alone."""
+    budgets = np.asarray(budgets, dtype=float)
+    data = np.asarray(data, dtype=float)
+    groups, seeds, k = data.shape
+    if seeds < 2 or k < 2:
+        raise ValueError(f"a gap model needs ≥ 2 seeds and ≥ 2 budgets, got {seeds} and {k}")
+    x = np.log(budgets)
+    centre = float(x.mean())
+    x = x - centre
+    means = data.mean(axis=1)
+    interaction = data - data.mean(axis=1, keepdims=True) - data.mean(axis=2, keepdims=True) \
+        + data.mean(axis=(1, 2), keepdims=True)
+    squares = (interaction**2).sum(axis=(1, 2))
+    labels = np.arange(groups) if families is None else np.unique(np.asarray(families), return_inverse=True)[1]
+    members = np.bincount(labels)[labels]
+    pure_dof = (seeds - 1) * (k - 1) * members
+    pure_error = np.bincount(labels, weights=squares)[labels] / pure_dof
+    # Exact synthetic data have no noise: a floor keeps the ratios finite (and every exact model passes).
+    pure_error = np.maximum(pure_error, 1e-12 * (1.0 + (means**2).mean(axis=1)))
+    mc = means - means.mean(axis=1, keepdims=True)
+    syy = (mc**2).sum(axis=1)
 
-    Needs at least MIN_POINTS_FOR_FIT distinct token counts; otherwise the fit is under-determined and is not made.
-    A fit that does not converge, or whose covariance cannot be estimated (e.g. a flat curve, where α is not
-    identifiable), or that ends with A = 0 or α on a bound, is returned with `converged=False` and the reason.
-    """
-    from scipy import optimize  # here: ~0.7 s to import, and the plotting process unpickles fits without fitting
+    def rss_of(gammas):  # (G, L) or (L,) γ → (G, L) residual sum of squares of the seed means
+        centred = _basis(x, gammas)
+        centred = centred - centred.mean(axis=-1, keepdims=True)
+        sff = (centred**2).sum(axis=-1)
+        sfy = np.einsum("glk,gk->gl", np.broadcast_to(centred, (groups, *centred.shape[-2:])), mc)
+        return np.maximum(syy[:, None] - sfy**2 / np.broadcast_to(sff, sfy.shape), 0.0)
 
+    rss_gamma = rss_of(GAMMAS)
+    best = np.argmin(rss_gamma, axis=1)
+    local = np.clip(GAMMAS[best][:, None] + REFINE[None, :], GAMMAS[0], GAMMAS[-1])
+    rss_local = rss_of(local)
+    fine = np.argmin(rss_local, axis=1)
+    rows = np.arange(groups)
+    gamma = local[rows, fine]
+    rss = np.column_stack([syy, rss_gamma[:, LINEAR], rss_local[rows, fine]])
+    lof_dof = k - PARAMETERS
+    checkable = lof_dof >= 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        statistic = seeds * rss / np.where(checkable, lof_dof, 1)[None, :] / pure_error[:, None]
+        lof_p = np.where(checkable[None, :], special.fdtrc(np.where(checkable, lof_dof, 1)[None, :],
+                                                           pure_dof[:, None], statistic), np.nan)
+    passed = checkable[None, :] & (lof_p >= LOF_ALPHA)
+    criterion = np.where(passed, seeds * rss / pure_error[:, None] + 2 * PARAMETERS[None, :], np.inf)
+    choice = np.where(passed.any(axis=1), np.argmin(criterion, axis=1), -1)
+    return GapFits(budgets, data, centre, means, pure_error, pure_dof, rss, rss_gamma, lof_p, passed, gamma, choice)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per candidate (3), group (G) and budget (M): the fitted mean gap, the LEVEL prediction interval for a rerun's
+    seed mean and the LEVEL confidence band of the curve."""
+
+    mean: np.ndarray  # (3, G, M)
+    pi_low: np.ndarray
+    pi_high: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+
+    def chosen(self, fits: GapFits) -> tuple[np.ndarray, ...]:
+        """(mean, pi_low, pi_high, ci_low, ci_high), each (G, M): the chosen model's mean, and intervals that are the
+        union over every candidate that passed its lack-of-fit test (the data cannot tell them apart, so the
+        interval must hold each); NaN where none passed."""
+        index = np.maximum(fits.choice, 0)
+        rows = np.arange(fits.groups)
+        mean = self.mean[index, rows]
+        passed = fits.passed.T[:, :, None]  # (3, G, 1)
+        low = lambda array: np.where(passed, array, np.inf).min(axis=0)  # noqa: E731
+        high = lambda array: np.where(passed, array, -np.inf).max(axis=0)  # noqa: E731
+        out = [mean, low(self.pi_low), high(self.pi_high), low(self.ci_low), high(self.ci_high)]
+        for array in out:
+            array[fits.choice < 0] = np.nan
+        return tuple(out)
+
+
+def predict(fits: GapFits, tokens, level: float = LEVEL) -> Prediction:
+    """Every candidate's prediction at `tokens` (M,), with its intervals (see the module text)."""
     tokens = np.asarray(tokens, dtype=float)
-    sign = -1.0 if higher_is_better else 1.0
-    y = sign * np.asarray(values, dtype=float)
-    distinct = np.unique(tokens).size
-    if distinct < MIN_POINTS_FOR_FIT:
-        return PowerLawFit(False, f"under-determined: {distinct} budget(s), a fit needs {MIN_POINTS_FOR_FIT}")
-    reference = float(tokens.min())
-    x = tokens / reference
-    start = _starting_point(x, y)
-    if start[2] <= STARTING_ALPHAS[0]:
-        # The best α of the grid is its smallest: the curve is straight in log tokens over this range, where
-        # E + A·D^(−α) tends to a line in ln D as α → 0 (A → ∞): α, A and E are not identifiable, and the optimizer
-        # would only walk to α's bound.
-        return PowerLawFit(False, f"fit did not converge to an interior solution (the values are straight in log "
-                           f"tokens: best α ≤ {STARTING_ALPHAS[0]:g})", reference, sign=sign)
-    upper_e = float(y.min())
-    start = (min(start[0], upper_e), max(start[1], 0.0), min(max(start[2], ALPHA_BOUNDS[0]), ALPHA_BOUNDS[1]))
-    bounds = ([-np.inf, 0.0, ALPHA_BOUNDS[0]], [upper_e + 1e-12, np.inf, ALPHA_BOUNDS[1]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", optimize.OptimizeWarning)
-        try:
-            params, cov = optimize.curve_fit(
-                _power_law, x, y, p0=start, bounds=bounds, jac=_power_law_jacobian, max_nfev=max_evaluations,
-                method="trf",
-            )
-        except (RuntimeError, optimize.OptimizeWarning) as error:
-            return PowerLawFit(False, f"fit did not converge ({error})", reference, sign=sign)
-    params = tuple(float(p) for p in params)
-    if not np.all(np.isfinite(cov)):
-        return PowerLawFit(False, "fit did not converge (parameter covariance not estimable)", reference,
-                           params, None, sign)
-    e, a, alpha = params
-    if a <= 1e-6 * (abs(e) + 1) or alpha <= ALPHA_BOUNDS[0] * 1.001 or alpha >= ALPHA_BOUNDS[1] * 0.999:
-        # A (numerically) 0 or α at a bound: the data show no power-law decrease, so E, A and α mean nothing.
-        return PowerLawFit(False, f"fit did not converge to an interior solution (A = {a:.3g}, α = {alpha:.3g} "
-                           f"at a bound)", reference, params, None, sign)
-    return PowerLawFit(True, "converged", reference, params, cov, sign)
+    groups, seeds, k = fits.data.shape
+    x = np.log(fits.budgets) - fits.centre
+    xn = np.log(tokens) - fits.centre
+    per_seed = np.einsum("gsk,cmk->gcsm", fits.data, _weights(x, xn, GAMMAS))  # (G, Γ, S, M)
+    mean = per_seed.mean(axis=2)
+    spread = per_seed.var(axis=2, ddof=1)
+    power_seed = np.einsum("gsk,gmk->gsm", fits.data, _weights(x, xn, fits.gamma))  # at each group's own γ
+    power_mean, power_spread = power_seed.mean(axis=1), power_seed.var(axis=1, ddof=1)
+    constant = fits.data.mean(axis=2)  # (G, S): each seed's own level
+    constant_mean = np.repeat(constant.mean(axis=1)[:, None], tokens.size, axis=1)
+    constant_spread = np.repeat(constant.var(axis=1, ddof=1)[:, None], tokens.size, axis=1)
 
+    s2e = fits.pure_error[:, None, None]
+    dof_e = fits.pure_dof[:, None, None].astype(float)
+    # Power: the union over γ's profile confidence set (the grid's γ in it, and the best γ itself).
+    threshold = special.fdtri(1, fits.pure_dof, level)[:, None]
+    inside = seeds * (fits.rss_gamma - fits.rss[:, 2:]) / fits.pure_error[:, None] <= threshold
+    needed = inside.copy()
+    needed[:, LINEAR] = True  # the linear model is a candidate of its own
 
-def _first_crossing(grid: np.ndarray, benefit: np.ndarray) -> np.ndarray:
-    """Per row of `benefit` (draws × grid points), the first grid point where its sign differs from column 0."""
-    changed = np.sign(benefit) != np.sign(benefit[:, :1])
-    has = changed.any(axis=1)
-    first = np.argmax(changed, axis=1)
-    result = np.full(benefit.shape[0], np.nan)
-    rows = np.nonzero(has)[0]
-    if rows.size:
-        i = first[rows]
-        b0, b1 = benefit[rows, i - 1], benefit[rows, i]
-        l0, l1 = np.log(grid[i - 1]), np.log(grid[i])
-        result[rows] = np.exp(l0 + (0 - b0) / (b1 - b0) * (l1 - l0))
-    return result
+    def intervals(m, v, s2, dof_s2, where=None):
+        """PI and CI bounds; `where` (broadcast over the last axis): compute only there (Student's t quantiles
+        are the costly part), NaN elsewhere."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total = v + s2
+            dof = total**2 / (v**2 / (seeds - 1) + s2**2 / dof_s2)
+            quantile = np.full(dof.shape, np.nan)
+            mask = np.ones(dof.shape, bool) if where is None else np.broadcast_to(where[..., None], dof.shape)
+            quantile[mask] = _t(dof[mask], level)
+            half_pi = quantile * np.sqrt(total / seeds)
+            half_ci = _t(seeds - 1, level) * np.sqrt(v / seeds)
+        return m - half_pi, m + half_pi, m - half_ci, m + half_ci
 
+    g_lo, g_hi, gc_lo, gc_hi = intervals(mean, spread, s2e, dof_e, needed)
+    p_lo, p_hi, pc_lo, pc_hi = intervals(power_mean, power_spread, s2e[:, 0], dof_e[:, 0])
+    c_lo, c_hi, cc_lo, cc_hi = intervals(constant_mean, constant_spread, s2e[:, 0], dof_e[:, 0])
 
-def _draw_params(fit: PowerLawFit, rng: np.random.Generator, draws: int) -> np.ndarray:
-    sample = rng.multivariate_normal(np.array(fit.params), fit.covariance, size=draws, check_valid="ignore")
-    sample[:, 1] = np.clip(sample[:, 1], 0, None)
-    sample[:, 2] = np.clip(sample[:, 2], *ALPHA_BOUNDS)
-    return sample
+    def union(array, best, low: bool):
+        masked = np.where(inside[:, :, None], array, np.inf if low else -np.inf)
+        return np.minimum(masked.min(axis=1), best) if low else np.maximum(masked.max(axis=1), best)
 
-
-def _curve(fit: PowerLawFit, params: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    x = tokens[None, :] / fit.reference
-    return fit.sign * (params[:, :1] + params[:, 1:2] * x ** (-params[:, 2:3]))
-
-
-def extrapolate_crossover(
-    pruned: PowerLawFit, random: PowerLawFit, largest_budget: float, random_offset: float,
-    horizon: float = POWER_LAW_HORIZON, seed: int = 0,
-) -> tuple[float | None, float | None, float | None, float]:
-    """Where the fitted curves cross beyond the largest budget, up to `horizon` × it.
-
-    Compares pruned at D with random at D + random_offset. Returns (crossover, 2.5 %, 97.5 % quantile, fraction of
-    draws that cross); the interval comes from a parametric bootstrap over each fit's covariance.
-    """
-    grid = np.geomspace(largest_budget, horizon * largest_budget, 240)
-
-    def gap(p_params, r_params):
-        return _curve(pruned, p_params, grid) - _curve(random, r_params, grid + random_offset)
-
-    point = _first_crossing(grid, gap(np.array([pruned.params]), np.array([random.params])))[0]
-    rng = np.random.default_rng(seed)
-    drawn = _first_crossing(
-        grid, gap(_draw_params(pruned, rng, BOOTSTRAP_DRAWS), _draw_params(random, rng, BOOTSTRAP_DRAWS))
+    stack = lambda c, lin, power: np.stack([c, lin, power])  # noqa: E731
+    return Prediction(
+        mean=stack(constant_mean, mean[:, LINEAR], power_mean),
+        pi_low=stack(c_lo, g_lo[:, LINEAR], union(g_lo, p_lo, True)),
+        pi_high=stack(c_hi, g_hi[:, LINEAR], union(g_hi, p_hi, False)),
+        ci_low=stack(cc_lo, gc_lo[:, LINEAR], union(gc_lo, pc_lo, True)),
+        ci_high=stack(cc_hi, gc_hi[:, LINEAR], union(gc_hi, pc_hi, False)),
     )
-    crossed = drawn[np.isfinite(drawn)]
-    fraction = crossed.size / BOOTSTRAP_DRAWS
-    if math.isnan(point):
-        return None, None, None, fraction
-    low, high = (np.quantile(crossed, [0.025, 0.975]) if crossed.size else (np.nan, np.nan))
-    return float(point), float(low), float(high), fraction
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Linear gap in log tokens
 
 
 @dataclass(frozen=True)
-class Line:
-    """Ordinary least squares y = ybar + slope·(x − xbar) over n points, x = ln tokens."""
+class Holdout:
+    """Fit without the largest budget, predict it (per group of a GapFits)."""
 
-    n: int
-    xbar: float
-    ybar: float
-    slope: float
-    sxx: float
-    s2: float  # residual variance, n − 2 degrees of freedom
-
-    @property
-    def dof(self) -> int:
-        return self.n - 2
-
-    def mean(self, x: np.ndarray) -> np.ndarray:
-        return self.ybar + self.slope * (np.asarray(x, dtype=float) - self.xbar)
-
-    def variance(self, x: np.ndarray) -> np.ndarray:
-        return self.s2 * (1 / self.n + (np.asarray(x, dtype=float) - self.xbar) ** 2 / self.sxx)
+    budget: float
+    model: list[str | None]
+    predicted: np.ndarray  # (G,)
+    low: np.ndarray
+    high: np.ndarray
+    measured: np.ndarray
+    covered: np.ndarray  # bool; False where no model (see `checked`)
+    checked: np.ndarray  # bool: a model was chosen on the reduced grid
 
 
-def fit_line(tokens: np.ndarray, values: np.ndarray) -> Line:
-    x, y = np.log(np.asarray(tokens, dtype=float)), np.asarray(values, dtype=float)
-    xbar, ybar = float(x.mean()), float(y.mean())
-    sxx = float(((x - xbar) ** 2).sum())
-    slope = float(((x - xbar) * (y - ybar)).sum() / sxx)
-    residual = y - (ybar + slope * (x - xbar))
-    return Line(int(x.size), xbar, ybar, slope, sxx, float((residual**2).sum() / max(x.size - 2, 1)))
-
-
-@dataclass(frozen=True)
-class LinearGapFit:
-    """The gap pruned − random as a straight line in ln B: one line through the per-seed differences when the seeds
-    pair at every budget, else the difference of one line per arm (independent, Welch–Satterthwaite dof)."""
-
-    lines: tuple[Line, ...]  # (differences,) or (pruned, random)
-    largest_budget: float
-    smallest_budget: float
-
-    @property
-    def paired(self) -> bool:
-        return len(self.lines) == 1
-
-    def predict(self, tokens) -> tuple[np.ndarray, np.ndarray]:
-        """Fitted gap at `tokens` and the half-width of its 95 % confidence band."""
-        x = np.log(np.asarray(tokens, dtype=float))
-        if self.paired:
-            (line,) = self.lines
-            return line.mean(x), t_quantile(line.dof) * np.sqrt(line.variance(x))
-        pruned, random = self.lines
-        a, b = pruned.variance(x), random.variance(x)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dof = (a + b) ** 2 / (a**2 / pruned.dof + b**2 / random.dof)
-        return pruned.mean(x) - random.mean(x), t_quantile(dof) * np.sqrt(a + b)
-
-    def zero(self) -> float | None:
-        """ln B where the fitted gap is 0 (None when the line is flat)."""
-        if self.paired:
-            intercept, slope = self.lines[0].ybar - self.lines[0].slope * self.lines[0].xbar, self.lines[0].slope
-        else:
-            p, r = self.lines
-            intercept = (p.ybar - p.slope * p.xbar) - (r.ybar - r.slope * r.xbar)
-            slope = p.slope - r.slope
-        return None if slope == 0 else -intercept / slope
-
-
-def fit_linear_gap(points: pl.DataFrame, paired: bool) -> LinearGapFit | str:
-    """`points`: seed-level rows (init, budget_tokens, seed, value) of one (granularity, method, ratio, setting),
-    budgets > 0. The fit, or why it is not made."""
-    budgets = np.unique(points["budget_tokens"].to_numpy())
-    if budgets.size < MIN_BUDGETS_FOR_LINE:
-        return f"under-determined: {budgets.size} budget(s), a line needs {MIN_BUDGETS_FOR_LINE}"
-    if paired:
-        pruned = points.filter(pl.col("init") == "pruned").select("budget_tokens", "seed", "value")
-        random = points.filter(pl.col("init") == "random").select("budget_tokens", "seed", "value")
-        diffs = pruned.join(random, on=["budget_tokens", "seed"], suffix="_random")
-        lines = (fit_line(diffs["budget_tokens"].to_numpy(), (diffs["value"] - diffs["value_random"]).to_numpy()),)
-    else:
-        lines = tuple(fit_line(arm["budget_tokens"].to_numpy(), arm["value"].to_numpy())
-                      for arm in (points.filter(pl.col("init") == init) for init in ("pruned", "random")))
-    if any(line.dof < 1 for line in lines):
-        return "under-determined: one point per budget (a single seed) leaves the line no residual to measure"
-    return LinearGapFit(lines, float(budgets.max()), float(budgets.min()))
-
-
-def linear_crossover(fit: LinearGapFit, horizon: float = LINEAR_HORIZON,
-                     ) -> tuple[float | None, float | None, float | None, bool, bool, str]:
-    """The zero of the fitted gap when it lies beyond the largest budget and within `horizon` × it: (budget, low,
-    high, open_low, open_high, reason). low/high: the budgets in [largest, horizon × largest] where the gap's 95 %
-    band contains 0; open_low: the band contains 0 already at the largest budget; open_high: still at the horizon."""
-    x_max = math.log(fit.largest_budget)
-    zero = fit.zero()
-    end = x_max + math.log(horizon)
-    if zero is None:
-        return None, None, None, False, False, "the fitted gap does not change with the budget"
-    gap_now = float(fit.predict([fit.largest_budget])[0][0])
-    if zero <= x_max:
-        if fit.smallest_budget < math.exp(zero):
-            reason = "the fitted line changes sign inside the grid though the measured gaps do not"
-        else:
-            reason = "the fitted gap moves away from 0 as the budget grows"
-        return None, None, None, False, False, reason
-    if zero > end:
-        at = math.exp(zero)
-        return None, None, None, False, False, (
-            f"the fitted gap ({gap_now:+.3g} at the largest budget) would reach 0 only beyond {horizon:g}× the largest "
-            f"budget (at ≈ {at:.3g} tokens, too far to extrapolate)")
-    xs = np.linspace(x_max, end, 240)
-    gap, half = fit.predict(np.exp(xs))
-    inside = np.abs(gap) <= half
-    if not inside.any():  # the band is narrower than the grid spacing: the point itself is the interval
-        return math.exp(zero), math.exp(zero), math.exp(zero), False, False, ""
-    index = np.nonzero(inside)[0]
-    return (math.exp(zero), float(math.exp(xs[index[0]])), float(math.exp(xs[index[-1]])), bool(inside[0]),
-            bool(inside[-1]), "")
+def holdout(fits: GapFits, families=None, level: float = LEVEL) -> Holdout | None:
+    """The hold-out check of each group, or None when the grid has too few budgets (a fit needs ≥ 2 left)."""
+    k = fits.budgets.size
+    if k < 3:
+        return None
+    reduced = fit_gap_models(fits.budgets[:-1], fits.data[:, :, :-1], families)
+    mean, low, high, _, _ = predict(reduced, fits.budgets[-1:], level).chosen(reduced)
+    measured = fits.means[:, -1]
+    checked = reduced.choice >= 0
+    covered = checked & (low[:, 0] <= measured) & (measured <= high[:, 0])
+    return Holdout(float(fits.budgets[-1]), [reduced.model(g) for g in range(fits.groups)], mean[:, 0], low[:, 0],
+                   high[:, 0], measured, covered, checked)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Crossovers per group
+# Crossovers of one group
 
 
 @dataclass(frozen=True)
@@ -320,100 +302,293 @@ class Crossover:
     method: str
     ratio: float
     setting: int
-    kind: str  # interpolated | extrapolated | none | not-fitted
-    model: str | None  # "sign change" | "power law" | "linear gap in log tokens" | None
-    budget: float | None
-    low: float | None
-    high: float | None
+    kind: str  # interpolated | unresolved | extrapolated | none | not-fitted
+    model: str | None  # the chosen gap model (MODELS), None when none was fitted or none passed
+    budget: float | None  # point estimate (interpolated, extrapolated)
+    low: float | None  # the range: interpolated/unresolved between these budgets; extrapolated: band contains 0
+    high: float | None  # None with kind unresolved: beyond the largest budget
     direction: str  # "scratch catches up with pruning" | "pruning overtakes scratch"
-    reason: str = ""  # kind none / not-fitted: why there is no crossover to report
+    reason: str = ""  # kinds unresolved / none / not-fitted: why
     horizon: float | None = None
-    open_low: bool = False  # the interval reaches down to the largest measured budget
-    open_high: bool = False  # the interval reaches the horizon
-    fraction: float | None = None  # power law: share of bootstrap draws that cross within the horizon
+    open_low: bool = False  # extrapolated: the band contains 0 already at the largest budget
+    open_high: bool = False  # extrapolated: still at the horizon
     largest_budget: float | None = None
-    fits: dict[str, PowerLawFit] = field(default_factory=dict, repr=False)  # "pruned", "random"
-    linear: LinearGapFit | None = field(default=None, repr=False)
-    random_offset: float = 0.0  # tokens the random arm trains beyond the budget (setting 2: parent tokens)
-
-
-def interpolate_sign_change(budgets: np.ndarray, benefit: np.ndarray) -> tuple[float, float, float] | None:
-    """First budget where the benefit changes sign, linear in log tokens; (crossover, lower, upper budget)."""
-    for i in range(len(budgets) - 1):
-        b0, b1 = benefit[i], benefit[i + 1]
-        if b0 == 0:
-            return float(budgets[i]), float(budgets[i]), float(budgets[i])
-        if np.sign(b0) != np.sign(b1):
-            l0, l1 = np.log(budgets[i]), np.log(budgets[i + 1])
-            at = l0 + (0 - b0) / (b1 - b0) * (l1 - l0)
-            return float(np.exp(at)), float(budgets[i]), float(budgets[i + 1])
-    return None
+    lof_p: float | None = None  # the chosen model's lack-of-fit p
+    gamma: float | None = None  # power model: its γ
+    seeds: int = 0
+    fitted: bool = False  # the gap models were fitted (enough seeds and budgets)
+    holdout: dict | None = None  # predicted, low, high, measured, covered, model; None: not checkable
+    curve: dict | None = field(default=None, repr=False)  # tokens, mean, low, high (the 90 % prediction band)
 
 
 def _direction(benefit_before: float) -> str:
     return "scratch catches up with pruning" if benefit_before > 0 else "pruning overtakes scratch"
 
 
-def crossovers(values: pl.DataFrame, gaps: pl.DataFrame, parent_tokens: float | None, higher_is_better: bool,
-               ) -> list[Crossover]:
-    """Crossover per (granularity, method, ratio, setting) from the seed-level values (budgets > 0) and the gaps."""
-    results: list[Crossover] = []
-    pruned_fits: dict[tuple, PowerLawFit] = {}
-    gap_parts = gaps.sort("budget_tokens").partition_by(CURVE_KEYS, as_dict=True)
-    value_parts = values.partition_by(["granularity", "method", "ratio"], as_dict=True)
-    for (granularity, method, ratio, setting), rows in sorted(gap_parts.items()):
-        key = dict(granularity=granularity, method=method, ratio=ratio, setting=setting)
-        budgets = rows["budget_tokens"].to_numpy().astype(float)
-        benefit = rows["benefit"].to_numpy()
-        offset = float(parent_tokens or 0) if setting == 2 else 0.0
-        arm_values = value_parts[(granularity, method, ratio)]
-        if (granularity, method, ratio) not in pruned_fits:
-            # A pruned cell is listed once per setting with the same training run: fit each budget × seed once.
-            points = arm_values.filter(pl.col("init") == "pruned").unique(["budget_tokens", "seed"])
-            pruned_fits[(granularity, method, ratio)] = fit_power_law(
-                points["budget_tokens"].to_numpy(), points["value"].to_numpy(), higher_is_better)
-        in_setting = arm_values.filter((pl.col("setting") == setting)
-                                       & pl.col("budget_tokens").is_in(rows["budget_tokens"].implode()))
-        random_points = in_setting.filter(pl.col("init") == "random")
-        fits = {
-            "pruned": pruned_fits[(granularity, method, ratio)],
-            "random": fit_power_law(random_points["budget_tokens"].to_numpy() + offset,
-                                    random_points["value"].to_numpy(), higher_is_better),
-        }
-        linear = fit_linear_gap(in_setting, paired=bool((rows["test"] == "paired").all()))
-        common = dict(**key, fits=fits, random_offset=offset, largest_budget=float(budgets.max()),
-                      linear=linear if isinstance(linear, LinearGapFit) else None)
-        inside = interpolate_sign_change(budgets, benefit)
+def _log_zero(b0: float, b1: float, y0: float, y1: float) -> float:
+    """Where the straight line in log tokens through (b0, y0), (b1, y1) is 0."""
+    if y0 == y1:
+        return math.sqrt(b0 * b1)
+    l0, l1 = math.log(b0), math.log(b1)
+    return math.exp(l0 + (0 - y0) / (y1 - y0) * (l1 - l0))
+
+
+def inside_crossing(budgets: np.ndarray, benefit: np.ndarray, significant: np.ndarray,
+                    ) -> tuple[str, float | None, float | None, float | None, str, float] | None:
+    """A sign change inside the grid: (kind, budget, low, high, reason, the benefit's sign before it) or None.
+
+    `significant`: +1 where the verdict is prune, −1 where scratch, 0 otherwise (in benefit orientation). Resolved
+    (interpolated) when a significant verdict is followed by the opposite one with nothing significant between them;
+    else, if the mean benefit changes sign, a range from the last significant budget before the change (or the
+    smallest budget) to the first significant one after it (None: beyond the largest budget)."""
+    marked = np.flatnonzero(significant != 0)
+    for i, j in zip(marked[:-1], marked[1:], strict=True):
+        if significant[i] == -significant[j]:
+            at = None
+            for a in range(i, j):
+                if np.sign(benefit[a]) != np.sign(benefit[a + 1]) or benefit[a] == 0:
+                    at = _log_zero(budgets[a], budgets[a + 1], benefit[a], benefit[a + 1])
+                    break
+            if at is None:  # the means do not change sign between two opposite significant verdicts: cannot be
+                at = _log_zero(budgets[i], budgets[j], benefit[i], benefit[j])
+            return "interpolated", at, float(budgets[i]), float(budgets[j]), "", float(significant[i])
+    signs = np.sign(benefit)
+    changes = np.flatnonzero(signs[1:] != signs[:-1])
+    if not changes.size:
+        return None
+    first = int(changes[0])
+    before = [int(i) for i in marked if i <= first]
+    after = [int(j) for j in marked if j > first]
+    low = float(budgets[before[-1]] if before else budgets[0])
+    high = float(budgets[after[0]]) if after else None
+    unresolved = ("no significant verdict on either side" if not before and not after else
+                  "no significant verdict before it" if not before else
+                  "no significant verdict after it" if not after else
+                  "the verdicts on both sides favour the same arm")
+    at = _log_zero(budgets[first], budgets[first + 1], benefit[first], benefit[first + 1])
+    return "unresolved", at, low, high, unresolved, float(signs[first])
+
+
+def _band_crossing(side: float, ci_low: np.ndarray, ci_high: np.ndarray) -> bool:
+    """Whether the band lies wholly on the other side of 0 from `side` (the sign of the gap now) somewhere."""
+    return bool(np.any(ci_high < 0)) if side > 0 else bool(np.any(ci_low > 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From the results frames
+
+
+@dataclass(frozen=True)
+class GroupData:
+    key: tuple  # (granularity, method, ratio, setting)
+    budgets: np.ndarray
+    seeds: list[int]
+    data: np.ndarray | None  # (S, K) or None when not fitted
+    reason: str = ""
+
+
+def group_data(values: pl.DataFrame) -> list[GroupData]:
+    """Per (granularity, method, ratio, setting): the budgets with ≥ 2 seeds in both arms, and the seeds that have
+    both arms at every one of them (complete cases; a seed's differences must all be there to be a unit)."""
+    keys = ["granularity", "method", "ratio", "setting", "budget_tokens", "seed"]
+    pruned = values.filter(pl.col("init") == "pruned").group_by(keys).agg(pl.col("value").mean())
+    random = values.filter(pl.col("init") == "random").group_by(keys).agg(pl.col("value").mean())
+    diffs = pruned.join(random, on=keys, suffix="_random").with_columns(d=pl.col("value") - pl.col("value_random"))
+    out = []
+    parts = diffs.partition_by(CURVE_KEYS, as_dict=True)
+    every = values.select(CURVE_KEYS).unique().sort(CURVE_KEYS).rows()
+    for key in every:
+        part = parts.get(key)
+        if part is None:
+            out.append(GroupData(key, np.array([]), [], None, "no seed has both arms at any budget"))
+            continue
+        counts = part.group_by("budget_tokens").len().filter(pl.col("len") >= 2)
+        budgets = np.array(sorted(counts["budget_tokens"].to_list()), dtype=float)
+        usable = part.filter(pl.col("budget_tokens").is_in(budgets.astype(np.int64).tolist()))
+        complete = usable.group_by("seed").len().filter(pl.col("len") == budgets.size)["seed"].sort().to_list()
+        if len(complete) < 2 or budgets.size < 2:
+            seeds_there = part["seed"].n_unique()
+            reason = (f"{seeds_there} seed(s) with both arms: a model needs ≥ 2 seeds to check it against"
+                      if seeds_there < 2 else
+                      f"{budgets.size} budget(s) with ≥ 2 paired seeds: a model needs ≥ 2 budgets" if budgets.size < 2
+                      else "fewer than 2 seeds have both arms at every budget")
+            out.append(GroupData(key, budgets, complete, None, reason))
+            continue
+        table = usable.filter(pl.col("seed").is_in(complete)).sort(["seed", "budget_tokens"])
+        data = table["d"].to_numpy().reshape(len(complete), budgets.size)
+        out.append(GroupData(key, budgets, complete, data))
+    return out
+
+
+@dataclass(frozen=True)
+class Trend:
+    """What the report shows of the gap's trend: one Crossover per group, the predictions, the hold-out check."""
+
+    crossovers: list[Crossover]
+    predictions: pl.DataFrame  # predictions.csv
+    holdout: dict[int, dict]  # per setting: checked, covered, groups, budget(s)
+
+
+PREDICTION_SCHEMA = {"setting": pl.Int64, "method": pl.Utf8, "ratio": pl.Float64, "budget_tokens": pl.Int64,
+                     "predicted_gap": pl.Float64, "lo90": pl.Float64, "hi90": pl.Float64, "granularity": pl.Utf8,
+                     "model": pl.Utf8, "extrapolated": pl.Boolean}
+
+
+def trend(values: pl.DataFrame, gaps: pl.DataFrame, grid_budgets: list[int] | None = None) -> Trend:
+    """Gap models, hold-out checks, crossovers and predictions for every group (see the module text).
+
+    `values`: seed-level headline values (budgets > 0); `gaps`: stats.gap_table (its mean gaps and verdicts);
+    `grid_budgets`: every budget the grid asks for (predictions.csv has a row for each, and for 2× and 4× the
+    largest), default the budgets in `values`."""
+    groups = group_data(values)
+    grid = sorted(set(grid_budgets or values["budget_tokens"].unique().to_list()))
+    largest_grid = float(max(grid)) if grid else 0.0
+    targets = np.array([*grid, *(m * largest_grid for m in PREDICTION_MULTIPLES)], dtype=float)
+    fitted: dict[tuple, tuple[GapFits, int, Prediction, Holdout | None, np.ndarray]] = {}
+    buckets: dict[tuple, list[GroupData]] = {}
+    for group in groups:
+        if group.data is not None:
+            buckets.setdefault((tuple(group.budgets), len(group.seeds)), []).append(group)
+    for (budgets, _), members in buckets.items():
+        budgets = np.array(budgets)
+        families = [(m.key[0], m.key[1], m.key[3]) for m in members]  # granularity, method, setting
+        fits = fit_gap_models(budgets, np.stack([m.data for m in members]), [str(f) for f in families])
+        largest = budgets[-1]
+        beyond = np.geomspace(largest, HORIZON * largest, EXTRAPOLATION_POINTS)
+        curve = np.geomspace(budgets[0], HORIZON * largest, 48)
+        points = np.concatenate([targets, beyond, curve])
+        prediction = predict(fits, points)
+        check = holdout(fits, [str(f) for f in families])
+        for index, member in enumerate(members):
+            fitted[member.key] = (fits, index, prediction, check, points)
+
+    verdicts = {key: part.sort("budget_tokens") for key, part in gaps.partition_by(CURVE_KEYS, as_dict=True).items()}
+    crossovers, rows = [], []
+    n_targets = targets.size
+    for group in groups:
+        key = group.key
+        granularity, method, ratio, setting = key
+        part = verdicts.get(key)
+        if part is None or part.height == 0:
+            continue
+        budgets_all = part["budget_tokens"].to_numpy().astype(float)
+        benefit = part["benefit"].to_numpy()
+        words = part["verdict"].fill_null("").to_list()
+        significant = np.array([(1 if w == "prune" else -1) if w in SIGNIFICANT else 0 for w in words])
+        common = dict(granularity=granularity, method=method, ratio=ratio, setting=setting,
+                      largest_budget=float(budgets_all.max()), seeds=len(group.seeds))
+        model = lof_p = gamma = curve = check_row = None
+        choice = -1
+        if key in fitted:
+            fits, g, prediction, check, points = fitted[key]
+            choice = int(fits.choice[g])
+            model = fits.model(g)
+            lof_p = float(fits.lof_p[g, choice]) if choice >= 0 else None
+            gamma = float(fits.gamma[g]) if choice == 2 else None
+            mean, pi_low, pi_high, ci_low, ci_high = prediction.chosen(fits)
+            if check is not None:
+                check_row = dict(budget=check.budget, model=check.model[g], checked=bool(check.checked[g]),
+                                 covered=bool(check.covered[g]), predicted=float(check.predicted[g]),
+                                 low=float(check.low[g]), high=float(check.high[g]),
+                                 measured=float(check.measured[g]))
+            largest = float(fits.budgets[-1])
+            for i, tokens in enumerate(targets):
+                rows.append(dict(setting=setting, method=method, ratio=ratio, budget_tokens=int(round(tokens)),
+                                 predicted_gap=_finite(mean[g, i]), lo90=_finite(pi_low[g, i]),
+                                 hi90=_finite(pi_high[g, i]), granularity=granularity, model=model,
+                                 extrapolated=bool(tokens > largest)))
+            if choice >= 0:
+                span = slice(n_targets + EXTRAPOLATION_POINTS, None)
+                curve = dict(tokens=points[span], mean=mean[g, span], low=pi_low[g, span], high=pi_high[g, span])
+        else:
+            for tokens in targets:
+                rows.append(dict(setting=setting, method=method, ratio=ratio, budget_tokens=int(round(tokens)),
+                                 predicted_gap=None, lo90=None, hi90=None, granularity=granularity, model=None,
+                                 extrapolated=bool(tokens > largest_grid)))
+        common.update(model=model, lof_p=lof_p, gamma=gamma, curve=curve, holdout=check_row, fitted=key in fitted)
+        inside = inside_crossing(budgets_all, benefit, significant)
         if inside is not None:
-            at, low, high = inside
-            results.append(Crossover(kind="interpolated", model="sign change", budget=at, low=low, high=high,
-                                     direction=_direction(benefit[0]), **common))
+            kind, at, low, high, reason, before = inside
+            crossovers.append(Crossover(kind=kind, budget=at, low=low, high=high, reason=reason,
+                                        direction=_direction(before), **common))
             continue
-        if all(fit.converged for fit in fits.values()):
-            at, low, high, fraction = extrapolate_crossover(fits["pruned"], fits["random"], float(budgets.max()),
-                                                            offset)
-            if at is None or fraction < MIN_CROSSING_FRACTION:
-                reason = ("the fitted curves do not cross there" if at is None else
-                          f"the fitted curves cross at {at:.3g} tokens, but only {fraction:.0%} of the bootstrap draws "
-                          f"do: not a crossover the data support")
-                results.append(Crossover(kind="none", model="power law", budget=None, low=None, high=None,
-                                         direction=_direction(benefit[-1]), horizon=POWER_LAW_HORIZON,
-                                         fraction=fraction, reason=reason, **common))
-            else:
-                results.append(Crossover(kind="extrapolated", model="power law", budget=at, low=low, high=high,
-                                         direction=_direction(benefit[-1]), horizon=POWER_LAW_HORIZON,
-                                         fraction=fraction, **common))
+        if key not in fitted:
+            crossovers.append(Crossover(kind="not-fitted", budget=None, low=None, high=None,
+                                        direction=_direction(benefit[-1]), reason=group.reason, **common))
             continue
-        power_reason = "; ".join(f"{arm}: {fit.message}" for arm, fit in fits.items() if not fit.converged)
-        if not isinstance(linear, LinearGapFit):
-            results.append(Crossover(kind="not-fitted", model=None, budget=None, low=None, high=None,
-                                     direction=_direction(benefit[-1]),
-                                     reason=f"power law not converged ({power_reason}); linear gap: {linear}",
-                                     **common))
-            continue
-        at, low, high, open_low, open_high, reason = linear_crossover(linear)
-        results.append(Crossover(
-            kind="extrapolated" if at is not None else "none", model="linear gap in log tokens", budget=at, low=low,
-            high=high, direction=_direction(benefit[-1]), reason=reason, horizon=LINEAR_HORIZON, open_low=open_low,
-            open_high=open_high, **common))
-    return results
+        crossovers.append(extrapolate(fits, g, prediction, check_row, points, n_targets, benefit[-1], common))
+    predictions = pl.DataFrame(rows, schema=PREDICTION_SCHEMA) if rows else pl.DataFrame(schema=PREDICTION_SCHEMA)
+    return Trend(crossovers, predictions.sort(["setting", "method", "ratio", "budget_tokens"]),
+                 holdout_summary(crossovers))
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def extrapolate(fits: GapFits, g: int, prediction: Prediction, check: dict | None, points: np.ndarray,
+                 n_targets: int, benefit_last: float, common: dict) -> Crossover:
+    """Kind extrapolated, or none with the reason (see the module text)."""
+    direction = _direction(benefit_last)
+    choice = int(fits.choice[g])
+    none = dict(kind="none", budget=None, low=None, high=None, direction=direction, horizon=HORIZON)
+    if choice < 0:
+        return Crossover(reason="no gap model passed its lack-of-fit test", **none, **common)
+    if fits.budgets.size < MIN_BUDGETS_TO_EXTRAPOLATE:
+        return Crossover(reason=f"{fits.budgets.size} budgets: a curve approaching 0 cannot be checked with fewer "
+                                f"than {MIN_BUDGETS_TO_EXTRAPOLATE}, so no extrapolation", **none, **common)
+    span = slice(n_targets, n_targets + EXTRAPOLATION_POINTS)
+    tokens = points[span]
+    mean = prediction.mean[choice, g, span]
+    side = float(np.sign(fits.means[g, -1]))  # the measured mean gap at the largest budget
+    changed = np.flatnonzero(np.sign(mean) != side)
+    if not changed.size:
+        what = {0: "constant", 1: "linear trend", 2: "power curve"}[choice]
+        return Crossover(reason=f"the chosen {what} does not reach 0 within {HORIZON:g}× the largest budget",
+                         **none, **common)
+    first = int(changed[0])
+    at = _log_zero(tokens[first - 1], tokens[first], mean[first - 1], mean[first]) if first else float(tokens[0])
+    if check is None or not check["checked"]:
+        return Crossover(reason=f"the trend reaches 0 at ≈ {at:.3g} tokens, but the hold-out check could not be made "
+                                "(no model passed without the largest budget): not extrapolated", **none, **common)
+    if not check["covered"]:
+        return Crossover(reason=f"the trend reaches 0 at ≈ {at:.3g} tokens, but the model failed the hold-out check "
+                                "(it did not predict the largest budget): not extrapolated", **none, **common)
+    agree = all(_band_crossing(side, prediction.ci_low[c, g, span], prediction.ci_high[c, g, span])
+                for c in range(len(MODELS)) if fits.passed[g, c])
+    if not agree:
+        return Crossover(reason=f"the trend reaches 0 at ≈ {at:.3g} tokens, within {HORIZON:g}×, but not every model "
+                                f"that fits the data has its {LEVEL:.0%} band across 0 there: not resolved",
+                         **none, **common)
+    _, _, _, ci_low, ci_high = prediction.chosen(fits)
+    ci_low, ci_high = ci_low[g, span], ci_high[g, span]
+    contains = (ci_low <= 0) & (ci_high >= 0)
+    index = np.flatnonzero(contains)
+    low = float(tokens[index[0]]) if index.size else at
+    high = float(tokens[index[-1]]) if index.size else at
+    return Crossover(kind="extrapolated", budget=at, low=low, high=high, direction=direction, horizon=HORIZON,
+                     open_low=bool(contains[0]), open_high=bool(contains[-1]), **common)
+
+
+def holdout_summary(crossovers: list[Crossover]) -> dict[int, dict]:
+    """Per setting: how many groups' held-out largest budget was checked and how many fell in the 90 % interval."""
+    out: dict[int, dict] = {}
+    for c in crossovers:
+        entry = out.setdefault(c.setting, dict(checked=0, covered=0, groups=0, budgets=set(), models={}))
+        entry["groups"] += 1
+        if c.holdout and c.holdout["checked"]:
+            entry["checked"] += 1
+            entry["covered"] += int(c.holdout["covered"])
+            entry["budgets"].add(c.holdout["budget"])
+        if c.model:
+            entry["models"][c.model] = entry["models"].get(c.model, 0) + 1
+    for entry in out.values():
+        entry["budgets"] = sorted(entry["budgets"])
+    return out
+
+
+def predictions_csv(predictions: pl.DataFrame) -> str:
+    """predictions.csv: one row per group and budget (every budget of the grid, and 2× and 4× the largest), with
+    the chosen model's predicted gap and its 90 % prediction interval; empty values where no model passed."""
+    return predictions.select(list(PREDICTION_SCHEMA)).write_csv(float_precision=6)

@@ -8,8 +8,8 @@ from collections import Counter
 import polars as pl
 
 from gridlab.report import stats
-from gridlab.report.capacity import Capacity
 from gridlab.report.scaling import Crossover
+from gridlab.report.transfer import COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER, Transfer
 
 GRANULARITY_ORDER = {"depth": 0, "width": 1, "sparse": 2}
 STATUSES = ("pending", "running", "done", "failed", "cancelled", "unknown")
@@ -115,66 +115,35 @@ def setting_sentence(squares: pl.DataFrame, setting: int, metric: str, higher_is
             f"better).")
 
 
-def capacity_sentence(capacity: Capacity) -> str:
-    if not capacity.available:
-        return f"Whether setting 2 can favour pruning at this scale is not known: {capacity.reason}."
-    counts, total = capacity.counts, len(capacity.rows)
-    p = format_tokens(capacity.parent_tokens)
-    advantages = [row["advantage"] for row in capacity.rows]
-    spread = f"{format_number(min(map(abs, advantages)), 2)}–{format_number(max(map(abs, advantages)), 2)}"
-    metric = capacity.metric
-    if counts["capacity-limited"] == total:
-        return (f"At P = {p} tokens the parent is capacity-limited: it reaches a better {metric} than the small "
-                f"architectures trained from scratch on the same P tokens in all {total} granularity × ratio pairs "
-                f"(by {spread}), so setting 2 is a fair test of whether pruning keeps what the parent learned.")
-    if counts["capacity-limited"] == 0:
-        data = counts["data-limited"]
-        how = (f"in all {total} granularity × ratio pairs" if data == total else
-               f"in {data} of {total} granularity × ratio pairs, indistinguishable in {counts['indistinguishable']}")
-        return (f"At P = {p} tokens the parent is data-limited: trained from scratch on the same P tokens, the small "
-                f"architectures match or beat its {metric} {how} (differences {spread}), so setting 2 must favour "
-                f"scratch at this scale whatever the method — read its verdicts as a property of this scale, not of "
-                f"pruning.")
-    return (f"At P = {p} tokens the parent is capacity-limited in {counts['capacity-limited']} of {total} "
-            f"granularity × ratio pairs, data-limited in {counts['data-limited']} and indistinguishable in "
-            f"{counts['indistinguishable']}: setting 2 can favour pruning only in the capacity-limited ones "
-            f"(see “Is setting 2 meaningful here?”).")
+# ---------------------------------------------------------------------------------------------------------------
+# Crossovers and the hold-out check (scaling.py)
 
 
-CAPACITY_READING = {
-    "capacity-limited": "the parent knows more than this architecture learns from P tokens: setting 2 can favour "
-                        "pruning",
-    "data-limited": "this architecture learns from P tokens at least what the parent knows: setting 2 must favour "
-                    "scratch here",
-    "indistinguishable": "no measurable capacity advantage at P tokens: setting 2 leans to scratch here",
-}
-
-
-def capacity_rows(capacity: Capacity) -> list[dict]:
-    rows = sorted(capacity.rows, key=lambda r: (*granularity_key(r["granularity"]), r["ratio"]))
-    return [dict(row, reading=CAPACITY_READING[row["regime"]]) for row in rows]
-
-
-def crossover_summary(found: list[Crossover], setting: int, higher_is_better: bool) -> str | None:
-    """One line per setting: how many groups cross inside the grid and where, how many by extrapolation (with the
-    model and its horizon), and how many neither (counted, not listed)."""
+def crossover_summary(found: list[Crossover], setting: int) -> str | None:
+    """One line per setting: the models chosen, how many groups cross inside the grid between significant verdicts,
+    how many change sign without a resolved crossing, how many reach 0 by extrapolation, and how many neither."""
     mine = [c for c in found if c.setting == setting]
     if not mine:
         return None
     total = len(mine)
+    models = Counter(c.model or "none passed" for c in mine if c.fitted)
+    chosen = ", ".join(f"{name} {models[name]}" for name in (*MODEL_ORDER, "none passed") if models[name])
+    text = f"Setting {setting}: {total} group{'s' if total != 1 else ''} (method × ratio)"
+    if chosen:
+        text += f"; gap models chosen by lack of fit: {chosen}"
     inside = [c for c in mine if c.kind == "interpolated"]
-    text = f"Setting {setting}: {len(inside)} of {total} groups (method × ratio) change sign inside the grid"
+    text += f"; {len(inside)} cross inside the grid between significant verdicts"
     if inside:
         text += f" (at {_span(sorted(c.budget for c in inside))} tokens)"
-    for model in ("power law", "linear gap in log tokens"):
-        extrapolated = sorted((c for c in mine if c.kind == "extrapolated" and c.model == model),
-                              key=lambda c: c.budget)
-        if extrapolated:
-            horizon = extrapolated[0].horizon
-            largest = extrapolated[0].largest_budget
-            verb = "reaches" if len(extrapolated) == 1 else "reach"
-            text += (f"; {len(extrapolated)} {verb} 0 by extrapolation of the {model} within {horizon:g}× the "
-                     f"largest budget {format_tokens(largest)} (at {_span([c.budget for c in extrapolated])} tokens)")
+    unresolved = [c for c in mine if c.kind == "unresolved"]
+    if unresolved:
+        text += f"; {len(unresolved)} change sign inside the grid without a resolved crossing (ranges below)"
+    extrapolated = sorted((c for c in mine if c.kind == "extrapolated"), key=lambda c: c.budget)
+    if extrapolated:
+        verb = "reaches" if len(extrapolated) == 1 else "reach"
+        text += (f"; {len(extrapolated)} {verb} 0 by extrapolation within {extrapolated[0].horizon:g}× the largest "
+                 f"budget {format_tokens(extrapolated[0].largest_budget)} (at "
+                 f"{_span([c.budget for c in extrapolated])} tokens)")
     rest = [c for c in mine if c.kind in ("none", "not-fitted")]
     if rest:
         reasons = Counter(_reason_class(c) for c in rest)
@@ -183,41 +152,192 @@ def crossover_summary(found: list[Crossover], setting: int, higher_is_better: bo
     return text + "."
 
 
+MODEL_ORDER = ("power", "linear in log B", "constant")
+
+
 def _reason_class(c: Crossover) -> str:
     if c.kind == "not-fitted":
-        return "too few budgets or seeds to fit a trend"
-    if c.model == "power law":
-        return f"fitted power-law curves do not cross within {c.horizon:g}×"
-    if "beyond" in c.reason:
-        return f"trend reaches 0 only beyond {c.horizon:g}×"
-    if "away" in c.reason:
-        return "gap widens with the budget"
-    return "no usable trend"
+        return "too few seeds or budgets to fit and check a model"
+    if "lack-of-fit" in c.reason:
+        return "no model passed its lack-of-fit test"
+    if "cannot be checked" in c.reason:
+        return "too few budgets to extrapolate"
+    if "hold-out check could not" in c.reason:
+        return "trend reaches 0 but the hold-out check could not be made"
+    if "hold-out" in c.reason:
+        return "trend reaches 0 but its model failed the hold-out check"
+    if "not resolved" in c.reason:
+        return f"trend reaches 0 within {c.horizon:g}× but not significantly"
+    return f"trend does not reach 0 within {c.horizon:g}×"
 
 
 def crossover_text(c: Crossover) -> str:
     if c.kind == "interpolated":
-        return (f"{c.direction} at {format_tokens(c.budget)} tokens, interpolated in log tokens between the measured "
-                f"budgets {format_tokens(c.low)} and {format_tokens(c.high)}")
-    if c.kind == "extrapolated" and c.model == "power law":
-        return (f"extrapolation: {c.direction} at {format_tokens(c.budget)} tokens, from fitted L(D) = E + A·D^(−α) "
-                f"per arm (95 % bootstrap interval {format_tokens(c.low)}–{format_tokens(c.high)}; "
-                f"{c.fraction:.0%} of draws cross within {c.horizon:g}×)")
+        return (f"{c.direction} between {format_tokens(c.low)} and {format_tokens(c.high)} (significant verdicts on "
+                f"both sides), at ≈ {format_tokens(c.budget)} where the mean gap changes sign (linear in log tokens)")
+    if c.kind == "unresolved":
+        high = format_tokens(c.high) if c.high is not None else "beyond the largest budget"
+        return f"the mean gap changes sign between {format_tokens(c.low)} and {high}, not resolved ({c.reason})"
     if c.kind == "extrapolated":
         low = f"≤ {format_tokens(c.largest_budget)}" if c.open_low else format_tokens(c.low)
         high = f"> {format_tokens(c.horizon * c.largest_budget)}" if c.open_high else format_tokens(c.high)
         return (f"extrapolation: {c.direction} at ≈ {format_tokens(c.budget)} tokens "
-                f"({c.budget / c.largest_budget:.1f}× the largest budget), from the gap's linear trend in log tokens "
-                f"(95 % interval {low} – {high}; not extrapolated beyond {c.horizon:g}×)")
+                f"({c.budget / c.largest_budget:.1f}× the largest budget), from the {c.model} model (lack-of-fit "
+                f"p = {c.lof_p:.2f}; it predicted the held-out largest budget); every model that fits has its "
+                f"90 % band across 0 by {c.horizon:g}×; the chosen model's band contains 0 from {low} to {high}")
     return c.reason
 
 
 def crossover_rows(found: list[Crossover]) -> list[dict]:
-    """The groups that cross inside the grid or by extrapolation, for the table."""
-    rows = [c for c in found if c.kind in ("interpolated", "extrapolated")]
+    """The groups that cross inside the grid, change sign without a resolved crossing, or cross by extrapolation."""
+    rows = [c for c in found if c.kind in ("interpolated", "unresolved", "extrapolated")]
     rows.sort(key=lambda c: (c.setting, *granularity_key(c.granularity), c.method, c.ratio))
     return [dict(granularity=c.granularity, method=c.method, ratio=c.ratio, setting=c.setting, kind=c.kind,
                  model=c.model, budget=c.budget, text=crossover_text(c)) for c in rows]
+
+
+def holdout_sentence(holdout: dict[int, dict]) -> str:
+    """How many measured gaps at the largest budget fell in the 90 % prediction intervals of models fitted without it,
+    per setting."""
+    budgets = sorted({b for entry in holdout.values() for b in entry["budgets"]})
+    if not budgets:
+        return ("Hold-out check: not possible here (it needs at least 3 budgets, 2 seeds with both arms at each, and a "
+                "model that passes its lack-of-fit test without the largest budget).")
+    parts = []
+    for setting, entry in sorted(holdout.items()):
+        part = f"setting {setting}: {entry['covered']} of {entry['checked']}"
+        if entry["groups"] > entry["checked"]:
+            part += f" ({entry['groups'] - entry['checked']} more could not be checked)"
+        parts.append(part)
+    where = _span(budgets) if len(budgets) > 1 else format_tokens(budgets[0])
+    return (f"Hold-out check: fitted without the largest budget ({where} tokens), the models' 90 % prediction "
+            f"intervals held the measured seed-mean gap there in {'; '.join(parts)} groups (a group cannot be checked "
+            f"when no model passes its lack-of-fit test on the reduced grid).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Effective data transferred and setting 2 (transfer.py)
+
+
+def deff_text(entry: dict | None) -> str:
+    """D_eff of one group and budget: '+40k [25k, 60k]', '> 230k', '< −5k', '–' (unknown)."""
+    if entry is None or entry.get("d_eff_tokens") is None:
+        return "–"
+    value = entry["d_eff_tokens"]
+    if entry["d_eff_bound"]:
+        return f"{entry['d_eff_bound']} {_signed_tokens(value)}"
+    text = _signed_tokens(value)
+    if entry.get("d_eff_low") is not None:
+        low = ("≤ " if entry["open_low"] else "") + _signed_tokens(entry["d_eff_low"])
+        high = ("≥ " if entry["open_high"] else "") + _signed_tokens(entry["d_eff_high"])
+        text += f" [{low}, {high}]"
+    return text
+
+
+def _signed_tokens(tokens: float) -> str:
+    tokens = round(tokens)  # whole tokens: an interval clipped at the curve's first point can end at 0 ± rounding
+    return "0" if tokens == 0 else ("−" if tokens < 0 else "+") + format_tokens(abs(tokens))
+
+
+def transfer_rows(transfer: Transfer) -> tuple[list[int], list[dict]]:
+    """D_eff as a table: rows granularity × method × ratio, one entry per budget (None if absent), with the
+    random arm's slope around P."""
+    frame = transfer.frame
+    if frame.height == 0:
+        return [], []
+    first = frame.filter(pl.col("setting") == frame["setting"].min())
+    budgets = sorted(first["budget_tokens"].unique().to_list())
+    slopes = {(r["granularity"], r["method"], r["ratio"]): r for r in transfer.slopes.iter_rows(named=True)}
+    rows = []
+    for (granularity, method, ratio), group in sorted(
+        first.group_by(["granularity", "method", "ratio"]),
+        key=lambda item: (*granularity_key(item[0][0]), item[0][1], item[0][2]),
+    ):
+        by_budget = {row["budget_tokens"]: dict(row, text=deff_text(row)) for row in group.iter_rows(named=True)}
+        rows.append(dict(granularity=granularity, method=method, ratio=ratio,
+                         entries=[by_budget.get(b) for b in budgets], slope=slopes.get((granularity, method, ratio))))
+    return budgets, rows
+
+
+def setting2_text(entry: dict | None, parent_tokens: float | None) -> str:
+    """D_eff against P for one group and budget: '0.27 P [0.2, 0.35] → scratch'."""
+    if entry is None or entry.get("d_eff_tokens") is None or not parent_tokens:
+        return "–"
+    p = float(parent_tokens)
+    def share(tokens: float) -> str:
+        return format_number(round(tokens) / p, 2)
+
+    text = f"{entry['d_eff_bound']} " if entry["d_eff_bound"] else ""
+    text += f"{share(entry['d_eff_tokens'])} P"
+    if entry.get("d_eff_low") is not None:
+        low = ("≤ " if entry["open_low"] else "") + share(entry["d_eff_low"])
+        high = ("≥ " if entry["open_high"] else "") + share(entry["d_eff_high"])
+        text += f" [{low}, {high}]"
+    return f"{text} → {entry['setting2']}"
+
+
+def slope_text(slope: dict | None) -> str:
+    """The random arm's change per doubling of tokens around P: '−0.12 ± 0.03 (n=2, 150k–230k)'."""
+    if slope is None:
+        return "–"
+    text = format_signed(slope["slope"], 2)
+    if slope["half"] is not None and not math.isnan(slope["half"]):
+        text += f" ± {format_number(slope['half'], 2)}"
+    return (f"{text} (n={slope['n']}, {format_tokens(slope['low_tokens'])}–{format_tokens(slope['high_tokens'])} "
+            f"tokens)")
+
+
+def parent_regime(transfer: Transfer) -> str:
+    """The parent's tokens per parameter against the compute-optimal ≈ 20, in words."""
+    ratio = transfer.tokens_per_parameter
+    optimal = COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER
+    if ratio is None:
+        missing = "P" if not transfer.parent_tokens else "its parameter count"
+        return (f"the parent's tokens per parameter are unknown ({missing} is not in the database; ingest it again "
+                f"with this gridlab)")
+    where = ("far below the compute-optimal ≈ 20 (Hoffmann et al. 2022): undertrained for its size"
+             if ratio < optimal / 4 else
+             "far beyond the compute-optimal ≈ 20 (Hoffmann et al. 2022): trained long past it"
+             if ratio > optimal * 4 else "near the compute-optimal ≈ 20 (Hoffmann et al. 2022)")
+    return (f"the parent saw {format_number(ratio, 3)} tokens per parameter (P = "
+            f"{format_tokens(transfer.parent_tokens)}, {format_tokens(transfer.parent_params)} parameters), {where}")
+
+
+def setting2_sentence(transfer: Transfer, short: bool = False) -> str:
+    """Setting 2 judged by what it needs: how many group × budget pairs have D_eff > P, < P, undecided. ``short``: the
+    answer's one sentence (the counts and D_eff's span in units of P); the section's adds the parent's tokens per
+    parameter and the random arm's slope around P."""
+    if not transfer.available:
+        return f"Whether setting 2 can favour pruning here is not known: {transfer.reason}."
+    frame = transfer.frame
+    part = frame.filter(pl.col("setting") == frame["setting"].min())
+    p = transfer.parent_tokens
+    if not p:
+        return ("Setting 2 favours pruning exactly when the pruned start is worth more scratch tokens than the parent "
+                "cost (D_eff > P), but P is not in the database.")
+    counts = Counter(part["setting2"].to_list())
+    total = part.height
+    known = part.filter(pl.col("d_eff_tokens").is_not_null())
+    spread = ""
+    if known.height:
+        low, high = known["d_eff_tokens"].min(), known["d_eff_tokens"].max()
+        spread = (f"; D_eff spans {_signed_tokens(low)} to {_signed_tokens(high)} tokens "
+                  f"({format_number(low / p, 2)}–{format_number(high / p, 2)} P)")
+    slope = ""
+    if transfer.slopes.height:
+        low, high = format_signed(transfer.slopes["slope"].min(), 2), format_signed(transfer.slopes["slope"].max(), 2)
+        span = low if low == high else f"{low} to {high}"
+        slope = f"; around P the random arm still changes by {span} per doubling of its tokens"
+    if short:
+        span = (f" (D_eff {format_number(known['d_eff_tokens'].min() / p, 2)}–"
+                f"{format_number(known['d_eff_tokens'].max() / p, 2)} P)") if known.height else ""
+        return (f"Setting 2 favours pruning exactly when the pruned start is worth more than the parent's "
+                f"P = {format_tokens(p)} tokens, D_eff(B) > P: yes in {counts['prune']} of {total} group × budget "
+                f"pairs, no in {counts['scratch']}, undecided in {counts['undecided'] + counts['unknown']}{span}.")
+    return (f"Setting 2 (scratch also trains the parent's P = {format_tokens(p)} tokens) favours pruning exactly when "
+            f"the pruned start is worth more scratch tokens than P, D_eff(B) > P: of {total} group × budget pairs, "
+            f"{counts['prune']} yes, {counts['scratch']} no, {counts['undecided'] + counts['unknown']} undecided"
+            f"{spread}; {parent_regime(transfer)}{slope}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,25 +421,28 @@ def model_rows(gaps: pl.DataFrame) -> list[dict]:
 
 
 VERDICT_COLUMNS = ["setting", "method", "granularity", "ratio", "budget_tokens", "n_seeds", "gap", "lo95", "hi95",
-                   "verdict", "d_eff_tokens"]
+                   "verdict", "d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound"]
+_D_EFF = ("d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound")
 
 
 def verdict_table(gaps: pl.DataFrame, transfer: pl.DataFrame | None = None) -> pl.DataFrame:
     """verdicts.csv: one row per cell (VERDICT_COLUMNS). lo95/hi95: the 95 % interval of the gap (empty without
     one); d_eff_tokens: the effective data transferred at B (tokens of scratch training the pruned start is worth),
-    from the gaps' own column `d_eff_tokens` or a `transfer` frame keyed by the cell's keys; empty where none."""
+    d_eff_low/high its 95 % interval, d_eff_bound "" for a value, ">" or "<" where d_eff_tokens is only a bound (the
+    pruned loss lies beyond the random arm's measured curve) — from a `transfer` frame keyed by the cell's keys (or
+    the gaps' own columns); empty where none."""
     schema = {"setting": pl.Int64, "method": pl.Utf8, "granularity": pl.Utf8, "ratio": pl.Float64,
               "budget_tokens": pl.Int64, "n_seeds": pl.Int64, "gap": pl.Float64, "lo95": pl.Float64,
-              "hi95": pl.Float64, "verdict": pl.Utf8, "d_eff_tokens": pl.Float64}
+              "hi95": pl.Float64, "verdict": pl.Utf8, "d_eff_tokens": pl.Float64, "d_eff_low": pl.Float64,
+              "d_eff_high": pl.Float64, "d_eff_bound": pl.Utf8}
     if gaps.height == 0:
         return pl.DataFrame(schema=schema)
     table = gaps.with_columns(lo95=pl.col("gap") - pl.col("half"), hi95=pl.col("gap") + pl.col("half"))
     keys = ["granularity", "method", "ratio", "setting", "budget_tokens"]
-    if "d_eff_tokens" not in table.columns:
-        if transfer is not None and "d_eff_tokens" in transfer.columns and set(keys) <= set(transfer.columns):
-            table = table.join(transfer.select(*keys, "d_eff_tokens").unique(keys), on=keys, how="left")
-        else:
-            table = table.with_columns(d_eff_tokens=pl.lit(None, dtype=pl.Float64))
+    if "d_eff_tokens" not in table.columns and transfer is not None and set(keys) <= set(transfer.columns):
+        present = [c for c in _D_EFF if c in transfer.columns]
+        table = table.join(transfer.select(*keys, *present).unique(keys), on=keys, how="left")
+    table = table.with_columns(pl.lit(None, dtype=schema[c]).alias(c) for c in _D_EFF if c not in table.columns)
     order = pl.col("granularity").replace_strict(GRANULARITY_ORDER, default=9, return_dtype=pl.Int64)
     return table.sort(["setting", order, "granularity", "method", "ratio", "budget_tokens"]).select(
         VERDICT_COLUMNS).cast(schema)
