@@ -17,6 +17,8 @@
         stage.log               the worker's stdout/stderr
         error.json              written when a worker fails: error line and traceback tail
         result.json             written last by a finished worker (checksummed header + payload)
+        document_losses.parquet an eval stage's per-document loss sums and token counts (metric, document, tokens,
+                                loss_sum), one row per document of each held-out loss
         <outputs>               model/, tokenizer/, shards/ … as the stage kind writes them
 
 Like submitit's ``JobPaths``: code asks a ``RunPaths`` or a ``StagePaths`` for a path and never joins names itself.
@@ -57,6 +59,11 @@ class StagePaths:
     @property
     def result(self) -> Path:
         return self.folder / "result.json"
+
+    @property
+    def document_losses(self) -> Path:
+        """An eval stage's per-document losses (gridlab.stages.write_document_losses)."""
+        return self.folder / "document_losses.parquet"
 
     def output(self, name: str) -> Path:
         """A stage output (``model``, ``tokenizer``, ``shards`` …) inside the stage folder."""
