@@ -13,7 +13,9 @@ setting 1; ~5 min on 2 cores) with `gridlab submit`, in a temporary folder. Then
    the whole-split value (the true standard error), the mean bootstrap stderr gridlab reports, and how often
    ±1.96 stderr covers the whole-split value — for one model's loss and for the paired difference pruned − random
    (same method, ratio, budget and seed: the report's gap);
-3. the time of one evaluation, the old way (the first 256 packed sequences, batch 16, as gridlab did before
+3. for comparison only (it is not what gridlab does), the same statistics for a two-stage sample of the same
+   cost — documents, then --windows random windows of each — from the per-window losses;
+4. the time of one evaluation, the old way (the first 256 packed sequences, batch 16, as gridlab did before
    documents) against the new (a document sample of the default max_sequences), alternating in rounds, best round
    each; the ratio, and the default study's eval phase projected from it (641 evaluations; README: 342 s of busy
    worker time with the old evaluation).
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gridlab.data import TokenShard  # noqa: E402
-from gridlab.evaluate import bootstrap_stderr, document_losses, heldout_loss, sample_documents  # noqa: E402
+from gridlab.evaluate import bootstrap_stderr, heldout_loss, sample_documents, window_losses  # noqa: E402
 from gridlab.layout import RunPaths  # noqa: E402
 from gridlab.model import load_model  # noqa: E402
 from gridlab.planfile import read_plan_record  # noqa: E402
@@ -138,12 +140,56 @@ def sampling(doc_loss: np.ndarray, doc_tokens: np.ndarray, index, size_tokens: i
             "cover": float(np.mean(np.abs(estimates - whole) <= 1.96 * stderrs)), "docs": float(np.mean(documents))}
 
 
+def two_stage(window_loss: np.ndarray, windows, index, size: int, per_document: int, draws: int) -> dict:
+    """The same statistics for a two-stage sample (the comparison, not gridlab's design): documents in the seeded
+    order, ``per_document`` random windows of each, until ``size`` windows; each document's loss estimated as its
+    tokens × its windows' mean loss per token; the ratio over documents, bootstrapped over documents."""
+    document, _, width = windows
+    predicted = width - 1
+    of_document = np.split(np.argsort(document, kind="stable"), np.cumsum(np.bincount(document))[:-1])
+    whole = window_loss.sum() / predicted.sum()
+    estimates, stderrs, counts = [], [], []
+    for seed in range(draws):
+        rng = np.random.default_rng(seed)
+        order = np.argsort(rng.random(len(index)))
+        doc_loss, doc_tokens, used = [], [], 0
+        for d in order:
+            mine = of_document[d]
+            taken = mine if len(mine) <= per_document else rng.choice(mine, per_document, replace=False)
+            doc_loss.append(index.lengths[d] * window_loss[taken].sum() / predicted[taken].sum())
+            doc_tokens.append(index.lengths[d])
+            used += len(taken)
+            if used >= size:
+                break
+        doc_loss, doc_tokens = np.array(doc_loss), np.array(doc_tokens)
+        estimates.append(doc_loss.sum() / doc_tokens.sum())
+        stderr = bootstrap_stderr(doc_loss, doc_tokens, seed)
+        stderrs.append(np.nan if stderr is None else stderr)
+        counts.append(len(doc_loss))
+    estimates, stderrs = np.array(estimates), np.array(stderrs)
+    return {"true_se": float(np.sqrt(np.mean((estimates - whole) ** 2))), "boot_se": float(np.nanmean(stderrs)),
+            "cover": float(np.mean(np.abs(estimates - whole) <= 1.96 * stderrs)), "docs": float(np.mean(counts))}
+
+
+HEADER = (f"{'size':>6} {'docs':>6} | {'val_loss se':>11} {'boot':>6} {'cover':>6} | {'paired se':>9} {'boot':>6} "
+          f"{'cover':>6}")
+
+
+def table_row(size, losses: list[dict], gaps: list[dict]) -> str:
+    """One size: the statistics averaged over the models (val_loss) and over the pairs (paired difference)."""
+    mean = {key: np.mean([row[key] for row in losses]) for key in losses[0]}
+    paired = {key: np.mean([row[key] for row in gaps]) for key in gaps[0]} if gaps else dict.fromkeys(mean, np.nan)
+    return (f"{size:>6} {mean['docs']:>6.1f} | {mean['true_se']:>11.4f} {mean['boot_se']:>6.4f} {mean['cover']:>6.2f} "
+            f"| {paired['true_se']:>9.4f} {paired['boot_se']:>6.4f} {paired['cover']:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a finished run folder (runs/<grid>); default: train one")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=4, help="windows per document of the two-stage comparison")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,13 +204,15 @@ def main() -> None:
 
     every = np.arange(len(index))
     per_document: dict[str, np.ndarray] = {}
+    per_window: dict[str, np.ndarray] = {}
     print(f"\n{'model':<42} {'whole split':>11} {'first 256':>10} {'bias':>7} {'doc sd':>7} {'tok/s':>7}")
     for label, path in models.items():
         model = load_model(path)[0]
         start = time.perf_counter()
-        doc_loss, doc_tokens = document_losses(model, validation, index, every)
+        windows, per_window[label] = window_losses(model, validation, index, every)
+        doc_tokens = index.lengths
+        doc_loss = per_document[label] = np.bincount(windows[0], weights=per_window[label], minlength=len(index))
         speed = doc_tokens.sum() / (time.perf_counter() - start)
-        per_document[label] = doc_loss
         whole = doc_loss.sum() / doc_tokens.sum()
         first = old_heldout_loss(model, validation)
         print(f"{label:<42} {whole:>11.4f} {first:>10.4f} {first - whole:>+7.3f} "
@@ -173,17 +221,22 @@ def main() -> None:
 
     print(f"\nsampling over {args.draws} seeds (sizes in sequences of {seq_len}; se: sd of the estimate around the "
           f"whole-split value; boot: mean bootstrap stderr; cover: share within ±1.96 boot)")
-    print(f"{'size':>6} {'docs':>6} | {'val_loss se':>11} {'boot':>6} {'cover':>6} | {'paired se':>9} {'boot':>6} "
-          f"{'cover':>6}")
+    print(HEADER)
     for size in [*args.sizes, None]:
         size_tokens = int(index.lengths.sum()) + 1 if size is None else size * seq_len
-        losses = [sampling(per_document[label], tokens, index, size_tokens, args.draws) for label in models]
-        gaps = [sampling(per_document[a] - per_document[b], tokens, index, size_tokens, args.draws) for a, b in pairs]
-        mean = {key: np.mean([row[key] for row in losses]) for key in losses[0]}
-        paired = {key: np.mean([row[key] for row in gaps]) for key in gaps[0]} if gaps else dict.fromkeys(mean, np.nan)
-        print(f"{'whole' if size is None else size:>6} {mean['docs']:>6.1f} | {mean['true_se']:>11.4f} "
-              f"{mean['boot_se']:>6.4f} {mean['cover']:>6.2f} | {paired['true_se']:>9.4f} {paired['boot_se']:>6.4f} "
-              f"{paired['cover']:>6.2f}")
+        print(table_row("whole" if size is None else size,
+                        [sampling(per_document[label], tokens, index, size_tokens, args.draws) for label in models],
+                        [sampling(per_document[a] - per_document[b], tokens, index, size_tokens, args.draws)
+                         for a, b in pairs]))
+
+    print(f"\nfor comparison, not gridlab's design: a two-stage sample of the same cost (documents in a seeded order, "
+          f"{args.windows} random windows of each, until as many windows as the size's sequences)")
+    print(HEADER)
+    for size in args.sizes:
+        print(table_row(size, [two_stage(per_window[label], windows, index, size, args.windows, args.draws)
+                               for label in models],
+                        [two_stage(per_window[a] - per_window[b], windows, index, size, args.windows, args.draws)
+                         for a, b in pairs]))
 
     print(f"\none evaluation, best of {args.rounds} rounds (the parent and the first pair's models):")
     timed = [models["parent"], *(models[label] for label in pairs[0])] if pairs else [models["parent"]]

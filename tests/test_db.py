@@ -58,8 +58,11 @@ def test_ingest_fills_every_table(tmp_path):
     assert _query(run_dir, "SELECT DISTINCT achieved_ratio FROM cells") == [(0.51,)]
     assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'val_loss'") == [(False,)]
     assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'lr'") == [(None,)]
-    assert _query(run_dir, "SELECT name, tokens FROM parent_metrics ORDER BY name") == [
-        ("val_loss", 4096), ("val_ppl", 4096)]
+    assert _query(run_dir, "SELECT DISTINCT stderr FROM metrics WHERE name = 'val_loss'") == [(0.05,)]
+    # the parent's evaluation: its own loss, and the floors (references: tokens 0, no direction)
+    assert _query(run_dir, "SELECT name, tokens, stderr, higher_is_better FROM parent_metrics ORDER BY name") == [
+        ("floor/uniform_loss", 0, 0.0, None), ("floor/unigram_loss", 0, 0.04, None),
+        ("val_loss", 4096, 0.05, False), ("val_ppl", 4096, 0.05 * 2.718281828 ** 4.0, False)]
 
 
 def test_corrupt_or_foreign_result_is_a_failed_stage_never_ingested(tmp_path):

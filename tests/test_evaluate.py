@@ -318,3 +318,54 @@ def test_records_flatten_lm_eval_results():
         {"name": "lm_eval/t/acc", "value": 0.5, "stderr": 0.1, "tokens": 7, "higher_is_better": True},
         {"name": "lm_eval/t/acc_strict", "value": 0.25, "stderr": None, "tokens": 7, "higher_is_better": True},
     ]
+
+
+def test_eval_stages_carry_stderr_floors_and_their_documents(tmp_path):
+    """The parent's and a fresh model's eval stages, run for real on a tiny grid: stderr on the held-out loss,
+    floors in the parent's evaluation only, per-document losses that pair across the two."""
+    import polars as pl
+
+    from gridlab import execute
+    from gridlab.layout import RunPaths
+    from gridlab.plan import build_plan
+    from gridlab.results import read_payload
+    from gridlab.spec import parse_grid
+    from gridlab.stages import execute_stage
+
+    from runner_helpers import tiny_grid
+
+    grid = tiny_grid(runs_dir=str(tmp_path), evaluation={"max_sequences": 1000, "lm_eval_tasks": [
+        "gridlab_stdlib_identifiers"], "limit": 4},
+                     splits={"pretrain": 0.4, "retrain": 0.3, "calibration": 0.1, "validation": 0.2})
+    plan = build_plan(parse_grid(grid))
+    run_dir = plan.spec.run_dir
+    execute.prepare(plan, run_dir)
+    stages = list(plan.stages.values())
+    parent = next(s for s in stages if s.kind == "parent")
+    parent_eval = next(s for s in stages if s.kind == "eval" and s.deps.get("model") == parent.id)
+    init = next(s for s in stages if s.kind == "init")
+    init_eval = next(s for s in stages if s.kind == "eval" and s.deps.get("model") == init.id)
+    for stage in [next(s for s in stages if s.kind == "data"), parent, parent_eval, init, init_eval]:
+        assert execute_stage(run_dir, stage.id, redirect_output=False), stage.kind
+    run = RunPaths(run_dir)
+    payload, fresh = read_payload(run.stage(parent_eval.id)), read_payload(run.stage(init_eval.id))
+    metrics = {m.name: m for m in payload.metrics}
+    assert metrics["val_loss"].stderr > 0 and metrics["val_ppl"].stderr > 0
+    assert metrics["floor/uniform_loss"].value == math.log(512) and metrics["floor/uniform_loss"].stderr == 0
+    assert 0 < metrics["floor/unigram_loss"].value < math.log(512) and metrics["floor/unigram_loss"].stderr > 0
+    assert metrics["lm_eval/gridlab_stdlib_identifiers/chance"].value == 0.25
+    floors = [m for m in payload.metrics if m.name.startswith("floor/") or m.name.endswith("/chance")]
+    assert {(m.tokens, m.higher_is_better) for m in floors} == {(0, None)}
+    assert not any(m.name.startswith("floor/") or m.name.endswith("/chance") for m in fresh.metrics)
+    # per-document losses: the loss is their token-weighted mean, and both models scored the same documents
+    documents = pl.read_parquet(run.stage(parent_eval.id).document_losses)
+    assert payload.document_losses == str(run.stage(parent_eval.id).document_losses)
+    assert set(documents["metric"]) == {"val_loss", "floor/unigram_loss"}
+    own = documents.filter(pl.col("metric") == "val_loss")
+    assert own["loss_sum"].sum() / own["tokens"].sum() == pytest.approx(metrics["val_loss"].value)
+    other = pl.read_parquet(run.stage(init_eval.id).document_losses)
+    assert other["document"].to_list() == own["document"].to_list()
+    assert other["tokens"].to_list() == own["tokens"].to_list()
+    data = read_payload(run.stage(next(s.id for s in stages if s.kind == "data")))
+    split = TokenShard.open(data.shards["validation"]).documents()
+    assert own.height >= 2 and (own["tokens"].sum() >= 1000 * 32 or own.height == len(split))

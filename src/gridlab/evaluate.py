@@ -8,7 +8,10 @@ eos token (the separator every document follows in training) and then its tokens
 seq_len tokens that overlap by one (``document_windows``), so every token of the document — the eos that ends it
 included — is predicted exactly once, from the document's own earlier tokens only (at most seq_len − 1 of them). The
 loss is the token-weighted mean over the sampled documents; its stderr is the standard deviation of that mean over
-``BOOTSTRAP_RESAMPLES`` seeded resamples of the documents (``bootstrap_stderr``).
+``BOOTSTRAP_RESAMPLES`` seeded resamples of the documents (``bootstrap_stderr``). Why whole documents, how large a
+sample and what its stderr is worth: docs/engine.md ("Evaluation"), measured by bench/heldout_eval.py.
+
+Floors (``uniform_loss``, ``unigram_loss``, ``task_chance``): the references a loss or a task score is read against.
 """
 
 from __future__ import annotations
@@ -171,32 +174,39 @@ def _window_batches(windows, flat: np.ndarray, base: np.ndarray, batch_size: int
 
 
 @torch.no_grad()
-def document_losses(model, data: TokenShard, index: DocumentIndex, chosen: np.ndarray,
-                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Score the chosen documents whole (``document_windows``): (summed next-token loss, tokens predicted) per
-    document. ``batch_size``: windows per forward pass (default BATCH_TOKENS // seq_len)."""
+def window_losses(model, data: TokenShard, index: DocumentIndex, chosen: np.ndarray,
+                  batch_size: int | None = None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Score the chosen documents whole: their windows (``document_windows``; document = position in ``chosen``)
+    and each window's summed next-token loss. ``batch_size``: windows per forward pass (default BATCH_TOKENS //
+    seq_len); windows go longest first, each batch padded to its longest."""
     seq_len = data.seq_len
     batch_size = batch_size or max(1, BATCH_TOKENS // seq_len)
     eos = data.meta.get("eos_token_id")
     if eos is None:
         raise ValueError(f"token shard {str(data.path)!r} names no eos_token_id; documents are scored after it")
     lengths = index.lengths[chosen]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     # Each document's input, [eos] + its tokens, laid end to end.
-    flat = np.insert(document_tokens(data, index, chosen), np.concatenate([[0], np.cumsum(lengths)[:-1]]), eos) \
-        if len(chosen) else np.zeros(0, np.int64)
-    base = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]) if len(chosen) else np.zeros(0, np.int64)
+    flat = np.insert(document_tokens(data, index, chosen), starts, eos) if len(chosen) else np.zeros(0, np.int64)
     windows = document_windows(lengths, seq_len)
-    window_loss = np.zeros(len(windows[0]), np.float64)
+    loss = np.zeros(len(windows[0]), np.float64)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = list(_window_batches(windows, flat, base, batch_size))
+    batches = list(_window_batches(windows, flat, starts + np.arange(len(chosen)), batch_size))
     for (rows, ids, valid), logits in zip(batches, _logits(model, [ids for _, ids, _ in batches], batch_size, device)):
         targets = ids[:, 1:].to(device)
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-        window_loss[rows] = (token_loss.view(targets.shape).double() * valid.to(device)).sum(1).cpu().numpy()
+        loss[rows] = (token_loss.view(targets.shape).double() * valid.to(device)).sum(1).cpu().numpy()
     model.train(was_training)
-    return np.bincount(windows[0], weights=window_loss, minlength=len(chosen)), lengths.astype(np.int64)
+    return windows, loss
+
+
+def document_losses(model, data: TokenShard, index: DocumentIndex, chosen: np.ndarray,
+                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Score the chosen documents whole: (summed next-token loss, tokens predicted) per document of ``chosen``."""
+    windows, loss = window_losses(model, data, index, chosen, batch_size)
+    return np.bincount(windows[0], weights=loss, minlength=len(chosen)), index.lengths[chosen].astype(np.int64)
 
 
 def _logits(model, id_batches: list[torch.Tensor], batch_size: int, device: torch.device):

@@ -195,7 +195,7 @@ class EvalCorpusSpec(CorpusSource):
 class EvaluationSpec(_Strict):
     # The held-out sample's size in sequences of seq_len tokens: whole documents are sampled until that many
     # tokens' worth (a split that holds no more is used whole). See docs/engine.md (Evaluation) for the choice.
-    max_sequences: int | None = Field(default=256, ge=1)
+    max_sequences: int | None = Field(default=512, ge=1)
     sample_seed: int = Field(0, ge=0)   # which documents the sample holds (the same for every model of a grid)
     corpora: list[EvalCorpusSpec] = Field(default_factory=list)
     lm_eval_tasks: list[str] = Field(default_factory=list)
