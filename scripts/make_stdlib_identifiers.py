@@ -6,9 +6,9 @@
 Every item is a place in held-out text: a line of a standard-library file that the default corpus and split
 fractions (gridlab.data.DEFAULT_FRACTIONS) send to the validation split, where a module the file imports is used as
 ``module.attribute``. The context is the line up to ``module.`` (after the previous non-blank line when both fit in
-160 characters, each without its indent; no two items share a context); the answer is the attribute the file uses there. The three other
-choices are attributes the corpus uses on other modules but never on this one (real identifiers that do not fit
-there), each used at least 5 times, so none is a misspelling or a rarity.
+160 characters, each without its indent; no two items share a context); the answer is the attribute the file uses
+there. The three other choices are attributes the corpus uses on other modules but never on this one (real
+identifiers that do not fit there), each used at least 5 times, so none is a misspelling or a rarity.
 
 Length is no clue. For each item the answer's rank by characters among its four choices is drawn uniformly and the
 distractors are picked so that exactly that many are shorter than the answer (the rest longer, no ties), all with
