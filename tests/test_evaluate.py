@@ -10,17 +10,18 @@ from gridlab.data import CorpusSource, DocumentIndex, SplitFractions, TokenShard
 from gridlab.evaluate import (
     HeldOut,
     _records,
-    bootstrap_stderr,
     document_parts,
     document_windows,
     heldout_loss,
     lm_eval_tasks,
-    sample_documents,
+    sample_windows,
     task_chance,
     uniform_loss,
     unigram_log_probs,
     unigram_loss,
+    window_losses,
 )
+from gridlab.measure import ratio_stderr
 from gridlab.model import init_model, make_config
 from gridlab.tasks import TASKS_DIR
 
@@ -70,7 +71,7 @@ def test_heldout_loss_scores_each_document_whole_after_the_eos(tmp_path):
     assert result.doc_loss == pytest.approx(expected_sum, rel=1e-5)
     assert result.loss == pytest.approx(sum(expected_sum) / sum(expected_tokens), rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(result.loss))
-    assert result.stderr == bootstrap_stderr(result.doc_loss, result.doc_tokens)
+    assert result.stderr == ratio_stderr(result.doc_loss, result.doc_tokens)
     assert model.training  # the model's mode is restored
     # no token of another document in the context: a document scores the same alone
     alone = toy_shard(tmp_path, [documents[3]], seq_len=16, name="alone")
@@ -92,112 +93,99 @@ def _index(lengths, seed=0) -> DocumentIndex:
     return DocumentIndex.of(np.asarray(lengths, np.int64), keys, int(np.sum(lengths)))
 
 
-def test_the_sample_is_seeded_whole_documents_spread_across_the_split():
-    index = _index(np.random.default_rng(1).integers(50, 500, size=2000))
-    chosen = sample_documents(index, 40_000, seed=0)
-    assert np.array_equal(chosen, sample_documents(index, 40_000, seed=0))     # deterministic
-    assert not np.array_equal(chosen, sample_documents(index, 40_000, seed=1))  # the seed picks it
-    assert (np.diff(chosen) > 0).all()                                          # stream order, no repeats
-    tokens = index.lengths[chosen].sum()
-    assert 40_000 <= tokens < 40_000 + index.lengths.max()                      # until the budget, whole documents
-    # spread: documents from every tenth of the split, not its first files
-    assert len(np.unique(chosen * 10 // len(index))) == 10
-    assert chosen[0] < 100 and chosen[-1] > 1900 and len(chosen) > 100
-    # a larger sample extends a smaller one (the same order of documents), so sizes nest
-    assert set(chosen) <= set(sample_documents(index, 80_000, seed=0))
+def _windows_of(sample) -> set:
+    """The sampled windows as (document key, offset) pairs."""
+    return set(zip(sample.keys[sample.window_document].tolist(), sample.window_offset.tolist()))
 
 
-def test_the_whole_split_is_used_when_it_is_small():
-    index = _index([30, 40, 50])
-    assert sample_documents(index, 120, seed=3).tolist() == [0, 1, 2]
-    assert sample_documents(index, None).tolist() == [0, 1, 2]
-    assert len(sample_documents(index, 119, seed=3)) == 3        # the last document taken reaches the budget
-    assert len(sample_documents(index, 1, seed=3)) == 1
+def test_the_sample_is_seeded_windows_of_documents_spread_across_the_split():
+    index = _index(np.random.default_rng(1).integers(130, 2000, size=2000))     # 3 to 32 windows of 64
+    sample = sample_windows(index, 64, 600, 2, seed=0)
+    again = sample_windows(index, 64, 600, 2, seed=0)
+    assert _windows_of(sample) == _windows_of(again)                               # deterministic
+    assert not np.array_equal(sample.documents, sample_windows(index, 64, 600, 2, seed=1).documents)  # seeded
+    assert sample.n_windows == 600 and len(sample.documents) == 300                 # 2 windows of 300 documents
+    assert (np.diff(sample.documents) > 0).all()                                    # stream order, no repeats
+    assert (sample.sampled <= 2).all() and sample.sampled.sum() == 600
+    assert np.array_equal(np.bincount(sample.window_document), sample.sampled)
+    # the windows are those document_windows defines, distinct, and spread over the document (not its start)
+    every = document_windows(index.lengths[sample.documents], 64)
+    assert _windows_of(sample) <= set(zip(sample.keys[every[0]].tolist(), every[1].tolist()))
+    assert len(_windows_of(sample)) == 600 and (sample.window_offset > 0).mean() > 0.8
+    assert np.array_equal(sample.windows, np.bincount(every[0]))
+    # documents from every tenth of the split, not its first files
+    assert len(np.unique(sample.documents * 10 // len(index))) == 10
+    # a larger sample extends a smaller one; a document's windows do not depend on the cap either
+    assert _windows_of(sample) <= _windows_of(sample_windows(index, 64, 1200, 2, seed=0))
+    assert _windows_of(sample_windows(index, 64, 300, 1, seed=0)) <= _windows_of(sample)
 
 
-def test_heldout_loss_samples_the_same_documents_for_every_model(tmp_path):
+def test_a_document_with_few_windows_gives_them_all_and_a_small_split_is_used_whole():
+    index = _index([10, 100, 200, 300, 1000])          # windows of 64: 1, 2, 4, 5, 16
+    sample = sample_windows(index, 64, 28, 4, seed=3)
+    assert sample.n_windows == 28 and sample.windows.tolist() == [1, 2, 4, 5, 16]
+    assert sample_windows(index, 64, 28, 4, seed=3).sampled.tolist() == [1, 2, 4, 5, 16]   # all of them
+    assert sample_windows(index, 64, 1000, 4, seed=3).sampled.tolist() == [1, 2, 4, 5, 16]
+    assert sample_windows(index, 64, None, 1).sampled.tolist() == [1, 2, 4, 5, 16]
+    # the documents run out before the windows: the windows are spread over every document
+    spread = sample_windows(index, 64, 20, 1, seed=3)
+    assert spread.n_windows == 20 and spread.sampled.tolist() == [1, 2, 4, 5, 8]
+    # documents with fewer windows than the cap give all of theirs; the last document taken gives what is left
+    capped = sample_windows(index, 64, 9, 3, seed=3)
+    assert capped.n_windows == 9 and (capped.sampled <= np.minimum(capped.windows, 3)).all()
+    # None: whole documents until the windows are reached, the last one whole
+    whole = sample_windows(index, 64, 9, None, seed=3)
+    assert (whole.sampled == whole.windows).all() and whole.sampled.sum() >= 9
+    assert 9 <= whole.sampled.sum() < 9 + whole.windows.max()
+    with pytest.raises(ValueError, match="windows_per_document"):
+        sample_windows(index, 64, 9, 0)
+
+
+def test_a_sampled_window_is_scored_exactly_as_in_whole_document_scoring(tmp_path):
+    shard = toy_shard(tmp_path, random_documents(30, longest=120), seq_len=16)
+    model = tiny_model(128, 16)
+    index = shard.documents()
+    every = sample_windows(index, 16, None, None)
+    some = sample_windows(index, 16, 20, 1, seed=2)
+    assert some.n_windows == 20 and (some.window_offset > 0).any()
+    full = dict(zip(zip(every.keys[every.window_document].tolist(), every.window_offset.tolist()),
+                    window_losses(model, shard, index, every, batch_size=7)))
+    sampled = window_losses(model, shard, index, some, batch_size=3)
+    keys = zip(some.keys[some.window_document].tolist(), some.window_offset.tolist())
+    assert sampled == pytest.approx([full[key] for key in keys], rel=1e-5)
+    # the loss is the weighted ratio over documents: each window counts windows / sampled of its document
+    held = heldout_loss(model, shard, max_sequences=20, windows_per_document=1, seed=2)
+    weights = (some.windows / some.sampled)[some.window_document]
+    assert held.loss == pytest.approx((weights * sampled).sum() / (weights * (some.window_size - 1)).sum(), rel=1e-6)
+    assert held.tokens == int((some.window_size - 1).sum()) and held.documents == len(some.documents)
+
+
+def test_heldout_loss_samples_the_same_windows_for_every_model(tmp_path):
     shard = toy_shard(tmp_path, random_documents(40, longest=30), seq_len=16)
-    first = heldout_loss(tiny_model(128, 16), shard, max_sequences=8)
-    other = heldout_loss(init_model(tiny_model(128, 16).config, 5), shard, max_sequences=8)
+    first = heldout_loss(tiny_model(128, 16), shard, max_sequences=8, windows_per_document=1)
+    other = heldout_loss(init_model(tiny_model(128, 16).config, 5), shard, max_sequences=8, windows_per_document=1)
     assert np.array_equal(first.keys, other.keys) and np.array_equal(first.doc_tokens, other.doc_tokens)
-    assert 8 * 16 <= first.tokens < 8 * 16 + 31 and first.documents < 40
+    assert _windows_of(first.sample) == _windows_of(other.sample)
+    assert first.sample.n_windows == 8 and first.documents == 8
     assert first.loss != other.loss
-    assert heldout_loss(tiny_model(128, 16), shard, max_sequences=10_000).documents == 40  # all of a small split
+    whole = heldout_loss(tiny_model(128, 16), shard, max_sequences=10_000, windows_per_document=1)
+    assert whole.documents == 40 and (whole.sample.sampled == whole.sample.windows).all()  # all of a small split
 
 
 def test_parts_are_disjoint_halves_fixed_by_the_document():
     index = _index(np.full(4000, 10))
-    select, report = sample_documents(index, None, part="select"), sample_documents(index, None, part="report")
+    select = sample_windows(index, 64, None, 1, part="select").documents
+    report = sample_windows(index, 64, None, 1, part="report").documents
     assert not set(select) & set(report) and len(select) + len(report) == 4000
     assert 0.45 < len(select) / 4000 < 0.55
     assert np.array_equal(document_parts(index)[select], np.ones(len(select), bool))
     # a document keeps its half whatever the sample's seed and size; samples of a half stay in it
-    assert set(sample_documents(index, 5000, seed=7, part="report")) <= set(report)
+    assert set(sample_windows(index, 64, 500, 1, seed=7, part="report").documents) <= set(report)
     # the half is a function of the key alone: another split holding the same key puts it in the same half
     shuffled = DocumentIndex.of(index.lengths[::-1].copy(), index.keys[::-1].copy(), 40_000)
     assert set(index.keys[select]) == set(shuffled.keys[document_parts(shuffled)])
     with pytest.raises(ValueError, match="part must be one of"):
-        sample_documents(index, None, part="test")
-
-
-def test_bootstrap_stderr_matches_the_direct_computation():
-    # equal token counts: the mean of per-document means, whose standard error is sd / sqrt(n)
-    means = np.random.default_rng(2).normal(3.0, 0.4, size=60)
-    direct = means.std(ddof=1) / math.sqrt(60)
-    assert bootstrap_stderr(means * 100, np.full(60, 100)) == pytest.approx(direct, rel=0.07)
-    # the same documents and seed give the same number; one document says nothing about the spread
-    assert bootstrap_stderr(means * 100, np.full(60, 100), seed=4) == bootstrap_stderr(means * 100, np.full(60, 100),
-                                                                                       seed=4)
-    assert bootstrap_stderr(np.array([5.0]), np.array([2])) is None
-    # unequal lengths: agrees with the ratio estimator's linearised stderr
-    tokens = np.random.default_rng(3).integers(10, 1000, size=80)
-    doc_loss = tokens * np.random.default_rng(4).normal(3.0, 0.4, size=80)
-    ratio = doc_loss.sum() / tokens.sum()
-    residual = (doc_loss - ratio * tokens) / tokens.mean()
-    linearised = residual.std(ddof=1) / math.sqrt(80)
-    assert bootstrap_stderr(doc_loss, tokens) == pytest.approx(linearised, rel=0.1)
-
-
-def _population(n: int = 3000, seed: int = 0):
-    """A split like a code corpus: lognormal document lengths (a long tail), per-document losses that vary and
-    drift with length; (index, per-document loss sums, the whole-split loss)."""
-    rng = np.random.default_rng(seed)
-    lengths = np.maximum(1, rng.lognormal(7.0, 1.3, size=n)).astype(np.int64)
-    mean = 4.0 - 0.1 * np.log(lengths) + rng.normal(0, 0.45, size=n)
-    doc_loss = lengths * mean + rng.normal(0, 1, size=n) * np.sqrt(lengths)
-    index = _index(lengths, seed)
-    return index, doc_loss, doc_loss.sum() / lengths.sum()
-
-
-# ~210 documents of a heavy-tailed split. With fewer the interval is optimistic (the ratio's sampling distribution is
-# skewed by the longest documents): on this population 86 % at ~26 documents, 88 % at ~53, 90 % at ~107 — measured,
-# and said in docs/engine.md.
-COVERAGE_BUDGET = 500_000
-
-
-def test_the_bootstrap_interval_covers_the_whole_split_value_at_the_nominal_rate():
-    index, doc_loss, whole = _population()
-    covered, documents, draws = 0, [], 400
-    for seed in range(draws):
-        chosen = sample_documents(index, COVERAGE_BUDGET, seed=seed)
-        held = HeldOut.of(index.keys[chosen], index.lengths[chosen], doc_loss[chosen], seed)
-        covered += abs(held.loss - whole) <= 1.96 * held.stderr
-        documents.append(held.documents)
-    assert 150 < np.mean(documents) < 300
-    assert 0.92 <= covered / draws <= 0.98, covered / draws
-
-
-def test_the_paired_difference_interval_covers_at_the_nominal_rate():
-    index, doc_loss, _ = _population(seed=1)
-    rng = np.random.default_rng(9)
-    other = doc_loss + index.lengths * (0.05 + rng.normal(0, 0.08, size=len(index)))  # a second model, correlated
-    true_gap = (other.sum() - doc_loss.sum()) / index.lengths.sum()
-    covered, draws = 0, 400
-    for seed in range(draws):
-        chosen = sample_documents(index, COVERAGE_BUDGET, seed=seed)
-        gap = HeldOut.of(index.keys[chosen], index.lengths[chosen], other[chosen] - doc_loss[chosen], seed)
-        covered += abs(gap.loss - true_gap) <= 1.96 * gap.stderr
-    assert 0.92 <= covered / draws <= 0.98, covered / draws
+        sample_windows(index, 64, None, 1, part="test")
 
 
 def test_floors_on_toy_data(tmp_path):
@@ -209,10 +197,22 @@ def test_floors_on_toy_data(tmp_path):
     assert log_probs == pytest.approx(np.log(counts / counts.sum()))
     held_documents = [np.array([1, 1, 2]), np.array([3, 4])]
     validation = toy_shard(tmp_path, held_documents, seq_len=4, name="val")
-    held = HeldOut.of(validation.documents().keys, np.array([4, 3]), np.array([1.0, 1.0]))
+    every = sample_windows(validation.documents(), 4, None, None)
+    held = HeldOut.of(every, np.ones(every.n_windows))
     floor = unigram_loss(log_probs, validation, held)
     expected = -(2 * log_probs[1] + log_probs[2] + log_probs[0] + log_probs[3] + log_probs[4] + log_probs[0])
     assert floor.loss == pytest.approx(expected / 7) and floor.doc_tokens.tolist() == [4, 3]
+    # a sample of windows: the unigram cost of exactly the tokens each sampled window predicts, with its weight
+    long = [np.arange(1, 5).repeat(5)[np.random.default_rng(i).permutation(20)] for i in range(6)]
+    validation = toy_shard(tmp_path, long, seq_len=4, name="long")
+    some = sample_windows(validation.documents(), 4, 8, 1, seed=1)
+    floor = unigram_loss(log_probs, validation, HeldOut.of(some, np.zeros(some.n_windows)))
+    inputs = [np.concatenate([[EOS], d, [EOS]]) for d in long]
+    window_cost = [-log_probs[inputs[some.documents[d]][o + 1:o + size]].sum()
+                   for d, o, size in zip(*some.window_tuple())]
+    weights = (some.windows / some.sampled)[some.window_document]
+    assert some.n_windows == 8 and (some.sampled < some.windows).any()
+    assert floor.loss == pytest.approx((weights * window_cost).sum() / (weights * (some.window_size - 1)).sum())
     # on a large held-out sample drawn from the training distribution it is the distribution's entropy
     p = np.array([0.0, 0.5, 0.3, 0.2])
     rng = np.random.default_rng(0)
@@ -357,15 +357,24 @@ def test_eval_stages_carry_stderr_floors_and_their_documents(tmp_path):
     floors = [m for m in payload.metrics if m.name.startswith("floor/") or m.name.endswith("/chance")]
     assert {(m.tokens, m.higher_is_better) for m in floors} == {(0, None)}
     assert not any(m.name.startswith("floor/") or m.name.endswith("/chance") for m in fresh.metrics)
-    # per-document losses: the loss is their token-weighted mean, and both models scored the same documents
+    # per-document losses: the loss is their ratio, its stderr the linearised one, and both models scored the same
+    # documents with the same weights, so their gap and its stderr come from these rows alone
+    from gridlab.measure import DOCUMENT_LOSS_SCHEMA, paired_gap
+
     documents = pl.read_parquet(run.stage(parent_eval.id).document_losses)
+    assert documents.schema == pl.Schema(DOCUMENT_LOSS_SCHEMA)
     assert payload.document_losses == str(run.stage(parent_eval.id).document_losses)
     assert set(documents["metric"]) == {"val_loss", "floor/unigram_loss"}
     own = documents.filter(pl.col("metric") == "val_loss")
     assert own["loss_sum"].sum() / own["tokens"].sum() == pytest.approx(metrics["val_loss"].value)
-    other = pl.read_parquet(run.stage(init_eval.id).document_losses)
+    assert ratio_stderr(own["loss_sum"], own["tokens"]) == pytest.approx(metrics["val_loss"].stderr)
+    other = pl.read_parquet(run.stage(init_eval.id).document_losses).filter(pl.col("metric") == "val_loss")
     assert other["document"].to_list() == own["document"].to_list()
     assert other["tokens"].to_list() == own["tokens"].to_list()
+    fresh_loss = next(m for m in fresh.metrics if m.name == "val_loss").value
+    assert paired_gap(own, other).value == pytest.approx(metrics["val_loss"].value - fresh_loss)
     data = read_payload(run.stage(next(s.id for s in stages if s.kind == "data")))
     split = TokenShard.open(data.shards["validation"]).documents()
-    assert own.height >= 2 and (own["tokens"].sum() >= 1000 * 32 or own.height == len(split))
+    every = int(document_windows(split.lengths, 32)[0].size)
+    assert own["sampled"].sum() == min(1000, every) and own.height >= 2
+    assert (own["sampled"] <= own["windows"]).all() and own["windows"].sum() <= every

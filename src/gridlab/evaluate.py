@@ -28,17 +28,20 @@ import torch.nn.functional as F
 
 from gridlab.data import DocumentIndex, TokenShard, key_draws
 from gridlab.layerwise import final_hidden_states, layer_store
+from gridlab.measure import ratio_stderr
 from gridlab.tasks import TASKS_DIR
 
 Part = Literal["all", "select", "report"]
 PARTS: tuple[str, ...] = ("all", "select", "report")
-BOOTSTRAP_RESAMPLES = 1000
 # Tokens per forward pass when no batch size is given: 128 windows at seq_len 64, 4 at 2048 (the logits of a batch,
 # tokens × vocabulary floats, are what bounds it).
 BATCH_TOKENS = 8192
 # Estimating the unigram distribution reads at most this many tokens of the training split (its start).
 UNIGRAM_MAX_TOKENS = 100_000_000
 _PART_SALT = "gridlab held-out part"
+# Spreads a window's place in its document over 64 bits before it is mixed with the document's key (splitmix64's
+# increment).
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _autocast(device: torch.device):
@@ -55,23 +58,27 @@ def document_parts(index: DocumentIndex) -> np.ndarray:
     return key_draws(index.keys, _PART_SALT) < 0.5
 
 
-def sample_documents(index: DocumentIndex, max_tokens: int | None, seed: int = 0, part: Part = "all") -> np.ndarray:
-    """The sampled documents' positions in ``index``, in stream order: the documents of ``part`` ("all", or one of
-    the two disjoint halves "select" / "report") ordered by a seeded hash of their keys and taken whole until they
-    hold ``max_tokens`` tokens (the document that reaches it included); all of them when ``max_tokens`` is None or
-    they hold no more. The same index and arguments give the same sample, whatever the model."""
+def _document_order(index: DocumentIndex, seed: int, part: Part) -> np.ndarray:
+    """The documents of ``part`` ("all", or one of the two disjoint halves "select" / "report"), ordered by a
+    seeded hash of their keys: the order in which a sample takes them, whatever the model."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
     candidates = np.arange(len(index))
     if part != "all":
         select = document_parts(index)
         candidates = candidates[select if part == "select" else ~select]
-    if max_tokens is None or int(index.lengths[candidates].sum()) <= max_tokens:
-        return candidates
-    order = candidates[np.argsort(key_draws(index.keys[candidates], f"gridlab held-out sample {seed}"),
-                                  kind="stable")]
+    return candidates[np.argsort(key_draws(index.keys[candidates], f"gridlab held-out sample {seed}"), kind="stable")]
+
+
+def sample_documents(index: DocumentIndex, max_tokens: int | None, seed: int = 0, part: Part = "all") -> np.ndarray:
+    """The positions in ``index`` of whole documents worth ``max_tokens`` tokens, in stream order: the documents of
+    ``part`` in the seeded hash order (``_document_order``), taken until they hold ``max_tokens`` tokens (the
+    document that reaches it included); all of them when ``max_tokens`` is None or they hold no more."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+    order = _document_order(index, seed, part)
+    if max_tokens is None or int(index.lengths[order].sum()) <= max_tokens:
+        return np.sort(order)
     taken = int(np.searchsorted(np.cumsum(index.lengths[order]), max_tokens)) + 1
     return np.sort(order[:taken])
 
@@ -92,6 +99,101 @@ def document_windows(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.
     return document, offset, size
 
 
+@dataclass(frozen=True)
+class WindowSample:
+    """A held-out sample: some documents of a split and, of each, some of its windows (``document_windows``).
+
+    Per document (stream order): its position in the DocumentIndex, its key, how many windows it has (N_d) and how
+    many are sampled (m_d); each sampled window then counts N_d / m_d times (``weights``), so the weighted sums
+    estimate what scoring every window of the document would give. Per sampled window: its document (position in
+    ``documents``), offset and size, as ``document_windows`` defines them — a window sampled is scored exactly as
+    in whole-document scoring."""
+
+    documents: np.ndarray        # int64, positions in the DocumentIndex
+    keys: np.ndarray             # uint64, the documents' keys
+    windows: np.ndarray          # int64, N_d
+    sampled: np.ndarray          # int64, m_d (1 ≤ m_d ≤ N_d)
+    window_document: np.ndarray  # int64, per sampled window: its document's position in ``documents``
+    window_offset: np.ndarray    # int64
+    window_size: np.ndarray      # int64 (tokens predicted: size − 1)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Per document: N_d / m_d, what each of its sampled windows counts for."""
+        return self.windows / self.sampled
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.window_document)
+
+    def window_tuple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.window_document, self.window_offset, self.window_size
+
+    def per_document(self, window_values: np.ndarray) -> np.ndarray:
+        """Per document: the weighted sum N_d / m_d · Σ (its sampled windows' values)."""
+        sums = np.bincount(self.window_document, weights=window_values, minlength=len(self.documents))
+        return sums * self.weights
+
+
+def _spread(windows: np.ndarray, total: int) -> np.ndarray:
+    """``total`` windows spread over every document (fewer windows than documents × the cap would give): each
+    document gives the same number k, or all of its windows when it has fewer, k the largest that fits, and what
+    is left goes one more each to the documents with more, in their order (hash order)."""
+    low, high = 1, int(windows.max())           # Σ min(N_d, 1) ≤ total < Σ N_d here
+    while low < high:                           # the largest k with Σ min(N_d, k) ≤ total
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if int(np.minimum(windows, middle).sum()) <= total else (low, middle - 1)
+    taken = np.minimum(windows, low)
+    extra = np.flatnonzero(windows > low)[:total - int(taken.sum())]
+    taken[extra] += 1
+    return taken
+
+
+def sample_windows(index: DocumentIndex, seq_len: int, max_windows: int | None, windows_per_document: int | None,
+                   seed: int = 0, part: Part = "all") -> WindowSample:
+    """The held-out sample: ``max_windows`` windows of seq_len tokens (``document_windows``) from documents of
+    ``part`` taken in the seeded hash order, at most ``windows_per_document`` of each (all of a document with no
+    more), drawn without replacement by a hash of (seed, the document's key, the window's place), so every model
+    of a grid gets the same windows. The last document taken gives only what reaches ``max_windows``. When the
+    documents run out first, the windows are spread over every document (``_spread``); when the split holds no
+    more than ``max_windows`` windows (or it is None), every window of every document.
+    ``windows_per_document`` None: whole documents, until they hold ``max_windows`` windows (the last one whole).
+    A larger ``max_windows`` extends a smaller one."""
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be a positive integer or None, got {max_windows}")
+    if windows_per_document is not None and windows_per_document < 1:
+        raise ValueError(f"windows_per_document must be a positive integer or None, got {windows_per_document}")
+    order = _document_order(index, seed, part)
+    windows = document_windows(index.lengths[order], seq_len)[0]
+    count = np.bincount(windows, minlength=len(order)).astype(np.int64)     # N_d, in the hash order
+    if max_windows is None or int(count.sum()) <= max_windows:
+        taken = count.copy()
+    elif windows_per_document is None:                                      # whole documents
+        last = int(np.searchsorted(np.cumsum(count), max_windows))
+        taken = np.where(np.arange(len(order)) <= last, count, 0)
+    elif int(np.minimum(count, windows_per_document).sum()) >= max_windows:
+        each = np.minimum(count, windows_per_document)
+        taken = np.clip(max_windows - (np.cumsum(each) - each), 0, each)
+    else:                                                                   # the documents run out first
+        taken = _spread(count, max_windows)
+    keep = taken > 0
+    stream = np.argsort(order[keep], kind="stable")                         # the kept documents in stream order
+    documents, windows, sampled = order[keep][stream], count[keep][stream], taken[keep][stream]
+    document, offset, size = document_windows(index.lengths[documents], seq_len)
+    place = offset // (seq_len - 1)
+    with np.errstate(over="ignore"):
+        window_keys = index.keys[documents][document] ^ (place.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+    draw = key_draws(window_keys, f"gridlab held-out windows {seed}")
+    by_draw = np.lexsort((draw, document))                                  # within each document, by its draw
+    first = np.concatenate([[0], np.cumsum(windows)[:-1]])
+    rank = np.empty(len(document), np.int64)
+    rank[by_draw] = np.arange(len(document)) - np.repeat(first, windows)
+    chosen = np.flatnonzero(rank < sampled[document])                        # in stream order
+    return WindowSample(documents=documents.astype(np.int64), keys=index.keys[documents], windows=windows,
+                        sampled=sampled, window_document=document[chosen], window_offset=offset[chosen],
+                        window_size=size[chosen])
+
+
 def document_tokens(data: TokenShard, index: DocumentIndex, chosen: np.ndarray) -> np.ndarray:
     """The chosen documents' tokens, concatenated in the order of ``chosen``."""
     parts = [data.stream(int(index.starts[i]), int(index.lengths[i])) for i in chosen]
@@ -102,30 +204,39 @@ def document_tokens(data: TokenShard, index: DocumentIndex, chosen: np.ndarray) 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A held-out loss over documents: the token-weighted mean, its bootstrap stderr (None for fewer than two
-    documents), and what a paired analysis needs: each document's key, tokens scored and summed loss (nats)."""
+    """A held-out loss: the ratio estimator over the sample's documents, Σ loss_sum / Σ tokens
+    (gridlab.measure), its linearised stderr (None for fewer than two documents), and what a paired analysis needs:
+    the sample, and per document its weighted token count and weighted loss sum (nats) — its sampled windows'
+    predicted tokens and summed losses, times N_d / m_d."""
 
     loss: float
     stderr: float | None
-    keys: np.ndarray          # uint64, the documents' keys (DocumentIndex.keys)
-    doc_tokens: np.ndarray    # int64, tokens predicted in each document
-    doc_loss: np.ndarray      # float64, summed next-token loss of each document
+    sample: WindowSample
+    doc_tokens: np.ndarray    # float64, X_d: the document's estimated predicted tokens
+    doc_loss: np.ndarray      # float64, Y_d: the document's estimated summed next-token loss
 
     @classmethod
-    def of(cls, keys: np.ndarray, doc_tokens: np.ndarray, doc_loss: np.ndarray, seed: int = 0) -> HeldOut:
-        doc_tokens, doc_loss = np.asarray(doc_tokens, np.int64), np.asarray(doc_loss, np.float64)
-        if int(doc_tokens.sum()) < 1:
+    def of(cls, sample: WindowSample, window_loss: np.ndarray) -> HeldOut:
+        """From each sampled window's summed loss (in the sample's window order)."""
+        doc_tokens = sample.per_document((sample.window_size - 1).astype(np.float64))
+        doc_loss = sample.per_document(np.asarray(window_loss, np.float64))
+        if doc_tokens.sum() <= 0:
             raise ValueError("a held-out loss needs at least one scored token")
-        return cls(loss=float(doc_loss.sum() / doc_tokens.sum()), stderr=bootstrap_stderr(doc_loss, doc_tokens, seed),
-                   keys=np.asarray(keys, np.uint64), doc_tokens=doc_tokens, doc_loss=doc_loss)
+        return cls(loss=float(doc_loss.sum() / doc_tokens.sum()), stderr=ratio_stderr(doc_loss, doc_tokens),
+                   sample=sample, doc_tokens=doc_tokens, doc_loss=doc_loss)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.sample.keys
 
     @property
     def tokens(self) -> int:
-        return int(self.doc_tokens.sum())
+        """Tokens scored (predicted in the sampled windows)."""
+        return int((self.sample.window_size - 1).sum())
 
     @property
     def documents(self) -> int:
-        return len(self.doc_tokens)
+        return len(self.sample.documents)
 
     @property
     def ppl(self) -> float:
@@ -135,27 +246,6 @@ class HeldOut:
     def ppl_stderr(self) -> float | None:
         """The perplexity's stderr by the delta method (d exp(L) = exp(L) dL)."""
         return None if self.stderr is None else self.ppl * self.stderr
-
-
-def bootstrap_stderr(doc_loss: np.ndarray, doc_tokens: np.ndarray, seed: int = 0,
-                     resamples: int = BOOTSTRAP_RESAMPLES) -> float | None:
-    """The standard error of the token-weighted mean loss sum(doc_loss) / sum(doc_tokens), from ``resamples``
-    resamples of the n documents with replacement (seeded): the standard deviation of the resampled means, times
-    sqrt(n / (n − 1)) (the bootstrap's plug-in variance is (n − 1)/n of the unbiased one: for equal token counts
-    this is the textbook sd / sqrt(n)). None for fewer than two documents (one says nothing about the spread).
-    A paired difference of two models on the same documents is the same computation on the difference of their
-    doc_loss. Few documents make it optimistic (docs/engine.md, "Evaluation": measured coverage)."""
-    doc_loss, doc_tokens = np.asarray(doc_loss, np.float64), np.asarray(doc_tokens, np.float64)
-    n = len(doc_loss)
-    if n < 2:
-        return None
-    rng = np.random.default_rng([seed, n])
-    means = np.empty(resamples)
-    chunk = max(1, min(resamples, 4_000_000 // n))
-    for start in range(0, resamples, chunk):
-        draws = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-        means[start:start + len(draws)] = doc_loss[draws].sum(axis=1) / doc_tokens[draws].sum(axis=1)
-    return float(means.std(ddof=1) * math.sqrt(n / (n - 1)))
 
 
 def _window_batches(windows, flat: np.ndarray, base: np.ndarray, batch_size: int):
@@ -174,39 +264,34 @@ def _window_batches(windows, flat: np.ndarray, base: np.ndarray, batch_size: int
 
 
 @torch.no_grad()
-def window_losses(model, data: TokenShard, index: DocumentIndex, chosen: np.ndarray,
-                  batch_size: int | None = None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """Score the chosen documents whole: their windows (``document_windows``; document = position in ``chosen``)
-    and each window's summed next-token loss. ``batch_size``: windows per forward pass (default BATCH_TOKENS //
-    seq_len); windows go longest first, each batch padded to its longest."""
+def window_losses(model, data: TokenShard, index: DocumentIndex, sample: WindowSample,
+                  batch_size: int | None = None) -> np.ndarray:
+    """Score the sample's windows: each window's summed next-token loss, in the sample's window order. A window's
+    input is its slice of [eos] + its document's tokens, nothing else. ``batch_size``: windows per forward pass
+    (default BATCH_TOKENS // seq_len); windows go longest first, each batch padded to its longest."""
     seq_len = data.seq_len
     batch_size = batch_size or max(1, BATCH_TOKENS // seq_len)
     eos = data.meta.get("eos_token_id")
     if eos is None:
         raise ValueError(f"token shard {str(data.path)!r} names no eos_token_id; documents are scored after it")
+    chosen = sample.documents
     lengths = index.lengths[chosen]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     # Each document's input, [eos] + its tokens, laid end to end.
     flat = np.insert(document_tokens(data, index, chosen), starts, eos) if len(chosen) else np.zeros(0, np.int64)
-    windows = document_windows(lengths, seq_len)
-    loss = np.zeros(len(windows[0]), np.float64)
+    loss = np.zeros(sample.n_windows, np.float64)
+    if not sample.n_windows:
+        return loss
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = list(_window_batches(windows, flat, starts + np.arange(len(chosen)), batch_size))
+    batches = list(_window_batches(sample.window_tuple(), flat, starts + np.arange(len(chosen)), batch_size))
     for (rows, ids, valid), logits in zip(batches, _logits(model, [ids for _, ids, _ in batches], batch_size, device)):
         targets = ids[:, 1:].to(device)
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
         loss[rows] = (token_loss.view(targets.shape).double() * valid.to(device)).sum(1).cpu().numpy()
     model.train(was_training)
-    return windows, loss
-
-
-def document_losses(model, data: TokenShard, index: DocumentIndex, chosen: np.ndarray,
-                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Score the chosen documents whole: (summed next-token loss, tokens predicted) per document of ``chosen``."""
-    windows, loss = window_losses(model, data, index, chosen, batch_size)
-    return np.bincount(windows[0], weights=loss, minlength=len(chosen)), index.lengths[chosen].astype(np.int64)
+    return loss
 
 
 def _logits(model, id_batches: list[torch.Tensor], batch_size: int, device: torch.device):
@@ -223,16 +308,17 @@ def _logits(model, id_batches: list[torch.Tensor], batch_size: int, device: torc
             yield model(input_ids=ids.to(device)).logits
 
 
-def heldout_loss(model, data: TokenShard, max_sequences: int | None = None, seed: int = 0, part: Part = "all",
+def heldout_loss(model, data: TokenShard, max_sequences: int | None = None,
+                 windows_per_document: int | None = None, seed: int = 0, part: Part = "all",
                  batch_size: int | None = None) -> HeldOut:
-    """The held-out loss of ``model`` on a seeded sample of whole documents of ``data`` worth ``max_sequences``
-    sequences of seq_len tokens (None, or a split that holds no more: every document of ``part``)."""
+    """The held-out loss of ``model`` on the seeded sample ``sample_windows`` draws from ``data``: ``max_sequences``
+    windows of seq_len tokens, at most ``windows_per_document`` of each document (None: whole documents; the grid's
+    default is EvaluationSpec's); None, or a split that holds no more: every window of every document of ``part``."""
     if max_sequences is not None and max_sequences < 1:
         raise ValueError(f"max_sequences must be a positive integer or None, got {max_sequences}")
     index = data.documents()
-    chosen = sample_documents(index, None if max_sequences is None else max_sequences * data.seq_len, seed, part)
-    doc_loss, doc_tokens = document_losses(model, data, index, chosen, batch_size)
-    return HeldOut.of(index.keys[chosen], doc_tokens, doc_loss, seed)
+    sample = sample_windows(index, data.seq_len, max_sequences, windows_per_document, seed, part)
+    return HeldOut.of(sample, window_losses(model, data, index, sample, batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------- floors
@@ -253,16 +339,16 @@ def unigram_log_probs(train: TokenShard, vocab_size: int, max_tokens: int = UNIG
     return np.log(counts / counts.sum())
 
 
-def unigram_loss(log_probs: np.ndarray, data: TokenShard, held_out: HeldOut, seed: int = 0) -> HeldOut:
-    """The unigram model's loss on the documents ``held_out`` scored (the same tokens, the same bootstrap)."""
+def unigram_loss(log_probs: np.ndarray, data: TokenShard, held_out: HeldOut) -> HeldOut:
+    """The unigram model's loss on the windows ``held_out`` scored: the same tokens, the same weights."""
+    sample = held_out.sample
     index = data.documents()
-    position = {int(key): i for i, key in enumerate(index.keys)}
-    chosen = np.array([position[int(key)] for key in held_out.keys], np.int64)
-    tokens = document_tokens(data, index, chosen)
-    cost = -log_probs[tokens]
-    starts = np.concatenate([[0], np.cumsum(held_out.doc_tokens)[:-1]])
-    doc_loss = np.add.reduceat(cost, starts) if len(cost) else np.zeros(0)
-    return HeldOut.of(held_out.keys, held_out.doc_tokens, doc_loss, seed)
+    cost = -log_probs[document_tokens(data, index, sample.documents)]
+    cumulative = np.concatenate([[0.0], np.cumsum(cost)])
+    base = np.concatenate([[0], np.cumsum(index.lengths[sample.documents])[:-1]]).astype(np.int64)
+    # window (offset o, size s) of [eos] + document predicts the document's tokens [o, o + s − 1)
+    first = base[sample.window_document] + sample.window_offset
+    return HeldOut.of(sample, cumulative[first + sample.window_size - 1] - cumulative[first])
 
 
 def task_chance(tasks: list[str], limit: int | None = None) -> dict[str, float]:

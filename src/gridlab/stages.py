@@ -257,7 +257,8 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
         model_path, tokens = branch.path, branch.trained_tokens
     validation = TokenShard.open(data.shards["validation"])
     model = load_model(model_path)[0].to(compute_device())  # lm-eval runs on the model's device too
-    sample = {"max_sequences": evaluation["max_sequences"], "seed": evaluation["sample_seed"]}
+    sample = {"max_sequences": evaluation["max_sequences"], "seed": evaluation["sample_seed"],
+              "windows_per_document": evaluation["windows_per_document"]}
     held_out = {"val_loss": (validation, heldout_loss(model, validation, **sample))}
     for corpus in evaluation["corpora"]:
         source = _corpus({key: value for key, value in corpus.items() if key != "label"})
@@ -287,7 +288,7 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
 def floor_metrics(data: DataPayload, held_out: dict, evaluation: dict[str, Any]) -> tuple[list[Metric], dict]:
     """The references a score is read against (docs/engine.md, "Floors"): ``floor/uniform_loss`` (ln V, exact),
     ``floor/unigram_loss`` and ``floor/eval/<label>/unigram_loss`` (the retrain split's add-one smoothed unigram
-    distribution scored on each held-out sample, with its bootstrap stderr), ``lm_eval/<task>/chance`` (a uniform
+    distribution scored on each held-out sample, with its stderr), ``lm_eval/<task>/chance`` (a uniform
     guess's accuracy on each multiple-choice task). Each at tokens 0, direction None: references, not scores.
     Returns them and the unigram losses ({name: (shard, HeldOut)}) whose per-document values are kept too."""
     from gridlab.data import TokenShard
@@ -298,7 +299,7 @@ def floor_metrics(data: DataPayload, held_out: dict, evaluation: dict[str, Any])
     losses = {}
     for name, (shard, loss) in held_out.items():
         floor = "floor/unigram_loss" if name == "val_loss" else f"floor/{name.removesuffix('/loss')}/unigram_loss"
-        losses[floor] = (shard, unigram_loss(log_probs, shard, loss, evaluation["sample_seed"]))
+        losses[floor] = (shard, unigram_loss(log_probs, shard, loss))
         metrics.append(Metric(name=floor, value=losses[floor][1].loss, stderr=losses[floor][1].stderr, tokens=0))
     if evaluation["lm_eval_tasks"]:
         for task, chance in task_chance(evaluation["lm_eval_tasks"], evaluation["limit"]).items():
@@ -308,16 +309,23 @@ def floor_metrics(data: DataPayload, held_out: dict, evaluation: dict[str, Any])
 
 def write_document_losses(path: Path, held_out: dict) -> Path:
     """Each held-out loss's documents as one Parquet file: metric, document (its 64-bit key, the same across the
-    grid's eval stages, so two models pair by it), tokens (predicted), loss_sum (nats, summed over its tokens)."""
+    grid's eval stages, so two models pair by it), tokens and loss_sum (the document's sampled windows' predicted
+    tokens and summed loss in nats, each times windows / sampled: the estimates whose ratio over the documents is
+    the loss, gridlab.measure), windows (the document's windows of seq_len) and sampled (how many were scored)."""
     import numpy as np
     import polars as pl
 
+    from gridlab.measure import DOCUMENT_LOSS_SCHEMA
+
+    losses = list(held_out.values())
     frame = pl.DataFrame({
         "metric": [name for name, loss in held_out.items() for _ in range(loss.documents)],
-        "document": np.concatenate([loss.keys for loss in held_out.values()]),
-        "tokens": np.concatenate([loss.doc_tokens for loss in held_out.values()]),
-        "loss_sum": np.concatenate([loss.doc_loss for loss in held_out.values()]),
-    }, schema={"metric": pl.String, "document": pl.UInt64, "tokens": pl.Int64, "loss_sum": pl.Float64})
+        "document": np.concatenate([loss.keys for loss in losses]),
+        "tokens": np.concatenate([loss.doc_tokens for loss in losses]),
+        "loss_sum": np.concatenate([loss.doc_loss for loss in losses]),
+        "windows": np.concatenate([loss.sample.windows for loss in losses]),
+        "sampled": np.concatenate([loss.sample.sampled for loss in losses]),
+    }, schema=DOCUMENT_LOSS_SCHEMA)
     with atomic.staged_file(path) as staging:
         frame.write_parquet(staging)
     return path
