@@ -209,8 +209,8 @@ def document_losses(db, metric: str | None = "val_loss") -> pl.DataFrame:
     if "document_losses" not in tables:
         return pl.DataFrame(schema=DOCUMENT_LOSS_COLUMNS)
     where = "" if metric is None else "where d.metric = ?"
-    frame = db.execute(
+    frame = db.sql(
         "select c.cell_id, d.eval_stage, d.metric, d.document, d.tokens, d.loss_sum, d.windows, d.sampled "
         f"from document_losses d join cells c on c.eval_stage = d.eval_stage {where} "
-        "order by c.cell_id, d.metric, d.document", [] if metric is None else [metric]).pl()
+        "order by c.cell_id, d.metric, d.document", params=None if metric is None else [metric]).pl()
     return frame.cast(DOCUMENT_LOSS_COLUMNS) if frame.height else pl.DataFrame(schema=DOCUMENT_LOSS_COLUMNS)
