@@ -1,24 +1,24 @@
-"""The held-out loss's sample size: the stderr each size buys, against what it costs, on real models.
+"""The held-out sample's design and size: the error and stderr each buys, against what it costs, on real models.
 
-    python bench/heldout_eval.py [--run RUN_DIR] [--sizes 128 256 512 1024 2048 4096] [--draws 200]
+    python bench/heldout_eval.py [--run RUN_DIR] [--cache FILE.npz] [--sizes 256 512 1024 2048]
+                                 [--windows 1 2 4 8] [--draws 200]
 
 Without --run it first trains a small study like the default one (pico parent pretrained on 150k tokens of the
 stdlib corpus, wanda and minitron-width at ratio 0.5, pruned and random init, budgets 20k and 80k, seeds 0 and 1,
 setting 1; ~5 min on 2 cores) with `gridlab submit`, in a temporary folder. Then, in this process:
 
-1. every trained model (the parent and each budget branch) scores every document of the validation split
-   (gridlab.evaluate.document_losses): the per-document losses of the whole split, and the whole-split loss;
-2. the spread between documents (sd of the per-document mean loss), and for each sample size (in sequences of
-   seq_len tokens, as `[evaluation] max_sequences`) over --draws sample seeds: the sd of the sampled val_loss around
-   the whole-split value (the true standard error), the mean bootstrap stderr gridlab reports, and how often
-   ±1.96 stderr covers the whole-split value — for one model's loss and for the paired difference pruned − random
-   (same method, ratio, budget and seed: the report's gap);
-3. for comparison only (it is not what gridlab does), the same statistics for a two-stage sample of the same
-   cost — documents, then --windows random windows of each — from the per-window losses;
-4. the time of one evaluation, the old way (the first 256 packed sequences, batch 16, as gridlab did before
-   documents) against the new (a document sample of the default max_sequences), alternating in rounds, best round
-   each; the ratio, and the default study's eval phase projected from it (641 evaluations; README: 342 s of busy
-   worker time with the old evaluation).
+1. every trained model (the parent and each budget branch) scores every window of every validation document
+   (gridlab.evaluate.window_losses on the whole split; --cache keeps them for a rerun): the whole-split loss, and
+   the old evaluation's (the first 256 packed rows) bias against it;
+2. for each design — whole documents (the branch's first design) and two-stage samples of up to k windows per
+   document (gridlab's, ``[evaluation] windows_per_document``) — and each size (``max_sequences``, in windows), over
+   --draws sample seeds: the documents sampled, the sampled val_loss's error around the whole-split value (rmse),
+   the mean stderr gridlab reports, how often ±1.96 stderr holds the whole-split value, and the same for the paired
+   difference pruned − random of one method, ratio, budget and seed (the report's gap);
+3. the time of one evaluation: the old way (the first 256 packed sequences, batch 16) against gridlab's sample at
+   each size (two-stage with the default windows_per_document, and whole documents), alternating in rounds, best
+   round each; the ratios, and the default study's eval phase projected from them (641 evaluations; README: 342 s
+   of busy worker time with the old evaluation, 2 workers, the whole study 1,145 s).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gridlab.data import TokenShard  # noqa: E402
-from gridlab.evaluate import bootstrap_stderr, heldout_loss, sample_documents, window_losses  # noqa: E402
+from gridlab.evaluate import HeldOut, heldout_loss, sample_windows, window_losses  # noqa: E402
 from gridlab.layout import RunPaths  # noqa: E402
 from gridlab.model import load_model  # noqa: E402
 from gridlab.planfile import read_plan_record  # noqa: E402
@@ -80,6 +80,7 @@ workers = 2
 """
 DEFAULT_STUDY_EVALS = 641
 DEFAULT_STUDY_EVAL_BUSY_S = 342.0   # README: the eval phase's busy worker time with the old evaluation
+DEFAULT_STUDY_WALL_S = 1145.0       # README: `gridlab submit` of the default study, 2 workers
 OLD_SEQUENCES, OLD_BATCH = 256, 16
 
 
@@ -124,72 +125,111 @@ def run_models(run_dir: Path) -> tuple[TokenShard, dict[str, str], list[tuple[st
     return TokenShard.open(data.shards["validation"]), models, pairs
 
 
-def sampling(doc_loss: np.ndarray, doc_tokens: np.ndarray, index, size_tokens: int, draws: int) -> dict:
-    """Over ``draws`` sample seeds: the sampled estimate's sd around the whole-split value, the mean bootstrap
-    stderr, its coverage at ±1.96, the mean number of documents."""
-    whole = doc_loss.sum() / doc_tokens.sum()
-    estimates, stderrs, documents = [], [], []
+def whole_split_losses(validation: TokenShard, models: dict[str, str], cache: Path | None):
+    """Every model's loss on every window of the split ({label: per-window loss sums}), from --cache when it holds
+    them; and the old evaluation of each (printed as it goes)."""
+    index = validation.documents()
+    every = sample_windows(index, validation.seq_len, None, None)
+    if cache and cache.exists():
+        stored = np.load(cache)
+        if set(models) <= set(stored.files):
+            return every, {label: stored[label] for label in models}
+    per_window = {}
+    print(f"\n{'model':<42} {'whole split':>11} {'first 256':>10} {'bias':>7} {'tok/s':>7}")
+    for label, path in models.items():
+        model = load_model(path)[0]
+        start = time.perf_counter()
+        per_window[label] = window_losses(model, validation, index, every)
+        speed = (every.window_size - 1).sum() / (time.perf_counter() - start)
+        whole = per_window[label].sum() / (every.window_size - 1).sum()
+        first = old_heldout_loss(model, validation)
+        print(f"{label:<42} {whole:>11.4f} {first:>10.4f} {first - whole:>+7.3f} {speed:>7,.0f}", flush=True)
+    if cache:
+        np.savez(cache, **per_window)
+    return every, per_window
+
+
+def sampling(index, every, losses: np.ndarray, differences: np.ndarray, seq_len: int, size: int, k: int | None,
+             draws: int) -> dict[str, float]:
+    """Over ``draws`` sample seeds of one design: mean documents; per model (rows of ``losses``, per-window loss sums
+    over the whole split) and per pair (rows of ``differences``), the rmse of the sampled estimate around the
+    whole-split value, the mean stderr, and the coverage of ±1.96 stderr."""
+    predicted = (every.window_size - 1).astype(np.float64)
+    first = np.concatenate([[0], np.cumsum(every.windows)[:-1]])
+    truth = {"loss": losses.sum(1) / predicted.sum(), "gap": differences.sum(1) / predicted.sum()}
+    errors = {"loss": [], "gap": []}
+    stderrs = {"loss": [], "gap": []}
+    documents = []
     for seed in range(draws):
-        chosen = sample_documents(index, size_tokens, seed)
-        estimates.append(doc_loss[chosen].sum() / doc_tokens[chosen].sum())
-        stderr = bootstrap_stderr(doc_loss[chosen], doc_tokens[chosen], seed)
-        stderrs.append(np.nan if stderr is None else stderr)
-        documents.append(len(chosen))
-    estimates, stderrs = np.array(estimates), np.array(stderrs)
-    return {"true_se": float(np.sqrt(np.mean((estimates - whole) ** 2))), "boot_se": float(np.nanmean(stderrs)),
-            "cover": float(np.mean(np.abs(estimates - whole) <= 1.96 * stderrs)), "docs": float(np.mean(documents))}
+        sample = sample_windows(index, seq_len, size, k, seed)
+        positions = first[sample.documents][sample.window_document] + sample.window_offset // (seq_len - 1)
+        documents.append(len(sample.documents))
+        for name, rows in (("loss", losses), ("gap", differences)):
+            held = [HeldOut.of(sample, row[positions]) for row in rows]
+            errors[name].append([h.loss for h in held] - truth[name])
+            stderrs[name].append([np.nan if h.stderr is None else h.stderr for h in held])
+    out = {"docs": float(np.mean(documents))}
+    for name in errors:
+        error, stderr = np.array(errors[name]), np.array(stderrs[name])       # draws × models
+        out[f"{name}_rmse"] = float(np.mean(np.sqrt(np.mean(error ** 2, axis=0))))
+        out[f"{name}_se"] = float(np.nanmean(stderr))
+        out[f"{name}_cover"] = float(np.mean(np.abs(error) <= 1.96 * stderr))
+    return out
 
 
-def two_stage(window_loss: np.ndarray, windows, index, size: int, per_document: int, draws: int) -> dict:
-    """The same statistics for a two-stage sample (the comparison, not gridlab's design): documents in the seeded
-    order, ``per_document`` random windows of each, until ``size`` windows; each document's loss estimated as its
-    tokens × its windows' mean loss per token; the ratio over documents, bootstrapped over documents."""
-    document, _, width = windows
-    predicted = width - 1
-    of_document = np.split(np.argsort(document, kind="stable"), np.cumsum(np.bincount(document))[:-1])
-    whole = window_loss.sum() / predicted.sum()
-    estimates, stderrs, counts = [], [], []
-    for seed in range(draws):
-        rng = np.random.default_rng(seed)
-        order = np.argsort(rng.random(len(index)))
-        doc_loss, doc_tokens, used = [], [], 0
-        for d in order:
-            mine = of_document[d]
-            taken = mine if len(mine) <= per_document else rng.choice(mine, per_document, replace=False)
-            doc_loss.append(index.lengths[d] * window_loss[taken].sum() / predicted[taken].sum())
-            doc_tokens.append(index.lengths[d])
-            used += len(taken)
-            if used >= size:
-                break
-        doc_loss, doc_tokens = np.array(doc_loss), np.array(doc_tokens)
-        estimates.append(doc_loss.sum() / doc_tokens.sum())
-        stderr = bootstrap_stderr(doc_loss, doc_tokens, seed)
-        stderrs.append(np.nan if stderr is None else stderr)
-        counts.append(len(doc_loss))
-    estimates, stderrs = np.array(estimates), np.array(stderrs)
-    return {"true_se": float(np.sqrt(np.mean((estimates - whole) ** 2))), "boot_se": float(np.nanmean(stderrs)),
-            "cover": float(np.mean(np.abs(estimates - whole) <= 1.96 * stderrs)), "docs": float(np.mean(counts))}
+HEADER = (f"{'design':>14} {'size':>6} {'docs':>6} | {'loss rmse':>9} {'stderr':>7} {'cover':>6} | {'gap rmse':>8} "
+          f"{'stderr':>7} {'cover':>6}")
 
 
-HEADER = (f"{'size':>6} {'docs':>6} | {'val_loss se':>11} {'boot':>6} {'cover':>6} | {'paired se':>9} {'boot':>6} "
-          f"{'cover':>6}")
+def row(design: str, size, stats: dict) -> str:
+    return (f"{design:>14} {size:>6} {stats['docs']:>6.1f} | {stats['loss_rmse']:>9.4f} {stats['loss_se']:>7.4f} "
+            f"{stats['loss_cover']:>6.2f} | {stats['gap_rmse']:>8.4f} {stats['gap_se']:>7.4f} "
+            f"{stats['gap_cover']:>6.2f}")
 
 
-def table_row(size, losses: list[dict], gaps: list[dict]) -> str:
-    """One size: the statistics averaged over the models (val_loss) and over the pairs (paired difference)."""
-    mean = {key: np.mean([row[key] for row in losses]) for key in losses[0]}
-    paired = {key: np.mean([row[key] for row in gaps]) for key in gaps[0]} if gaps else dict.fromkeys(mean, np.nan)
-    return (f"{size:>6} {mean['docs']:>6.1f} | {mean['true_se']:>11.4f} {mean['boot_se']:>6.4f} {mean['cover']:>6.2f} "
-            f"| {paired['true_se']:>9.4f} {paired['boot_se']:>6.4f} {paired['cover']:>6.2f}")
+def timing(validation: TokenShard, models: list, sizes: list[int], k: int, rounds: int) -> None:
+    """One evaluation, old against new, alternating in rounds (best round each), and the projected study."""
+    designs = {"old (first 256 rows)": lambda model: old_heldout_loss(model, validation)}
+    for size in sizes:
+        designs[f"k={k}, {size} windows"] = (
+            lambda model, size=size: heldout_loss(model, validation, max_sequences=size, windows_per_document=k))
+        designs[f"whole docs, {size}"] = (
+            lambda model, size=size: heldout_loss(model, validation, max_sequences=size, windows_per_document=None))
+    best = dict.fromkeys(designs, float("inf"))
+    for _ in range(rounds):
+        for name, evaluate in designs.items():
+            start = time.perf_counter()
+            for model in models:
+                evaluate(model)
+            best[name] = min(best[name], (time.perf_counter() - start) / len(models))
+    old = best["old (first 256 rows)"]
+    index = validation.documents()
+    print(f"\n{'evaluation':<26} {'tokens':>7} {'s / eval':>8} {'× old':>6} | default study's eval phase (busy s): "
+          f"{'+Δs':>6} {'×ratio':>7} | study wall (min, 2 workers)")
+    for name, seconds in best.items():
+        if name.startswith("old"):
+            tokens = OLD_SEQUENCES * (validation.seq_len - 1)
+        else:
+            size = int(name.split(",")[1].split()[0])
+            k_of = None if name.startswith("whole") else k
+            tokens = int((sample_windows(index, validation.seq_len, size, k_of, 0).window_size - 1).sum())
+        ratio = seconds / old
+        additive = DEFAULT_STUDY_EVAL_BUSY_S + DEFAULT_STUDY_EVALS * (seconds - old)
+        scaled = DEFAULT_STUDY_EVAL_BUSY_S * ratio   # as if all of an eval stage's busy time were the held-out loss
+        wall = (DEFAULT_STUDY_WALL_S + (max(additive, scaled) - DEFAULT_STUDY_EVAL_BUSY_S) / 2) / 60
+        print(f"{name:<26} {tokens:>7,} {seconds:>8.3f} {ratio:>6.2f} | {additive:>43.0f} {scaled:>7.0f} | "
+              f"{wall:.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a finished run folder (runs/<grid>); default: train one")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
+    parser.add_argument("--cache", type=Path, help="an .npz keeping the whole-split window losses between runs")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="windows per document of the two-stage designs compared")
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--windows", type=int, default=4, help="windows per document of the two-stage comparison")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -197,67 +237,27 @@ def main() -> None:
     validation, models, pairs = run_models(run_dir)
     index = validation.documents()
     seq_len = validation.seq_len
-    default = EvaluationSpec().max_sequences
-    print(f"validation split: {len(index)} documents, {int(index.lengths.sum()):,} tokens (= "
-          f"{index.lengths.sum() / seq_len:,.0f} sequences of {seq_len}); document tokens: median "
-          f"{np.median(index.lengths):,.0f}, mean {index.lengths.mean():,.0f}, max {index.lengths.max():,}")
+    default = EvaluationSpec()
+    every, per_window = whole_split_losses(validation, models, args.cache)
+    print(f"validation split: {len(index)} documents, {int(index.lengths.sum()):,} tokens, {every.n_windows:,} "
+          f"windows of {seq_len}; windows per document: median {np.median(every.windows):.0f}, mean "
+          f"{every.windows.mean():.1f}, max {every.windows.max()}")
+    losses = np.stack([per_window[label] for label in models])
+    differences = np.stack([per_window[a] - per_window[b] for a, b in pairs])
 
-    every = np.arange(len(index))
-    per_document: dict[str, np.ndarray] = {}
-    per_window: dict[str, np.ndarray] = {}
-    print(f"\n{'model':<42} {'whole split':>11} {'first 256':>10} {'bias':>7} {'doc sd':>7} {'tok/s':>7}")
-    for label, path in models.items():
-        model = load_model(path)[0]
-        start = time.perf_counter()
-        windows, per_window[label] = window_losses(model, validation, index, every)
-        doc_tokens = index.lengths
-        doc_loss = per_document[label] = np.bincount(windows[0], weights=per_window[label], minlength=len(index))
-        speed = doc_tokens.sum() / (time.perf_counter() - start)
-        whole = doc_loss.sum() / doc_tokens.sum()
-        first = old_heldout_loss(model, validation)
-        print(f"{label:<42} {whole:>11.4f} {first:>10.4f} {first - whole:>+7.3f} "
-              f"{np.std(doc_loss / doc_tokens, ddof=1):>7.3f} {speed:>7,.0f}")
-    tokens = index.lengths
-
-    print(f"\nsampling over {args.draws} seeds (sizes in sequences of {seq_len}; se: sd of the estimate around the "
-          f"whole-split value; boot: mean bootstrap stderr; cover: share within ±1.96 boot)")
-    print(HEADER)
-    for size in [*args.sizes, None]:
-        size_tokens = int(index.lengths.sum()) + 1 if size is None else size * seq_len
-        print(table_row("whole" if size is None else size,
-                        [sampling(per_document[label], tokens, index, size_tokens, args.draws) for label in models],
-                        [sampling(per_document[a] - per_document[b], tokens, index, size_tokens, args.draws)
-                         for a, b in pairs]))
-
-    print(f"\nfor comparison, not gridlab's design: a two-stage sample of the same cost (documents in a seeded order, "
-          f"{args.windows} random windows of each, until as many windows as the size's sequences)")
+    print(f"\nover {args.draws} sample seeds, {len(models)} models and {len(pairs)} pruned − random pairs: rmse of the "
+          f"sampled value around the whole split's, mean stderr, share within ±1.96 stderr (defaults: max_sequences "
+          f"{default.max_sequences}, windows_per_document {default.windows_per_document})")
     print(HEADER)
     for size in args.sizes:
-        print(table_row(size, [two_stage(per_window[label], windows, index, size, args.windows, args.draws)
-                               for label in models],
-                        [two_stage(per_window[a] - per_window[b], windows, index, size, args.windows, args.draws)
-                         for a, b in pairs]))
+        for k in [None, *args.windows]:
+            stats = sampling(index, every, losses, differences, seq_len, size, k, args.draws)
+            print(row("whole docs" if k is None else f"k={k}", size, stats), flush=True)
 
-    print(f"\none evaluation, best of {args.rounds} rounds (the parent and the first pair's models):")
+    print(f"\none evaluation, best of {args.rounds} rounds (the parent and the first pair's models), on this machine:")
     timed = [models["parent"], *(models[label] for label in pairs[0])] if pairs else [models["parent"]]
-    loaded = [load_model(path)[0] for path in timed]
-    old_s, new_s = [], []
-    for _ in range(args.rounds):
-        start = time.perf_counter()
-        for model in loaded:
-            old_heldout_loss(model, validation)
-        old_s.append((time.perf_counter() - start) / len(loaded))
-        start = time.perf_counter()
-        for model in loaded:
-            held = heldout_loss(model, validation, max_sequences=default)
-        new_s.append((time.perf_counter() - start) / len(loaded))
-    old, new = min(old_s), min(new_s)
-    busy = DEFAULT_STUDY_EVAL_BUSY_S + DEFAULT_STUDY_EVALS * (new - old)
-    print(f"  old (first {OLD_SEQUENCES} sequences, batch {OLD_BATCH}): {old:.3f} s; new (max_sequences {default}: "
-          f"{held.documents} documents, {held.tokens:,} tokens): {new:.3f} s; ratio new/old {new / old:.2f}")
-    print(f"  default study's eval phase: {DEFAULT_STUDY_EVALS} evaluations, busy {DEFAULT_STUDY_EVAL_BUSY_S:.0f} s "
-          f"→ {busy:.0f} s projected (+{busy - DEFAULT_STUDY_EVAL_BUSY_S:.0f} s; two workers: about "
-          f"+{(busy - DEFAULT_STUDY_EVAL_BUSY_S) / 2:.0f} s of wall time)")
+    timing(validation, [load_model(path)[0] for path in timed], [512, 1024], default.windows_per_document,
+           args.rounds)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ DATA_TASK_KINDS = ("tokenizer", "shard")
 # The code version of each stage kind, part of every id of that kind. Bump a kind's number when a change to its code
 # changes what it computes (its numbers or its outputs), so exactly its stages and what depends on them rerun.
 # Pruning methods carry their own version (gridlab.pruning.Method.version), hashed into their prune stages.
-# eval 2: the held-out loss over a seeded sample of whole documents with a bootstrap stderr (was: the first packed
+# eval 2: the held-out loss over a seeded sample of documents and their windows with its stderr (was: the first packed
 # sequences), per-document losses kept, floors (uniform, unigram, task chance) in the parent's evaluation.
 VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1,
                            "eval": 2}
@@ -365,8 +365,8 @@ class EvalPayload(Contract):
     model_path: str
     tokens: int                       # the evaluated model's training tokens
     metrics: list[Metric]
-    # Each held-out loss's per-document loss sums and token counts (StagePaths.document_losses), for paired
-    # analyses; None in results written before eval version 2.
+    # Each held-out loss's per-document weighted loss sums and token counts (StagePaths.document_losses,
+    # gridlab.measure), for paired analyses; None in results written before eval version 2.
     document_losses: str | None = None
 
 

@@ -1,15 +1,17 @@
-"""Held-out loss over whole documents with a bootstrap stderr, the floors a loss or a task is read against, and
-zero/few-shot tasks through lm-eval (offline).
+"""Held-out loss over a seeded two-stage sample of documents and their windows with its stderr, the floors a loss or
+a task is read against, and zero/few-shot tasks through lm-eval (offline).
 
-Held-out loss. A split's documents (``TokenShard.documents()``: boundaries recorded while tokenizing) are sampled by
-a seeded hash of their keys, whole, until ``max_tokens`` tokens' worth (``sample_documents``); every model of a grid
-gets the same sample, so their losses pair document by document. Each document is scored whole: its input is the
-eos token (the separator every document follows in training) and then its tokens, cut into consecutive windows of
-seq_len tokens that overlap by one (``document_windows``), so every token of the document — the eos that ends it
-included — is predicted exactly once, from the document's own earlier tokens only (at most seq_len − 1 of them). The
-loss is the token-weighted mean over the sampled documents; its stderr is the standard deviation of that mean over
-``BOOTSTRAP_RESAMPLES`` seeded resamples of the documents (``bootstrap_stderr``). Why whole documents, how large a
-sample and what its stderr is worth: docs/engine.md ("Evaluation"), measured by bench/heldout_eval.py.
+Held-out loss. A split's documents (``TokenShard.documents()``: boundaries recorded while tokenizing) are cut into
+windows: a document's input is the eos token (the separator every document follows in training) and then its
+tokens, in consecutive windows of seq_len tokens that overlap by one (``document_windows``), so every token of the
+document — the eos that ends it included — is predicted once, from the document's own earlier tokens only (at most
+seq_len − 1 of them). The sample (``sample_windows``) takes the documents in a seeded hash order of their keys and
+from each at most ``windows_per_document`` of its windows, drawn by a hash of (seed, document key, window place),
+until ``max_sequences`` windows; every model of a grid gets the same windows, so their losses pair document by
+document. Each sampled window counts N_d / m_d times (its document's windows over those sampled from it), and the
+loss is the ratio estimator over documents of the whole split's token-weighted mean loss, with its linearised stderr
+(gridlab.measure). Why this design, how large a sample, and what its stderr is worth: docs/engine.md
+("Evaluation"), measured by bench/heldout_eval.py and tests/test_measure.py.
 
 Floors (``uniform_loss``, ``unigram_loss``, ``task_chance``): the references a loss or a task score is read against.
 """

@@ -17,8 +17,8 @@
         stage.log               the worker's stdout/stderr
         error.json              written when a worker fails: error line and traceback tail
         result.json             written last by a finished worker (checksummed header + payload)
-        document_losses.parquet an eval stage's per-document loss sums and token counts (metric, document, tokens,
-                                loss_sum), one row per document of each held-out loss
+        document_losses.parquet an eval stage's held-out losses per document (metric, document, tokens, loss_sum,
+                                windows, sampled: gridlab.measure), one row per sampled document of each
         <outputs>               model/, tokenizer/, shards/ … as the stage kind writes them
 
 Like submitit's ``JobPaths``: code asks a ``RunPaths`` or a ``StagePaths`` for a path and never joins names itself.
