@@ -2,6 +2,7 @@
 
     python bench/heldout_eval.py [--run RUN_DIR] [--cache FILE.npz] [--sizes 256 512 1024 2048]
                                  [--windows 1 2 4 8] [--draws 200]
+    python bench/heldout_eval.py --synthetic [DOCUMENTS LOG_MEDIAN SIGMA] [--sizes …] [--windows …] [--draws …]
 
 Without --run it first trains a small study like the default one (pico parent pretrained on 150k tokens of the
 stdlib corpus, wanda and minitron-width at ratio 0.5, pruned and random init, budgets 20k and 80k, seeds 0 and 1,
@@ -15,6 +16,9 @@ setting 1; ~5 min on 2 cores) with `gridlab submit`, in a temporary folder. Then
    --draws sample seeds: the documents sampled, the sampled val_loss's error around the whole-split value (rmse),
    the mean stderr gridlab reports, how often ±1.96 stderr holds the whole-split value, and the same for the paired
    difference pruned − random of one method, ratio, budget and seed (the report's gap);
+   --synthetic: the same table on tests/test_measure.py's synthetic split (3,000 documents with lognormal lengths,
+   median e^8 tokens, σ 1.15, or as given; correlated windows: a split with more documents than a sample takes,
+   which the default study's has not), and nothing else;
 3. the time of one evaluation: the old way (the first 256 packed sequences, batch 16) against gridlab's sample at
    each size (two-stage with the default windows_per_document, and whole documents), alternating in rounds, best
    round each; the ratios, and the default study's eval phase projected from them (641 evaluations; README: 342 s
@@ -221,6 +225,49 @@ def timing(validation: TokenShard, models: list, sizes: list[int], k: int, round
               f"{wall:.1f}")
 
 
+def within_document(every, window_loss: np.ndarray, what: str) -> None:
+    """How alike a document's windows are: the sd of the per-token window loss around its document's mean, and the
+    correlation of those deviations between windows 1, 5, 10, 20 apart in the same document (full windows only)."""
+    predicted = every.window_size - 1
+    rate = window_loss / predicted
+    document = every.window_document
+    mean = np.bincount(document, weights=window_loss) / np.bincount(document, weights=predicted)
+    deviation = rate - mean[document]
+    full = every.window_size == every.window_size.max()
+    correlation = []
+    for lag in (1, 5, 10, 20):
+        same = (document[lag:] == document[:-lag]) & full[lag:] & full[:-lag]
+        correlation.append(np.corrcoef(deviation[:-lag][same], deviation[lag:][same])[0, 1])
+    print(f"within a document, {what}: sd of a window's per-token loss around the document's "
+          f"{deviation[full].std():.2f} nats (documents' sd {mean.std():.2f}); correlation at lags 1, 5, 10, 20: "
+          + ", ".join(f"{c:.2f}" for c in correlation))
+
+
+def print_designs(index, every, losses, differences, seq_len, sizes, windows, draws) -> None:
+    default = EvaluationSpec()
+    print(f"\nover {draws} sample seeds, {len(losses)} models and {len(differences)} pruned − random pairs: rmse of "
+          f"the sampled value around the whole split's, mean stderr, share within ±1.96 stderr (defaults: "
+          f"max_sequences {default.max_sequences}, windows_per_document {default.windows_per_document})")
+    print(HEADER)
+    for size in sizes:
+        for k in [None, *windows]:
+            stats = sampling(index, every, losses, differences, seq_len, size, k, draws)
+            print(row("whole docs" if k is None else f"k={k}", size, stats), flush=True)
+
+
+def synthetic(args) -> None:
+    """The design table on the tests' synthetic split (one model and one pair)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from test_measure import SEQ_LEN, synthetic_split
+
+    documents, log_median, sigma = args.synthetic
+    index, windows, first, second = synthetic_split(int(documents), 0, log_median, sigma)
+    every = sample_windows(index, SEQ_LEN, None, None)
+    print(f"synthetic split: {len(index)} documents, {every.n_windows:,} windows of {SEQ_LEN}; windows per document: "
+          f"median {np.median(every.windows):.0f}, mean {every.windows.mean():.1f}, max {every.windows.max()}")
+    print_designs(index, every, first[None], (first - second)[None], SEQ_LEN, args.sizes, args.windows, args.draws)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a finished run folder (runs/<grid>); default: train one")
@@ -231,8 +278,13 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--synthetic", type=float, nargs="*", metavar="DOCUMENTS LOG_MEDIAN SIGMA",
+                        help="only the design table, on a synthetic split (default 3000 8.0 1.15)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.synthetic is not None:
+        args.synthetic = [*args.synthetic, *(3000, 8.0, 1.15)[len(args.synthetic):]]
+        return synthetic(args)
     run_dir = args.run or make_run(Path(tempfile.mkdtemp(prefix="heldout-")))
     validation, models, pairs = run_models(run_dir)
     index = validation.documents()
@@ -244,15 +296,9 @@ def main() -> None:
           f"{every.windows.mean():.1f}, max {every.windows.max()}")
     losses = np.stack([per_window[label] for label in models])
     differences = np.stack([per_window[a] - per_window[b] for a, b in pairs])
-
-    print(f"\nover {args.draws} sample seeds, {len(models)} models and {len(pairs)} pruned − random pairs: rmse of the "
-          f"sampled value around the whole split's, mean stderr, share within ±1.96 stderr (defaults: max_sequences "
-          f"{default.max_sequences}, windows_per_document {default.windows_per_document})")
-    print(HEADER)
-    for size in args.sizes:
-        for k in [None, *args.windows]:
-            stats = sampling(index, every, losses, differences, seq_len, size, k, args.draws)
-            print(row("whole docs" if k is None else f"k={k}", size, stats), flush=True)
+    within_document(every, per_window["parent"], "the parent's loss")
+    within_document(every, differences[0], f"the gap {pairs[0][0]} − random")
+    print_designs(index, every, losses, differences, seq_len, args.sizes, args.windows, args.draws)
 
     print(f"\none evaluation, best of {args.rounds} rounds (the parent and the first pair's models), on this machine:")
     timed = [models["parent"], *(models[label] for label in pairs[0])] if pairs else [models["parent"]]

@@ -94,19 +94,20 @@ def _within(rng, windows: np.ndarray, scale: float) -> np.ndarray:
     return scale * (_ar(rng, windows, 0.9, 0.58) + _ar(rng, windows, 0.3, 0.60) + rng.normal(0, 0.53, total))
 
 
-def _population(documents: int = 3000, seed: int = 0):
+def synthetic_split(documents: int = 3000, seed: int = 0, log_median: float = 8.0, sigma: float = 1.15):
     """A split like the default corpus at seq_len 64: lognormal document lengths (median ~3,000 tokens, a long tail:
-    mean windows per document ~2× the median), per-document losses that vary (sd 0.43) and drift with length, a
-    first window that is harder, correlated windows within a document. Returns the index, the windows
+    mean windows per document ~2× the median; ``log_median`` and ``sigma`` change them), per-document losses that
+    vary (sd 0.43) and drift with length, a first window that is harder, correlated windows within a document.
+    Returns the index, the windows
     (document_windows) and the per-window loss sums of a first model and of a second one (another arm: shifted per
-    document and per window)."""
+    document and per window). bench/heldout_eval.py --synthetic compares sample designs on it."""
     rng = np.random.default_rng(seed)
-    lengths = np.maximum(2, rng.lognormal(8.0, 1.15, documents)).astype(np.int64)
+    lengths = np.maximum(2, rng.lognormal(log_median, sigma, documents)).astype(np.int64)
     windows = document_windows(lengths, SEQ_LEN)
     document, offset, size = windows
     count = np.bincount(document, minlength=documents)
     first = offset == 0
-    level = 5.0 - 0.1 * (np.log(lengths) - 8.0) + rng.normal(0, 0.43, documents)
+    level = 5.0 - 0.1 * (np.log(lengths) - log_median) + rng.normal(0, 0.43, documents)
     rate = level[document] + _within(rng, count, 0.43) + 0.6 * first
     shift = -0.9 + rng.normal(0, 0.24, documents)
     other = rate + shift[document] + _within(rng, count, 0.27) - 0.3 * first
@@ -126,7 +127,7 @@ DRAWS = 400
 
 
 def test_the_loss_interval_covers_the_whole_split_value_at_the_default_size():
-    index, windows, loss, _ = _population()
+    index, windows, loss, _ = synthetic_split()
     predicted = windows[2] - 1
     whole = loss.sum() / predicted.sum()
     errors, stderrs, documents = [], [], []
@@ -147,7 +148,7 @@ def test_the_loss_interval_covers_the_whole_split_value_at_the_default_size():
 def test_the_paired_seed_mean_gap_interval_covers_at_the_default_size():
     """Two arms of two seeds each, every model scored on the same sample; the truth is the seed-mean gap on the
     whole split. paired_gap sees only what the report sees: per-document rows."""
-    index, windows, first, second = _population(seed=1)
+    index, windows, first, second = synthetic_split(seed=1)
     rng = np.random.default_rng(5)
     predicted = windows[2] - 1
     document = windows[0]
