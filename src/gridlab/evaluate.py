@@ -72,19 +72,6 @@ def _document_order(index: DocumentIndex, seed: int, part: Part) -> np.ndarray:
     return candidates[np.argsort(key_draws(index.keys[candidates], f"gridlab held-out sample {seed}"), kind="stable")]
 
 
-def sample_documents(index: DocumentIndex, max_tokens: int | None, seed: int = 0, part: Part = "all") -> np.ndarray:
-    """The positions in ``index`` of whole documents worth ``max_tokens`` tokens, in stream order: the documents of
-    ``part`` in the seeded hash order (``_document_order``), taken until they hold ``max_tokens`` tokens (the
-    document that reaches it included); all of them when ``max_tokens`` is None or they hold no more."""
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
-    order = _document_order(index, seed, part)
-    if max_tokens is None or int(index.lengths[order].sum()) <= max_tokens:
-        return np.sort(order)
-    taken = int(np.searchsorted(np.cumsum(index.lengths[order]), max_tokens)) + 1
-    return np.sort(order[:taken])
-
-
 def document_windows(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The windows that score documents of ``lengths`` tokens whole: (document, offset, size) per window, where a
     document's input is [eos] + its tokens and window j is input[o : o + size], o = j·(seq_len − 1), predicting
