@@ -161,6 +161,11 @@ def test_document_losses_are_ingested_and_read_per_cell(tmp_path):
     for stage in plan.stages.values():
         if stage.kind != "eval":
             _finish(run_dir, stage)
+    run.stage(evals[0].id).document_losses.unlink()     # a file gone: its rows are missing, the ingest goes on
+    assert _ingest(run_dir, plan)["document_losses"] == 3 * (len(evals) - 2)
+    pl.DataFrame({"metric": "val_loss", "document": keys, "tokens": [10.0, 20.0, 30.0], "loss_sum": [40.0, 80.0, 120.0],
+                  "windows": [1, 2, 3], "sampled": [1, 2, 3]},
+                 schema=DOCUMENT_LOSS_SCHEMA).write_parquet(run.stage(evals[0].id).document_losses)
     counts = _ingest(run_dir, plan)
     assert counts["document_losses"] == 3 * (len(evals) - 1)
     assert _query(run_dir, "SELECT count(DISTINCT eval_stage), sum(tokens) FROM document_losses") == [

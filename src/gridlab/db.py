@@ -92,7 +92,8 @@ class _FrameTable:
 
 def document_loss_rows(paths: RunPaths, payloads: dict[str, Contract]) -> _FrameTable:
     """The document_losses table: every finished eval stage's document_losses.parquet (found by the run's layout,
-    so a moved run folder still finds them), with its stage id. A stage written before eval version 2 has none."""
+    so a moved run folder still finds them), with its stage id. A stage written before eval version 2 has none; a
+    file gone from its folder gives no rows (its cells then have no per-document losses), never a failed ingest."""
     import polars as pl
 
     from gridlab.measure import DOCUMENT_LOSS_SCHEMA
@@ -100,7 +101,8 @@ def document_loss_rows(paths: RunPaths, payloads: dict[str, Contract]) -> _Frame
     columns = [name for name, _ in SCHEMA["document_losses"]]
     frames = [pl.scan_parquet(paths.stage(stage_id).document_losses).with_columns(eval_stage=pl.lit(stage_id))
               for stage_id, payload in payloads.items()
-              if isinstance(payload, EvalPayload) and payload.document_losses is not None]
+              if isinstance(payload, EvalPayload) and payload.document_losses is not None
+              and paths.stage(stage_id).document_losses.exists()]
     if not frames:
         return _FrameTable("document_losses", pl.DataFrame(schema={"eval_stage": pl.String, **DOCUMENT_LOSS_SCHEMA})
                            .select(columns))
