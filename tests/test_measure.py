@@ -175,3 +175,12 @@ def test_the_paired_seed_mean_gap_interval_covers_at_the_default_size():
     covered = np.mean(np.abs(errors) <= 1.96 * stderrs)
     assert 0.93 <= covered <= 0.98, covered
     assert 0.85 < stderrs.mean() / np.sqrt(np.mean(errors ** 2)) < 1.2
+
+
+def test_the_report_side_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, gridlab.measure, gridlab.report.read; print('torch' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
