@@ -28,7 +28,7 @@ from gridlab.config import Schedule  # noqa: E402
 from gridlab.data import TokenShard  # noqa: E402
 from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.model import init_model, load_model, make_config  # noqa: E402
-from gridlab.spec import load_grid, parse_tokens  # noqa: E402
+from gridlab.spec import EvaluationSpec, load_grid, parse_tokens  # noqa: E402
 from gridlab.train import train  # noqa: E402
 
 
@@ -46,8 +46,8 @@ def train_and_score(args) -> list[float]:
     validation = TokenShard.open(Path(shards["validation"]))
     model = init_model(make_config(**architecture, seq_len=pretrain.seq_len, num_hidden_layers=layers), seed=0)
     result = train(model, pretrain, Schedule.model_validate(schedule), budgets, out_dir / f"{layers}", seed=0)
-    return [heldout_loss(load_model(branch.path)[0], validation, validation_sequences)["loss"]
-            for branch in result.branches]
+    return [heldout_loss(load_model(branch.path)[0], validation, validation_sequences,
+                         EvaluationSpec().windows_per_document).loss for branch in result.branches]
 
 
 def main() -> None:

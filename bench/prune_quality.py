@@ -25,6 +25,7 @@ from gridlab.data import CorpusSource, SplitFractions, TokenShard, build_shards,
 from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.model import init_model, load_model, make_config  # noqa: E402
 from gridlab.pruning import METHODS, prune  # noqa: E402
+from gridlab.spec import EvaluationSpec  # noqa: E402
 from gridlab.train import train  # noqa: E402
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
@@ -64,7 +65,8 @@ def main() -> None:
     calibration = calibration_shard[slice(0, min(args.calibration_sequences, calibration_shard.n_sequences))]
 
     def loss(model) -> float:
-        return heldout_loss(model, validation, max_sequences=args.validation_sequences)["loss"]
+        return heldout_loss(model, validation, max_sequences=args.validation_sequences,
+                            windows_per_document=EvaluationSpec().windows_per_document).loss
 
     print(f"parent: {sum(p.numel() for p in parent.parameters()) / 1e6:.2f}M params, "
           f"validation loss {loss(parent):.4f}; random init {loss(init_model(config, seed=1)):.4f}; "

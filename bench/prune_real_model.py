@@ -29,6 +29,7 @@ from gridlab.evaluate import heldout_loss  # noqa: E402
 from gridlab.layerwise import open_layerwise, save_layerwise  # noqa: E402
 from gridlab.model import architecture_diff, init_model, load_model, param_counts, save_model  # noqa: E402
 from gridlab.pruning import prune, pruned_config, random_counterpart  # noqa: E402
+from gridlab.spec import EvaluationSpec  # noqa: E402
 
 METHODS = ("shortgpt", "minitron-depth", "minitron-width", "llm-pruner", "wanda", "sparsegpt")
 LAYERWISE = ("shortgpt", "wanda", "sparsegpt")
@@ -56,7 +57,8 @@ def main() -> None:
     probe = validation[slice(0, 2)]
 
     def loss(model) -> float:
-        return heldout_loss(model, validation, max_sequences=args.validation_sequences)["loss"]
+        return heldout_loss(model, validation, max_sequences=args.validation_sequences,
+                            windows_per_document=EvaluationSpec().windows_per_document).loss
 
     parent, _ = load_model(args.parent)
     parent_config = copy.deepcopy(parent.config)

@@ -135,9 +135,13 @@ def fake_payload(stage, curve_points: int = 5):
     if kind == "eval":
         tokens = config.tokens if config.source == "model" else config.budget
         value = 4.0 if tokens else 6.0
-        return EvalPayload(model_path="m", tokens=tokens, metrics=[
-            Metric(name="val_loss", value=value, tokens=tokens, higher_is_better=False),
-            Metric(name="val_ppl", value=2.718281828 ** value, tokens=tokens, higher_is_better=False)])
+        metrics = [Metric(name="val_loss", value=value, stderr=0.05, tokens=tokens, higher_is_better=False),
+                   Metric(name="val_ppl", value=2.718281828 ** value, stderr=0.05 * 2.718281828 ** value,
+                          tokens=tokens, higher_is_better=False)]
+        if getattr(config, "floors", False):   # the parent's evaluation: the floors too
+            metrics += [Metric(name="floor/uniform_loss", value=6.238, stderr=0.0, tokens=0),
+                        Metric(name="floor/unigram_loss", value=5.5, stderr=0.04, tokens=0)]
+        return EvalPayload(model_path="m", tokens=tokens, metrics=metrics)
     raise ValueError(kind)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import duckdb
+import pytest
 
 from gridlab import db, execute
 from gridlab.layout import RunPaths
@@ -60,11 +61,13 @@ def test_ingest_fills_every_table(tmp_path):
     assert _query(run_dir, "SELECT DISTINCT achieved_ratio FROM cells") == [(0.51,)]
     # the trained model's parameters (runner_helpers' payloads count 111) and the parent's: tokens per parameter
     assert _query(run_dir, "SELECT DISTINCT params FROM cells") == [(111,)]
-    assert _query(run_dir, "SELECT parent_params FROM grid") == [(111,)]
     assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'val_loss'") == [(False,)]
     assert _query(run_dir, "SELECT DISTINCT higher_is_better FROM metrics WHERE name = 'lr'") == [(None,)]
-    assert _query(run_dir, "SELECT name, tokens FROM parent_metrics ORDER BY name") == [
-        ("val_loss", 4096), ("val_ppl", 4096)]
+    assert _query(run_dir, "SELECT DISTINCT stderr FROM metrics WHERE name = 'val_loss'") == [(0.05,)]
+    # the parent's evaluation: its own loss, and the floors (references: tokens 0, no direction)
+    assert _query(run_dir, "SELECT name, tokens, stderr, higher_is_better FROM parent_metrics ORDER BY name") == [
+        ("floor/uniform_loss", 0, 0.0, None), ("floor/unigram_loss", 0, 0.04, None),
+        ("val_loss", 4096, 0.05, False), ("val_ppl", 4096, 0.05 * 2.718281828 ** 4.0, False)]
 
 
 def test_corrupt_or_foreign_result_is_a_failed_stage_never_ingested(tmp_path):
@@ -147,3 +150,54 @@ def test_a_sparse_models_parameters_leave_out_its_masks_zeros():
     assert db._nonzero_params(InitPayload(model_path="m", params=params), sparse) == 610  # the twin has the mask
     assert db._nonzero_params(depth, depth) == 1110
     assert db._nonzero_params(None, sparse) is None
+
+
+def test_document_losses_are_ingested_and_read_per_cell(tmp_path):
+    """Each eval stage's document_losses.parquet lands in the document_losses table; the report's reader gives
+    them per cell, and two arms' rows give their paired gap exactly."""
+    import numpy as np
+    import polars as pl
+
+    from gridlab.measure import DOCUMENT_LOSS_SCHEMA, paired_gap
+    from gridlab.report.read import document_losses
+    from gridlab.results import read_payload, write_result
+
+    plan, run_dir = _prepared(tmp_path)
+    run = RunPaths(run_dir)
+    keys = np.array([11, 22, 33], np.uint64)
+    evals = [stage for stage in plan.stages.values() if stage.kind == "eval"]
+    for number, stage in enumerate(evals):
+        _finish(run_dir, stage)
+        if stage is evals[-1]:
+            continue                     # a result without the file (written before eval version 2): no rows
+        path = run.stage(stage.id).document_losses
+        pl.DataFrame({"metric": "val_loss", "document": keys, "tokens": [10.0, 20.0, 30.0],
+                      "loss_sum": [40.0 + number, 80.0, 120.0 - number], "windows": [1, 2, 3],
+                      "sampled": [1, 2, 3]}, schema=DOCUMENT_LOSS_SCHEMA).write_parquet(path)
+        payload = read_payload(run.stage(stage.id)).model_copy(update={"document_losses": str(path)})
+        write_result(run.stage(stage.id), stage, payload)
+    for stage in plan.stages.values():
+        if stage.kind != "eval":
+            _finish(run_dir, stage)
+    run.stage(evals[0].id).document_losses.unlink()     # a file gone: its rows are missing, the ingest goes on
+    assert _ingest(run_dir, plan)["document_losses"] == 3 * (len(evals) - 2)
+    pl.DataFrame({"metric": "val_loss", "document": keys, "tokens": [10.0, 20.0, 30.0], "loss_sum": [40.0, 80.0, 120.0],
+                  "windows": [1, 2, 3], "sampled": [1, 2, 3]},
+                 schema=DOCUMENT_LOSS_SCHEMA).write_parquet(run.stage(evals[0].id).document_losses)
+    counts = _ingest(run_dir, plan)
+    assert counts["document_losses"] == 3 * (len(evals) - 1)
+    assert _query(run_dir, "SELECT count(DISTINCT eval_stage), sum(tokens) FROM document_losses") == [
+        (len(evals) - 1, 60.0 * (len(evals) - 1))]
+    # the metrics and the other tables are untouched by it
+    assert _query(run_dir, "SELECT DISTINCT stderr FROM metrics WHERE name = 'val_loss'") == [(0.05,)]
+    rows = document_losses(run.database)
+    cells = {c.cell_id: c for c in plan.cells}
+    assert set(rows["cell_id"]) == {c.cell_id for c in plan.cells if c.eval_stage != evals[-1].id}
+    assert rows.filter(pl.col("cell_id") == rows["cell_id"][0]).height == 3
+    assert all(cells[cell].eval_stage == stage for cell, stage in rows.select("cell_id", "eval_stage").iter_rows())
+    assert document_losses(run.database, metric="eval/other/loss").height == 0
+    first, second = (rows.filter(pl.col("cell_id") == cell) for cell in rows["cell_id"].unique(maintain_order=True)[:2])
+    gap = paired_gap(first, second)
+    assert gap.value == pytest.approx(first["loss_sum"].sum() / 60 - second["loss_sum"].sum() / 60)
+    with duckdb.connect(str(run.database), read_only=True) as connection:      # an open connection works too
+        assert document_losses(connection).equals(rows)

@@ -72,13 +72,16 @@ def test_layerwise_pruning_equals_in_memory_pruning(method, parent_dir, calibrat
 
 
 def test_heldout_loss_layer_by_layer_equals_the_whole_model(parent_dir, tmp_path):
-    np.random.default_rng(3).integers(0, 256, size=(10, 64)).astype(np.uint16).tofile(tmp_path / "v.bin")
-    (tmp_path / "v.json").write_text(json.dumps({"seq_len": 64, "n_sequences": 10, "dtype": "uint16"}))
+    # documents of unequal lengths (windows of several widths, padded batches), scored after the eos (token 0)
+    np.random.default_rng(3).integers(1, 256, size=640).astype(np.uint16).tofile(tmp_path / "v.bin")
+    (tmp_path / "v.json").write_text(json.dumps({"seq_len": 64, "n_sequences": 10, "dtype": "uint16",
+                                                 "eos_token_id": 0, "documents": [200, 7, 90, 64, 279]}))
     shard = TokenShard.open(tmp_path / "v.bin")
     whole = heldout_loss(load_model(parent_dir)[0], shard, batch_size=4)
     layerwise = heldout_loss(open_layerwise(parent_dir, "cpu", tmp_path / "spill"), shard, batch_size=4)
-    assert layerwise["tokens"] == whole["tokens"]
-    assert layerwise["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert layerwise.tokens == whole.tokens == 640
+    assert layerwise.doc_loss == pytest.approx(whole.doc_loss, rel=1e-6)
+    assert layerwise.loss == pytest.approx(whole.loss, rel=1e-6)
 
 
 def test_a_method_that_needs_the_whole_model_refuses_a_layerwise_parent(parent_dir, calibration, tmp_path):

@@ -133,6 +133,7 @@ MALFORMED = [
     ("zero local workers", ("local", "workers"), 0, ["local.workers", "0"]),
     ("zero calibration sequences", ("calibration", "sequences"), 0, ["calibration.sequences", "0"]),
     ("zero evaluation sequences", ("evaluation", "max_sequences"), 0, ["evaluation.max_sequences", "0"]),
+    ("zero windows per document", ("evaluation", "windows_per_document"), 0, ["evaluation.windows_per_document", "0"]),
     ("negative few-shot count", ("evaluation", "num_fewshot"), -1, ["evaluation.num_fewshot", "-1"]),
     ("zero report margin", ("report",), {"margin": 0}, ["report.margin", "0"]),
     ("typo in the report table", ("report",), {"margn": 0.1}, ["report.margn: unknown key", "'margin'"]),

@@ -35,8 +35,10 @@ DATA_TASK_KINDS = ("tokenizer", "shard")
 # The code version of each stage kind, part of every id of that kind. Bump a kind's number when a change to its code
 # changes what it computes (its numbers or its outputs), so exactly its stages and what depends on them rerun.
 # Pruning methods carry their own version (gridlab.pruning.Method.version), hashed into their prune stages.
+# eval 2: the held-out loss over a seeded sample of documents and their windows with its stderr (was: the first packed
+# sequences), per-document losses kept, floors (uniform, unigram, task chance) in the parent's evaluation.
 VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1,
-                           "eval": 1}
+                           "eval": 2}
 
 
 def resource_table(kind: str) -> str:
@@ -204,11 +206,13 @@ class _Evaluation(StageConfig):
 
 
 class EvalModel(_Evaluation):
-    """Score a model stage's own model (deps: model = parent, prune or init; data) at ``tokens``."""
+    """Score a model stage's own model (deps: model = parent, prune or init; data) at ``tokens``. The parent's
+    evaluation also measures the floors (``floors``): the uniform and unigram losses and each task's chance."""
 
     kind: Literal["eval"] = "eval"
     source: Literal["model"] = "model"
     tokens: int                       # its training tokens: 0 for a pruned or fresh model, P for the parent
+    floors: bool = False
 
 
 class EvalBranch(_Evaluation):
@@ -361,6 +365,9 @@ class EvalPayload(Contract):
     model_path: str
     tokens: int                       # the evaluated model's training tokens
     metrics: list[Metric]
+    # Each held-out loss's per-document weighted loss sums and token counts (StagePaths.document_losses,
+    # gridlab.measure), for paired analyses; None in results written before eval version 2.
+    document_losses: str | None = None
 
 
 PAYLOADS: dict[str, type[Contract]] = {"tokenizer": TokenizerPayload, "shard": ShardPayload, "data": DataPayload,

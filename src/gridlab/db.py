@@ -11,12 +11,22 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gridlab
 from gridlab import atomic
-from gridlab.contracts import BranchResult, Contract, InitPayload, Metric, ParentPayload, PrunePayload, TrainPayload
+from gridlab.contracts import (
+    BranchResult,
+    Contract,
+    EvalPayload,
+    InitPayload,
+    Metric,
+    ParentPayload,
+    PrunePayload,
+    TrainPayload,
+)
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.planfile import read_plan_record
@@ -40,6 +50,10 @@ SCHEMA = {
     # The parent's own measurements (its validation loss after P tokens …), beside the cells it is pruned into.
     "parent_metrics": [("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"), ("stderr", "DOUBLE"),
                        ("higher_is_better", "BOOLEAN")],
+    # Each finished eval stage's held-out losses per document (its document_losses.parquet, gridlab.measure): what
+    # a paired gap's document-sampling stderr is computed from (gridlab.measure.paired_gap).
+    "document_losses": [("eval_stage", "VARCHAR"), ("metric", "VARCHAR"), ("document", "UBIGINT"),
+                        ("tokens", "DOUBLE"), ("loss_sum", "DOUBLE"), ("windows", "BIGINT"), ("sampled", "BIGINT")],
     # One row per planned stage; a finished stage also says what it ran on (its result's provenance).
     "stages": [("stage_id", "VARCHAR"), ("kind", "VARCHAR"), ("status", "VARCHAR"), ("job_id", "VARCHAR"),
                ("attempts", "INTEGER"), ("started", "DOUBLE"), ("finished", "DOUBLE"), ("log_path", "VARCHAR"),
@@ -74,6 +88,36 @@ class _Table:
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
+
+
+@dataclass(frozen=True)
+class _FrameTable:
+    """A table whose rows arrive as one polars frame (read from files), in SCHEMA's column order."""
+
+    name: str
+    frame: Any
+
+    def __len__(self) -> int:
+        return self.frame.height
+
+
+def document_loss_rows(paths: RunPaths, payloads: dict[str, Contract]) -> _FrameTable:
+    """The document_losses table: every finished eval stage's document_losses.parquet (found by the run's layout,
+    so a moved run folder still finds them), with its stage id. A stage written before eval version 2 has none; a
+    file gone from its folder gives no rows (its cells then have no per-document losses), never a failed ingest."""
+    import polars as pl
+
+    from gridlab.measure import DOCUMENT_LOSS_SCHEMA
+
+    columns = [name for name, _ in SCHEMA["document_losses"]]
+    frames = [pl.scan_parquet(paths.stage(stage_id).document_losses).with_columns(eval_stage=pl.lit(stage_id))
+              for stage_id, payload in payloads.items()
+              if isinstance(payload, EvalPayload) and payload.document_losses is not None
+              and paths.stage(stage_id).document_losses.exists()]
+    if not frames:
+        return _FrameTable("document_losses", pl.DataFrame(schema={"eval_stage": pl.String, **DOCUMENT_LOSS_SCHEMA})
+                           .select(columns))
+    return _FrameTable("document_losses", pl.concat(frames).select(columns).collect())
 
 
 def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
@@ -135,9 +179,11 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
                 calibration_tokens=grid["calibration"]["sequences"] * grid["seq_len"],
                 corpus_fingerprint=getattr(data, "corpus_fingerprint", None), gridlab_version=gridlab.__version__,
                 spec_json=json.dumps(grid, sort_keys=True), submitted_at=record.submitted_at)
-    tables = [summary, cells, metrics, parent_metrics, stages]
+    documents = document_loss_rows(paths, payloads)
+    tables = [summary, cells, metrics, parent_metrics, stages, documents]
     write_tables(paths.database, tables)
-    return {"cells": len(cells), "metrics": len(metrics), "stages": len(stages), "results": len(payloads)}
+    return {"cells": len(cells), "metrics": len(metrics), "stages": len(stages), "results": len(payloads),
+            "document_losses": len(documents)}
 
 
 def _nonzero_params(model: Contract | None, prune: Contract | None) -> int | None:
@@ -157,7 +203,7 @@ def provenance_row(provenance: dict[str, Any] | None) -> dict[str, Any]:
     return {name: provenance.get(name) for name, _ in PROVENANCE_COLUMNS}
 
 
-def write_tables(database: Path, tables: list[_Table]) -> None:
+def write_tables(database: Path, tables: list[_Table | _FrameTable]) -> None:
     """Write a new database file with every table and view, beside the old one, and swap it in (os.replace).
 
     Nobody ever opens ``database`` for writing, so readers (report, export, a user's DuckDB CLI, another ingest)
@@ -175,8 +221,8 @@ def write_tables(database: Path, tables: list[_Table]) -> None:
                 schema = SCHEMA[table.name]
                 connection.execute(f"CREATE TABLE {table.name} ("
                                    + ", ".join(f"{name} {kind}" for name, kind in schema) + ")")
-                frame = pl.DataFrame(table.columns, schema={name: polars_type[kind] for name, kind in schema},
-                                     strict=False)
+                frame = table.frame if isinstance(table, _FrameTable) else pl.DataFrame(
+                    table.columns, schema={name: polars_type[kind] for name, kind in schema}, strict=False)
                 connection.register("frame", frame)
                 connection.execute(f"INSERT INTO {table.name} SELECT * FROM frame")
                 connection.unregister("frame")

@@ -19,6 +19,8 @@
         error.json              written when a worker fails: error line and traceback tail
         progress.json           a training stage's latest progress (gridlab.progress): step, tokens, loss, lr, speed
         result.json             written last by a finished worker (checksummed header + payload)
+        document_losses.parquet an eval stage's held-out losses per document (metric, document, tokens, loss_sum,
+                                windows, sampled: gridlab.measure), one row per sampled document of each
         <outputs>               model/, tokenizer/, shards/ … as the stage kind writes them
 
 Like submitit's ``JobPaths``: code asks a ``RunPaths`` or a ``StagePaths`` for a path and never joins names itself.
@@ -63,6 +65,11 @@ class StagePaths:
     @property
     def progress(self) -> Path:
         return self.folder / "progress.json"
+
+    @property
+    def document_losses(self) -> Path:
+        """An eval stage's per-document losses (gridlab.stages.write_document_losses)."""
+        return self.folder / "document_losses.parquet"
 
     def output(self, name: str) -> Path:
         """A stage output (``model``, ``tokenizer``, ``shards`` …) inside the stage folder."""

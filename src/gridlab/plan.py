@@ -312,7 +312,7 @@ def build_plan(spec: GridSpec) -> Plan:
                                          tokens=parent_tokens, declared=declared), {"data": data.id})
     stages: dict[str, Stage] = {**{task.id: task for task in data_tasks}, data.id: data, parent.id: parent}
     parent_eval = make_stage(EvalModel(evaluation=evaluation, corpora=corpora, tasks=tasks,
-                                       tokens=parent_tokens),
+                                       tokens=parent_tokens, floors=True),
                              {"model": parent.id, "data": data.id})
     stages[parent_eval.id] = parent_eval
 

@@ -225,7 +225,12 @@ class EvalCorpusSpec(CorpusSource):
 
 
 class EvaluationSpec(_Strict):
-    max_sequences: int | None = Field(default=256, ge=1)
+    # The held-out sample (gridlab.evaluate.sample_windows): max_sequences windows of seq_len tokens, at most
+    # windows_per_document of each validation document, documents in a seeded hash order (a split that holds no more
+    # windows is used whole). See docs/engine.md (Evaluation) for the choice of both.
+    max_sequences: int | None = Field(default=512, ge=1)
+    windows_per_document: int = Field(1, ge=1)
+    sample_seed: int = Field(0, ge=0)   # which documents and windows the sample holds (the same for every model)
     corpora: list[EvalCorpusSpec] = Field(default_factory=list)
     lm_eval_tasks: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)

@@ -261,22 +261,78 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
         model_path, tokens = branch.path, branch.trained_tokens
     validation = TokenShard.open(data.shards["validation"])
     model = load_model(model_path)[0].to(compute_device())  # lm-eval runs on the model's device too
-    held_out = heldout_loss(model, validation, max_sequences=evaluation["max_sequences"])
-    metrics = [Metric(name="val_loss", value=held_out["loss"], tokens=tokens, higher_is_better=False),
-               Metric(name="val_ppl", value=held_out["ppl"], tokens=tokens, higher_is_better=False)]
+    sample = {"max_sequences": evaluation["max_sequences"], "seed": evaluation["sample_seed"],
+              "windows_per_document": evaluation["windows_per_document"]}
+    held_out = {"val_loss": (validation, heldout_loss(model, validation, **sample))}
     for corpus in evaluation["corpora"]:
         source = _corpus({key: value for key, value in corpus.items() if key != "label"})
         shards = build_shards(source, data.tokenizer_dir, _fractions({**_EVAL_CORPUS_FRACTIONS, "seed": 0}),
                               validation.seq_len, context.run.cache / "eval")
-        loss = heldout_loss(model, TokenShard.open(shards["validation"]), max_sequences=evaluation["max_sequences"])
-        metrics.append(Metric(name=f"eval/{corpus['label']}/loss", value=loss["loss"], tokens=tokens,
-                              higher_is_better=False))
+        shard = TokenShard.open(shards["validation"])
+        held_out[f"eval/{corpus['label']}/loss"] = (shard, heldout_loss(model, shard, **sample))
+    metrics = []
+    for name, (_, loss) in held_out.items():
+        metrics.append(Metric(name=name, value=loss.loss, stderr=loss.stderr, tokens=tokens, higher_is_better=False))
+        if name == "val_loss":
+            metrics.append(Metric(name="val_ppl", value=loss.ppl, stderr=loss.ppl_stderr, tokens=tokens,
+                                  higher_is_better=False))
     if evaluation["lm_eval_tasks"]:
         for record in lm_eval_tasks(model, load_tokenizer(data.tokenizer_dir), evaluation["lm_eval_tasks"],
                                     limit=evaluation["limit"], num_fewshot=evaluation["num_fewshot"],
                                     trained_tokens=tokens):
             metrics.append(Metric(**record))
-    return EvalPayload(model_path=str(model_path), tokens=tokens, metrics=metrics)
+    if isinstance(config, EvalModel) and config.floors:
+        floors, floor_losses = floor_metrics(data, held_out, evaluation)
+        metrics += floors
+        held_out.update(floor_losses)
+    path = write_document_losses(context.out.document_losses, {name: loss for name, (_, loss) in held_out.items()})
+    return EvalPayload(model_path=str(model_path), tokens=tokens, metrics=metrics, document_losses=str(path))
+
+
+def floor_metrics(data: DataPayload, held_out: dict, evaluation: dict[str, Any]) -> tuple[list[Metric], dict]:
+    """The references a score is read against (docs/engine.md, "Floors"): ``floor/uniform_loss`` (ln V, exact),
+    ``floor/unigram_loss`` and ``floor/eval/<label>/unigram_loss`` (the retrain split's add-one smoothed unigram
+    distribution scored on each held-out sample, with its stderr), ``lm_eval/<task>/chance`` (a uniform
+    guess's accuracy on each multiple-choice task). Each at tokens 0, direction None: references, not scores.
+    Returns them and the unigram losses ({name: (shard, HeldOut)}) whose per-document values are kept too."""
+    from gridlab.data import TokenShard
+    from gridlab.evaluate import task_chance, uniform_loss, unigram_log_probs, unigram_loss
+
+    metrics = [Metric(name="floor/uniform_loss", value=uniform_loss(data.vocab_size), stderr=0.0, tokens=0)]
+    log_probs = unigram_log_probs(TokenShard.open(data.shards["retrain"]), data.vocab_size)
+    losses = {}
+    for name, (shard, loss) in held_out.items():
+        floor = "floor/unigram_loss" if name == "val_loss" else f"floor/{name.removesuffix('/loss')}/unigram_loss"
+        losses[floor] = (shard, unigram_loss(log_probs, shard, loss))
+        metrics.append(Metric(name=floor, value=losses[floor][1].loss, stderr=losses[floor][1].stderr, tokens=0))
+    if evaluation["lm_eval_tasks"]:
+        for task, chance in task_chance(evaluation["lm_eval_tasks"], evaluation["limit"]).items():
+            metrics.append(Metric(name=f"lm_eval/{task}/chance", value=chance, tokens=0))
+    return metrics, losses
+
+
+def write_document_losses(path: Path, held_out: dict) -> Path:
+    """Each held-out loss's documents as one Parquet file: metric, document (its 64-bit key, the same across the
+    grid's eval stages, so two models pair by it), tokens and loss_sum (the document's sampled windows' predicted
+    tokens and summed loss in nats, each times windows / sampled: the estimates whose ratio over the documents is
+    the loss, gridlab.measure), windows (the document's windows of seq_len) and sampled (how many were scored)."""
+    import numpy as np
+    import polars as pl
+
+    from gridlab.measure import DOCUMENT_LOSS_SCHEMA
+
+    losses = list(held_out.values())
+    frame = pl.DataFrame({
+        "metric": [name for name, loss in held_out.items() for _ in range(loss.documents)],
+        "document": np.concatenate([loss.keys for loss in losses]),
+        "tokens": np.concatenate([loss.doc_tokens for loss in losses]),
+        "loss_sum": np.concatenate([loss.doc_loss for loss in losses]),
+        "windows": np.concatenate([loss.sample.windows for loss in losses]),
+        "sampled": np.concatenate([loss.sample.sampled for loss in losses]),
+    }, schema=DOCUMENT_LOSS_SCHEMA)
+    with atomic.staged_file(path) as staging:
+        frame.write_parquet(staging)
+    return path
 
 
 _RUNNERS = {"tokenizer": _run_tokenizer, "shard": _run_shard, "data": _run_data, "parent": _run_parent,

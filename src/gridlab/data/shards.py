@@ -15,6 +15,11 @@ A shard folder (build_shards makes ``cache_dir/<key>/``):
     assemble(source, tokenizer_dir, fractions, seq_len, out_dir)          # all pieces present → the shards
     build_shards(source, tokenizer_dir, fractions, seq_len, cache_dir)    # both, on this machine's cores
     shard_folder(source, tokenizer_dir, fractions, seq_len, cache_dir)    # the out_dir build_shards uses
+    TokenShard.open(path).documents()                                     # where each document of a split is
+
+Document boundaries come from the ``docs.bin`` records written while tokenizing, never from searching the stream
+for eos: a loaded tokenizer encodes an eos string inside a document's text (e.g. "<|endoftext|>" in web text) as
+the eos id itself, so a search would cut such documents in two.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ def available_cores() -> int:
 
 class TokenShard:
     """Packed sequences of exactly seq_len tokens, memory-mapped read-only: a split's ``<split>.json`` and the
-    pieces it lists, or a single ``<name>.bin`` of rows with a ``<name>.json`` beside it."""
+    pieces it lists, or a single ``<name>.bin`` of rows with a ``<name>.json`` beside it (seq_len, n_sequences,
+    dtype; optionally ``documents``, the token counts of the documents the file holds end to end, and
+    ``eos_token_id``, for document-wise evaluation)."""
 
     def __init__(self, path: Path, meta: dict):
         self.path = Path(path)
@@ -79,7 +86,9 @@ class TokenShard:
             self._files = [self.path.parent / name for name, _ in meta["pieces"]]
             lengths = [tokens for _, tokens in meta["pieces"]]
         else:
-            self._files, lengths = [self.path.with_suffix(".bin")], [self.n_tokens]
+            # a single file: its rows, or its documents' tokens when it lists them (the last row may be incomplete)
+            self._files = [self.path.with_suffix(".bin")]
+            lengths = [max(self.n_tokens, int(sum(meta.get("documents", ()))))]
         self._starts = np.cumsum([0, *lengths])
         if self._starts[-1] < self.n_tokens:
             raise ValueError(f"token shard {str(self.path)!r} lists fewer tokens than its {self.n_sequences} rows")
@@ -150,6 +159,45 @@ class TokenShard:
             piece += 1
         return out
 
+    @property
+    def stream_tokens(self) -> int:
+        """Tokens of the split's whole stream, the incomplete last row included (``stream`` reads up to here)."""
+        return int(self._starts[-1])
+
+    def stream(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start + count) of the split's stream (not cut into rows), across pieces."""
+        if not (0 <= start and 0 <= count and start + count <= self.stream_tokens):
+            raise IndexError(f"tokens [{start}, {start + count}) out of range for a stream of {self.stream_tokens}")
+        return self._tokens(start, count)
+
+    def documents(self) -> DocumentIndex:
+        """The split's documents in stream order, from the pieces' ``docs.bin`` records (a single-file shard: the
+        ``documents`` list of token counts in its .json). Each document's tokens include the eos that ends it."""
+        if "pieces" not in self.meta:
+            lengths = self.meta.get("documents")
+            if lengths is None:
+                raise ValueError(f"token shard {str(self.path)!r} records no document boundaries (shards made by "
+                                 f"gridlab.data.build_shards do; a single-file shard needs a 'documents' list)")
+            keys = _mix64(np.full(len(lengths), _name_hash(self.path.stem), np.uint64)
+                          ^ _mix64(np.arange(len(lengths), dtype=np.uint64)))
+            return DocumentIndex.of(np.asarray(lengths, np.int64), keys, self.stream_tokens)
+        split = _SPLIT_INDEX[self.meta["split"]]
+        lengths, keys = [], []
+        for name, tokens in self.meta["pieces"]:
+            folder = self.path.parent / Path(name).parent
+            records = np.fromfile(folder / "docs.bin", dtype=_DOC_RECORD)
+            unit = json.loads((folder / "piece.json").read_text())["unit"]
+            ordinal = np.flatnonzero(records["split"] == split)   # its place in the unit: the same for any split
+            counts = records["tokens"][ordinal].astype(np.int64)
+            kept = int(np.searchsorted(np.cumsum(counts), tokens)) + 1  # a unit cut by max_documents: its first
+            if kept > len(counts) or int(counts[:kept].sum()) != tokens:
+                raise ValueError(f"{folder / 'docs.bin'}: its {SPLITS[split]} documents do not add up to the "
+                                 f"{tokens} tokens {self.path.name} lists; rebuild the shards")
+            lengths.append(counts[:kept])
+            keys.append(_mix64(np.full(kept, _name_hash(unit), np.uint64) ^ _mix64(ordinal[:kept].astype(np.uint64))))
+        return DocumentIndex.of(np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+                                np.concatenate(keys) if keys else np.zeros(0, np.uint64), self.stream_tokens)
+
     def _piece(self, index: int) -> np.memmap:
         if index in self._maps:
             self._maps.move_to_end(index)
@@ -162,6 +210,50 @@ class TokenShard:
 
     def __repr__(self) -> str:
         return f"TokenShard({str(self.path)!r}, n_sequences={self.n_sequences}, seq_len={self.seq_len})"
+
+
+@dataclass(frozen=True)
+class DocumentIndex:
+    """A split's documents in stream order: where each starts in the stream, how many tokens it holds (the eos
+    that ends it included), and a 64-bit key from its corpus unit's name and its place in that unit — the same
+    whatever the tokenizer, seq_len or number of tokenizing tasks, so a document sample drawn by key is too."""
+
+    starts: np.ndarray    # int64
+    lengths: np.ndarray   # int64
+    keys: np.ndarray      # uint64
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, keys: np.ndarray, stream_tokens: int) -> DocumentIndex:
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+        if int(lengths.sum()) > stream_tokens or (len(lengths) and int(lengths.min()) < 1):
+            raise ValueError(f"document records ({int(lengths.sum())} tokens) do not fit a stream of "
+                             f"{stream_tokens} tokens")
+        return cls(starts, lengths, keys)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def _name_hash(name: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big"))
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping): a bijection whose outputs look uniform."""
+    z = np.asarray(values, np.uint64).copy()
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def key_draws(keys: np.ndarray, salt: str) -> np.ndarray:
+    """A uniform draw in [0, 1) per document key for one purpose (``salt``): independent across purposes."""
+    mixed = _mix64(np.asarray(keys, np.uint64) ^ _name_hash(salt))
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def shard_manifest(shard_path: Path) -> dict:

@@ -186,3 +186,31 @@ def training_curves(cells: pl.DataFrame, metrics: pl.DataFrame, name: str = "tra
         .agg(pl.col("value").mean())
         .sort([*keys, "tokens"])
     )
+
+
+DOCUMENT_LOSS_COLUMNS = {"cell_id": pl.Utf8, "eval_stage": pl.Utf8, "metric": pl.Utf8, "document": pl.UInt64,
+                         "tokens": pl.Float64, "loss_sum": pl.Float64, "windows": pl.Int64, "sampled": pl.Int64}
+
+
+def document_losses(db, metric: str | None = "val_loss") -> pl.DataFrame:
+    """Each finished cell's held-out losses per document (`document_losses` joined to `cells` by the cell's
+    eval_stage: the evaluation its headline numbers come from), for one metric (None: every metric): cell_id,
+    eval_stage, metric, document, tokens, loss_sum, windows, sampled. ``db``: a results database's path or an open
+    DuckDB connection. A database written before the table existed gives an empty frame.
+
+    Feed two arms' rows (e.g. a cell group's pruned and random seeds, one metric) to
+    gridlab.measure.paired_gap / paired_gap_stderr for the gap's document-sampling stderr."""
+    if isinstance(db, (str, Path)):
+        from gridlab.db import connect_read_only
+
+        with connect_read_only(Path(db)) as con:
+            return document_losses(con, metric)
+    tables = {row[0] for row in db.execute("select table_name from information_schema.tables").fetchall()}
+    if "document_losses" not in tables:
+        return pl.DataFrame(schema=DOCUMENT_LOSS_COLUMNS)
+    where = "" if metric is None else "where d.metric = ?"
+    frame = db.sql(
+        "select c.cell_id, d.eval_stage, d.metric, d.document, d.tokens, d.loss_sum, d.windows, d.sampled "
+        f"from document_losses d join cells c on c.eval_stage = d.eval_stage {where} "
+        "order by c.cell_id, d.metric, d.document", params=None if metric is None else [metric]).pl()
+    return frame.cast(DOCUMENT_LOSS_COLUMNS) if frame.height else pl.DataFrame(schema=DOCUMENT_LOSS_COLUMNS)
