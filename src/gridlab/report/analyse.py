@@ -22,7 +22,7 @@ from gridlab.report.read import (
 )
 from gridlab.report.regime import Regime, regime, regime_line
 from gridlab.report.scaling import Crossover, trend
-from gridlab.report.stats import DEFAULT_MARGIN, gap_table, seed_summary
+from gridlab.report.stats import DEFAULT_MARGIN, gap_table, measurement_error, seed_summary
 from gridlab.report.transfer import Transfer, effective_transfer
 
 
@@ -117,7 +117,8 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
     every_value = headline_values(results.cells, results.metrics, metric)
     values = every_value.filter(pl.col("budget_tokens") > 0)
     summary = seed_summary(every_value)
-    gaps = gap_table(values, higher, pool, margin)
+    measurement = measurement_error(values, results.documents.filter(pl.col("metric") == metric))
+    gaps = gap_table(values, higher, pool, margin, measurement)
     parent_tokens = results.grid.get("parent_tokens")
     squares = tables.answer_squares(gaps, margin)
     dimensions = tables.grid_dimensions(results.cells)
@@ -129,7 +130,7 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
     setting2_summary = tables.setting2_sentence(effective)
     if answer and 2 in dimensions["settings"]:
         answer.append(tables.setting2_sentence(effective, short=True))
-    measured = regime(spec, results.grid, values, results.metrics, metric, margin)
+    measured = regime(spec, results.grid, values, results.metrics, metric, margin, gaps)
     return Analysis(
         metric=metric,
         higher_is_better=higher,

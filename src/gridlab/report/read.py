@@ -9,7 +9,7 @@ lower is better), NULL (not a score, e.g. `lr`: the report cannot rank by it).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -26,6 +26,8 @@ METRIC_COLUMNS = {"cell_id": pl.Utf8, "tokens": pl.Int64, "name": pl.Utf8, "valu
                   "stderr": pl.Float64, "higher_is_better": pl.Boolean}
 PARENT_METRIC_COLUMNS = {"tokens": pl.Int64, "name": pl.Utf8, "value": pl.Float64, "stderr": pl.Float64,
                          "higher_is_better": pl.Boolean}
+DOCUMENT_LOSS_COLUMNS = {"cell_id": pl.Utf8, "eval_stage": pl.Utf8, "metric": pl.Utf8, "document": pl.UInt64,
+                         "tokens": pl.Float64, "loss_sum": pl.Float64, "windows": pl.Int64, "sampled": pl.Int64}
 _SQL_TYPES = {pl.Utf8: "VARCHAR", pl.Float64: "DOUBLE", pl.Int64: "BIGINT", pl.Boolean: "BOOLEAN"}
 
 # The average over lm-eval tasks that papers report: per task one score the task declares higher-is-better
@@ -42,6 +44,8 @@ class Results:
     parent_metrics: pl.DataFrame
     has_parent_metrics: bool  # False: the database has no parent_metrics table (written before it existed)
     environments: list[dict]  # each distinct environment the results came from (the `environments` view)
+    # per-document held-out losses of every finished cell (document_losses(); empty for an older database)
+    documents: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=DOCUMENT_LOSS_COLUMNS))
 
 
 def _select(con, table: str, columns: dict) -> pl.DataFrame:
@@ -73,12 +77,13 @@ def read_results(db_path: Path) -> Results:
         parent = (_select(con, "parent_metrics", PARENT_METRIC_COLUMNS) if has_parent
                   else pl.DataFrame(schema=PARENT_METRIC_COLUMNS))
         environments = con.sql("select * from environments").pl().to_dicts() if "environments" in tables else []
+        documents = document_losses(con, metric=None)
     grid = grid_rows.row(0, named=True) if grid_rows.height else {}
     average = lm_eval_average(metrics)
     if average.height:
         metrics = pl.concat([metrics, average])
     return Results(grid=grid, cells=cells, metrics=metrics, parent_metrics=parent, has_parent_metrics=has_parent,
-                   environments=environments)
+                   environments=environments, documents=documents)
 
 
 def grid_spec(grid: dict) -> dict:
@@ -186,10 +191,6 @@ def training_curves(cells: pl.DataFrame, metrics: pl.DataFrame, name: str = "tra
         .agg(pl.col("value").mean())
         .sort([*keys, "tokens"])
     )
-
-
-DOCUMENT_LOSS_COLUMNS = {"cell_id": pl.Utf8, "eval_stage": pl.Utf8, "metric": pl.Utf8, "document": pl.UInt64,
-                         "tokens": pl.Float64, "loss_sum": pl.Float64, "windows": pl.Int64, "sampled": pl.Int64}
 
 
 def document_losses(db, metric: str | None = "val_loss") -> pl.DataFrame:

@@ -28,6 +28,7 @@ class Regime:
     seq_len: int | None
     stderr: float | None  # median stderr of the headline metric over the compared cells (None: not measured)
     margin: float
+    gap_stderr: float | None = None  # median document-sampling stderr of a paired gap (stats.measurement_error)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -38,8 +39,11 @@ class Regime:
 
     @property
     def measurement_noise(self) -> float | None:
-        """The 95 % half-width a gap carries from the held-out sample alone, assuming its two models' losses on the
-        sample uncorrelated (an upper bound for positively correlated models): Z·√2·stderr."""
+        """The 95 % half-width a gap carries from the held-out sample alone: Z × the paired gap's document-sampling
+        stderr where the per-document losses are in the database, else Z·√2·stderr (the two models' losses taken as
+        uncorrelated: an upper bound for positively correlated models)."""
+        if self.gap_stderr is not None:
+            return Z * self.gap_stderr
         return None if self.stderr is None else Z * math.sqrt(2) * self.stderr
 
 
@@ -62,8 +66,13 @@ def _median_stderr(values: pl.DataFrame, metrics: pl.DataFrame, metric: str) -> 
 
 
 def regime(spec: dict, grid: dict, values: pl.DataFrame, metrics: pl.DataFrame, metric: str,
-           margin: float) -> Regime:
-    """The regime of the compared cells (`values`: headline values of budgets B > 0) and its warnings."""
+           margin: float, gaps: pl.DataFrame | None = None) -> Regime:
+    """The regime of the compared cells (`values`: headline values of budgets B > 0) and its warnings; `gaps`
+    (stats.gap_table) gives the paired gaps' measurement error when the database has the per-document losses."""
+    gap_stderr = None
+    if gaps is not None and "se_measurement" in gaps.columns:
+        measured = gaps["se_measurement"].drop_nulls()
+        gap_stderr = float(measured.median()) if measured.len() else None
     seq_len = _spec_number(spec, "seq_len")
     batch = _spec_number(spec, "schedule", "batch_size")
     batch_tokens = int(batch * seq_len) if batch and seq_len else None
@@ -77,7 +86,7 @@ def regime(spec: dict, grid: dict, values: pl.DataFrame, metrics: pl.DataFrame, 
     sequences = _spec_number(spec, "evaluation", "max_sequences")
     result = Regime(batch_tokens=batch_tokens, budgets=budgets, parent_tokens=grid.get("parent_tokens"),
                     parent_params=grid.get("parent_params"), sample_sequences=sequences, seq_len=seq_len,
-                    stderr=_median_stderr(values, metrics, metric), margin=margin)
+                    stderr=_median_stderr(values, metrics, metric), margin=margin, gap_stderr=gap_stderr)
     return Regime(**{**result.__dict__, "warnings": _warnings(result, metric)})
 
 
@@ -92,11 +101,14 @@ def _warnings(r: Regime, metric: str) -> list[str]:
                    f"once trained.")
     noise = r.measurement_noise
     if noise is not None and noise >= r.margin:
-        out.append(f"The held-out measurement cannot resolve the margin: {metric}'s stderr is "
-                   f"{format_number(r.stderr, 2)} (median over cells), so a gap carries up to "
-                   f"±{format_number(noise, 2)} of sample noise (95 %, two models on one sample) against a margin of "
-                   f"±{format_number(r.margin, 2)}; the intervals, which measure the spread over seeds on this one "
-                   f"sample, do not include it. Raise [evaluation] max_sequences.")
+        source = (f"a paired gap's document-sampling stderr is {format_number(r.gap_stderr, 2)} (median over cells)"
+                  if r.gap_stderr is not None else
+                  f"{metric}'s stderr is {format_number(r.stderr, 2)} (median over cells; the two models' errors "
+                  f"taken as uncorrelated)")
+        out.append(f"The held-out measurement cannot resolve the margin: {source}, so a gap carries "
+                   f"±{format_number(noise, 2)} of sample noise (95 %) against a margin of "
+                   f"±{format_number(r.margin, 2)}; the intervals include it, so no cell can be called equivalent "
+                   f"however many seeds it has. Raise [evaluation] max_sequences.")
     return out
 
 

@@ -201,11 +201,12 @@ _GAP_SCHEMA = {
     "q_value": pl.Float64, "p_equivalent": pl.Float64, "q_equivalent": pl.Float64, "verdict": pl.Utf8,
     "sd_seed": pl.Float64, "sd_cell": pl.Float64, "sd_between_seeds": pl.Float64, "seeds_needed": pl.Float64,
     "cell_gap": pl.Float64, "cell_half": pl.Float64, "cell_dof": pl.Float64, "cell_verdict": pl.Utf8,
+    "se_seeds": pl.Float64, "se_measurement": pl.Float64,
 }
 
 
 def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
-              margin: float = DEFAULT_MARGIN) -> pl.DataFrame:
+              margin: float = DEFAULT_MARGIN, measurement: pl.DataFrame | None = None) -> pl.DataFrame:
     """Pruned vs random per cell (granularity, method, ratio, setting, budget) from seed-level headline values.
 
     Columns: n_pruned, n_random, n_pairs (seeds in both arms), n_seeds (seeds behind the estimate), mean_pruned,
@@ -217,6 +218,11 @@ def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
     ratios; signed square root, it may be negative), sd_cell, sd_between_seeds (sd of one seed's difference: what
     the design power uses), seeds_needed (seeds per arm for 80 % power at the margin; MAX_SEEDS + 1 = more), and the
     sensitivity check: cell_gap, cell_half, cell_dof and cell_verdict from the cell's own paired t interval.
+
+    ``measurement`` (measurement_error: PAIR_KEYS, se_measurement, documents) adds the held-out sample's error of
+    each gap to its seeds' (with_measurement) in every interval, verdict and the sensitivity check: se_seeds and
+    se_measurement are the two parts of se. Without it (a metric without per-document losses, an older database)
+    the intervals are the seeds' alone and se_measurement is empty.
     """
     if pool in REMOVED_POOLING:
         raise ValueError(f"pooling {pool!r} was removed ({REMOVED_POOLING[pool]}, and under-covers); "
@@ -233,6 +239,9 @@ def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
     joined = joined.join(per_cell, on=PAIR_KEYS, how="left").with_columns(n_pairs=pl.col("n_pairs").fill_null(0))
     if pool == "model" and diffs.height:
         joined = joined.join(_model_columns(diffs), on=PAIR_KEYS, how="left")
+    if measurement is not None and measurement.height:
+        joined = joined.join(measurement.select(*PAIR_KEYS, "se_measurement", "documents"), on=PAIR_KEYS,
+                             how="left")
     joined = joined.sort(PAIR_KEYS)
 
     paired = joined["n_pairs"].to_numpy() > 0
@@ -261,6 +270,10 @@ def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
     model = np.where(modelled, MODEL, np.where(paired, CELL_T if pool == "none" else FALLBACK, WELCH))
     n_seeds = np.where(paired, n_d, np.minimum(n_p, n_r))
     between = np.where(fitted, column("model_marginal"), np.where(paired, var_d, var_p + var_r))
+    se_seeds = se
+    se_measurement, documents = column("se_measurement"), column("documents")
+    se, dof = with_measurement(se, dof, se_measurement, documents)
+    cell_se, cell_dof = with_measurement(cell_se, cell_dof, se_measurement, documents)
 
     sign = 1.0 if higher_is_better else -1.0
     setting = joined["setting"].to_numpy()
@@ -285,12 +298,70 @@ def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
         sd_seed=_series(np.sign(column("model_seed")) * np.sqrt(np.abs(column("model_seed")))),
         sd_cell=_series(np.sqrt(column("model_cell"))),
         sd_between_seeds=_series(np.sqrt(between)),
-        seeds_needed=_series(design_seeds(between, margin)),
+        se_seeds=_series(np.where(np.isfinite(decided["se"]), se_seeds, np.nan)),
+        se_measurement=_series(se_measurement),
+        seeds_needed=_series(design_seeds(between, margin, se_measurement)),
         cell_gap=_series(mean_d),
         cell_half=_series(cell_decided["half"]),
         cell_dof=_series(np.where(np.isfinite(cell_decided["se"]), cell_dof, np.nan)),
         cell_verdict=pl.Series(cell_decided["verdict"], dtype=pl.Utf8),
     ).cast(_GAP_SCHEMA)
+
+
+MEASUREMENT_SCHEMA = {**{k: v for k, v in _GAP_SCHEMA.items() if k in PAIR_KEYS}, "se_measurement": pl.Float64,
+                      "documents": pl.UInt32}
+
+
+def measurement_error(values: pl.DataFrame, documents: pl.DataFrame) -> pl.DataFrame:
+    """Per cell (PAIR_KEYS): the document-sampling stderr of the seed-mean gap (``se_measurement``) and the documents
+    it rests on, from the per-document losses of the cells in ``values`` (gridlab.report.read.document_losses, one
+    metric). Every model of a grid is scored on the same held-out sample, so this error is common to all seeds: it
+    does not shrink with more seeds, and the seeds' spread does not contain it. It is the linearised ratio-estimator
+    stderr of the documents' paired differences (gridlab.measure.paired_gap), vectorised over every cell: each arm's
+    per-document loss sums averaged over its seeds, the gap R = ΣΔ_d / ΣX_d, and
+    var(R) = n/(n − 1) · Σ_d (Δ_d − R·X_d)² / (ΣX_d)². Cells whose arms were not scored on the same documents get
+    none (the join keeps the documents both arms have; a document one arm lacks makes the cell's error unknown)."""
+    if documents.height == 0 or values.height == 0:
+        return pl.DataFrame(schema=MEASUREMENT_SCHEMA)
+    keyed = documents.join(values.select("cell_id", *PAIR_KEYS, "init"), on="cell_id", how="inner")
+    arms = keyed.group_by([*PAIR_KEYS, "init", "document"]).agg(
+        x=pl.col("tokens").first(), y=pl.col("loss_sum").mean())
+    pruned = arms.filter(pl.col("init") == "pruned").drop("init")
+    random = arms.filter(pl.col("init") == "random").drop("init")
+    per_arm = arms.group_by([*PAIR_KEYS, "init"]).agg(n=pl.len()).group_by(PAIR_KEYS).agg(
+        arms=pl.len(), n_min=pl.col("n").min(), n_max=pl.col("n").max())
+    paired = pruned.join(random, on=[*PAIR_KEYS, "document"], how="inner", suffix="_random").with_columns(
+        d=pl.col("y") - pl.col("y_random"))
+    sums = paired.group_by(PAIR_KEYS).agg(
+        n=pl.len(), sx=pl.col("x").sum(), sd=pl.col("d").sum(), sdd=(pl.col("d") ** 2).sum(),
+        sdx=(pl.col("d") * pl.col("x")).sum(), sxx=(pl.col("x") ** 2).sum())
+    sums = sums.join(per_arm, on=PAIR_KEYS).filter(
+        (pl.col("arms") == 2) & (pl.col("n") == pl.col("n_min")) & (pl.col("n") == pl.col("n_max"))
+        & (pl.col("n") >= 2) & (pl.col("sx") > 0))
+    ratio = pl.col("sd") / pl.col("sx")
+    residual = (pl.col("sdd") - 2 * ratio * pl.col("sdx") + ratio ** 2 * pl.col("sxx")).clip(lower_bound=0)
+    return sums.select(
+        *PAIR_KEYS,
+        se_measurement=(pl.col("n") / (pl.col("n") - 1) * residual).sqrt() / pl.col("sx"),
+        documents=pl.col("n").cast(pl.UInt32),
+    ).cast(MEASUREMENT_SCHEMA)
+
+
+def with_measurement(se: np.ndarray, dof: np.ndarray, se_measurement: np.ndarray,
+                     documents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The se of a gap with the held-out sample's error added to the seeds' (independent: the sample is fixed, the
+    seeds vary), and its Welch–Satterthwaite dof (the measurement term has documents − 1). Where there is no
+    measurement error (a metric without per-document losses) se and dof are unchanged; where there is no seed
+    interval (one seed) there is none after either."""
+    se, dof = np.asarray(se, dtype=float), np.asarray(dof, dtype=float)
+    m = np.asarray(se_measurement, dtype=float)
+    m_dof = np.asarray(documents, dtype=float) - 1
+    has = np.isfinite(m) & (m_dof >= 1) & np.isfinite(se)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.sqrt(se ** 2 + np.where(has, m ** 2, 0.0))
+        seed_part = np.where(se > 0, se ** 4 / dof, 0.0)
+        combined = total ** 4 / (seed_part + np.where(has, m ** 4 / m_dof, 0.0))
+    return np.where(has, total, se), np.where(has & (total > 0), combined, dof)
 
 
 def _series(values: np.ndarray) -> pl.Series:
@@ -364,12 +435,16 @@ def half_width(se: np.ndarray, dof: np.ndarray, confidence: float = CONFIDENCE) 
         return np.where(se == 0, 0.0, quantile * se)
 
 
-def design_seeds(between: np.ndarray, margin: float, alpha: float = ALPHA, power: float = POWER) -> np.ndarray:
+def design_seeds(between: np.ndarray, margin: float, measurement: np.ndarray | None = None, alpha: float = ALPHA,
+                 power: float = POWER) -> np.ndarray:
     """Seeds per arm a rerun needs to decide at the margin with `power`: the smallest n ≥ 2 for which a true gap of
     ±margin is told from 0 (two-sided t at alpha) and a true gap of 0 is declared equivalent (TOST), with the
     measured between-seed variance of one seed's difference and the cell's own n − 1 degrees of freedom (no
-    pooling assumed). NaN without a variance; MAX_SEEDS + 1 when even MAX_SEEDS would not do."""
+    pooling assumed), plus the held-out sample's stderr of the gap (``measurement``), which more seeds do not reduce.
+    NaN without a variance; MAX_SEEDS + 1 when even MAX_SEEDS would not do (always, when the sample's error alone
+    is too large: then a larger held-out sample is what helps)."""
     between = np.asarray(between, dtype=float)
+    fixed = np.zeros(between.shape) if measurement is None else np.nan_to_num(np.asarray(measurement, float))
     out = np.full(between.shape, np.nan)
     ok = np.isfinite(between) & (between >= 0)
     if not ok.any() or margin <= 0:
@@ -378,8 +453,9 @@ def design_seeds(between: np.ndarray, margin: float, alpha: float = ALPHA, power
     dof = n - 1
     difference = special.stdtrit(dof, 1 - alpha / 2) + special.stdtrit(dof, power)
     equivalence = special.stdtrit(dof, 1 - alpha) + special.stdtrit(dof, 1 - (1 - power) / 2)
-    factor = np.maximum(difference, equivalence) / np.sqrt(n)  # decreasing in n
-    needed = factor[None, :] * np.sqrt(between[ok])[:, None] <= margin
+    factor = np.maximum(difference, equivalence)
+    se = np.sqrt(between[ok][:, None] / n[None, :] + fixed[ok][:, None] ** 2)  # decreasing in n
+    needed = factor[None, :] * se <= margin
     found = needed.any(axis=1)
     out[ok] = np.where(found, n[np.argmax(needed, axis=1)], MAX_SEEDS + 1)
     return out
