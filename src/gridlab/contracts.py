@@ -27,6 +27,8 @@ from gridlab.config import Schedule
 
 STAGE_KINDS = ("tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval")   # in dependency order
 StageKind = Literal["tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval"]
+# What a pruning method removes: whole layers, widths (heads, FFN channels, hidden size), or single weights.
+Granularity = Literal["depth", "width", "sparse"]
 
 # The kinds a plan has only when ``[resources.data] tasks = K`` (K > 1) splits the data stage's work into tasks: one
 # tokenizer stage, K shard stages (partition k of K), then the data stage, which only assembles the shards.
@@ -37,6 +39,12 @@ DATA_TASK_KINDS = ("tokenizer", "shard")
 # Pruning methods carry their own version (gridlab.pruning.Method.version), hashed into their prune stages.
 VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1,
                            "eval": 1}
+
+
+def in_kind_order(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """(kind, count) pairs in the data flow's order (unknown kinds last, by name)."""
+    return sorted(counts.items(), key=lambda item: (STAGE_KINDS.index(item[0]) if item[0] in STAGE_KINDS else 99,
+                                                    item[0]))
 
 
 def resource_table(kind: str) -> str:
@@ -282,9 +290,11 @@ def branch_identity(trajectory: str, budget: int) -> str:
 # ------------------------------------------------------------------------------------------------------ payloads
 
 class ParamCounts(Contract):
-    decoder: int
-    embedding: int
-    total: int
+    """A model's parameters (gridlab.model.param_counts, the one formula: plan, pruning and reports use it)."""
+
+    decoder: int      # q, k, v, o, gate, up, down weights and their biases: the base of every pruning ratio
+    embedding: int    # input embeddings + untied lm_head
+    total: int        # everything: decoder + embedding + every norm (Qwen3's q_norm / k_norm included)
 
 
 class TokenizerPayload(Contract):
@@ -324,7 +334,7 @@ class PrunePayload(Contract):
     kind: Literal["prune"] = "prune"
     model_path: str
     achieved_ratio: float
-    granularity: Literal["depth", "width", "sparse"]
+    granularity: Granularity
     removed: list[int] | None = None  # depth: removed layer indices
     note: str | None = None
     calibration_sequences: int
@@ -381,7 +391,7 @@ class Cell(Contract):
 
     cell_id: str
     method: str
-    granularity: Literal["depth", "width", "sparse"]
+    granularity: Granularity
     ratio: float
     init: Literal["pruned", "random"]
     setting: Literal[1, 2]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gridlab.atomic import staged_directory
+from gridlab.contracts import ParamCounts
 from gridlab.errors import UserError
 from gridlab.families import build_model, config_from_dict, family, layer_norms
 
@@ -194,13 +194,6 @@ def init_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
     return model
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    decoder: int  # q, k, v, o, gate, up, down weights and their biases: the base of every pruning ratio
-    embedding: int  # input embeddings + untied lm_head
-    total: int  # everything: decoder + embedding + every norm (Qwen3's q_norm / k_norm included)
 
 
 def param_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> ParamCounts:

@@ -45,6 +45,11 @@ def train_tokenizer(source: CorpusSource, fractions: SplitFractions, vocab_size:
     return Path(out_dir)
 
 
+def has_tokenizer(folder: str | Path) -> bool:
+    """A tokenizer was saved in ``folder`` (by train_tokenizer, or beside a model by gridlab.model.save_model)."""
+    return (Path(folder) / "tokenizer_config.json").is_file()
+
+
 def load_tokenizer(name_or_path: str | Path):
     """Any Hugging Face tokenizer: a local folder or a hub name (from the local cache when offline)."""
     from transformers import AutoTokenizer
