@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gridlab.config import Schedule
+from gridlab.config import Schedule, identity_fields
+from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
 
 STAGE_KINDS = ("tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval")   # in dependency order
 StageKind = Literal["tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval"]
@@ -70,28 +71,34 @@ class Metric(Contract):
 
 
 # ------------------------------------------------------------------------------------------------------ configs
-# Each config's identity() is what the stage's numbers depend on; it defaults to the whole config.
+# Each config's identity() is what the stage's numbers depend on: by default every field but those at their default
+# (gridlab.config.identity_fields), its tags (kind, source) always; a config leaves out more where a field only
+# says how or where it runs.
+
+# Where a corpus is read from, not what it holds (its content identity stands in the id).
+CORPUS_LOCATION_KEYS = ("path", "files", "name", "config", "split")
+
 
 class StageConfig(Contract):
     def identity(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return identity_fields(self, keep=("kind", "source"))
 
 
 class DataConfig(StageConfig):
     kind: Literal["data"] = "data"
-    corpus: dict[str, Any]            # gridlab.data.CorpusSource fields
+    corpus: CorpusSource
     corpus_identity: dict[str, Any]   # what the corpus is made of (content fingerprints, revisions): in the id
-    splits: dict[str, Any]            # gridlab.data.SplitFractions fields
-    tokenizer: dict[str, Any]         # gridlab.data.TokenizerConfig fields
+    splits: SplitFractions
+    tokenizer: TokenizerConfig
     tokenizer_identity: dict[str, Any] | None = None   # a loaded tokenizer's content fingerprint
     seq_len: int
 
     def identity(self) -> dict[str, Any]:
         # Where the corpus and tokenizer are read from is not what they are: their contents stand in the id.
-        corpus = {k: v for k, v in self.corpus.items() if k not in ("path", "files", "name", "config", "split")}
-        tokenizer = {k: v for k, v in self.tokenizer.items() if k != "path"}
-        return {"corpus": corpus, "corpus_identity": self.corpus_identity, "splits": self.splits,
-                "tokenizer": tokenizer, "tokenizer_identity": self.tokenizer_identity, "seq_len": self.seq_len}
+        identity = super().identity()
+        identity["corpus"] = {k: v for k, v in identity["corpus"].items() if k not in CORPUS_LOCATION_KEYS}
+        identity["tokenizer"] = {k: v for k, v in identity["tokenizer"].items() if k != "path"}
+        return identity
 
 
 class _DataTask(StageConfig):
@@ -99,13 +106,14 @@ class _DataTask(StageConfig):
     gave them (its id, ``data_stage``, stands for their contents). Its outputs go into the data stage's folder."""
 
     data_stage: str
-    corpus: dict[str, Any]
-    splits: dict[str, Any]
-    tokenizer: dict[str, Any]
+    corpus: CorpusSource
+    splits: SplitFractions
+    tokenizer: TokenizerConfig
     seq_len: int
 
     def identity(self) -> dict[str, Any]:
-        return {"data_stage": self.data_stage}
+        # What it reads is what the data stage reads: that stage's id stands for it.
+        return {k: v for k, v in super().identity().items() if k not in ("corpus", "splits", "tokenizer", "seq_len")}
 
 
 class TokenizerTask(_DataTask):
@@ -123,8 +131,6 @@ class ShardTask(_DataTask):
     partition: int
     partitions: int
 
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "partition": self.partition, "partitions": self.partitions}
 
 
 class PretrainParent(StageConfig):
@@ -134,10 +140,6 @@ class PretrainParent(StageConfig):
     tokens: int                       # P
     seed: int
     schedule: Schedule
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "schedule": self.schedule.identity()}
-
 
 class LoadedParent(StageConfig):
     kind: Literal["parent"] = "parent"
@@ -194,7 +196,7 @@ class TrainConfig(StageConfig):
     trajectory: str                   # the trajectory folder's id: model, data, schedule identity, seed (no budgets)
 
     def identity(self) -> dict[str, Any]:
-        return {"budgets": self.budgets, "schedule": self.schedule.identity(), "seed": self.seed}
+        return {k: v for k, v in super().identity().items() if k != "trajectory"}   # the folder it trains in
 
 
 class _Evaluation(StageConfig):
@@ -206,7 +208,7 @@ class _Evaluation(StageConfig):
         # An extra corpus is in the id by what it holds (``corpora``), not by where it is read from.
         identity = super().identity()
         identity["evaluation"] = {**identity["evaluation"], "corpora": [
-            {k: v for k, v in corpus.items() if k not in ("path", "files", "name", "config", "split")}
+            {k: v for k, v in corpus.items() if k not in CORPUS_LOCATION_KEYS}
             for corpus in identity["evaluation"]["corpora"]]}
         return identity
 

@@ -217,7 +217,8 @@ def data_stages(spec: GridSpec, config: DataConfig) -> tuple[list[Stage], Stage]
     if partitions == 1:
         return [], data
     # The tasks read what the data stage reads; its id stands for the contents (no copies of the file hashes).
-    reads = {"data_stage": data.id, **config.model_dump(include={"corpus", "splits", "tokenizer", "seq_len"})}
+    reads = {"data_stage": data.id, "corpus": config.corpus, "splits": config.splits, "tokenizer": config.tokenizer,
+             "seq_len": config.seq_len}
     tokenizer = make_stage(TokenizerTask(**reads), {})
     shards = [make_stage(ShardTask(**reads, partition=k, partitions=partitions), {"tokenizer": tokenizer.id})
               for k in range(partitions)]
@@ -263,8 +264,7 @@ def _grid_wide_stages(spec: GridSpec, inputs: dict[str, Any], parent_shape) -> t
     """The data stage (and its tasks), the parent (pretrained, or loaded and checked against what the grid declares
     of it), the parent's evaluation; and how the grid evaluates its models."""
     data_tasks, data = data_stages(spec, DataConfig(
-        corpus=canonical(spec.corpus.model_dump()), corpus_identity=inputs["corpus"],
-        splits=canonical(spec.splits.model_dump()), tokenizer=canonical(spec.tokenizer.model_dump()),
+        corpus=spec.corpus, corpus_identity=inputs["corpus"], splits=spec.splits, tokenizer=spec.tokenizer,
         tokenizer_identity=inputs["tokenizer"], seq_len=spec.seq_len))
     if spec.parent.pretrains:
         parent = make_stage(PretrainParent(architecture=config_dict(parent_shape), tokens=spec.parent.tokens,

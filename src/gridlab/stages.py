@@ -104,26 +104,26 @@ def run_stage(stage: Stage, run_dir: str | Path) -> Contract:
 
 def _tokenizer_dir(config: DataConfig | TokenizerTask | ShardTask, data: StagePaths) -> Path:
     """Where a data stage's tokenizer is: trained into its folder, or the grid's tokenizer.path."""
-    return data.tokenizer_dir if config.tokenizer["vocab_size"] is not None else Path(config.tokenizer["path"])
+    return data.tokenizer_dir if config.tokenizer.vocab_size is not None else Path(config.tokenizer.path)
 
 
 def _make_tokenizer(config: DataConfig | TokenizerTask, data: StagePaths) -> Path:
     """The data stage's tokenizer, trained first if it is to be trained and is not there yet."""
     tokenizer_dir = _tokenizer_dir(config, data)
-    if config.tokenizer["vocab_size"] is not None and not has_tokenizer(tokenizer_dir):
-        train_tokenizer(_corpus(config.corpus), _fractions(config.splits), config.tokenizer["vocab_size"],
-                        tokenizer_dir, config.tokenizer["sample_documents"])
+    if config.tokenizer.vocab_size is not None and not has_tokenizer(tokenizer_dir):
+        train_tokenizer(config.corpus, config.splits, config.tokenizer.vocab_size, tokenizer_dir,
+                        config.tokenizer.sample_documents)
     return tokenizer_dir
 
 
 def _run_tokenizer(config: TokenizerTask, context: StageContext) -> TokenizerPayload:
     tokenizer_dir = _make_tokenizer(config, context.run.stage(config.data_stage))
     return TokenizerPayload(tokenizer_dir=str(tokenizer_dir), vocab_size=len(load_tokenizer(tokenizer_dir)),
-                            trained=config.tokenizer["vocab_size"] is not None)
+                            trained=config.tokenizer.vocab_size is not None)
 
 
 def _run_shard(config: ShardTask, context: StageContext) -> ShardPayload:
-    source, fractions = _corpus(config.corpus), _fractions(config.splits)
+    source, fractions = config.corpus, config.splits
     data = context.run.stage(config.data_stage)
     tokenizer_dir = _tokenizer_dir(config, data)
     folder = shard_folder(source, tokenizer_dir, fractions, config.seq_len, data.shards_dir)
@@ -133,8 +133,7 @@ def _run_shard(config: ShardTask, context: StageContext) -> ShardPayload:
 
 
 def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
-    source = _corpus(config.corpus)
-    fractions = _fractions(config.splits)
+    source, fractions = config.corpus, config.splits
     shards_dir = context.out.shards_dir
     if "tokenizer" in context.stage.deps:  # its tasks made the tokenizer and every piece: assemble them
         tokenizer_dir = _tokenizer_dir(config, context.out)
