@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import json
 import math
 import os
+from importlib.metadata import version
 
 import torch
 import torch.nn.functional as F
 
+from gridlab import atomic
 from gridlab.data import TokenShard
+from gridlab.errors import InvalidValue
+from gridlab.inputs import cache_root
 from gridlab.layerwise import batches, final_hidden_states, layer_store
 from gridlab.tasks import TASKS_DIR
 
@@ -63,19 +69,12 @@ def own_tasks() -> set[str]:
 def registry_tasks() -> set[str]:
     """Every task name lm-eval knows (its registry and gridlab's tasks), offline. Indexing the registry takes ~30 s,
     so the names are cached per lm-eval version under $GRIDLAB_CACHE."""
-    import json
-    from importlib.metadata import version
-
-    from gridlab.inputs import cache_root
-
     path = cache_root() / f"lm-eval-{version('lm_eval')}-tasks.json"
     try:
         return set(json.loads(path.read_text())) | own_tasks()
     except (OSError, ValueError):
         pass
-    from lm_eval.tasks import TaskManager
-
-    from gridlab import atomic
+    from lm_eval.tasks import TaskManager  # lm-eval loads in seconds: only when its registry must be indexed
 
     names = sorted(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
     try:
@@ -87,15 +86,11 @@ def registry_tasks() -> set[str]:
 
 def check_tasks(tasks: list[str]) -> None:
     """A one-line error (gridlab.errors.InvalidValue, keyed by the task's index) for a task name lm-eval lacks."""
-    from gridlab.errors import InvalidValue
-
     if set(tasks) <= own_tasks():
         return
     known = registry_tasks()
     for index, task in enumerate(tasks):
         if task not in known:
-            import difflib
-
             hint = difflib.get_close_matches(task, sorted(known), n=1)
             did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
             raise InvalidValue(f"[{index}]", f"{task!r} is not an lm-eval task; {did_you_mean}gridlab's own: "
@@ -119,6 +114,8 @@ def lm_eval_tasks(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # lm-eval loads in seconds, and every plan imports this module (spec checks task names): only grids with
+    # lm_eval_tasks pay for it.
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gridlab.atomic import staged_directory
 from gridlab.contracts import ParamCounts
+from gridlab.data import load_tokenizer
 from gridlab.errors import UserError
-from gridlab.families import build_model, config_from_dict, family, layer_norms
+from gridlab.families import build_model, config_from_dict, family, head_dim, layer_norms  # noqa: F401 (head_dim: part of this module's API)
 
 # Every field of an architecture but the vocabulary (it comes from the tokenizer). gridlab's own presets are untied,
 # use eps 1e-5 and take their context from the grid's seq_len; presets of published models carry every field of the
@@ -219,11 +220,6 @@ def param_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> ParamCo
     return ParamCounts(decoder=decoder, embedding=embedding, total=total)
 
 
-def head_dim(config: PretrainedConfig) -> int:
-    """Width of one attention head: the config's explicit head_dim (pruned widths keep it), else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def decoder_layer_params(config: PretrainedConfig, kv_groups: int | None = None, ffn: int | None = None,
                          hidden: int | None = None) -> int:
     """Parameters of one decoder layer's 7 projections, weights and the family's biases (norms excluded): of
@@ -261,8 +257,6 @@ def set_special_tokens(model: PreTrainedModel, tokenizer):
     if tokenizer is None:
         return None
     if isinstance(tokenizer, (str, Path)):
-        from gridlab.data import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "

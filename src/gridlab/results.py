@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,6 @@ def read_json(path: Path) -> Any:
 
 def tail(path: str | Path, lines: int = 5) -> list[str]:
     """The last lines of a log file (at most its last 8 kB)."""
-    import os
-
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
