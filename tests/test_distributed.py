@@ -87,6 +87,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(shard, strategy)
         assert_close_weights(branch["path"], expected.path)
 
 
+@pytest.mark.slow   # multi-process runs: pytest -m slow (the fast suite keeps the ddp/fsdp equality)
 def test_sparse_mask_survives_sharded_training(shard):
     tmp_path = shard
     finish(launch(tmp_path, tmp_path / "masked", "fsdp", masked=True))
@@ -112,6 +113,7 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 240) -> No
     process.wait()
 
 
+@pytest.mark.slow   # multi-process runs: pytest -m slow (the fast suite keeps the ddp/fsdp equality)
 def test_two_rank_run_killed_and_resumed_is_exact_and_resumes_at_another_world_size(shard):
     tmp_path = shard
     finish(launch(tmp_path, tmp_path / "straight", "fsdp"))
