@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from gridlab import api, backends, execute
 from gridlab.backends.records import read_submission, record_submission
 from gridlab.cli import app
+from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
 from gridlab.spec import load_grid
 from gridlab.state import stage_states
@@ -131,3 +132,31 @@ def test_gridlab_status_loads_no_torch(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "cells: pending 8" in shown.stdout and "LOADED []" in shown.stdout, shown.stdout
     assert stage_states(run_dir, [prune])[prune.id].status == "pending"
+
+
+def _metric_rows(run_dir):
+    import duckdb
+
+    with duckdb.connect(str(RunPaths(run_dir).database), read_only=True) as connection:
+        return connection.execute(
+            "SELECT c.init, c.setting, c.budget_tokens, m.tokens, m.name, m.value FROM metrics m JOIN cells c "
+            "USING (cell_id) WHERE m.name IN ('val_loss', 'train_loss') ORDER BY ALL").fetchall()
+
+
+def test_a_tiny_grid_runs_on_local_workers_and_in_process_to_the_same_numbers(tmp_path):
+    """The local backend end to end with real workers (the fast suite's one real run; tests/test_execute.py has the
+    rest), and the debug backend in this process: every stage done, the same numbers."""
+    grid = tiny_grid(name="e2e", inits=["pruned"], settings=[1], budgets=[1024],
+                     parent={**tiny_grid()["parent"], "tokens": 2048})
+    ran = {}
+    for executor in ("local", "debug"):
+        (tmp_path / executor).mkdir()
+        grid_file = write_grid(tmp_path / executor, grid)
+        result = CliRunner().invoke(app, ["submit", str(grid_file), "--executor", executor])
+        assert result.exit_code == 0, result.output
+        run_dir = tmp_path / executor / "runs" / "e2e"
+        records = [json.loads(p.read_text()) for p in run_dir.glob("stages/*/submit.json")]
+        assert {r["backend"] for r in records} == {executor} and len(records) == 7
+        assert api.status(run_dir)["cells"]["done"] == 2
+        ran[executor] = _metric_rows(run_dir)
+    assert ran["local"] and ran["local"] == ran["debug"]

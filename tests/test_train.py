@@ -224,6 +224,7 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 120) -> No
     assert process.wait() == -signal.SIGKILL
 
 
+@pytest.mark.slow   # three training processes killed and resumed (the fast suite keeps the killed extension)
 def test_sigkilled_run_resumes_to_the_same_curve_and_weights(tmp_path):
     write_shard(tmp_path / "data")
     config = tiny_config()
