@@ -86,6 +86,6 @@ def test_a_wheel_install_renders_the_report_outside_the_checkout(tmp_path):
     assert Path(found["gridlab"]).is_relative_to(environment), found  # the installed copy, not this checkout
     assert Path(found["templates"]).is_relative_to(environment), found
     html = (elsewhere / "report" / "index.html").read_text(encoding="utf-8")
-    assert "The answer: prune or train from scratch" in html and "Is setting 2 meaningful here?" in html
+    assert "The answer: prune or train from scratch" in html and "Setting 2, judged by what it needs" in html
     assert (elsewhere / "report" / "report.pdf").read_bytes().startswith(b"%PDF")
     assert (elsewhere / "report" / "summary.md").is_file()
