@@ -123,21 +123,17 @@ def _checked(spec: GridSpec, methods: dict[str, MethodSpec], key: CellKey) -> Ce
         return UserError(f"extra cell {key}: {why}")
 
     if key.method not in methods:
-        return _raise(refuse(f"no method is labelled {key.method!r}; methods: {', '.join(methods)}"))
+        raise refuse(f"no method is labelled {key.method!r}; methods: {', '.join(methods)}")
     method = methods[key.method]
     ratio = float(key.ratio)
     if method.fixed_ratio is not None and abs(ratio - method.fixed_ratio) > 1e-9:
-        return _raise(refuse(f"{method.label} prunes at its own ratio {method.fixed_ratio:g} (N:M) only"))
+        raise refuse(f"{method.label} prunes at its own ratio {method.fixed_ratio:g} (N:M) only")
     if not 0 < ratio < 1:
-        return _raise(refuse("a ratio is above 0 and below 1"))
+        raise refuse("a ratio is above 0 and below 1")
     batch = spec.schedule.batch_size * spec.seq_len
     if key.budget != 0 and (key.budget < batch or key.budget <= spec.schedule.warmup_tokens):
-        return _raise(refuse(f"a budget is 0 (the reference cells) or at least one batch ({batch} tokens) and above "
-                             f"schedule.warmup_tokens ({spec.schedule.warmup_tokens})"))
+        raise refuse(f"a budget is 0 (the reference cells) or at least one batch ({batch} tokens) and above "
+                     f"schedule.warmup_tokens ({spec.schedule.warmup_tokens})")
     if not 0 <= key.seed <= MAX_SEED:
-        return _raise(refuse(f"a seed is between 0 and {MAX_SEED}"))
+        raise refuse(f"a seed is between 0 and {MAX_SEED}")
     return CellKey(key.method, ratio, int(key.budget), int(key.seed))
-
-
-def _raise(error: UserError) -> CellKey:
-    raise error
