@@ -6,6 +6,7 @@ so a value that passes ``gridlab plan`` cannot fail later in a worker for being 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -24,16 +25,24 @@ def identity_fields(model: BaseModel, exclude: Iterable[str] = (), keep: Iterabl
     their ids stay; whoever changes a default bumps the code version of what it changes (contracts.VERSION, or a
     pruning method's ``version``)."""
     exclude, keep = set(exclude), set(keep)
+    defaults = _defaults(type(model))
     dumped = model.model_dump(mode="json")
     fields = {}
-    for name, info in type(model).model_fields.items():
+    for name in type(model).model_fields:
         if name in exclude:
             continue
         value = getattr(model, name)
-        if name not in keep and not info.is_required() and value == info.get_default(call_default_factory=True):
+        if name not in keep and name in defaults and value == defaults[name]:
             continue
         fields[name] = _identity_value(value, dumped[name])
     return fields
+
+
+@functools.cache
+def _defaults(model_class: type[BaseModel]) -> dict[str, Any]:
+    """Each field's default (a factory's value), for the fields that have one; only ever compared with."""
+    return {name: info.get_default(call_default_factory=True)
+            for name, info in model_class.model_fields.items() if not info.is_required()}
 
 
 def _identity_value(value: Any, dumped: Any) -> Any:
