@@ -4,6 +4,7 @@ a submission interrupted between sbatch and its record is found by job name inst
 that hangs or refuses; the generated sbatch script carries the site options; cancel."""
 
 import json
+import os
 import time
 
 import pytest
@@ -357,3 +358,28 @@ def test_a_watching_status_asks_slurm_at_most_every_30_s(tmp_path, slurm, monkey
     now[0] += 30
     stage_states(tmp_path, [{"id": "s0", "kind": "prune"}], scheduler=cache)
     assert len(slurm.calls("squeue")) == 2
+
+
+@pytest.mark.slow   # a real data stage in a job process
+def test_a_job_the_slurm_backend_submits_runs_its_stage_where_slurm_starts_it(tmp_path, slurm):
+    """The job side without a cluster: the sbatch script's own command (submitit's entry point, with the
+    environment SLURM gives a job) unpickles the slurm backend's StageJob and runs the stage to its result."""
+    import re
+    import subprocess
+    import sys
+
+    grid_file, plan = _grid(tmp_path)
+    assert api.submit(grid_file, executor="slurm", where=["kind=data"], report=lambda line: None).exit_code == 0
+    data = next(s for s in plan.stages.values() if s.kind == "data")
+    files = RunPaths(plan.spec.run_dir).stage(data.id)
+    job = json.loads(files.submit.read_text())["job_id"]
+    folder = re.search(r"submitit\.core\._submit (\S+)", slurm.scripts()[job]).group(1).replace("%j", job)
+    environment = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                   "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
+                   "SLURM_CPUS_PER_TASK": "1", "SUBMITIT_EXECUTOR": "slurm"}
+    ran = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", folder], capture_output=True,
+                         text=True, env={**os.environ, **environment}, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert files.result.exists() and len(files.attempts.read_text().split()) == 1
+    slurm.finish(job, "COMPLETED")
+    assert stage_states(plan.spec.run_dir, [data])[data.id].status == "done"
