@@ -29,6 +29,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["GRIDLAB_CACHE"] = cache
         from gridlab import throughput
+        from gridlab.backends.local import worker_threads
         from gridlab.plan import parent_config
         from gridlab.spec import load_grid
 
@@ -43,7 +44,7 @@ def main() -> None:
                 timings.append((time.perf_counter() - started, found))
             (cold, measured), (warm, cached) = timings
             print(f"{Path(grid).name}: measured {cold:.2f} s ({measured.source}, {measured.tokens_per_s or 0:,.0f} "
-                  f"tokens/s per worker, {throughput.worker_threads(args.workers)} thread(s)); cached "
+                  f"tokens/s per worker, {worker_threads(args.workers)} thread(s)); cached "
                   f"{warm * 1000:.1f} ms ({cached.source}); ratio {cold / max(warm, 1e-9):,.0f}×")
 
 

@@ -62,7 +62,7 @@ def main() -> None:
 
         def dry_run():
             fresh = build_plan(load_grid(grid_file))
-            return execute.select(fresh, stage_states(fresh.spec.run_dir, list(fresh.stages.values())),
+            return execute.triage(fresh, stage_states(fresh.spec.run_dir, list(fresh.stages.values())),
                                   retry_failed=False)
 
         dry_s, selection = timed(dry_run)

@@ -184,7 +184,8 @@ def test_plan_time_check_reads_only_each_files_first_record(tmp_path):
 
 
 def test_gridlab_plan_lists_the_corpus_and_stops_on_a_pattern_that_matches_nothing(tmp_path):
-    from gridlab.plan import build_plan, format_plan
+    from gridlab.plan import build_plan
+    from gridlab.plantext import format_plan
     from gridlab.spec import parse_grid
 
     from runner_helpers import tiny_grid

@@ -132,10 +132,10 @@ def test_two_tasks_give_the_same_shards_and_numbers_and_a_killed_shard_task_reru
 
     # the same data stage, the same bytes, the same numbers as one data stage
     assert data.id in {stage.id for stage in _stages(reference, "data")}
-    for output_name in ("shards", "tokenizer"):
-        files = _files(RunPaths(reference).stage(data.id).output(output_name))
-        assert files and _files(run.stage(data.id).output(output_name)) == files, output_name
-    assert f"{folder.name}/pieces/u000001/pretrain.bin" in _files(run.stage(data.id).output("shards"))
+    for output_name in ("shards_dir", "tokenizer_dir"):
+        files = _files(getattr(RunPaths(reference).stage(data.id), output_name))
+        assert files and _files(getattr(run.stage(data.id), output_name)) == files, output_name
+    assert f"{folder.name}/pieces/u000001/pretrain.bin" in _files(run.stage(data.id).shards_dir)
     losses = _val_losses(run_dir)
     assert len(losses) == 3 and losses == _val_losses(reference)
 

@@ -131,9 +131,10 @@ def test_64_concurrent_writers_every_row_once(tmp_path):
 
 
 def test_workers_cannot_reach_the_database():
-    """The worker side (gridlab.stages and what it imports) never loads the database module or DuckDB."""
+    """The worker side (gridlab.stages and what it imports) never loads the database module or DuckDB. (polars is
+    allowed: an eval stage writes its per-document losses as Parquet with it, a file, not the database.)"""
     code = ("import sys, gridlab.stages, gridlab.execute; "
-            "print(sorted(m for m in sys.modules if m in ('duckdb', 'gridlab.db', 'polars')))")
+            "print(sorted(m for m in sys.modules if m in ('duckdb', 'gridlab.db')))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
 

@@ -73,7 +73,8 @@ def shard(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+# fsdp (the default) in the fast suite; ddp with the slow ones
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(shard, strategy):
     tmp_path = shard
     finish(launch(tmp_path, tmp_path / strategy, strategy))
@@ -87,6 +88,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(shard, strategy)
         assert_close_weights(branch["path"], expected.path)
 
 
+@pytest.mark.slow   # multi-process runs: pytest -m slow (the fast suite keeps the fsdp equality)
 def test_sparse_mask_survives_sharded_training(shard):
     tmp_path = shard
     finish(launch(tmp_path, tmp_path / "masked", "fsdp", masked=True))
@@ -112,6 +114,7 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 240) -> No
     process.wait()
 
 
+@pytest.mark.slow   # multi-process runs: pytest -m slow (the fast suite keeps the fsdp equality)
 def test_two_rank_run_killed_and_resumed_is_exact_and_resumes_at_another_world_size(shard):
     tmp_path = shard
     finish(launch(tmp_path, tmp_path / "straight", "fsdp"))

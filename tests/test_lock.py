@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gridlab import atomic, execute, lock
+from gridlab.backends.records import record_submission
 from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
@@ -47,7 +48,7 @@ def test_another_users_process_is_alive(monkeypatch):
 
 def _local_record(run_dir, stage_id, pid, host=None):
     RunPaths(run_dir).stage(stage_id).folder.mkdir(parents=True, exist_ok=True)
-    execute.record_submission(run_dir, stage_id, "local", f"local-{pid}", pid)
+    record_submission(run_dir, stage_id, "local", f"local-{pid}", pid)
     if host:
         path = RunPaths(run_dir).stage(stage_id).submit
         record = json.loads(path.read_text())
@@ -63,7 +64,7 @@ def test_stage_states_of_local_workers_use_the_host(tmp_path):
     assert states["dead"].status == "pending" and not states["dead"].held
     assert states["elsewhere"].status == "unknown" and states["elsewhere"].held
     assert "another-host.example" in states["elsewhere"].error
-    selection = execute.select(
+    selection = execute.triage(
         type("P", (), {"stages": {s: type("S", (), {"id": s})() for s in states}})(), states, retry_failed=True)
     assert [s.id for s in selection.to_run] == ["dead"]
 

@@ -94,7 +94,7 @@ def test_two_task_slurm_job_runs_a_two_rank_cell(tmp_path):
     log = RunPaths(run_dir).stage(train.id).log.read_text()
     assert "rank 0" in log and "rank 1" in log
     submit = json.loads(RunPaths(run_dir).stage(train.id).submit.read_text())
-    assert submit["executor"] == "slurm"
+    assert submit["backend"] == "slurm"
     assert CliRunner().invoke(app, ["ingest", str(grid_file)]).exit_code == 0
     assert len(_val_losses(run_dir)) == 1
 

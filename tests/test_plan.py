@@ -157,15 +157,14 @@ def test_canonical_normalises_numbers():
 
 
 def test_time_estimate_charges_sparse_models_the_parents_cost_and_smaller_models_less():
+    from gridlab.estimates import relative_step_cost
     from gridlab.model import make_config, param_counts
-    from gridlab.plan import relative_step_cost
 
     counts = param_counts(make_config("pico", 1024, 64))
     assert relative_step_cost(counts, "sparse", 0.8) == 1.0
     half_depth = relative_step_cost(counts, "depth", 0.5)
     assert half_depth == pytest.approx((counts.embedding + 0.5 * counts.decoder) / (counts.embedding + counts.decoder))
     assert relative_step_cost(counts, "width", 0.8) < half_depth < 1.0
-    assert relative_step_cost(None, "depth", 0.5) == 1.0
 
 
 EXECUTION_ONLY = [
@@ -269,12 +268,12 @@ def test_one_more_budget_keeps_every_existing_branch_eval_and_the_trajectories()
 
 def test_disk_figures_follow_the_models_and_training_states():
     from gridlab.checkpoint import checkpoint_bytes
+    from gridlab.estimates import MODEL_BYTES_PER_PARAMETER, disk_usage
     from gridlab.model import param_counts
-    from gridlab.plan import MODEL_BYTES_PER_PARAMETER, disk_usage
 
     plan = _plan(budgets=[2048, 4096])
     usage = disk_usage(plan)
-    dense = param_counts(parent_config(plan.spec)).total
+    dense = param_counts(plan.parent_config).total
     # the pretrained parent: its model and (extendable) its trunk's last state; at peak a branch state besides
     assert usage["parent"].end == MODEL_BYTES_PER_PARAMETER * dense + checkpoint_bytes(dense)
     assert usage["parent"].peak == MODEL_BYTES_PER_PARAMETER * dense + 2 * checkpoint_bytes(dense)

@@ -4,12 +4,15 @@ a submission interrupted between sbatch and its record is found by job name inst
 that hangs or refuses; the generated sbatch script carries the site options; cancel."""
 
 import json
+import os
 import time
 
 import pytest
 from typer.testing import CliRunner
 
-from gridlab import api, execute
+from gridlab import api
+from gridlab.backends import slurm as slurm_backend
+from gridlab.backends.records import record_submission
 from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
@@ -29,7 +32,7 @@ def _held(run_dir, slurm, name="gridlab-t-prune-abcd0123", tasks=None, kind="pru
     job = slurm.add_job(name, tasks=tasks)
     job_id = job if tasks is None else f"{job}_0"
     RunPaths(run_dir).stage(stage_id).folder.mkdir(parents=True, exist_ok=True)
-    execute.record_submission(run_dir, stage_id, "slurm", job_id, job_name=name,
+    record_submission(run_dir, stage_id, "slurm", job_id, job_name=name,
                               array_task="0" if tasks else None, resources={"mem_gb": 4.0, "time_min": 30})
     return job_id
 
@@ -194,18 +197,18 @@ def test_failed_stages_block_what_is_below_them_and_submit_exits_1(tmp_path, slu
 
 def test_a_crash_between_sbatch_and_the_record_does_not_submit_again(tmp_path, slurm, monkeypatch):
     grid_file, plan = _grid(tmp_path)
-    real = execute.record_submission
+    real = slurm_backend.record_submission
 
-    def crash_after_sbatch(run_dir, stage_id, executor, job_id, *args, **kwargs):
+    def crash_after_sbatch(run_dir, stage_id, backend, job_id, *args, **kwargs):
         if job_id is not None:
             raise KeyboardInterrupt      # the submitting process dies right after sbatch returned
-        return real(run_dir, stage_id, executor, job_id, *args, **kwargs)
+        return real(run_dir, stage_id, backend, job_id, *args, **kwargs)
 
-    monkeypatch.setattr(execute, "record_submission", crash_after_sbatch)
+    monkeypatch.setattr(slurm_backend, "record_submission", crash_after_sbatch)
     with pytest.raises(KeyboardInterrupt):
         api.submit(grid_file, executor="slurm", report=lambda line: None)
     assert len(slurm.calls("sbatch")) == 1          # the data job went out; its record has no job id
-    monkeypatch.setattr(execute, "record_submission", real)
+    monkeypatch.setattr(slurm_backend, "record_submission", real)
     run_dir = plan.spec.run_dir
     data = next(s for s in plan.stages.values() if s.kind == "data")
     assert json.loads(RunPaths(run_dir).stage(data.id).submit.read_text())["job_id"] is None
@@ -241,7 +244,7 @@ def test_the_data_stages_tasks_go_out_as_a_tokenizer_job_one_shard_array_and_an_
 
 def test_an_intent_the_scheduler_never_saw_is_submitted_again(tmp_path, slurm):
     RunPaths(tmp_path).stage("s0").folder.mkdir(parents=True)
-    execute.record_submission(tmp_path, "s0", "slurm", None, job_name="gridlab-t-data-00000000", array_task=None)
+    record_submission(tmp_path, "s0", "slurm", None, job_name="gridlab-t-data-00000000", array_task=None)
     state = _state(tmp_path)
     assert state.status == "pending" and not state.submitted       # sbatch never went through: nobody holds it
     slurm.fail("sacct")
@@ -355,3 +358,28 @@ def test_a_watching_status_asks_slurm_at_most_every_30_s(tmp_path, slurm, monkey
     now[0] += 30
     stage_states(tmp_path, [{"id": "s0", "kind": "prune"}], scheduler=cache)
     assert len(slurm.calls("squeue")) == 2
+
+
+@pytest.mark.slow   # a real data stage in a job process
+def test_a_job_the_slurm_backend_submits_runs_its_stage_where_slurm_starts_it(tmp_path, slurm):
+    """The job side without a cluster: the sbatch script's own command (submitit's entry point, with the
+    environment SLURM gives a job) unpickles the slurm backend's StageJob and runs the stage to its result."""
+    import re
+    import subprocess
+    import sys
+
+    grid_file, plan = _grid(tmp_path)
+    assert api.submit(grid_file, executor="slurm", where=["kind=data"], report=lambda line: None).exit_code == 0
+    data = next(s for s in plan.stages.values() if s.kind == "data")
+    files = RunPaths(plan.spec.run_dir).stage(data.id)
+    job = json.loads(files.submit.read_text())["job_id"]
+    folder = re.search(r"submitit\.core\._submit (\S+)", slurm.scripts()[job]).group(1).replace("%j", job)
+    environment = {"SLURM_JOB_ID": job, "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                   "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
+                   "SLURM_CPUS_PER_TASK": "1", "SUBMITIT_EXECUTOR": "slurm"}
+    ran = subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", folder], capture_output=True,
+                         text=True, env={**os.environ, **environment}, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert files.result.exists() and len(files.attempts.read_text().split()) == 1
+    slurm.finish(job, "COMPLETED")
+    assert stage_states(plan.spec.run_dir, [data])[data.id].status == "done"

@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from gridlab.cli import app
-from gridlab.plan import build_plan, format_plan
+from gridlab.plan import build_plan
+from gridlab.plantext import format_plan
 from gridlab.spec import load_grid, parse_tokens
 
 from runner_helpers import REPO, tiny_grid, to_toml, write_grid
@@ -250,7 +251,7 @@ def test_nm_name_sets_its_own_ratio(tmp_path):
     spec = load_grid(write_grid(tmp_path, tiny_grid(methods=[{"name": "wanda-2:4"}, {"name": "magnitude"}])))
     nm, magnitude = spec.methods
     assert spec.method_ratios(nm) == [0.5]
-    assert nm.method == "wanda" and nm.prune_options == {"nm": "2:4"}
+    assert nm.name == "wanda" and nm.options == {"nm": "2:4"} and nm.label == "wanda-2:4"
     assert spec.method_ratios(magnitude) == [0.5]
 
 
@@ -263,7 +264,7 @@ def test_llama31_8b_example_plans_offline_from_its_declared_architecture(monkeyp
     assert spec.resources.for_kind("eval")["ranks"] == 1
     assert spec.schedule.strategy == "fsdp" and spec.schedule.activation_checkpointing
     plan = build_plan(spec)
-    assert len({m.method for m in spec.methods}) == 6
+    assert len({m.name for m in spec.methods}) == 6
     text = format_plan(plan)
     assert "train jobs: 4 node(s) × 8 rank(s), 8 GPU(s)/node" in text
     assert "GPU-hours" in text and "local worker" not in text

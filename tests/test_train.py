@@ -224,6 +224,7 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 120) -> No
     assert process.wait() == -signal.SIGKILL
 
 
+@pytest.mark.slow   # three training processes killed and resumed (the fast suite keeps the killed extension)
 def test_sigkilled_run_resumes_to_the_same_curve_and_weights(tmp_path):
     write_shard(tmp_path / "data")
     config = tiny_config()
@@ -287,7 +288,8 @@ def poisoned(model, at_call: int):
 
 def test_identity_leaves_out_execution_fields():
     base = tiny_config()
-    assert set(base.identity()) | set(Schedule.EXECUTION_FIELDS) == set(Schedule.model_fields)
+    # the fields it sets that change numbers; execution fields and fields at their default stay out
+    assert set(base.identity()) == {"lr", "warmup_tokens", "batch_size", "decay_fraction"}
     for name, value in [("strategy", "ddp"), ("activation_checkpointing", True), ("device", "cpu"),
                         ("log_every_steps", 7), ("checkpoint_every_tokens", "40k"), ("keep_checkpoints", "all")]:
         assert tiny_config(**{name: value}).identity() == base.identity(), name

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gridlab import api, atomic, db, execute
+from gridlab.backends.records import record_submission
 from gridlab.cli import app
 from gridlab.layout import RunPaths
 from gridlab.plan import build_plan
@@ -127,7 +128,7 @@ def test_resetting_the_data_stage_or_one_of_its_tasks_resets_all_of_them(tmp_pat
 def test_reset_refuses_a_held_stage(tmp_path):
     grid_file, plan, run_dir = _run(tmp_path, finish=lambda s: s.kind in ("data", "parent"))
     prune = next(s for s in plan.stages.values() if s.kind == "prune")
-    execute.record_submission(run_dir, prune.id, "local", f"local-{os.getpid()}", os.getpid())
+    record_submission(run_dir, prune.id, "local", f"local-{os.getpid()}", os.getpid())
     result = _cli("reset", grid_file, "--where", "kind=parent")
     assert result.exit_code == 2 and f"stage {prune.id} (prune) is running" in result.output
     assert "gridlab cancel" in result.output
@@ -138,7 +139,7 @@ def test_clean_removes_orphans_and_unneeded_checkpoints_and_says_what_it_freed(t
     run = RunPaths(run_dir)
     orphan = run.stage("0123456789abcdef")
     atomic.write_json(orphan.stage, {"id": "0123456789abcdef", "kind": "eval", "config": {}, "deps": {}})
-    atomic.write_bytes(orphan.output("model") / "weights.bin", b"x" * 5000)
+    atomic.write_bytes(orphan.model_dir / "weights.bin", b"x" * 5000)
     train = next(s for s in plan.stages.values() if s.kind == "train")
     checkpoint = run.trajectory(train.config.trajectory) / "checkpoint"
     atomic.write_json(checkpoint / "main.json", {"folder": "main-000000010"})
@@ -146,7 +147,7 @@ def test_clean_removes_orphans_and_unneeded_checkpoints_and_says_what_it_freed(t
     atomic.write_bytes(checkpoint / "main-000000004" / "shard", b"o" * 2000)       # an older, unreferenced save
     atomic.write_bytes(run.trajectory("feedfacefeedface") / "branches" / "x", b"t" * 1000)   # no stage uses it
     parent = next(s for s in plan.stages.values() if s.kind == "parent")
-    atomic.write_bytes(run.stage(parent.id).output("train") / "checkpoint" / "main-1" / "s", b"p" * 4000)
+    atomic.write_bytes(run.stage(parent.id).training_dir / "checkpoint" / "main-1" / "s", b"p" * 4000)
     atomic.write_bytes(run.stage(parent.id).folder / ".model.tmp123" / "x", b"z" * 100)
 
     dry = _cli("clean", grid_file, "--dry-run")
@@ -156,7 +157,7 @@ def test_clean_removes_orphans_and_unneeded_checkpoints_and_says_what_it_freed(t
     assert result.exit_code == 0 and "freed 12.2 kB in 5 path(s)" in result.output, result.output
     assert not orphan.folder.exists() and not run.trajectory("feedfacefeedface").exists()
     assert (checkpoint / "main-000000010").exists() and not (checkpoint / "main-000000004").exists()
-    assert not (run.stage(parent.id).output("train") / "checkpoint").exists()
+    assert not (run.stage(parent.id).training_dir / "checkpoint").exists()
     assert run.stage(parent.id).result.exists()
     result = _cli("clean", grid_file, "--all-checkpoints")
     assert "freed 3.0 kB" in result.output and not checkpoint.exists()
@@ -220,7 +221,7 @@ def test_cancel_stops_a_local_worker_and_marks_its_stage(tmp_path):
     prune = next(s for s in plan.stages.values() if s.kind == "prune")
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        execute.record_submission(run_dir, prune.id, "local", f"local-{worker.pid}", worker.pid)
+        record_submission(run_dir, prune.id, "local", f"local-{worker.pid}", worker.pid)
         result = _cli("cancel", grid_file)
         assert result.exit_code == 0, result.output
         assert "cancelled 1 stage(s)" in result.output and "1 local process(es) stopped" in result.output
@@ -323,7 +324,9 @@ def test_user_error_is_one_line_exit_2_and_debug_shows_its_traceback(tmp_path):
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("gridlab: ") and len(result.stderr.strip().splitlines()) == 1
-    for command in (["--debug", "plan", str(grid_file)], ["plan", str(grid_file)]):
+    # the traceback of a user error, asked for two ways (status of a grid never submitted: a user error that loads
+    # no torch, so these two runs take a second)
+    for command in (["--debug", "status", str(grid_file)], ["status", str(grid_file)]):
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         if command[0] != "--debug":
             env["GRIDLAB_DEBUG"] = "1"
@@ -519,7 +522,7 @@ def test_cancel_by_cells_stops_only_what_no_unselected_cell_needs(tmp_path):
                for sid in (twin.id, prune.id)}
     try:
         for sid, worker in workers.items():
-            execute.record_submission(run_dir, sid, "local", f"local-{worker.pid}", worker.pid)
+            record_submission(run_dir, sid, "local", f"local-{worker.pid}", worker.pid)
         result = _cli("cancel", grid_file, "--where", "method=shortgpt")
         assert result.exit_code == 0, result.output
         assert "cancelled 1 stage(s)" in result.output and "not cancelled, needed by cells not selected: init 1" \
@@ -600,10 +603,10 @@ def test_a_full_disk_is_named_with_what_is_free_and_what_the_stage_needs(tmp_pat
     assert not stages.execute_stage(run_dir, prune.id, redirect_output=False)
     error = json.loads(RunPaths(run_dir).stage(prune.id).error.read_text())["error"]
     estimate = json.loads(RunPaths(run_dir).disk_estimate.read_text())["prune"]
-    from gridlab.tidy import human
+    from gridlab.units import size
 
-    assert f"5.0 GB free, this prune stage needs about {human(estimate)} (the plan's disk estimate)" in error
-    selection = execute.select(plan, stage_states(run_dir, list(plan.stages.values())), retry_failed=True)
+    assert f"5.0 GB free, this prune stage needs about {size(estimate)} (the plan's disk estimate)" in error
+    selection = execute.triage(plan, stage_states(run_dir, list(plan.stages.values())), retry_failed=True)
     assert prune.id in {s.id for s in selection.to_run}          # nothing taken as done: --retry-failed reruns it
     # an ordinary failure with plenty of space stays what it is
     monkeypatch.setitem(stages._RUNNERS, "prune", lambda config, context: 1 / 0)
@@ -621,7 +624,7 @@ def _running_train(tmp_path):
     grid_file, plan, run_dir = _run(tmp_path, finish=lambda s: s.kind in ("data", "parent", "prune", "init"))
     train = plan.train_stages()[0]
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    execute.record_submission(run_dir, train.id, "local", f"local-{worker.pid}", worker.pid)
+    record_submission(run_dir, train.id, "local", f"local-{worker.pid}", worker.pid)
     Recorder(RunPaths(run_dir).stage(train.id), "train")({
         "phase": "trunk", "step": 4, "steps": 12, "tokens": 512, "trained": 512, "to_train": 2048, "loss": 5.25,
         "lr": 0.003, "tokens_per_s": 256.0, "elapsed_s": 2.0, "finished": False})

@@ -1,3 +1,3 @@
 """gridlab: is it better to prune a large pretrained parent or train the small model from scratch?"""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -21,6 +21,8 @@ report, export, logs) never take it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +30,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gridlab.errors import UserError
+from gridlab import backends, execute, lock
+from gridlab.backends.records import OWN_KEYS, read_submission, record_submission
+from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS, in_kind_order
+from gridlab.errors import UserError, in_grid_file
+from gridlab.gridfile import read_grid_file
+from gridlab.gridfile import run_dir as grid_run_dir
+from gridlab.layout import RunPaths
+from gridlab.lock import held_by
+from gridlab.planfile import current_inputs, read_index, read_plan_record, stale_inputs
+from gridlab.progress import read_progress
+from gridlab.results import tail
+from gridlab.select import (
+    cell_needs,
+    cells_of,
+    destructive_scope,
+    parse_where,
+    select_cells,
+    select_stages,
+)
+from gridlab.state import STATES, effective_states, stage_states
+
+# Imported where they are used, not here: the planner (gridlab.plan, spec, plantext: torch and transformers), tidy
+# (training's checkpoint layout: torch), db and export (DuckDB, polars) and the report. `gridlab status` imports
+# this module and none of those (tests/test_cli.py checks that it loads no torch).
 
 # `gridlab submit` exit codes (also `SubmitOutcome.exit_code`); 2 is a user error, raised before anything runs.
 EXIT_OK = 0           # every selected stage is done, or queued/running with nothing failed, blocked or unknown
@@ -39,8 +64,6 @@ EXIT_UNKNOWN = 3      # nothing failed, but the state of some stages is unknown 
 
 def run_dir_of(grid: str | Path) -> Path:
     """The run folder of a grid file (read without full validation, so status needs no torch) or a run folder."""
-    from gridlab.gridfile import read_grid_file
-    from gridlab.gridfile import run_dir as grid_run_dir
 
     path = Path(grid)
     if path.is_dir():
@@ -51,8 +74,7 @@ def run_dir_of(grid: str | Path) -> Path:
 def plan(grid: str | Path):
     """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts. Submits nothing. Every problem
     with the grid is one UserError line naming the file (gridlab.errors.in_grid_file)."""
-    from gridlab.errors import in_grid_file
-    from gridlab.plan import build_plan
+    from gridlab.plan import build_plan  # torch: see the note under the imports
     from gridlab.spec import load_grid
 
     with in_grid_file(grid):
@@ -62,8 +84,7 @@ def plan(grid: str | Path):
 def plan_text(grid: str | Path, workers: int | None = None, where: Iterable[str] = ()) -> str:
     """What `gridlab plan` prints (gridlab.plan.format_plan): the matrix, stages, tokens, the time estimate and where
     its throughput comes from, disk; with ``where``, also the selected sub-grid's cells, stages, tokens and time."""
-    from gridlab.errors import in_grid_file
-    from gridlab.plan import format_plan
+    from gridlab.plantext import format_plan  # torch: see the note under the imports
 
     check_workers(workers)
     the_plan = plan(grid)
@@ -75,7 +96,6 @@ def plan_text(grid: str | Path, workers: int | None = None, where: Iterable[str]
 
 def _planned_selection(the_plan, where: Iterable[str], status: dict[str, str] | None = None):
     """(stage ids with what they need upstream, cells) a --where selects from a plan; (None, None) without one."""
-    from gridlab.select import cells_of, select_stages
 
     where = list(where or ())
     if not where:
@@ -83,7 +103,6 @@ def _planned_selection(the_plan, where: Iterable[str], status: dict[str, str] | 
     stages = list(the_plan.stages.values())
     parsed = _where(where, stages, the_plan.cells)
     if status is None and "state" in parsed.conditions:
-        from gridlab.state import stage_states
 
         status = {sid: s.status for sid, s in stage_states(the_plan.spec.run_dir, stages).items()}
     only = select_stages(parsed, stages, the_plan.cells, status, upstream=True)
@@ -99,8 +118,6 @@ def _never_submitted(grid: str | Path, run_dir: Path) -> UserError:
 
 def _record(grid: str | Path):
     """What the run folder holds: the submitted plan (stages, cells); a UserError when nothing was submitted."""
-    from gridlab.layout import RunPaths
-    from gridlab.planfile import read_plan_record
 
     run_dir = run_dir_of(grid)
     if not RunPaths(run_dir).plan.exists():
@@ -109,7 +126,6 @@ def _record(grid: str | Path):
 
 
 def _where(where: Iterable[str], stages, cells):
-    from gridlab.select import parse_where
 
     return parse_where(list(where or ()), stages, cells)
 
@@ -159,34 +175,30 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
     run (the CLI's live view reads ``progress_snapshot`` in it); ``stages`` are those to run, ``to_train`` the tokens
     they train. The database is rebuilt whenever stages have finished.
     """
-    from gridlab import db, execute, lock
-    from gridlab.errors import in_grid_file
-    from gridlab.plan import format_plan
-    from gridlab.select import select_stages
-    from gridlab.state import stage_states
+    from gridlab import db  # DuckDB, polars; and the planner, torch: see the note under the imports
+    from gridlab.plantext import format_plan
 
-    if executor not in execute.EXECUTORS:
-        raise UserError(f"unknown executor {executor!r}; valid executors: {', '.join(execute.EXECUTORS)}")
+    backend_class = backends.backend_class(executor)   # a UserError names the installed ones
     check_workers(workers)
     the_plan = plan(grid)
     run_dir = the_plan.spec.run_dir
     stages = list(the_plan.stages.values())
     parsed = _where(where, stages, the_plan.cells)
     check_run_dir(grid, run_dir)
-    if executor == "slurm":
-        for line in execute.slurm_preflight(the_plan.spec, submitting=not dry_run, source=str(grid)):
-            report(f"  warning: {line}")
+    backend = backend_class(workers=workers or the_plan.spec.local.workers, report=report)
+    for line in backend.preflight(the_plan.spec, submitting=not dry_run, source=str(grid)):
+        report(f"  warning: {line}")
     run_lock = None if dry_run else lock.acquire(run_dir, "submit", wait=wait_lock, report=report,
-                                                 executor=executor)
+                                                 backend=backend.name)
     try:
         states = stage_states(run_dir, stages, verify=True)
         only = None
         if parsed:
             only = select_stages(parsed, stages, the_plan.cells, {s: st.status for s, st in states.items()},
                                  upstream=True)
-        selection = execute.select(the_plan, states, retry_failed, only)
-        outcome = SubmitOutcome(run_dir=run_dir, plan=the_plan, done=selection.done, active=selection.active,
-                                failed=selection.failed + selection.lingering, unknown=selection.unknown,
+        triage = execute.triage(the_plan, states, retry_failed, only)
+        outcome = SubmitOutcome(run_dir=run_dir, plan=the_plan, done=triage.done, active=triage.active,
+                                failed=triage.failed + triage.lingering, unknown=triage.unknown,
                                 selected=len(stages) if only is None else len(only))
         cells = None
         if only is not None:
@@ -195,28 +207,25 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
             report(format_plan(the_plan, workers, only=only, cells=cells))
         for line in _stale_since_last_submit(run_dir, the_plan):
             report(f"  warning: {line}")
-        report(_selection_line(selection, only))
-        for state in selection.failed:
+        report(_triage_line(triage, only))
+        for state in triage.failed:
             report(f"  {state.status} {state.kind} {state.stage_id}: {state.error or ''}  "
                    f"(resubmit with --retry-failed)")
-        for state in selection.lingering:
+        for state in triage.lingering:
             report(f"  {state.status} {state.kind} {state.stage_id}: {state.error or ''}")
-        for state in selection.unknown:
+        for state in triage.unknown:
             report(f"  warning: unknown {state.kind} {state.stage_id}: {state.error or ''}  (left alone)")
         if dry_run:
             return outcome
         _record_reconciled(run_dir, states)
         execute.prepare(the_plan, run_dir)
-        if selection.to_run:
-            import contextlib
-
-            chosen = execute.make_executor(executor, workers or the_plan.spec.local.workers, report)
-            running = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in selection.to_run]
-            to_train = the_plan.selected_train_tokens({s.id for s in selection.to_run}, remaining=True)
-            view = watch(run_dir, running, to_train) if watch and chosen.finishes else contextlib.nullcontext()
+        if triage.to_run:
+            running = [{"id": s.id, "kind": s.kind, "deps": s.deps} for s in triage.to_run]
+            to_train = the_plan.selected_train_tokens({s.id for s in triage.to_run}, remaining=True)
+            view = watch(run_dir, running, to_train) if watch and backend.finishes else contextlib.nullcontext()
             with view:
-                outcome.ran = chosen.run(run_dir, the_plan, selection, states)
-            if not chosen.finishes:
+                outcome.ran = backend.run(run_dir, the_plan, triage, states)
+            if not backend.finishes:
                 outcome.submitted = True
                 if not wait:
                     return outcome
@@ -240,7 +249,6 @@ def check_workers(workers: int | None) -> None:
 
 def check_run_dir(grid: str | Path, run_dir: Path, create: bool = False) -> None:
     """The run folder must be one gridlab can create and write, before anything runs: one line naming runs_dir."""
-    import os
 
     probe = Path(run_dir)
     while not probe.exists() and probe != probe.parent:
@@ -259,19 +267,17 @@ def check_run_dir(grid: str | Path, run_dir: Path, create: bool = False) -> None
         raise UserError(f"{grid}: runs_dir: cannot create the run folder {run_dir}: {why}")
 
 
-def _selection_line(selection, only) -> str:
-    line = (f"stages: {len(selection.done)} done (skipped), {len(selection.active)} running or queued "
-            f"(left alone), {len(selection.failed) + len(selection.lingering)} failed (not resubmitted), "
-            f"{len(selection.unknown)} unknown (left alone), {len(selection.to_run)} to run")
+def _triage_line(triage, only) -> str:
+    line = (f"stages: {len(triage.done)} done (skipped), {len(triage.active)} running or queued "
+            f"(left alone), {len(triage.failed) + len(triage.lingering)} failed (not resubmitted), "
+            f"{len(triage.unknown)} unknown (left alone), {len(triage.to_run)} to run")
     if only is not None:
-        line += f"; {len(selection.skipped)} not selected by --where"
+        line += f"; {len(triage.skipped)} not selected by --where"
     return line
 
 
 def _stale_since_last_submit(run_dir: Path, the_plan) -> list[str]:
     """Inputs whose content changed under the previous submit's finished stages (nothing when there was none)."""
-    from gridlab.layout import RunPaths
-    from gridlab.planfile import read_plan_record, stale_inputs
 
     if not RunPaths(run_dir).plan.exists():
         return []
@@ -280,23 +286,18 @@ def _stale_since_last_submit(run_dir: Path, the_plan) -> list[str]:
 
 def _record_reconciled(run_dir: Path, states: dict) -> None:
     """Write the job ids found by name after an interrupted submission into the stages' records."""
-    from gridlab.execute import record_submission
-    from gridlab.layout import RunPaths
-    from gridlab.results import read_json
 
     for state in states.values():
         if state.reconciled and state.job_id:
-            record = read_json(RunPaths(run_dir).stage(state.stage_id).submit) or {}
-            extra = {k: v for k, v in record.items() if k not in (
-                "executor", "job_id", "host", "pid", "pid_start", "submitted_at", "log_path")}
-            record_submission(run_dir, state.stage_id, "slurm", state.job_id, **extra)
+            record = read_submission(run_dir, state.stage_id)
+            extra = {k: v for k, v in record.items() if k not in OWN_KEYS}
+            record_submission(run_dir, state.stage_id, state.backend, state.job_id, **extra)
 
 
 # ------------------------------------------------------------------------------------------------------ status
 
 def _durations(run_dir: Path, states: dict) -> dict[str, list[float]]:
     """Seconds each done stage took (first start → its done marker), by kind."""
-    from gridlab.layout import RunPaths
 
     run = RunPaths(run_dir)
     durations: dict[str, list[float]] = {}
@@ -315,9 +316,6 @@ def progress_snapshot(run_dir: Path, stages: list[dict], to_train: int) -> dict[
     running and failed or cancelled, the tokens trained so far out of ``to_train`` (finished training stages'
     last progress records plus the running ones'), the ETA at the pace of the finished stages, and each running
     stage's latest progress (gridlab.progress)."""
-    from gridlab.layout import RunPaths
-    from gridlab.progress import read_progress
-    from gridlab.state import stage_states
 
     run = RunPaths(run_dir)
     states = stage_states(run_dir, stages)
@@ -363,14 +361,6 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     latest training progress (gridlab.progress), who holds the run, the failed stages with their log tails and the
     unknown ones with why. ``where``: only that sub-grid. ``scheduler``: a
     gridlab.state.SchedulerCache (a watching status asks SLURM at most every 30 s)."""
-    from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
-    from gridlab.layout import RunPaths
-    from gridlab.lock import held_by
-    from gridlab.planfile import read_index
-    from gridlab.progress import read_progress
-    from gridlab.results import tail
-    from gridlab.select import select_stages
-    from gridlab.state import STATES, effective_states, stage_states
 
     run_dir = run_dir_of(grid)
     if not RunPaths(run_dir).index.exists():
@@ -412,7 +402,6 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
                 "progress": read_progress(RunPaths(run_dir).stage(s.stage_id))}
                for s in states.values() if s.status == "running"]
     holder = held_by(run_dir)
-    from gridlab.planfile import current_inputs, stale_inputs
 
     record = _record(grid)
     stale = stale_inputs(record, current_inputs(record.grid), run_dir)
@@ -429,19 +418,19 @@ def cancel(grid: str | Path, where: Iterable[str] = (), report: Callable[[str], 
     stops only the stages no unselected cell needs (gridlab.select.destructive_scope): the parent, a shared random
     twin or a trajectory other cells wait for keeps running. Fail closed: what could not be stopped is left as it
     was and listed in ``problems``. Returns gridlab.execute.CancelOutcome."""
-    from gridlab import execute, lock
-    from gridlab.select import destructive_scope
-    from gridlab.state import stage_states
 
     where = list(where or ())
     run_dir = run_dir_of(grid)
     record = _record(grid)
     parsed = _where(where, record.stages, record.cells)
     holder = lock.held_by(run_dir)
-    local_submit = bool(holder) and holder.get("command") == "submit" and holder.get("executor") in (
-        "local", "debug") and lock.process_alive(holder.get("pid"), holder.get("host"), holder.get("pid_start"))
-    # A local submit holds the run for as long as it runs: cancel works beside it, through the stages' records
-    # (its loop reads them). Otherwise cancel takes the lock, waiting a little for a slurm submit to finish.
+    name = (holder or {}).get("backend") or (holder or {}).get("executor")   # lock files of older versions: executor
+    local_submit = bool(holder) and holder.get("command") == "submit" and backends.installed(name) and \
+        backends.backend_class(name).finishes and lock.process_alive(holder.get("pid"), holder.get("host"),
+                                                                     holder.get("pid_start"))
+    # A submit whose backend runs the stages in it (local, debug) holds the run for as long as they run: cancel
+    # works beside it, through the stages' records (its loop reads them). Otherwise cancel takes the lock, waiting
+    # a little for a submit that only submits (slurm) to finish.
     run_lock = None if local_submit else lock.acquire(run_dir, "cancel", wait=True, timeout_s=60, report=report)
     try:
         states = stage_states(run_dir, record.stages)
@@ -469,7 +458,6 @@ _KEPT_WHY = {"shared": "needed by cells not selected",
 
 def _kept_lines(stages, kept: dict[str, str], verb: str = "kept") -> list[str]:
     """One line per reason a stage the selected cells need is left alone, with the kinds it leaves."""
-    from gridlab.tidy import in_kind_order
 
     kind_of = {stage.id: stage.kind for stage in stages}
     lines = []
@@ -484,7 +472,6 @@ def _kept_lines(stages, kept: dict[str, str], verb: str = "kept") -> list[str]:
 
 
 def _losing_cells(stages, cells, removed: list[str]) -> int:
-    from gridlab.select import cell_needs
 
     removed = set(removed)
     return len({index for sid, users in cell_needs(stages, cells).items() if sid in removed for index in users})
@@ -512,11 +499,8 @@ def reset(grid: str | Path, where: Iterable[str], dry_run: bool = False, yes: bo
     Removing finished work needs ``yes=True`` or a ``confirm(question) -> bool`` that answers yes; otherwise a
     UserError, and nothing is removed. A selected stage somebody holds is a UserError (cancel it first). Returns
     gridlab.tidy.Removal."""
-    import contextlib
 
-    from gridlab import lock, tidy
-    from gridlab.select import destructive_scope
-    from gridlab.state import stage_states
+    from gridlab import tidy  # torch: see the note under the imports
 
     where = list(where or ())
     if not where:
@@ -553,12 +537,8 @@ def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False
     the checkpoints of the stages it selects (a cell filter: those no unselected cell needs). Removing finished
     work (a done stage or a trajectory the plan no longer has) needs ``yes`` or ``confirm``, as in ``reset``; a dry
     run writes nothing. Returns gridlab.tidy.Removal (``freed`` bytes)."""
-    import contextlib
 
-    from gridlab import lock, tidy
-    from gridlab.layout import RunPaths
-    from gridlab.select import destructive_scope
-    from gridlab.state import stage_states
+    from gridlab import tidy  # torch: see the note under the imports
 
     where = list(where or ())
     run_dir = run_dir_of(grid)
@@ -593,8 +573,7 @@ def clean(grid: str | Path, dry_run: bool = False, all_checkpoints: bool = False
 
 def ingest(grid: str | Path) -> dict[str, int]:
     """Rebuild the run's results.duckdb from its files (a new file swapped in: readers are never disturbed)."""
-    from gridlab import db
-    from gridlab.state import stage_states
+    from gridlab import db  # DuckDB, polars: see the note under the imports
 
     run_dir = run_dir_of(grid)
     record = _record(grid)
@@ -603,8 +582,6 @@ def ingest(grid: str | Path) -> dict[str, int]:
 
 def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], list[str]] | None:
     """Cell ids and stage ids a cell-level verb keeps; None without ``where``."""
-    from gridlab.select import select_cells, select_stages
-    from gridlab.state import effective_states, stage_states
 
     where = list(where or ())
     if not where:
@@ -623,7 +600,6 @@ def _selected_cells(grid: str | Path, where: Iterable[str]) -> tuple[list[str], 
 def _writable_output(out: Path, option: str, folder: bool) -> None:
     """``--out`` must be writable before anything is computed: a file (``folder`` False) that is not a folder, or a
     folder that is not a file, in a place this user can create and write."""
-    import os
 
     out = Path(out)
     if folder and out.exists() and not out.is_dir():
@@ -646,8 +622,7 @@ def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss
     predictions.csv (of ``where``'s cells only, when given); {"html", "summary", "verdicts", "predictions", "pdf":
     path}. ``pool``: the interval model ("model" or "none"); ``margin``: the equivalence margin in the metric's
     units, overriding the grid's ``[report] margin`` (docs/report.md)."""
-    from gridlab.export import subset_database
-    from gridlab.layout import RunPaths
+    from gridlab.export import subset_database  # DuckDB, polars, the report: see the note under the imports
     from gridlab.report import build_report
     from gridlab.report.render import check_options
 
@@ -666,9 +641,8 @@ def report(grid: str | Path, out: str | Path = "report", metric: str = "val_loss
 def export(grid: str | Path, out: str | Path, fmt: str | None = None, where: Iterable[str] = ()) -> dict[str, Any]:
     """Write the cells (``where``'s, or all) joined with their metrics to ``out`` as csv, parquet or json (default:
     from the file's suffix); ingests first. {"path", "rows", "cells"}."""
-    from gridlab.export import FORMATS
+    from gridlab.export import FORMATS  # DuckDB, polars: see the note under the imports
     from gridlab.export import export as write_export
-    from gridlab.layout import RunPaths
 
     _writable_output(Path(out), "--out", folder=False)
     fmt = fmt or Path(out).suffix.lstrip(".").lower()
@@ -686,10 +660,6 @@ def export(grid: str | Path, out: str | Path, fmt: str | None = None, where: Ite
 def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> list[tuple[str, Path, Path | None]]:
     """(stage id, its stage.log, its SLURM stdout when it has one) for one stage id (or unique prefix) or
     ``where``'s stages."""
-    from gridlab.layout import RunPaths
-    from gridlab.results import read_json
-    from gridlab.select import select_stages
-    from gridlab.state import stage_states
 
     where = list(where or ())
     if (stage is None) == (not where):
@@ -707,7 +677,7 @@ def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> li
     found = []
     for s in record.stages:
         if s.id in chosen:
-            submitted = read_json(run.stage(s.id).submit) or {}
+            submitted = read_submission(run_dir, s.id)
             slurm_log = submitted.get("slurm_log")
             found.append((s.id, run.stage(s.id).log, Path(slurm_log) if slurm_log else None))
     return found
@@ -715,8 +685,6 @@ def _log_stages(grid: str | Path, stage: str | None, where: Iterable[str]) -> li
 
 def latest_progress(grid: str | Path, stage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The latest progress record (gridlab.progress) of each of these stages that has one and is not done."""
-    from gridlab.layout import RunPaths
-    from gridlab.progress import read_progress
 
     run = RunPaths(run_dir_of(grid))
     found = {}
@@ -733,7 +701,6 @@ def logs(grid: str | Path, stage: str | None = None, where: Iterable[str] = (),
     """The log of one stage (id or unique prefix) or of ``where``'s stages: [(stage id, path, text)], the last
     ``lines`` lines of each (all without). A stage without its own log yet shows its SLURM job's output (where a
     job that died before the stage started says why)."""
-    from gridlab.results import tail
 
     shown = []
     for stage_id, log, slurm_log in _log_stages(grid, stage, where):

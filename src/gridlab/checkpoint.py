@@ -43,12 +43,26 @@ def checkpoint_bytes(n_params: int) -> int:
     return BYTES_PER_PARAMETER * n_params
 
 
+def pointer_file(folder: Path, name: str) -> Path:
+    """Where the pointer of state ``name`` lives in checkpoint folder ``folder``."""
+    return Path(folder) / f"{name}.json"
+
+
 def read_pointer(folder: Path, name: str) -> dict | None:
     """The pointer of state ``name`` in checkpoint folder ``folder`` (None when there is none); reads JSON only."""
-    path = Path(folder) / f"{name}.json"
+    path = pointer_file(folder, name)
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def state_entries(folder: Path, name: str) -> set[str]:
+    """The names of the entries of checkpoint folder ``folder`` that make state ``name``: its pointer and the
+    folder the pointer names (nothing when it has no pointer)."""
+    pointer = read_pointer(folder, name)
+    if not isinstance(pointer, dict) or not pointer.get("folder"):
+        return set()
+    return {pointer_file(folder, name).name, pointer["folder"]}
 
 
 def _rng_state() -> dict:
@@ -115,7 +129,7 @@ class Checkpointer:
             atomic.fsync_directory(folder)
             record = {**position, "identity": self.identity, "folder": folder_name,
                       "optimizer": has_optimizer_state, "world_size": topology.world_size}
-            atomic.write_json(self.folder / f"{name}.json", record)
+            atomic.write_json(pointer_file(self.folder, name), record)
             if previous_folder and previous_folder != folder_name:
                 shutil.rmtree(self.folder / previous_folder, ignore_errors=True)
         distributed.barrier(topology)
@@ -148,7 +162,7 @@ class Checkpointer:
         """Remove state ``name`` (pointer first, so a crash midway leaves an unnamed folder, never a dangling name)."""
         record = self.pointer(name)
         if self.topology.is_main and record is not None:
-            (self.folder / f"{name}.json").unlink()
+            pointer_file(self.folder, name).unlink()
             atomic.fsync_directory(self.folder)
             shutil.rmtree(self.folder / record["folder"], ignore_errors=True)
         distributed.barrier(self.topology)
@@ -166,7 +180,7 @@ class Checkpointer:
         for name in dropped:
             self.drop(name)
         if self.topology.is_main and self.folder.is_dir():
-            kept = {read_pointer(self.folder, name)["folder"] for name in self.names()}
+            kept = {entry for name in self.names() for entry in state_entries(self.folder, name)}
             for path in self.folder.iterdir():
                 if path.is_dir() and path.name not in kept:
                     shutil.rmtree(path, ignore_errors=True)

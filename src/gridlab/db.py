@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import polars as pl
+
 import gridlab
 from gridlab import atomic
 from gridlab.contracts import (
@@ -209,9 +212,6 @@ def write_tables(database: Path, tables: list[_Table | _FrameTable]) -> None:
     Nobody ever opens ``database`` for writing, so readers (report, export, a user's DuckDB CLI, another ingest)
     and writers never wait on each other's file lock: a reader keeps the file it opened, a writer builds its own,
     and the last swap wins whole. Rows go in as polars frames (bulk, no per-row inserts)."""
-    import duckdb
-    import polars as pl
-
     polars_type = {"VARCHAR": pl.String, "BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64,
                    "BOOLEAN": pl.Boolean}
     with atomic.staged_file(database) as staging:
@@ -236,8 +236,6 @@ def write_tables(database: Path, tables: list[_Table | _FrameTable]) -> None:
 def connect_read_only(database: Path, retry_s: float = 10.0):
     """Open results.duckdb read-only for a reader (report, export). A user holding it open for writing (the DuckDB
     CLI without -readonly) locks readers out: retry for ``retry_s`` seconds, then a UserError saying who holds it."""
-    import duckdb
-
     database = Path(database)
     if not database.exists():
         raise UserError(f"{database}: no results database; run `gridlab ingest` (or `gridlab submit`) first")

@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from submitit import JobEnvironment
+from submitit.helpers import TorchDistributedEnvironment
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -21,6 +23,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from gridlab.families import build_model
 
 Strategy = Literal["fsdp", "ddp"]
 
@@ -45,8 +52,6 @@ def _submitit_tasks() -> int:
     """Processes in the submitit job this process belongs to (SLURM or submitit's LocalExecutor); 1 outside one."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return 1
-    from submitit import JobEnvironment
-
     return JobEnvironment().num_tasks
 
 
@@ -55,8 +60,6 @@ def setup(device: str | None = None) -> Topology:
     if dist.is_initialized():
         return _topology(device)
     if _submitit_tasks() > 1:
-        from submitit.helpers import TorchDistributedEnvironment
-
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Topology(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -92,12 +95,8 @@ def wrap(model: torch.nn.Module, topology: Topology, strategy: Strategy, bf16: b
     if not topology.distributed:
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [topology.local_rank] if topology.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else (
         MixedPrecisionPolicy())
     for layer in model.model.layers:
@@ -112,16 +111,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def shard_like(mask: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     """The part of a full-size mask that this rank's shard of `param` covers (identity when not sharded)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(param.data, DTensor):
         return distribute_tensor(mask.to(param.device), param.device_mesh, param.placements).to_local()
     return mask.to(param.device)
 
 
 def local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return param.data.to_local() if isinstance(param.data, DTensor) else param.data
 
 
@@ -136,8 +131,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def plain_model(config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """An unwrapped CPU model of the config's family holding a consolidated state (what save_pretrained needs)."""
-    from gridlab.families import build_model
-
     with torch.device("meta"):  # no memory, no random init: every weight comes from `state`
         model = build_model(config)
     model.load_state_dict(state, assign=True, strict=False)

@@ -19,16 +19,22 @@ Floors (``uniform_loss``, ``unigram_loss``, ``task_chance``): the references a l
 from __future__ import annotations
 
 import contextlib
+import difflib
+import json
 import math
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gridlab import atomic
 from gridlab.data import DocumentIndex, TokenShard, key_draws
+from gridlab.errors import InvalidValue
+from gridlab.inputs import cache_root
 from gridlab.layerwise import final_hidden_states, layer_store
 from gridlab.measure import ratio_stderr
 from gridlab.tasks import TASKS_DIR
@@ -368,19 +374,12 @@ def own_tasks() -> set[str]:
 def registry_tasks() -> set[str]:
     """Every task name lm-eval knows (its registry and gridlab's tasks), offline. Indexing the registry takes ~30 s,
     so the names are cached per lm-eval version under $GRIDLAB_CACHE."""
-    import json
-    from importlib.metadata import version
-
-    from gridlab.inputs import cache_root
-
     path = cache_root() / f"lm-eval-{version('lm_eval')}-tasks.json"
     try:
         return set(json.loads(path.read_text())) | own_tasks()
     except (OSError, ValueError):
         pass
-    from lm_eval.tasks import TaskManager
-
-    from gridlab import atomic
+    from lm_eval.tasks import TaskManager  # lm-eval loads in seconds: only when its registry must be indexed
 
     names = sorted(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
     try:
@@ -392,15 +391,11 @@ def registry_tasks() -> set[str]:
 
 def check_tasks(tasks: list[str]) -> None:
     """A one-line error (gridlab.errors.InvalidValue, keyed by the task's index) for a task name lm-eval lacks."""
-    from gridlab.errors import InvalidValue
-
     if set(tasks) <= own_tasks():
         return
     known = registry_tasks()
     for index, task in enumerate(tasks):
         if task not in known:
-            import difflib
-
             hint = difflib.get_close_matches(task, sorted(known), n=1)
             did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
             raise InvalidValue(f"[{index}]", f"{task!r} is not an lm-eval task; {did_you_mean}gridlab's own: "
@@ -424,6 +419,8 @@ def lm_eval_tasks(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # lm-eval loads in seconds, and every plan imports this module (spec checks task names): only grids with
+    # lm_eval_tasks pay for it.
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

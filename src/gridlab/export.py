@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
+import polars as pl
+
 from gridlab import atomic
 from gridlab.db import SCHEMA, VIEWS, connect_read_only
 from gridlab.errors import UserError
@@ -26,8 +29,6 @@ _CELLS_WITH_METRICS = """
 def _chosen(connection, cell_ids: list[str] | None) -> str:
     if cell_ids is None:
         return ""
-    import polars as pl
-
     connection.register("chosen_cells", pl.DataFrame({"cell_id": list(cell_ids)}, schema={"cell_id": pl.String}))
     return "WHERE cell_id IN (SELECT cell_id FROM chosen_cells)"
 
@@ -52,8 +53,6 @@ def export(database: Path, out: Path, fmt: str = "csv", cell_ids: list[str] | No
 def subset_database(database: Path, target: Path, cell_ids: list[str], stage_ids: list[str] | None = None) -> Path:
     """A copy of ``database`` holding only these cells (and their metrics; ``stage_ids``: and these stages), the
     other tables whole and the views rebuilt — what a report of a sub-grid reads."""
-    import duckdb
-
     source = connect_read_only(database)
     source.close()   # only to wait out a writer holding the file, with the same message
     with atomic.staged_file(target) as staging:
@@ -61,8 +60,6 @@ def subset_database(database: Path, target: Path, cell_ids: list[str], stage_ids
         try:
             quoted = str(database).replace("'", "''")
             connection.execute(f"ATTACH '{quoted}' AS source (READ_ONLY)")
-            import polars as pl
-
             connection.register("chosen_cells", pl.DataFrame({"cell_id": cell_ids}, schema={"cell_id": pl.String}))
             connection.register("chosen_stages", pl.DataFrame({"stage_id": stage_ids or []},
                                                               schema={"stage_id": pl.String}))

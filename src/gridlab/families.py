@@ -112,9 +112,12 @@ def build_model(config: PretrainedConfig):
     return family(config).model_class(config)
 
 
+def head_dim(config: PretrainedConfig) -> int:
+    """Width of one attention head: the config's explicit head_dim (pruned widths keep it), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def layer_norms(config: PretrainedConfig) -> int:
     """Norm weights one decoder layer holds: two RMSNorms of hidden_size, and Qwen3's q_norm and k_norm of
     head_dim."""
-    from gridlab.model import head_dim
-
     return 2 * config.hidden_size + (2 * head_dim(config) if family(config).qk_norm else 0)

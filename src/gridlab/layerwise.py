@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch import nn
@@ -34,6 +35,7 @@ from transformers import AutoConfig
 
 from gridlab import atomic
 from gridlab.families import build_model, check_supported
+from gridlab.model import set_special_tokens, write_beside_weights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -129,8 +131,6 @@ def resident(model, layer):
 
 def local_snapshot(hub_name: str) -> Path:
     """The local folder of a hub checkpoint (downloaded once into the HF cache); layers are read from its files."""
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(hub_name, allow_patterns=["*.json", "*.safetensors"]))
 
 
@@ -158,8 +158,6 @@ def open_layerwise(checkpoint: str | Path, device: str | torch.device, spill_dir
 
 def save_layerwise(model, out_dir: str | Path, mask: dict[str, torch.Tensor] | None = None, tokenizer=None) -> Path:
     """Write a layerwise model as a sharded HF checkpoint, atomically, like `model.save_model` (tokenizer too)."""
-    from gridlab.model import set_special_tokens, write_beside_weights
-
     tokenizer = set_special_tokens(model, tokenizer)
     store = layer_store(model)
     outside = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()

@@ -21,9 +21,17 @@
         result.json             written last by a finished worker (checksummed header + payload)
         document_losses.parquet an eval stage's held-out losses per document (metric, document, tokens, loss_sum,
                                 windows, sampled: gridlab.measure), one row per sampled document of each
-        <outputs>               model/, tokenizer/, shards/ … as the stage kind writes them
+        model/                  prune, init: the model (HF safetensors, + sparse_mask.safetensors)
+        tokenizer/, shards/     data: the trained tokenizer; the token shards (and the pieces its tasks write)
+        train/                  a pretrained parent's training folder (a TrainingPaths)
+        layer-spill/            prune with calibration.layerwise: the decoder layers while they wait on disk
 
-Like submitit's ``JobPaths``: code asks a ``RunPaths`` or a ``StagePaths`` for a path and never joins names itself.
+A training folder (``TrainingPaths``: a trajectory, or a parent's train/) holds ``trajectory.json`` (its record),
+``branches/<budget>/`` (each budget's model) and ``checkpoint/`` (its saved training states, whose files
+gridlab.checkpoint names).
+
+Like submitit's ``JobPaths``: code asks a ``RunPaths``, ``StagePaths`` or ``TrainingPaths`` for a path and never
+joins names itself.
 """
 
 from __future__ import annotations
@@ -71,9 +79,50 @@ class StagePaths:
         """An eval stage's per-document losses (gridlab.stages.write_document_losses)."""
         return self.folder / "document_losses.parquet"
 
-    def output(self, name: str) -> Path:
-        """A stage output (``model``, ``tokenizer``, ``shards`` …) inside the stage folder."""
-        return self.folder / name
+    @property
+    def model_dir(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.folder / "tokenizer"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.folder / "shards"
+
+    @property
+    def training_dir(self) -> Path:
+        """A pretrained parent's training folder (a TrainingPaths)."""
+        return self.folder / "train"
+
+    @property
+    def layer_spill(self) -> Path:
+        return self.folder / "layer-spill"
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """A training folder (gridlab.train's ``out_dir``): a trajectory of the run, or a pretrained parent's train/."""
+
+    folder: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "folder", Path(self.folder))
+
+    @property
+    def record(self) -> Path:
+        """trajectory.json: the trajectory's identity, each finished branch, the trunk's curve."""
+        return self.folder / "trajectory.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The saved training states (gridlab.checkpoint names the files inside)."""
+        return self.folder / "checkpoint"
+
+    def branch(self, budget_tokens: int) -> Path:
+        """The model a budget's branch ends with."""
+        return self.folder / "branches" / str(budget_tokens)
 
 
 @dataclass(frozen=True)
@@ -118,6 +167,11 @@ class RunPaths:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def eval_corpus_cache(self) -> Path:
+        """The token shards of the extra evaluation corpora, shared by every eval stage."""
+        return self.cache / "eval"
 
     @property
     def trajectories_dir(self) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gridlab.atomic import staged_directory
+from gridlab.contracts import ParamCounts
+from gridlab.data import load_tokenizer
 from gridlab.errors import UserError
-from gridlab.families import build_model, config_from_dict, family, layer_norms
+from gridlab.families import build_model, config_from_dict, family, head_dim, layer_norms  # noqa: F401 (head_dim: part of this module's API)
 
 # Every field of an architecture but the vocabulary (it comes from the tokenizer). gridlab's own presets are untied,
 # use eps 1e-5 and take their context from the grid's seq_len; presets of published models carry every field of the
@@ -196,13 +197,6 @@ def init_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     return model
 
 
-@dataclass(frozen=True)
-class ParamCounts:
-    decoder: int  # q, k, v, o, gate, up, down weights and their biases: the base of every pruning ratio
-    embedding: int  # input embeddings + untied lm_head
-    total: int  # everything: decoder + embedding + every norm (Qwen3's q_norm / k_norm included)
-
-
 def param_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> ParamCounts:
     """Parameters of a model (counted from its tensors) or of a config (from its shapes alone; same numbers).
 
@@ -224,11 +218,6 @@ def param_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> ParamCo
         elif "embed_tokens" in name or "lm_head" in name:
             embedding += param.numel()
     return ParamCounts(decoder=decoder, embedding=embedding, total=total)
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    """Width of one attention head: the config's explicit head_dim (pruned widths keep it), else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def decoder_layer_params(config: PretrainedConfig, kv_groups: int | None = None, ffn: int | None = None,
@@ -268,8 +257,6 @@ def set_special_tokens(model: PreTrainedModel, tokenizer):
     if tokenizer is None:
         return None
     if isinstance(tokenizer, (str, Path)):
-        from gridlab.data import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gridlab import atomic
+from gridlab import atomic, inputs
 from gridlab.contracts import Cell, Stage, canonical
+from gridlab.data import CorpusSource, corpus_identity
 from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 from gridlab.results import read_json
@@ -83,10 +84,6 @@ _INPUT_NAMES = {"corpus": "the corpus", "tokenizer": "the tokenizer folder", "pa
 
 def current_inputs(grid: dict[str, Any]) -> dict[str, Any]:
     """The identities of what a submitted grid reads, as they are now (gridlab.inputs: cheap when unchanged)."""
-    from gridlab import inputs
-    from gridlab.data import corpus_identity
-    from gridlab.data.schema import CorpusSource
-
     corpus = CorpusSource.model_validate(grid["corpus"])
     evaluation = [CorpusSource.model_validate({k: v for k, v in c.items() if k != "label"})
                   for c in grid.get("evaluation", {}).get("corpora", [])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,29 @@ def read_payload(paths: StagePaths) -> Contract:
     return load_result(paths).payload
 
 
+@dataclass(frozen=True)
+class Attempts:
+    """How often a stage's work has started (``attempts.log``: one start time a line, rank 0 of each start)."""
+
+    count: int
+    first: float | None       # the first start: what status counts a stage's time from
+    latest: float | None      # the start of the attempt now running (or that finished): its runtime's start
+
+
+def record_attempt(paths: StagePaths) -> None:
+    """Count one more start of the stage's work (rank 0 only)."""
+    with open(paths.attempts, "a") as attempts:
+        attempts.write(f"{time.time()}\n")
+
+
+def read_attempts(paths: StagePaths) -> Attempts:
+    try:
+        starts = [float(line) for line in paths.attempts.read_text().split()]
+    except (OSError, ValueError):
+        return Attempts(0, None, None)
+    return Attempts(len(starts), starts[0] if starts else None, starts[-1] if starts else None)
+
+
 def clear_outcome(paths: StagePaths) -> None:
     """Forget a stage's failure or (corrupt) result before it runs again."""
     for path in (paths.error, paths.result, paths.done_marker):
@@ -115,8 +139,6 @@ def read_json(path: Path) -> Any:
 
 def tail(path: str | Path, lines: int = 5) -> list[str]:
     """The last lines of a log file (at most its last 8 kB)."""
-    import os
-
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)

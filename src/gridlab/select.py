@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gridlab.config import parse_tokens
 from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
 from gridlab.errors import UserError
 from gridlab.state import STATES
@@ -81,8 +82,6 @@ def _stage_fields(stage) -> tuple[str, str, dict[str, str]]:
 
 
 def _token_value(text: str) -> int:
-    from gridlab.spec import parse_tokens
-
     if text.strip() == "0":
         return 0
     return parse_tokens(text)

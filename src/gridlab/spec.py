@@ -1,7 +1,11 @@
 """grid.toml → a validated GridSpec.
 
-Every problem a user can put in the file becomes one ValueError line naming the key path (``methods[2].ratios``),
-the offending value and, for unknown keys, the nearest valid key. The file is data only: nothing in it is evaluated.
+``load_grid`` reads the file (data only: nothing in it is evaluated), resolves its paths relative to it
+(gridlab.gridfile) and validates it with pydantic. Every problem a user can put in the file becomes one
+gridlab.errors.UserError line naming the file and the key path (``grid.toml: methods[2].ratios[0]: …``), the
+offending value and, for an unknown key, the nearest valid one: validators raise ValueError, or InvalidValue to name
+the key below them (``methods[0]`` → ``options.axes``), and ``_describe`` turns pydantic's first error into that line.
+Checks that need more than the file (a method against the parent's real shapes) are the planner's (gridlab.plan).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,14 +33,22 @@ from gridlab.config import Schedule, Tokens, parse_tokens  # noqa: F401  (parse_
 from gridlab.contracts import resource_table
 from gridlab.data.schema import CorpusSource, SplitFractions, TokenizerConfig
 from gridlab.errors import InvalidValue, UserError, in_grid_file
+from gridlab.evaluate import check_tasks
+from gridlab.families import family
+from gridlab.gridfile import read_grid_file, resolve_grid_paths
 from gridlab.model import PRESETS
+from gridlab.pruning import METHODS
+from gridlab.pruning.registry import resolve_options
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NM_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<n>\d+):(?P<m>\d+)$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+class _Table(BaseModel):
+    """A table of the grid file: unknown keys refused, frozen, finite floats. Types are lax (pydantic's default
+    mode: "4" is taken for 4, and 4 for 4.0), unlike the engine's strict Schedule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # A seed is stored in DuckDB's INTEGER column and fed to torch.Generator.manual_seed.
@@ -52,8 +65,6 @@ def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str
     """parent.overrides against the real fields and types of the preset's family's config class (LlamaConfig,
     Qwen2Config, ...: gridlab.families), and the shape they give with the preset's own fields; one InvalidValue
     naming the key."""
-    from gridlab.families import family
-
     config_class = family(preset).config_class
     defaults = config_class().to_dict()
     for key, value in overrides.items():
@@ -97,8 +108,6 @@ def check_overrides(overrides: dict[str, Any], pretrains: bool, preset: dict[str
 def _check_field_type(config_class, key: str, value: Any, where: str) -> None:
     """The config class's own type check of one field (transformers' strict dataclass validation: e.g. an int for
     a float field, a string for Qwen2Config.sliding_window)."""
-    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-
     try:
         config_class(**{key: copy.deepcopy(value)})  # a copy: transformers fills in a rope_parameters table in place
     except StrictDataclassFieldValidationError as error:
@@ -111,7 +120,7 @@ def _check_field_type(config_class, key: str, value: Any, where: str) -> None:
         pass  # a check across fields, made with the preset's other fields below and by make_config
 
 
-class ParentSpec(_Strict):
+class ParentSpec(_Table):
     """Either pretrain a preset for ``tokens`` tokens, or load ``path`` and declare what it cost (``tokens``).
     A loaded parent may also name the preset (and overrides, e.g. ``vocab_size``) its architecture matches, so the
     plan is built without fetching the parent's config. The parent has its own schedule, so tuning the retraining
@@ -150,21 +159,45 @@ SplitsSpec = SplitFractions
 TokenizerSpec = TokenizerConfig
 
 
-class CalibrationSpec(_Strict):
+class CalibrationSpec(_Table):
     sequences: int = Field(32, ge=1)
     # prune with the parent's decoder layers left on disk, one in memory at a time (methods that support it)
     layerwise: bool = False
 
 
-class MethodSpec(_Strict):
-    """One pruning method of gridlab.pruning.METHODS with its options. ``label`` names it in the results (default:
-    ``name``); ``ratios`` overrides the grid's. N:M sparsity (options.nm = "2:4", or a name like "wanda-2:4") prunes
-    at its own ratio N/M only."""
+class MethodSpec(_Table):
+    """One pruning method of gridlab.pruning.METHODS with its options, named two ways: ``name``, the registry's
+    name, and ``label``, what the results call it (grid.toml's ``label``, default: the name as written there).
+    ``ratios`` overrides the grid's. N:M sparsity (options.nm = "2:4", or a name like "wanda-2:4", read as name
+    "wanda", options.nm "2:4", label "wanda-2:4") prunes at its own ratio N/M only."""
 
     name: str
-    label: str | None = Field(default=None, pattern=_NAME_PATTERN.pattern)
+    label: str
     options: dict[str, Any] = Field(default_factory=dict)
     ratios: list[Annotated[float, Field(gt=0, lt=1)]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, raw: Any) -> Any:
+        """Split an N:M suffix off the name into options.nm; the label defaults to the name as written."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            return raw
+        raw = dict(raw)
+        written = raw["name"]
+        label = raw.get("label")
+        if label is None:
+            raw["label"] = written
+        elif not isinstance(label, str) or not _NAME_PATTERN.match(label):
+            raise InvalidValue("label", f"{label!r} is not a label: use letters, digits, '_', '.' and '-', "
+                                        f"starting with a letter or digit")
+        match = _NM_SUFFIX.match(written)
+        if match:
+            options = raw.get("options") or {}
+            if isinstance(options, dict) and "nm" in options:
+                raise ValueError(f"{written!r} already names its N:M pattern; remove options.nm")
+            raw["name"] = match["base"]
+            raw["options"] = {**options, "nm": f"{match['n']}:{match['m']}"} if isinstance(options, dict) else options
+        return raw
 
     @field_validator("ratios")
     @classmethod
@@ -175,23 +208,8 @@ class MethodSpec(_Strict):
         return value
 
     @property
-    def key(self) -> str:
-        return self.label or self.name
-
-    @property
-    def method(self) -> str:
-        """The registry name (without an N:M suffix)."""
-        match = _NM_SUFFIX.match(self.name)
-        return match["base"] if match else self.name
-
-    @property
-    def prune_options(self) -> dict[str, Any]:
-        match = _NM_SUFFIX.match(self.name)
-        return {**self.options, "nm": f"{match['n']}:{match['m']}"} if match else dict(self.options)
-
-    @property
     def fixed_ratio(self) -> float | None:
-        nm = self.prune_options.get("nm")
+        nm = self.options.get("nm")
         if nm is None:
             return None
         n, m = (int(part) for part in str(nm).split(":"))
@@ -199,22 +217,17 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_method(self) -> MethodSpec:
-        from gridlab.pruning import METHODS
-        from gridlab.pruning.registry import resolve_options
-
-        if self.method not in METHODS:
-            hint = difflib.get_close_matches(self.method, list(METHODS), n=1)
+        if self.name not in METHODS:
+            hint = difflib.get_close_matches(self.name, list(METHODS), n=1)
             did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
-            raise ValueError(f"unknown pruning method {self.name!r}; {did_you_mean}valid methods: "
+            raise ValueError(f"unknown pruning method {self.label!r}; {did_you_mean}valid methods: "
                              f"{', '.join(sorted(METHODS))}")
-        if _NM_SUFFIX.match(self.name) and "nm" in self.options:
-            raise ValueError(f"{self.name!r} already names its N:M pattern; remove options.nm")
         try:
-            resolve_options(METHODS[self.method], self.prune_options)
+            resolve_options(METHODS[self.name], self.options)
         except InvalidValue as bad:
             raise InvalidValue(f"options.{bad.key}", bad.message) from None
         if self.fixed_ratio is not None and self.ratios is not None:
-            raise ValueError(f"{self.name!r} prunes at its own ratio {self.fixed_ratio:g} (N:M); remove 'ratios'")
+            raise ValueError(f"{self.label!r} prunes at its own ratio {self.fixed_ratio:g} (N:M); remove 'ratios'")
         return self
 
 
@@ -224,7 +237,7 @@ class EvalCorpusSpec(CorpusSource):
     label: str = Field(pattern=_NAME_PATTERN.pattern)
 
 
-class EvaluationSpec(_Strict):
+class EvaluationSpec(_Table):
     # The held-out sample (gridlab.evaluate.sample_windows): max_sequences windows of seq_len tokens, at most
     # windows_per_document of each validation document, documents in a seeded hash order (a split that holds no more
     # windows is used whole). See docs/engine.md (Evaluation) for the choice of both.
@@ -238,8 +251,6 @@ class EvaluationSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> EvaluationSpec:
-        from gridlab.evaluate import check_tasks
-
         try:
             check_tasks(self.lm_eval_tasks)
         except InvalidValue as bad:
@@ -269,7 +280,7 @@ def _one_line(value: str | None, what: str) -> str | None:
     return value
 
 
-class ResourceSpec(_Strict):
+class ResourceSpec(_Table):
     """What one stage job asks the scheduler for. Unset keys of a per-kind table fall back to [resources.default].
     ``cpus`` and ``mem_gb`` are per task and per node; a job runs ``nodes × tasks_per_node`` processes (ranks).
     Site options (qos … comment) go to sbatch as they are; ``setup`` lines run in the job script before the stage;
@@ -350,7 +361,7 @@ _RESOURCE_DEFAULTS = ResourceSpec(nodes=1, gpus_per_node=0, cpus=1, mem_gb=2.0, 
 _SINGLE_PROCESS_KINDS = ("data", "prune", "init", "eval")
 
 
-class ResourcesSpec(_Strict):
+class ResourcesSpec(_Table):
     default: ResourceSpec = _RESOURCE_DEFAULTS
     data: ResourceSpec = ResourceSpec()
     parent: ResourceSpec = ResourceSpec()
@@ -394,7 +405,7 @@ class ResourcesSpec(_Strict):
         return self
 
 
-class ReportSpec(_Strict):
+class ReportSpec(_Table):
     """How `gridlab report` judges the gaps; read back from the grid's stored spec, never part of a stage's id."""
 
     # The margin δ of the equivalence test: the smallest gap in the headline metric's units that matters, declared
@@ -403,13 +414,13 @@ class ReportSpec(_Strict):
     margins: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # per metric name
 
 
-class LocalSpec(_Strict):
+class LocalSpec(_Table):
     """The local executor: parallel worker processes sharing this machine's cores (cores ÷ workers threads each)."""
 
     workers: int = Field(2, ge=1)
 
 
-class ExcludeRule(_Strict):
+class ExcludeRule(_Table):
     """Cells matching every key given here are left out of the grid."""
 
     method: str | None = None
@@ -457,7 +468,7 @@ def _folder_name(value: Any) -> Any:
 FolderName = Annotated[str, BeforeValidator(_folder_name)]
 
 
-class GridSpec(_Strict):
+class GridSpec(_Table):
     name: FolderName
     runs_dir: str = "runs"
     seq_len: int = Field(ge=8, le=1 << 20)
@@ -486,13 +497,13 @@ class GridSpec(_Strict):
                                                        "it was trained with; a tokenizer gridlab trains would not "
                                                        "match its vocabulary: give tokenizer.path (e.g. the parent's "
                                                        "own folder, as parent.path) instead")
-        _unique([m.key for m in self.methods], "methods (by label)")
+        _unique([m.label for m in self.methods], "methods (by label)")
         for key in ("ratios", "inits", "budgets", "settings", "seeds"):
             _unique(getattr(self, key), key)
         if not self.ratios and any(m.ratios is None and m.fixed_ratio is None for m in self.methods):
             raise ValueError("ratios is empty and some methods have no ratios of their own")
         _unique([c.label for c in self.evaluation.corpora], "evaluation.corpora (by label)")
-        labels = [m.key for m in self.methods]
+        labels = [m.label for m in self.methods]
         for index, rule in enumerate(self.exclude):
             if rule.method is not None and rule.method not in labels:
                 raise ValueError(f"exclude[{index}].method {rule.method!r} names no method; "
@@ -529,8 +540,6 @@ class GridSpec(_Strict):
 def load_grid(path: str | Path) -> GridSpec:
     """Read and validate a grid file; every problem is one UserError line naming the file and the key path. Every
     path in the grid is relative to the file (gridlab.gridfile)."""
-    from gridlab.gridfile import read_grid_file, resolve_grid_paths
-
     raw = read_grid_file(path)
     with in_grid_file(path):
         raw = resolve_grid_paths({"runs_dir": "runs", **raw}, path)

@@ -11,6 +11,7 @@ file, result file written last and atomically). Workers never open the DuckDB fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -20,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gridlab import atomic, provenance
+import submitit
+import torch
+from transformers import AutoConfig
+
+from gridlab import atomic, distributed, provenance
 from gridlab.contracts import (
     ArchitectureInit,
     BranchResult,
@@ -46,9 +51,30 @@ from gridlab.contracts import (
     TrainConfig,
     TrainPayload,
 )
+from gridlab.data import (
+    CorpusSource,
+    SplitFractions,
+    TokenShard,
+    assemble,
+    available_cores,
+    build_shards,
+    has_tokenizer,
+    load_tokenizer,
+    shard_folder,
+    shard_manifest,
+    tokenize_partition,
+    train_tokenizer,
+)
+from gridlab.evaluate import heldout_loss, lm_eval_tasks
+from gridlab.families import check_supported, config_from_dict
+from gridlab.layerwise import open_layerwise, save_layerwise
 from gridlab.layout import RunPaths, StagePaths
+from gridlab.model import check_declared_architecture, init_model, load_model, param_counts, save_model
 from gridlab.progress import Recorder
-from gridlab.results import read_payload, write_result
+from gridlab.pruning import PruneResult, get_method, prune, random_counterpart
+from gridlab.results import read_attempts, read_json, read_payload, record_attempt, write_result
+from gridlab.train import train
+from gridlab.units import size
 
 # An extra evaluation corpus is held out entirely: nearly all of its documents land in its validation split.
 _EVAL_CORPUS_FRACTIONS = dict(pretrain=0.01, retrain=0.01, calibration=0.01, validation=0.97)
@@ -78,46 +104,37 @@ def run_stage(stage: Stage, run_dir: str | Path) -> Contract:
 
 def _tokenizer_dir(config: DataConfig | TokenizerTask | ShardTask, data: StagePaths) -> Path:
     """Where a data stage's tokenizer is: trained into its folder, or the grid's tokenizer.path."""
-    return data.output("tokenizer") if config.tokenizer["vocab_size"] is not None else Path(config.tokenizer["path"])
+    return data.tokenizer_dir if config.tokenizer.vocab_size is not None else Path(config.tokenizer.path)
 
 
 def _make_tokenizer(config: DataConfig | TokenizerTask, data: StagePaths) -> Path:
     """The data stage's tokenizer, trained first if it is to be trained and is not there yet."""
-    from gridlab.data import train_tokenizer
-
     tokenizer_dir = _tokenizer_dir(config, data)
-    if config.tokenizer["vocab_size"] is not None and not (tokenizer_dir / "tokenizer.json").exists():
-        train_tokenizer(_corpus(config.corpus), _fractions(config.splits), config.tokenizer["vocab_size"],
-                        tokenizer_dir, config.tokenizer["sample_documents"])
+    if config.tokenizer.vocab_size is not None and not has_tokenizer(tokenizer_dir):
+        train_tokenizer(config.corpus, config.splits, config.tokenizer.vocab_size, tokenizer_dir,
+                        config.tokenizer.sample_documents)
     return tokenizer_dir
 
 
 def _run_tokenizer(config: TokenizerTask, context: StageContext) -> TokenizerPayload:
-    from gridlab.data import load_tokenizer
-
     tokenizer_dir = _make_tokenizer(config, context.run.stage(config.data_stage))
     return TokenizerPayload(tokenizer_dir=str(tokenizer_dir), vocab_size=len(load_tokenizer(tokenizer_dir)),
-                            trained=config.tokenizer["vocab_size"] is not None)
+                            trained=config.tokenizer.vocab_size is not None)
 
 
 def _run_shard(config: ShardTask, context: StageContext) -> ShardPayload:
-    from gridlab.data import available_cores, shard_folder, tokenize_partition
-
-    source, fractions = _corpus(config.corpus), _fractions(config.splits)
+    source, fractions = config.corpus, config.splits
     data = context.run.stage(config.data_stage)
     tokenizer_dir = _tokenizer_dir(config, data)
-    folder = shard_folder(source, tokenizer_dir, fractions, config.seq_len, data.output("shards"))
+    folder = shard_folder(source, tokenizer_dir, fractions, config.seq_len, data.shards_dir)
     units = tokenize_partition(source, tokenizer_dir, fractions, config.partition, config.partitions, folder,
                                processes=available_cores())
     return ShardPayload(partition=config.partition, partitions=config.partitions, shard_dir=str(folder), units=units)
 
 
 def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
-    from gridlab.data import assemble, build_shards, load_tokenizer, shard_folder, shard_manifest
-
-    source = _corpus(config.corpus)
-    fractions = _fractions(config.splits)
-    shards_dir = context.out.output("shards")
+    source, fractions = config.corpus, config.splits
+    shards_dir = context.out.shards_dir
     if "tokenizer" in context.stage.deps:  # its tasks made the tokenizer and every piece: assemble them
         tokenizer_dir = _tokenizer_dir(config, context.out)
         shards = assemble(source, tokenizer_dir, fractions, config.seq_len,
@@ -132,16 +149,11 @@ def _run_data(config: DataConfig, context: StageContext) -> DataPayload:
 
 
 def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) -> ParentPayload | None:
-    from gridlab.data import TokenShard
-    from gridlab.families import config_from_dict
-    from gridlab.model import init_model, load_model, param_counts
-    from gridlab.train import train
-
     data: DataPayload = context.upstream("data")
     if isinstance(config, PretrainParent):
         model = init_model(config_from_dict(config.architecture), config.seed)
         shard = TokenShard.open(data.shards["pretrain"])
-        result = train(model, shard, config.schedule, [config.tokens], context.out.output("train"),
+        result = train(model, shard, config.schedule, [config.tokens], context.out.training_dir,
                        seed=config.seed, tokenizer=data.tokenizer_dir, progress=Recorder(context.out, "parent"))
         if process_rank() != 0:
             return None
@@ -152,34 +164,21 @@ def _run_parent(config: PretrainParent | LoadedParent, context: StageContext) ->
         model, _ = load_model(model_path)  # the plain trained model, whatever sharding train() left on `model`
     else:
         model_path, trained, metrics = config.path, config.tokens, []
-        from transformers import AutoConfig
-
-        from gridlab.families import check_supported
-
         loaded = AutoConfig.from_pretrained(model_path)
         check_supported(loaded, f"parent.path {model_path}")  # a family gridlab prunes, before its weights are read
         if config.declared is not None:  # what the plan built the random-init models from must be the checkpoint
-            from gridlab.model import check_declared_architecture
-
             check_declared_architecture(config.declared, loaded, model_path)
         model, _ = load_model(model_path)
     return ParentPayload(model_path=model_path, tokenizer_dir=data.tokenizer_dir, trained_tokens=trained,
-                         params=param_counts(model).__dict__, metrics=metrics)
+                         params=param_counts(model), metrics=metrics)
 
 
 def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
-    import torch
-
-    from gridlab.data import TokenShard
-    from gridlab.layerwise import open_layerwise, save_layerwise
-    from gridlab.model import load_model, param_counts, save_model
-    from gridlab.pruning import get_method, prune
-
     data: DataPayload = context.upstream("data")
     parent: ParentPayload = context.upstream("parent")
     device = compute_device()
     layerwise = config.layerwise and get_method(config.method).layerwise
-    spill_dir = context.out.output("layer-spill")
+    spill_dir = context.out.layer_spill
     if layerwise:
         model = open_layerwise(parent.model_path, device, spill_dir)
     else:
@@ -191,25 +190,20 @@ def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
     calibration = calibration_shard[sorted(sample[:count].tolist())]
     result = prune(model, config.method, config.ratio, calibration, **config.options)
     if layerwise:
-        model_path = save_layerwise(result.model, context.out.output("model"), mask=result.mask,
+        model_path = save_layerwise(result.model, context.out.model_dir, mask=result.mask,
                                     tokenizer=data.tokenizer_dir)
         shutil.rmtree(spill_dir)
     else:
-        model_path = save_model(result.model, context.out.output("model"), mask=result.mask,
+        model_path = save_model(result.model, context.out.model_dir, mask=result.mask,
                                 tokenizer=data.tokenizer_dir)
     return PrunePayload(model_path=str(model_path), achieved_ratio=result.achieved_ratio,
                         granularity=result.granularity,
                         removed=result.removed if result.granularity == "depth" else None, note=result.note,
-                        calibration_sequences=count, layerwise=layerwise, params=param_counts(result.model).__dict__)
+                        calibration_sequences=count, layerwise=layerwise, params=param_counts(result.model))
 
 
 def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> InitPayload:
-    from gridlab.model import init_model, load_model, param_counts, save_model
-    from gridlab.pruning import PruneResult, random_counterpart
-
     if isinstance(config, ArchitectureInit):
-        from gridlab.families import config_from_dict
-
         model, mask = init_model(config_from_dict(config.architecture), config.seed), None
         tokenizer = context.upstream("data").tokenizer_dir  # saved beside the model, so the folder works alone
     else:
@@ -218,16 +212,12 @@ def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> Ini
         result = PruneResult(model=pruned_model, achieved_ratio=pruned.achieved_ratio, removed=None, mask=mask,
                              method="", granularity=pruned.granularity, options={})
         model = random_counterpart(result, config.seed).model
-        tokenizer = pruned.model_path if (Path(pruned.model_path) / "tokenizer_config.json").exists() else None
-    model_path = save_model(model, context.out.output("model"), mask=mask, tokenizer=tokenizer)
-    return InitPayload(model_path=str(model_path), params=param_counts(model).__dict__)
+        tokenizer = pruned.model_path if has_tokenizer(pruned.model_path) else None
+    model_path = save_model(model, context.out.model_dir, mask=mask, tokenizer=tokenizer)
+    return InitPayload(model_path=str(model_path), params=param_counts(model))
 
 
 def _run_train(config: TrainConfig, context: StageContext) -> TrainPayload | None:
-    from gridlab.data import TokenShard
-    from gridlab.model import load_model
-    from gridlab.train import train
-
     data: DataPayload = context.upstream("data")
     start = context.upstream("model")
     model, mask = load_model(start.model_path)
@@ -243,10 +233,6 @@ def _run_train(config: TrainConfig, context: StageContext) -> TrainPayload | Non
 
 
 def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayload:
-    from gridlab.data import TokenShard, build_shards, load_tokenizer
-    from gridlab.evaluate import heldout_loss, lm_eval_tasks
-    from gridlab.model import load_model
-
     data: DataPayload = context.upstream("data")
     evaluation = config.evaluation
     if isinstance(config, EvalModel):
@@ -267,7 +253,7 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
     for corpus in evaluation["corpora"]:
         source = _corpus({key: value for key, value in corpus.items() if key != "label"})
         shards = build_shards(source, data.tokenizer_dir, _fractions({**_EVAL_CORPUS_FRACTIONS, "seed": 0}),
-                              validation.seq_len, context.run.cache / "eval")
+                              validation.seq_len, context.run.eval_corpus_cache)
         shard = TokenShard.open(shards["validation"])
         held_out[f"eval/{corpus['label']}/loss"] = (shard, heldout_loss(model, shard, **sample))
     metrics = []
@@ -350,21 +336,15 @@ def curve_metrics(curve: list[dict]) -> list[Metric]:
 
 
 def _corpus(config: dict[str, Any]):
-    from gridlab.data import CorpusSource
-
     return CorpusSource(**{**config, "files": tuple(config.get("files", ()))})
 
 
 def _fractions(config: dict[str, Any]):
-    from gridlab.data import SplitFractions
-
     return SplitFractions(**config)
 
 
 def compute_device() -> str:
     """Where single-process stages (pruning, init, eval) compute: the job's GPU if it has one."""
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -376,8 +356,6 @@ def process_rank() -> int:
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
     if "SUBMITIT_EXECUTOR" in os.environ:
-        import submitit
-
         return submitit.JobEnvironment().global_rank
     return 0
 
@@ -413,8 +391,7 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
     stage = Stage.model_validate_json(files.stage.read_bytes())
     rank = process_rank()
     if rank == 0:
-        with open(files.attempts, "a") as attempts:
-            attempts.write(f"{time.time()}\n")
+        record_attempt(files)
     threads = os.environ.get("GRIDLAB_THREADS")
     redirect = _output_to(files.log) if redirect_output else contextlib.nullcontext()
     with redirect:
@@ -423,16 +400,15 @@ def execute_stage(run_dir: Path, stage_id: str, redirect_output: bool = True) ->
         try:
             _check_upstream(run, stage)
             if threads:
-                import torch
-
                 torch.set_num_threads(int(threads))
             try:
                 payload = run_stage(stage, run_dir)
             finally:
                 _leave_process_group()
             if rank == 0:
-                attempts, started = _attempts(files)
-                write_result(files, stage, payload, job_id=_job_id(), attempts=attempts, started=started,
+                attempts = read_attempts(files)
+                started = attempts.latest
+                write_result(files, stage, payload, job_id=_job_id(), attempts=attempts.count, started=started,
                              resources=_resources_used(), provenance=provenance.collect())
                 print(f"== done in {time.time() - started:.1f} s", flush=True)
             return True
@@ -460,11 +436,6 @@ def disk_full(run: RunPaths, kind: str, error: BaseException, message: str) -> s
     """The error line of a stage that failed because the disk under the run folder is full (ENOSPC anywhere in the
     exception's chain, or almost no space left): how much is free, what the stage needs by the plan's disk estimate
     (RunPaths.disk_estimate), what to do; None when the disk is not full."""
-    import errno
-
-    from gridlab.results import read_json
-    from gridlab.tidy import human
-
     try:
         free = shutil.disk_usage(run.root).free
     except OSError:
@@ -478,10 +449,10 @@ def disk_full(run: RunPaths, kind: str, error: BaseException, message: str) -> s
     if not (no_space or short_write or free < DISK_FULL_BYTES):
         return None
     need = (read_json(run.disk_estimate) or {}).get(kind)
-    needs = (f"this {kind} stage needs about {human(need)} (the plan's disk estimate)" if isinstance(need, int)
+    needs = (f"this {kind} stage needs about {size(need)} (the plan's disk estimate)" if isinstance(need, int)
              else f"what this {kind} stage needs is unknown before the corpus is read (its token shards take 2 "
                   f"bytes a token, 4 above a 65,536-token vocabulary)")
-    return (f"the disk under {run.root} is full: {human(free)} free, {needs}; free space (`gridlab clean` removes "
+    return (f"the disk under {run.root} is full: {size(free)} free, {needs}; free space (`gridlab clean` removes "
             f"what the run no longer needs) and rerun with `gridlab submit --retry-failed` ({message})")
 
 
@@ -490,12 +461,8 @@ def _resources_used() -> dict[str, int]:
     reset` and `clean` say would be lost): its ranks, each rank's torch threads, and GPUs (one per rank when it used
     CUDA)."""
     ranks = int(os.environ.get("WORLD_SIZE") or 1)
-    threads, gpus = 1, 0
-    if "torch" in sys.modules:
-        import torch
-
-        threads = torch.get_num_threads()
-        gpus = ranks if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+    threads = torch.get_num_threads()
+    gpus = ranks if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
     return {"ranks": ranks, "threads": threads, "gpus": gpus}
 
 
@@ -506,20 +473,11 @@ def _check_upstream(run: RunPaths, stage: Stage) -> None:
 
 
 def _leave_process_group() -> None:
-    if "torch" in sys.modules:
-        from gridlab import distributed
-
-        distributed.teardown()
+    distributed.teardown()
 
 
 class UpstreamMissing(RuntimeError):
     """A stage was started before the stages it consumes finished (SLURM afterany after a failure)."""
-
-
-def _attempts(files: StagePaths) -> tuple[int, float]:
-    """How many times the stage has started, and when this attempt started."""
-    starts = files.attempts.read_text().split()
-    return len(starts), float(starts[-1])
 
 
 def _job_id() -> str:
@@ -530,8 +488,6 @@ def _job_id() -> str:
 
 def serve(run_dir: Path) -> None:
     """Run the stage ids read from stdin one at a time, answering "done ID" or "failed ID" on stdout."""
-    import torch
-
     for line in sys.stdin:
         stage_id = line.strip()
         torch.manual_seed(0)  # a stage's numbers must not depend on what this worker ran before

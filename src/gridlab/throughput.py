@@ -18,14 +18,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gridlab import atomic
+from gridlab.backends.local import worker_threads
+from gridlab.config import Schedule
+from gridlab.inputs import cache_root
 from gridlab.layout import RunPaths
+from gridlab.model import architecture, init_model, param_counts
+from gridlab.progress import read_progress
+from gridlab.train import make_optimizer
+
+# fp32 training throughput in tokens/s of one worker on the 2-core development machine (docs/engine.md,
+# bench/train_throughput.py): micro idle; nano and mini with the machine shared with three busy processes; small: a
+# 135M-parameter model at seq 256, batch 16, 2 threads; pico: 1-thread workers of the default study; smollm2-135m:
+# the example's 1-thread workers side by side. Never the silent default: `gridlab plan` measures this host and uses
+# this table only, labelled as an assumption, for a parent too large to measure here (``measure``'s ``assumed``).
+ASSUMED_TOKENS_PER_S: dict[str, float] = {
+    "pico": 5200.0,
+    "micro": 790.0,
+    "nano": 220.0,
+    "mini": 136.0,
+    "small": 94.0,
+    "smollm2-135m": 41.0,
+}
 
 # A measurement steps a model of the parent's shape on this CPU. Beyond these it would take minutes (or the memory
 # of a GPU node): the plan then says it assumed a throughput instead.
@@ -45,18 +68,9 @@ class Throughput:
     seconds: float = 0.0           # what measuring took now (0: not measured now)
 
 
-def worker_threads(workers: int) -> int:
-    """The torch threads each local worker gets (gridlab.execute.LocalExecutor: cores ÷ workers)."""
-    from gridlab.execute import available_cores
-
-    return max(1, available_cores() // max(1, workers))
-
-
 def from_run(run_dir: Path, costs: dict[str, float]) -> Throughput | None:
     """The pace of this run's finished training stages (``costs``: stage id → a step's cost relative to the
     parent's), in parent-equivalent tokens per second; None when none has finished with a progress record."""
-    from gridlab.progress import read_progress
-
     run = RunPaths(run_dir)
     equivalent, seconds, stages = 0.0, 0.0, 0
     for stage_id, cost in costs.items():
@@ -79,8 +93,6 @@ def from_run(run_dir: Path, costs: dict[str, float]) -> Throughput | None:
 def measure(config, seq_len: int, batch_size: int, workers: int, assumed: float | None = None) -> Throughput:
     """The parent's shape measured on this host (or taken from the cache of an earlier measurement); an
     assumption (``assumed``, labelled) only when the shape is too large to measure here."""
-    from gridlab.model import param_counts
-
     params = param_counts(config).total
     sequence_flops = 6 * params * seq_len
     if params > MAX_MEASURED_PARAMETERS or sequence_flops > MAX_SEQUENCE_FLOPS:
@@ -111,12 +123,6 @@ def measure(config, seq_len: int, batch_size: int, workers: int, assumed: float 
 
 def _measure(config, seq_len: int, sequences: int, threads: int) -> float:
     """Tokens per second of AdamW steps (forward, backward, clipping, update) on random tokens."""
-    import torch
-
-    from gridlab.config import Schedule
-    from gridlab.model import init_model
-    from gridlab.train import make_optimizer
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -144,18 +150,12 @@ def _measure(config, seq_len: int, sequences: int, threads: int) -> float:
 
 
 def _cache_key(config, seq_len: int, sequences: int, threads: int) -> str:
-    import torch
-
-    from gridlab.model import architecture
-
     identity = {"architecture": architecture(config), "seq_len": seq_len, "sequences": sequences,
                 "threads": threads, "host": socket.gethostname(), "torch": torch.__version__}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _cache_file(key: str) -> Path:
-    from gridlab.inputs import cache_root
-
     return cache_root() / "throughput" / f"{key}.json"
 
 
@@ -178,7 +178,5 @@ def _write_cache(key: str, entry: dict[str, Any]) -> None:
 
 def clear_cache() -> None:
     """Forget every cached measurement (the next plan measures again)."""
-    import shutil
-
     shutil.rmtree(_cache_file("x").parent, ignore_errors=True)
 

@@ -25,11 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridlab.checkpoint import state_entries
+from gridlab.config import Schedule
+from gridlab.contracts import in_kind_order
 from gridlab.errors import UserError
-from gridlab.layout import RunPaths
+from gridlab.layout import RunPaths, TrainingPaths
 from gridlab.results import CorruptResult, read_json, read_result
 from gridlab.select import downstream_closure
 from gridlab.state import StageState, stage_states
+from gridlab.train import MAIN_STATE, read_record, remaining_tokens
+from gridlab.units import size
 
 
 def size_of(path: Path) -> int:
@@ -48,14 +53,6 @@ def size_of(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def human(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} B"
 
 
 @dataclass
@@ -88,7 +85,7 @@ class Removal:
 
     @property
     def freed(self) -> int:
-        return sum(size for _, size, _ in self.paths)
+        return sum(count for _, count, _ in self.paths)
 
     @property
     def loses_finished_work(self) -> bool:
@@ -121,7 +118,7 @@ class Removal:
         work lost."""
         kinds = ", ".join(f"{kind} {count}" for kind, count in in_kind_order(self.kinds))
         lines = [f"  to {verb}: {sum(self.kinds.values())} stage(s){f' ({kinds})' if kinds else ''}; "
-                 f"{human(self.freed)} in {len(self.paths)} path(s)"]
+                 f"{size(self.freed)} in {len(self.paths)} path(s)"]
         lost = self.lost
         if lost.count or lost.tokens:
             done = ", ".join(f"{kind} {count}" for kind, count in in_kind_order(lost.stages))
@@ -136,22 +133,15 @@ class Removal:
 
     def lines(self) -> list[str]:
         verb = "freed" if self.carried_out else "would free"
-        out = [f"  {'removed' if self.carried_out else 'would remove'} {path} ({human(size)}; {why})"
-               for path, size, why in self.paths]
+        out = [f"  {'removed' if self.carried_out else 'would remove'} {path} ({size(count)}; {why})"
+               for path, count, why in self.paths]
         out += [f"  kept {line}" for line in self.skipped]
-        out.append(f"{verb} {human(self.freed)} in {len(self.paths)} path(s)")
+        out.append(f"{verb} {size(self.freed)} in {len(self.paths)} path(s)")
         return out
 
 
 def _hours(hours: float) -> str:
     return f"{hours:,.2f}" if hours >= 1 or hours == 0 else f"{hours:.2g}"
-
-
-def in_kind_order(counts: dict[str, int]) -> list[tuple[str, int]]:
-    from gridlab.contracts import STAGE_KINDS
-
-    return sorted(counts.items(), key=lambda item: (STAGE_KINDS.index(item[0]) if item[0] in STAGE_KINDS else 99,
-                                                    item[0]))
 
 
 def _count_lost(lost: Lost, files, kind: str) -> None:
@@ -183,9 +173,10 @@ def _count_lost(lost: Lost, files, kind: str) -> None:
 def trajectory_tokens(folder: Path, schedule) -> int:
     """Tokens a trajectory folder's finished branches cost to train from nothing (trunk + decays; 0 without a
     record)."""
-    from gridlab.train import RECORD_FILE, remaining_tokens
-
-    record = read_json(Path(folder) / RECORD_FILE)
+    try:
+        record = read_record(folder)
+    except (OSError, ValueError):
+        return 0
     if not isinstance(record, dict):
         return 0
     budgets = [int(b) for b, branch in (record.get("branches") or {}).items()
@@ -323,8 +314,6 @@ def _trajectories_of(stages: list[Any], among: set[str]) -> dict[str, list[str]]
 
 
 def _schedule(stage: dict[str, Any]):
-    from gridlab.config import Schedule
-
     try:
         return Schedule.model_validate(stage["config"]["schedule"])
     except (KeyError, TypeError, ValueError):
@@ -336,22 +325,17 @@ def _clean_checkpoints(run: RunPaths, stages: list[Any], states: dict[str, Stage
     """The checkpoints finished stages no longer need: a finished trajectory's states but the main one a longer
     budget extends (``all_checkpoints``: that too), a finished parent's resumable state, a finished prune stage's
     layer spill, and temporary files finished writers left."""
-    from gridlab.train import CHECKPOINT_DIR, MAIN_STATE
-
     for trajectory, train_stages in trajectories.items():
         folder = run.trajectory(trajectory)
         if not all(states[sid].status == "done" for sid in train_stages):
             continue
-        checkpoint = folder / CHECKPOINT_DIR
+        checkpoints = TrainingPaths(folder).checkpoints
         if all_checkpoints:
-            removal.add(checkpoint, "resumable state of a finished trajectory")
+            removal.add(checkpoints, "resumable state of a finished trajectory")
         else:
-            keep = {f"{MAIN_STATE}.json"}
-            pointer = read_json(checkpoint / f"{MAIN_STATE}.json")
-            if isinstance(pointer, dict) and pointer.get("folder"):
-                keep.add(pointer["folder"])
+            keep = state_entries(checkpoints, MAIN_STATE)
             try:
-                for entry in sorted(checkpoint.iterdir()):
+                for entry in sorted(checkpoints.iterdir()):
                     if entry.name not in keep:
                         removal.add(entry, "checkpoint a finished trajectory does not need (the main state that a "
                                            "longer budget extends is kept; --all-checkpoints removes it too)")
@@ -366,9 +350,9 @@ def _clean_checkpoints(run: RunPaths, stages: list[Any], states: dict[str, Stage
             continue
         files = run.stage(stage.id)
         if stage.kind == "parent":
-            removal.add(files.output("train") / CHECKPOINT_DIR, "resumable state of the finished parent")
+            removal.add(TrainingPaths(files.training_dir).checkpoints, "resumable state of the finished parent")
         if stage.kind == "prune":
-            removal.add(files.output("layer-spill"), "layer spill of a finished prune stage")
+            removal.add(files.layer_spill, "layer spill of a finished prune stage")
         for entry in _hidden_leftovers(files.folder):
             removal.add(entry, "temporary file of a finished writer")
     return removal

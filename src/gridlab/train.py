@@ -52,11 +52,9 @@ from gridlab import atomic, distributed
 from gridlab.checkpoint import Checkpointer, read_pointer
 from gridlab.config import Schedule
 from gridlab.data import TokenShard
+from gridlab.layout import TrainingPaths
 from gridlab.model import save_model
 
-CHECKPOINT_DIR = "checkpoint"
-BRANCHES_DIR = "branches"
-RECORD_FILE = "trajectory.json"
 MAIN_STATE = "main"
 START_STATE = "start"
 
@@ -146,8 +144,9 @@ def trajectory_identity(schedule: Schedule, seed: int, n_sequences: int, seq_len
     return {"schedule": schedule.identity(), "seed": seed, "n_sequences": n_sequences, "seq_len": seq_len}
 
 
-def _read_record(out_dir: Path) -> dict | None:
-    path = Path(out_dir) / RECORD_FILE
+def read_record(out_dir: Path) -> dict | None:
+    """A training folder's record (trajectory.json), None when there is none yet."""
+    path = TrainingPaths(out_dir).record
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -162,13 +161,13 @@ def remaining_tokens(schedule: Schedule, budgets: list[int], seq_len: int, out_d
     """
     tokens_per_step = schedule.batch_size * seq_len
     plans = plan_branches(schedule, budgets, tokens_per_step)
-    record = _read_record(out_dir) if out_dir is not None else None
+    record = read_record(out_dir) if out_dir is not None else None
     if record is not None and (record["identity"]["schedule"] != schedule.identity()
                                or record["identity"]["seq_len"] != seq_len):
         raise ValueError(f"{out_dir} holds a trajectory of a different schedule or sequence length")
     branches = record["branches"] if record else {}
     diverged = record.get("trunk_diverged") if record else None
-    checkpoints = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    checkpoints = TrainingPaths(out_dir).checkpoints if out_dir is not None else None
     main = read_pointer(checkpoints, MAIN_STATE) if checkpoints else None
     main_step = main["step"] if main else 0
     trunk_end, steps = main_step, 0
@@ -244,6 +243,7 @@ class _Run:
         self.clock = time.perf_counter()
         self.reported = (self.clock, 0)
         self.data, self.schedule, self.out_dir = data, schedule, Path(out_dir)
+        self.paths = TrainingPaths(out_dir)
         self.tokens_per_step = schedule.batch_size * data.seq_len
         self.plans = plan_branches(schedule, budgets, self.tokens_per_step)
         self.topology = distributed.setup(schedule.device)
@@ -264,8 +264,8 @@ class _Run:
         self.masked_params, self.mask_values = self._mask_tensors(mask)
         self.optimizer = make_optimizer(self.model, schedule)
         self.identity = trajectory_identity(schedule, seed, data.n_sequences, data.seq_len)
-        self.checkpoints = Checkpointer(self.out_dir / CHECKPOINT_DIR, self.identity, self.topology)
-        self.record = _read_record(self.out_dir) or {"identity": self.identity, "branches": {}, "curve": [],
+        self.checkpoints = Checkpointer(self.paths.checkpoints, self.identity, self.topology)
+        self.record = read_record(self.out_dir) or {"identity": self.identity, "branches": {}, "curve": [],
                                                      "trunk_diverged": None}
         if self.record["identity"] != self.identity:
             raise ValueError(
@@ -333,7 +333,7 @@ class _Run:
 
     def save_branch_model(self, budget_tokens: int) -> Path:
         """The branch's final weights as a plain HF checkpoint, gathered from the shards and written by rank 0."""
-        path = self.out_dir / BRANCHES_DIR / str(budget_tokens)
+        path = self.paths.branch(budget_tokens)
         if not self.topology.distributed:
             return save_model(self.model, path, self.mask, tokenizer=self.tokenizer)
         state = distributed.full_model_state(self.model)
@@ -344,7 +344,7 @@ class _Run:
 
     def write_record(self) -> None:
         if self.topology.is_main:
-            atomic.write_json(self.out_dir / RECORD_FILE, self.record)
+            atomic.write_json(self.paths.record, self.record)
         distributed.barrier(self.topology)
 
     def finish_branch(self, plan: _BranchPlan, trained_tokens: int, path: Path | None, curve: list[dict],

@@ -4,7 +4,7 @@
     formats   streaming readers of .txt, .jsonl(.zst/.gz), .json(.gz), .parquet
     sources   file listings, units, documents in reading order, what `gridlab plan` says about a corpus,
               corpus_identity (what a corpus reads, by content)
-    tokenizer train_tokenizer, load_tokenizer, tokenizer_hash
+    tokenizer train_tokenizer, load_tokenizer, has_tokenizer, tokenizer_hash
     shards    tokenize_partition, assemble, build_shards, shard_folder, TokenShard (+ .documents(): DocumentIndex)
 """
 
@@ -50,14 +50,22 @@ from gridlab.data.sources import (
     list_files,
     stdlib_root,
 )
-from gridlab.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, tokenizer_hash, train_tokenizer
+from gridlab.data.tokenizer import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    has_tokenizer,
+    load_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 __all__ = [
     "DEFAULT_FRACTIONS", "DEFAULT_SAMPLE_DOCUMENTS", "EOS_TOKEN", "FORMATS", "MIN_VOCAB_SIZE", "PAD_TOKEN",
     "SOURCE_KINDS", "SPLITS", "CorpusFile", "CorpusListing", "CorpusSource", "DocumentIndex", "SplitFractions",
     "TokenShard", "TokenizerConfig", "Unit", "assemble", "assign_partitions", "assign_split", "available_cores",
     "build_shards", "check_corpus", "check_file", "corpus_files", "corpus_identity", "corpus_units",
-    "describe_corpus", "format_of", "hub_snapshot", "iter_documents", "iter_unit", "key_draws", "list_corpus",
+    "describe_corpus", "format_of", "has_tokenizer", "hub_snapshot", "iter_documents", "iter_unit", "key_draws",
+    "list_corpus",
     "list_files", "load_tokenizer", "read_documents", "shard_folder", "shard_key", "shard_manifest", "stdlib_root",
     "token_dtype", "tokenize_partition", "tokenizer_hash", "train_tokenizer",
 ]

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from gridlab.errors import UserError
 
 FORMATS = (".jsonl.zst", ".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".txt")
@@ -104,8 +106,6 @@ def _raw_chunks(path: Path) -> Iterator[bytes]:
 def _zstd_chunks(raw: Iterator[bytes], path: Path) -> Iterator[bytes]:
     """Decompress every zstd frame of a stream; a stream that ends inside a frame is an error (zstandard's own
     stream reader returns the partial data silently)."""
-    import zstandard
-
     context = zstandard.ZstdDecompressor()
     frame = None
     for chunk in raw:
@@ -296,6 +296,7 @@ def parquet_rows(path: Path, text_column: str) -> int:
 
 
 def _open_parquet(path: Path, text_column: str):
+    # pyarrow takes a third of a second to load, and gridlab.data loads with `gridlab status`: .parquet files only
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -314,7 +315,7 @@ def _open_parquet(path: Path, text_column: str):
 
 
 def _parquet_texts(path: Path, text_column: str) -> Iterator[str]:
-    import pyarrow as pa
+    import pyarrow as pa  # as in _open_parquet
 
     parquet = _open_parquet(path, text_column)
     row = 0

@@ -114,7 +114,7 @@ class TokenShard:
         return self.n_sequences
 
     def __getitem__(self, idx):
-        import torch
+        import torch  # gridlab.data loads with `gridlab status` (corpus identities): torch only when shards are read
 
         if isinstance(idx, torch.Tensor):
             idx = idx.numpy()
@@ -375,7 +375,7 @@ def _start_worker(work: _Work) -> None:
     # One tokenizer thread per process: the processes are the parallelism (set before tokenizers starts its pool).
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # after the thread settings above, which it reads when it loads
 
     global _WORKER
     _WORKER = (work, Tokenizer.from_str(work.tokenizer_json))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gridlab.data.formats import FORMATS, MAX_TXT_BYTES, check_file, format_of, parquet_rows, read_documents
 from gridlab.data.schema import CorpusSource
 from gridlab.errors import UserError
@@ -156,7 +158,7 @@ def hub_snapshot(name: str) -> Path | None:
     if folder.is_dir():
         return folder
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # gridlab.data loads with `gridlab status`: hub corpora only
 
         return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
     except Exception:  # not cached, or not a valid repository name: the caller streams from the hub
@@ -206,8 +208,6 @@ def _readme_configs(root: Path) -> list[dict]:
     if not text.startswith("---"):
         return []
     end = text.find("\n---", 3)
-    import yaml
-
     try:
         header = yaml.safe_load(text[3:end if end > 0 else None]) or {}
     except yaml.YAMLError:
@@ -276,7 +276,7 @@ def _stdlib_units() -> list[Unit]:
 
 
 def _open_disk(source: CorpusSource):
-    import datasets
+    import datasets  # a second to load, and gridlab.data loads with `gridlab status`: disk and hub corpora only
 
     if not Path(source.path).is_dir():
         raise UserError(f"corpus.path {source.path!r} does not exist (expected a datasets save_to_disk folder)")
@@ -377,7 +377,7 @@ def _disk_documents(source: CorpusSource, rows: tuple[int, int]) -> Iterator[tup
 
 
 def _hub_stream(source: CorpusSource) -> Iterator[tuple[str, str]]:
-    import datasets
+    import datasets  # as in _open_disk
 
     origin = f"{source.name}/{source.config or ''}/{source.split}"
     try:

@@ -20,6 +20,7 @@ def train_tokenizer(source: CorpusSource, fractions: SplitFractions, vocab_size:
                     sample_documents: int = DEFAULT_SAMPLE_DOCUMENTS) -> Path:
     """Train a byte-level BPE on the first ``sample_documents`` documents of the pretrain split (in reading order)
     and save it as a PreTrainedTokenizerFast folder (atomically)."""
+    # transformers takes seconds to load, and gridlab.data loads with `gridlab status`: only what tokenizes does.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,9 +46,14 @@ def train_tokenizer(source: CorpusSource, fractions: SplitFractions, vocab_size:
     return Path(out_dir)
 
 
+def has_tokenizer(folder: str | Path) -> bool:
+    """A tokenizer was saved in ``folder`` (by train_tokenizer, or beside a model by gridlab.model.save_model)."""
+    return (Path(folder) / "tokenizer_config.json").is_file()
+
+
 def load_tokenizer(name_or_path: str | Path):
     """Any Hugging Face tokenizer: a local folder or a hub name (from the local cache when offline)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # as in train_tokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))

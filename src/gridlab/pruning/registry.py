@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from gridlab.contracts import Granularity
 from gridlab.errors import InvalidValue
 from gridlab.families import FAMILIES, SUPPORTED, check_supported
-
-Granularity = Literal["depth", "width", "sparse"]
 
 
 @dataclass

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import gridlab
+from gridlab.report import plots
 
 
 class PlotWorker:
@@ -59,8 +60,6 @@ class PlotWorker:
 
 
 def main() -> None:
-    from gridlab.report import plots
-
     plots.warm_up()
     analysis, kinds = pickle.load(sys.stdin.buffer)
     figures = plots.draw(analysis, kinds)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
+from gridlab.db import connect_read_only
 from gridlab.errors import UserError
 
 CELL_COLUMNS = {
@@ -60,8 +61,6 @@ def _select(con, table: str, columns: dict) -> pl.DataFrame:
 def read_results(db_path: Path) -> Results:
     """Read the grid row, the cells, the metrics and the parent's metrics of a results database (read-only).
     The lm-eval average (`lm_eval/average`) is added to the metrics when lm-eval tasks ran."""
-    from gridlab.db import connect_read_only
-
     db_path = Path(db_path)
     if not db_path.is_file():
         raise UserError(f"no results database at {db_path}: run `gridlab submit` first, or pass the grid's folder")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 from scipy import special
+from scipy.interpolate import PchipInterpolator
+from scipy.optimize import isotonic_regression
 
 CONFIDENCE = 0.95
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20.0  # Hoffmann et al. 2022
@@ -68,8 +70,6 @@ class Curve:
 def monotone_curve(tokens, y) -> Curve | None:
     """Isotonic (non-increasing) regression of y on ln tokens, tied blocks pooled to one point at their mean log
     tokens; None when fewer than two distinct levels remain (a flat curve cannot be inverted)."""
-    from scipy.optimize import isotonic_regression
-
     order = np.argsort(tokens)
     x = np.log(np.asarray(tokens, dtype=float)[order])
     fitted = isotonic_regression(np.asarray(y, dtype=float)[order], increasing=False)
@@ -84,8 +84,6 @@ def monotone_curve(tokens, y) -> Curve | None:
 def invert(curve: Curve, targets) -> tuple[np.ndarray, np.ndarray]:
     """ln D where the curve reaches each target value, and a flag: 0 inside the curve, +1 better than its last
     point (ln D is then a lower bound: the curve's last log tokens), −1 worse than its first (an upper bound)."""
-    from scipy.interpolate import PchipInterpolator
-
     targets = np.asarray(targets, dtype=float)
     flag = np.where(targets < curve.y[-1], 1, np.where(targets > curve.y[0], -1, 0))
     # PCHIP of ln D against −y (increasing): monotone, passes through every point, never overshoots.

@@ -1,0 +1,139 @@
+"""A grid's cells before any stage exists: which (method, ratio, init, setting, budget, seed) points a plan holds.
+
+The grid file gives a product — methods × their ratios × seeds × budgets, each point in every init and setting —
+and ``exclude`` rules take cells out of it. A caller may add points beyond the product (``extra``: ``CellKey``s),
+e.g. more seeds or budgets for chosen groups after a first round of results; they pass the same checks and
+exclusions as the grid's own. Every (method, ratio, seed) that appears is a ``Replicate``: one prune stage, one
+random twin, one trajectory per model, and budget 0 (the models before any retraining: the reference cells) beside
+its budgets. gridlab.plan builds the stages from this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gridlab.errors import UserError
+from gridlab.pruning import METHODS
+from gridlab.spec import MAX_SEED, GridSpec, MethodSpec
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """One (method, ratio, budget, seed) point of a grid; it stands for its cells of every init and setting the grid
+    has. ``method`` is the method's label (``MethodSpec.label``: what the results call it), ``budget`` a token count
+    (0: the reference cells only)."""
+
+    method: str
+    ratio: float
+    budget: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class CellDraft:
+    """A cell before its stages exist (gridlab.contracts.Cell once planned)."""
+
+    method: MethodSpec
+    granularity: str
+    ratio: float
+    init: str
+    setting: int
+    budget_tokens: int
+    trained_tokens: int      # B, or P + B for a random cell in setting 2
+    seed: int
+
+
+@dataclass
+class Replicate:
+    """One (method, ratio, seed): one prune stage and one random twin, trained to ``budgets`` (0 first)."""
+
+    method: MethodSpec
+    ratio: float
+    seed: int
+    budgets: list[int]
+    cells: list[CellDraft] = field(default_factory=list)   # those the exclude rules leave, in plan order
+
+
+@dataclass
+class CellGrid:
+    replicates: list[Replicate]
+    excluded: int
+
+    @property
+    def cells(self) -> list[CellDraft]:
+        return [cell for replicate in self.replicates for cell in replicate.cells]
+
+    def ratios(self, method: MethodSpec) -> list[float]:
+        """The ratios a method is pruned at (the grid's and any extra cells'), in order."""
+        return list(dict.fromkeys(r.ratio for r in self.replicates if r.method is method))
+
+
+def granularity(method: MethodSpec) -> str:
+    return METHODS[method.name].granularity
+
+
+def grid_keys(spec: GridSpec) -> list[CellKey]:
+    """The product the grid file declares (budget 0 is added per replicate by ``enumerate_cells``)."""
+    return [CellKey(method.label, float(ratio), budget, seed)
+            for method in spec.methods for ratio in spec.method_ratios(method) for seed in spec.seeds
+            for budget in spec.budgets]
+
+
+def enumerate_cells(spec: GridSpec, extra: Iterable[CellKey] = ()) -> CellGrid:
+    """The grid's cells and any ``extra`` ones (each checked: a UserError names the bad one), grouped by replicate,
+    the exclude rules applied to all of them. An extra cell the grid already has changes nothing. An exclude rule
+    that matches no cell is a UserError."""
+    methods = {method.label: method for method in spec.methods}
+    extra = [_checked(spec, methods, key) for key in extra]
+    replicates: dict[tuple[str, float, int], Replicate] = {}
+    for key in [*grid_keys(spec), *extra]:
+        group = (key.method, key.ratio, key.seed)
+        if group not in replicates:
+            replicates[group] = Replicate(methods[key.method], key.ratio, key.seed, [0])
+        if key.budget not in replicates[group].budgets:
+            replicates[group].budgets.append(key.budget)
+    excluded, matched = 0, set()
+    for replicate in replicates.values():
+        kind = granularity(replicate.method)
+        for init in spec.inits:
+            for budget in replicate.budgets:
+                for setting in spec.settings:
+                    trained = budget + spec.parent.tokens if (init == "random" and setting == 2) else budget
+                    point = {"method": replicate.method.label, "ratio": replicate.ratio, "init": init,
+                             "budget": budget, "setting": setting, "seed": replicate.seed}
+                    hits = {i for i, rule in enumerate(spec.exclude) if rule.matches(point)}
+                    if hits:
+                        matched |= hits
+                        excluded += 1
+                        continue
+                    replicate.cells.append(CellDraft(replicate.method, kind, replicate.ratio, init, setting, budget,
+                                                     trained, replicate.seed))
+    unmatched = [i for i in range(len(spec.exclude)) if i not in matched]
+    if unmatched:
+        rule = spec.exclude[unmatched[0]]
+        given = ", ".join(f"{k} = {v!r}" for k, v in rule.model_dump().items() if v is not None)
+        raise UserError(f"exclude[{unmatched[0]}] ({given}) matches no cell of the grid; remove it or fix its values")
+    return CellGrid(list(replicates.values()), excluded)
+
+
+def _checked(spec: GridSpec, methods: dict[str, MethodSpec], key: CellKey) -> CellKey:
+    """An extra cell as the grid would take it (ratio as a float), or a UserError naming what is wrong."""
+    def refuse(why: str) -> UserError:
+        return UserError(f"extra cell {key}: {why}")
+
+    if key.method not in methods:
+        raise refuse(f"no method is labelled {key.method!r}; methods: {', '.join(methods)}")
+    method = methods[key.method]
+    ratio = float(key.ratio)
+    if method.fixed_ratio is not None and abs(ratio - method.fixed_ratio) > 1e-9:
+        raise refuse(f"{method.label} prunes at its own ratio {method.fixed_ratio:g} (N:M) only")
+    if not 0 < ratio < 1:
+        raise refuse("a ratio is above 0 and below 1")
+    batch = spec.schedule.batch_size * spec.seq_len
+    if key.budget != 0 and (key.budget < batch or key.budget <= spec.schedule.warmup_tokens):
+        raise refuse(f"a budget is 0 (the reference cells) or at least one batch ({batch} tokens) and above "
+                     f"schedule.warmup_tokens ({spec.schedule.warmup_tokens})")
+    if not 0 <= key.seed <= MAX_SEED:
+        raise refuse(f"a seed is between 0 and {MAX_SEED}")
+    return CellKey(key.method, ratio, int(key.budget), int(key.seed))
