@@ -30,6 +30,7 @@ class Outcome:
     verdicts: np.ndarray  # (reps, cells) final verdict words
     seeds: np.ndarray  # (reps, cells) seeds each cell ended with
     looks: int  # looks the loop made
+    rounds: np.ndarray  # (reps, cells, seeds) the round that added each seed (0: the grid's; −1: never added)
 
 
 def _fit(d: np.ndarray, have: np.ndarray, ratios: int, budgets: int, pool: str) -> dict[str, np.ndarray]:
@@ -65,6 +66,7 @@ def run(d: np.ndarray, design: Q.Design, margin: float, ratios: int, budgets: in
     seen = np.zeros((reps, cells))  # the seed count of each cell's last look
     best = {name: np.full((reps, cells), np.nan) for name in Q.LOOK_COLUMNS}
     frozen = np.full((reps, cells), "", dtype=object)  # naive: the first decided verdict
+    rounds = np.where(np.arange(design.last)[None, None, :] < design.first, 0, -1) * np.ones((reps, cells, 1), int)
     looks = 0
     while True:
         looks += 1
@@ -85,7 +87,9 @@ def run(d: np.ndarray, design: Q.Design, margin: float, ratios: int, budgets: in
             frozen = np.where(verdict != "inconclusive", verdict, frozen)
         open_ = (verdict == "inconclusive") & (have < design.last)
         if not open_.any():
-            return Outcome(verdict, have, looks)
+            return Outcome(verdict, have, looks, rounds)
+        rows, columns = np.nonzero(open_)
+        rounds[rows, columns, have[rows, columns]] = looks
         have = have + open_
 
 

@@ -18,7 +18,7 @@ group-sequential instead:
   t statistics and whenever the study stops — it only needs each look's test to be valid on its own, which the
   report's coverage simulations check. (Boundaries computed from the joint law of z statistics — Armitage, McPherson
   and Rowe's recursion — are less conservative but not valid for t statistics with a few seeds' degrees of freedom:
-  with each cell's own paired t and 2 → 8 seeds they reject 1.24 × α; see tests/test_adaptive_validity.py.)
+  with each cell's own paired t and 2 → 8 seeds they reject 1.24 × α; bench/adaptive.py measures both.)
 - **Repeated p-values.** Per test and look, the smallest overall level at which the sequential test would reject at
   that look (Jennison & Turnbull 1993); a cell's sequential p-value is the smallest over its looks so far. It is a
   valid p-value whatever the stopping rule (P(p ≤ a) ≤ a for every a), so the report's verdict logic (stats.judge:
