@@ -60,6 +60,7 @@ class Plan:
     stages: dict[str, Stage]                     # id → stage, in dependency order
     cells: list[Cell]
     excluded: int = 0
+    added: int = 0                               # cells beyond the grid's lists (extra_cells: adaptive rounds)
     counts: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)   # what the grid reads, by content (stale-input checks)
 
@@ -284,7 +285,41 @@ def data_stages(spec: GridSpec, config: DataConfig) -> tuple[list[Stage], Stage]
     return [tokenizer, *shards], assembled
 
 
-def build_plan(spec: GridSpec) -> Plan:
+@dataclass(frozen=True)
+class ExtraCell:
+    """A cell beyond the product of the grid's lists — an adaptive study's addition (gridlab.adaptive): both inits
+    of (method, ratio, seed) at one budget and setting, planned like any other cell (the same stages, ids and cell
+    id as in a grid that lists that seed and budget)."""
+
+    method: str  # the method's key (its label, or name)
+    ratio: float
+    seed: int
+    budget: int
+    setting: int
+
+
+def cell_keys(spec: GridSpec, extra_cells=()) -> dict[tuple[str, float], dict[int, list[tuple[int, int]]]]:
+    """Per (method key, ratio) and seed, the (budget, setting) pairs the plan makes cells for: the grid's product —
+    the reference budget 0 and every budget, each in every setting, for every seed — then the `extra_cells` that fit
+    the grid (a method it has, one of that method's ratios, one of its settings; others are left out, as cells of a
+    method removed from the grid would be). The one place where additions become cells."""
+    keys: dict[tuple[str, float], dict[int, list[tuple[int, int]]]] = {}
+    for method in spec.methods:
+        for ratio in spec.method_ratios(method):
+            keys[method.key, float(ratio)] = {seed: [(budget, setting) for budget in [0, *spec.budgets]
+                                                     for setting in spec.settings] for seed in spec.seeds}
+    for extra in sorted(extra_cells, key=lambda e: (e.seed, e.budget, e.setting)):
+        ratio = next((r for (m, r) in keys if m == extra.method and abs(r - extra.ratio) < 1e-9), None)
+        if ratio is None or extra.setting not in spec.settings or extra.budget <= 0:
+            continue
+        pairs = keys[extra.method, ratio].setdefault(extra.seed, [])
+        if (extra.budget, extra.setting) not in pairs:
+            pairs.append((extra.budget, extra.setting))
+    return keys
+
+
+def build_plan(spec: GridSpec, extra_cells=()) -> Plan:
+    """The grid's stages and cells, with `extra_cells` (ExtraCell, an adaptive study's additions: cell_keys)."""
     from gridlab.planfile import current_inputs
     from gridlab.pruning import METHODS
 
@@ -322,16 +357,16 @@ def build_plan(spec: GridSpec) -> Plan:
     excluded = 0
     matched_rules: set[int] = set()
     architectures: dict[tuple, tuple[dict, str]] = {}
-    reference_budgets = [0, *spec.budgets]   # budget 0: the model before any retraining (see Cell)
 
     parent_shape = parent_architecture if parent_architecture is not None else parent_config(spec)
     for index, method in enumerate(spec.methods):
         check_method(index, method, spec.method_ratios(method), parent_shape)
+    keys = cell_keys(spec, extra_cells)
     for method in spec.methods:
         kind = granularity(method)
         options = canonical(method.prune_options)
         for ratio in spec.method_ratios(method):
-            for seed in spec.seeds:
+            for seed, pairs in keys[method.key, float(ratio)].items():
                 prune = make_stage(PruneConfig(
                     method=method.method, method_version=METHODS[method.method].version, options=options,
                     ratio=canonical(float(ratio)), seed=seed, calibration_sequences=spec.calibration.sequences,
@@ -358,25 +393,24 @@ def build_plan(spec: GridSpec) -> Plan:
                                           {"parent": digest} if "parent" in waits else None)
                 for init_kind in spec.inits:
                     model = prune if init_kind == "pruned" else init
-                    for budget in reference_budgets:
-                        for setting in spec.settings:
-                            trained = budget + parent_tokens if (init_kind == "random" and setting == 2) else budget
-                            cell = {"method": method.key, "granularity": kind, "ratio": float(ratio),
-                                    "init": init_kind, "setting": setting, "budget": budget,
-                                    "budget_tokens": budget, "trained_tokens": trained, "seed": seed}
-                            hits = [i for i, rule in enumerate(spec.exclude) if rule.matches(cell)]
-                            if hits:
-                                matched_rules.update(hits)
-                                excluded += 1
-                                continue
-                            del cell["budget"]
-                            stages.setdefault(prune.id, prune)
-                            if model is not prune:
-                                stages.setdefault(model.id, model)
-                            if trained:
-                                budgets_of.setdefault(model.id, set()).add(trained)
-                            seed_of[model.id] = seed
-                            drafts.append({**cell, "model_stage": model.id, "prune_stage": prune.id})
+                    for budget, setting in pairs:
+                        trained = budget + parent_tokens if (init_kind == "random" and setting == 2) else budget
+                        cell = {"method": method.key, "granularity": kind, "ratio": float(ratio),
+                                "init": init_kind, "setting": setting, "budget": budget,
+                                "budget_tokens": budget, "trained_tokens": trained, "seed": seed}
+                        hits = [i for i, rule in enumerate(spec.exclude) if rule.matches(cell)]
+                        if hits:
+                            matched_rules.update(hits)
+                            excluded += 1
+                            continue
+                        del cell["budget"]
+                        stages.setdefault(prune.id, prune)
+                        if model is not prune:
+                            stages.setdefault(model.id, model)
+                        if trained:
+                            budgets_of.setdefault(model.id, set()).add(trained)
+                        seed_of[model.id] = seed
+                        drafts.append({**cell, "model_stage": model.id, "prune_stage": prune.id})
     unmatched = [i for i in range(len(spec.exclude)) if i not in matched_rules]
     if unmatched:
         rule = spec.exclude[unmatched[0]]
@@ -422,7 +456,10 @@ def build_plan(spec: GridSpec) -> Plan:
     counts = {kind: 0 for kind in STAGE_KINDS if kind not in DATA_TASK_KINDS or data_tasks}
     for stage in ordered.values():
         counts[stage.kind] += 1
-    return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, counts=counts, inputs=inputs)
+    budgets = {0, *spec.budgets}
+    added = sum(1 for cell in cells if cell.seed not in spec.seeds or cell.budget_tokens not in budgets)
+    return Plan(spec=spec, stages=ordered, cells=cells, excluded=excluded, added=added, counts=counts,
+                inputs=inputs)
 
 
 def format_plan(plan: Plan, workers: int | None = None, only: set[str] | None = None,
@@ -432,7 +469,8 @@ def format_plan(plan: Plan, workers: int | None = None, only: set[str] | None = 
     what they need upstream, its cells), whose cells, stages, tokens and time are printed too."""
     spec = plan.spec
     workers = workers or spec.local.workers
-    lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded) → {plan.spec.run_dir}"]
+    added = f", {plan.added} added by adaptive rounds" if plan.added else ""
+    lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded{added}) → {plan.spec.run_dir}"]
     parent = spec.parent
     source = f"pretrain {parent.preset} for {parent.tokens:,} tokens" if parent.pretrains else f"load {parent.path}"
     lines.append(f"  parent: {source} (parent tokens P = {parent.tokens:,})")
@@ -612,18 +650,28 @@ def _job_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def _training_flops(plan: Plan) -> float | None:
-    """6·N·tokens over the train stages, N = the parent's parameters × the kept fraction of each cell."""
+def _training_flops(plan: Plan, remaining: bool = False) -> float | None:
+    """6·N·tokens over the train stages (``remaining``: what the run folder does not hold yet), N = the parent's
+    parameters × the kept fraction of each cell."""
     if plan.spec.parent.preset is None:
         return None
     from gridlab.model import param_counts
 
     parent_params = param_counts(parent_config(plan.spec)).total
     kept_fraction = {c.train_stage: 1 - c.ratio for c in plan.cells}
-    flops = 6 * parent_params * plan._parent_tokens(remaining=False)
+    flops = 6 * parent_params * plan._parent_tokens(remaining=remaining)
     for stage in plan.train_stages():
-        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * plan._stage_tokens(stage, remaining=False)
+        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * plan._stage_tokens(stage, remaining=remaining)
     return flops
+
+
+def estimated_gpu_hours(plan: Plan, remaining: bool = False) -> float | None:
+    """The plan's training in GPU-hours at the assumed MFU (what `gridlab plan` prints); None where there is no
+    estimate: the grid's training runs without GPUs, or the parent declares no preset."""
+    if not plan.spec.resources.for_kind("train")["gpus_per_node"]:
+        return None
+    flops = _training_flops(plan, remaining)
+    return None if flops is None else flops / (_ASSUMED_MFU * _GPU_PEAK_FLOPS) / 3600
 
 
 def _duration(seconds: float) -> str:
