@@ -34,10 +34,9 @@ def planted(gaps: Callable[[str, float, int], float], sd: float = 0.01) -> Loss:
     return loss
 
 
-def fake_execution(monkeypatch, loss: Loss, ran: list | None = None) -> None:
-    """Replace gridlab.stages.run_stage: fake payloads, and eval payloads with `loss` of the branch's cell.
-    `ran` (when given) receives every stage run, in order."""
-    from gridlab import stages
+def payload_with(loss: Loss):
+    """run_stage(stage, run_dir) → a fake payload (runner_helpers.fake_payload), and for a branch's evaluation its
+    held-out loss from `loss` of the cell it scores (read from the upstream stages' stage.json)."""
     from gridlab.contracts import EvalPayload, Metric, Stage
     from gridlab.layout import RunPaths
 
@@ -45,18 +44,49 @@ def fake_execution(monkeypatch, loss: Loss, ran: list | None = None) -> None:
         return Stage.model_validate_json(RunPaths(run_dir).stage(stage_id).stage.read_bytes())
 
     def run_stage(stage, run_dir):
-        if ran is not None:
-            ran.append(stage)
         if stage.kind != "eval" or stage.config.source != "branch":
             return fake_payload(stage)
         train = upstream(run_dir, stage.deps["train"])
         model = upstream(run_dir, train.deps["model"])
         if model.kind == "prune":
             init, method, ratio = "pruned", model.config.method, model.config.ratio
-        else:  # a random twin: the method and ratio come from the architecture the test's loss does not need
+        else:  # a random twin: its loss does not depend on the method or ratio it mirrors
             init, method, ratio = "random", "", 0.0
         value = loss(init, method, ratio, train.config.seed, stage.config.budget)
         return EvalPayload(model_path="m", tokens=stage.config.budget, metrics=[
             Metric(name="val_loss", value=value, tokens=stage.config.budget, higher_is_better=False)])
 
+    return run_stage
+
+
+def fake_execution(monkeypatch, loss: Loss, ran: list | None = None) -> None:
+    """Replace gridlab.stages.run_stage (what the debug executor runs in-process) with payload_with(loss); `ran`
+    (when given) receives every stage run, in order."""
+    from gridlab import stages
+
+    compute = payload_with(loss)
+
+    def run_stage(stage, run_dir):
+        if ran is not None:
+            ran.append(stage)
+        return compute(stage, run_dir)
+
     monkeypatch.setattr(stages, "run_stage", run_stage)
+
+
+def upstream_loss_writer(loss: Loss):
+    """finish(run_dir, plan): leave every stage of the plan that is not done finished, as SLURM jobs would, with
+    payload_with(loss)'s payloads (stage.json must be there: a submit wrote it)."""
+    from gridlab.layout import RunPaths
+    from gridlab.results import write_result
+
+    compute = payload_with(loss)
+
+    def finish(run_dir, plan) -> None:
+        run = RunPaths(run_dir)
+        for stage in plan.stages.values():
+            files = run.stage(stage.id)
+            if not files.result.exists():
+                write_result(files, stage, compute(stage, run_dir))
+
+    return finish

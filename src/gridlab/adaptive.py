@@ -249,7 +249,26 @@ def _fixed_tokens(spec, cells) -> int:
 
 def advance(spec, report=print) -> Step:
     """Look at a study whose every stage is done and record what follows: a round (its additions, what it trains)
-    or the reason to stop. The caller holds the run lock. Every other step of the loop is api.submit's."""
+    or the reason to stop (then the database is ingested again, so its adaptive tables say it). The caller holds
+    the run lock. Every other step of the loop is api.submit's."""
+    from gridlab import db
+    from gridlab.state import stage_states
+
+    step = _advance(spec, report)
+    if step.status == "stopped":
+        current = build_plan_of(spec)
+        db.ingest(spec.run_dir, stage_states(spec.run_dir, list(current.stages.values()), verify=True))
+    return step
+
+
+def build_plan_of(spec):
+    """The study's plan now: the grid's cells and every recorded round's."""
+    from gridlab.plan import build_plan
+
+    return build_plan(spec, extra_cells(read_record(spec.run_dir)))
+
+
+def _advance(spec, report) -> Step:
     from gridlab import db
     from gridlab.layout import RunPaths
     from gridlab.plan import build_plan, estimated_gpu_hours
@@ -303,6 +322,9 @@ def advance(spec, report=print) -> Step:
     record.rounds.append(entry)
     record.stopped = None
     write_record(run_dir, record)
+    from gridlab.execute import prepare
+
+    prepare(extended, run_dir)  # plan.json and index.json with the round's cells: status shows them pending
     hours = f" (≈ {gpu_hours:,.1f} GPU-hours)" if gpu_hours is not None else ""
     return Step("added", f"round {number}: {entry.summary}; {tokens:,} tokens to train{hours}; the look before it: "
                          f"{_verdict_line(look.verdicts)}", round=entry, look=look)
