@@ -129,6 +129,7 @@ class Look:
     seeds: list[SeedAddition] = field(default_factory=list)
     budgets: list[BudgetAddition] = field(default_factory=list)
     full: int = 0  # inconclusive cells that have max_seeds seeds already
+    futile: int = 0  # inconclusive cells that even max_seeds would hardly decide (futility)
 
 
 def _key(row: dict) -> tuple:
@@ -136,14 +137,19 @@ def _key(row: dict) -> tuple:
 
 
 def next_seeds(gaps: pl.DataFrame, planned: dict[tuple, set[int]], spec, design: sequential.Design
-               ) -> tuple[list[SeedAddition], int]:
-    """The next seed of every inconclusive cell below max_seeds; and how many inconclusive cells are at it."""
+               ) -> tuple[list[SeedAddition], int, int]:
+    """The next seed of every inconclusive cell below max_seeds that is not futile (sequential.conditional_power
+    below `[adaptive] futility`); and how many inconclusive cells are at max_seeds, and how many futile."""
     order = seed_order(spec, design.last)
-    found, full = [], 0
-    for row in gaps.filter(pl.col("verdict") == "inconclusive").sort(list(PAIR)).iter_rows(named=True):
+    open_ = gaps.with_columns(_power=sequential.series(sequential.conditional_power(gaps, design, margin_of(spec))))
+    found, full, futile = [], 0, 0
+    for row in open_.filter(pl.col("verdict") == "inconclusive").sort(list(PAIR)).iter_rows(named=True):
         have = planned.get(_key(row), set())
         if len(have) >= design.last:
             full += 1
+            continue
+        if row["_power"] is not None and row["_power"] < spec.adaptive.futility:
+            futile += 1
             continue
         seed = next(s for s in order if s not in have)
         shown = (f"gap {row['gap']:+.4g} ± {row['half']:.3g} (95 % repeated CI)" if row["half"] is not None
@@ -151,7 +157,7 @@ def next_seeds(gaps: pl.DataFrame, planned: dict[tuple, set[int]], spec, design:
         found.append(SeedAddition(method=row["method"], ratio=float(row["ratio"]), setting=int(row["setting"]),
                                   budget=int(row["budget_tokens"]), seed=seed,
                                   why=f"inconclusive with {len(have)} seed(s): {shown}"))
-    return found, full
+    return found, full, futile
 
 
 def _batches(spec, tokens: float) -> int:
@@ -213,9 +219,9 @@ def look_at(spec, cells, values: pl.DataFrame, higher_is_better: bool, record: R
     counts = {verdict: 0 for verdict in VERDICTS}
     for verdict, count in gaps.group_by("verdict").len().iter_rows():
         counts[verdict] = count
-    seeds, full = next_seeds(gaps, planned, spec, design)
+    seeds, full, futile = next_seeds(gaps, planned, spec, design)
     return Look(gaps, crossovers, counts, counts["inconclusive"], seeds, next_budgets(crossovers, planned, spec),
-                full)
+                full, futile)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,8 +304,11 @@ def _advance(spec, report) -> Step:
             reason, line = "decided", (f"every verdict is decided ({_verdict_line(look.verdicts)}) and no crossover "
                                        f"can be narrowed within max_budget and min_bracket")
         else:
-            reason, line = "exhausted", (f"no addition can change a verdict: the {look.full} inconclusive cell(s) "
-                                         f"have max_seeds = {spec.adaptive.max_seeds} seeds and no crossover can be "
+            why = [f"{look.full} have max_seeds = {spec.adaptive.max_seeds} seeds" if look.full else "",
+                   f"{look.futile} would be decided with less than a {spec.adaptive.futility:.0%} chance even with "
+                   f"max_seeds (futility)" if look.futile else ""]
+            reason, line = "exhausted", (f"no addition can change a verdict: of the {look.open} inconclusive "
+                                         f"cell(s), " + " and ".join(w for w in why if w) + "; no crossover can be "
                                          f"narrowed ({_verdict_line(look.verdicts)})")
         return _stop(run_dir, record, look, reason, line, grid_tokens, _fixed_tokens(spec, current.cells))
     entry = Round(round=number, looked_at=time.time(), seeds=look.seeds, budgets=look.budgets, tokens=0,

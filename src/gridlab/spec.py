@@ -413,6 +413,9 @@ class AdaptiveSpec(_Strict):
     max_budget: Tokens | None = None  # the largest budget a round may add; default: 4 × the grid's largest
     spending: Literal["pocock", "obrien-fleming"] = "pocock"  # Lan–DeMets alpha spending over the looks
     min_bracket: float = Field(1.5, gt=1)  # a crossover bracketed by budgets within this ratio is not narrowed
+    # an open cell gets no more seeds when, at its current estimate, even max_seeds would decide it with less than
+    # this chance (futility; 0: never stop a cell for it)
+    futility: float = Field(0.1, ge=0, lt=1)
 
 
 class LocalSpec(_Strict):

@@ -242,3 +242,25 @@ def sequential_gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str
         looks=frame["looks"].fill_null(0).cast(pl.UInt32),
         last_look_seeds=frame["n_seeds"],
     ).drop(*CELL_LOOK_COLUMNS)
+
+
+def conditional_power(gaps: pl.DataFrame, design: Design, margin: float) -> np.ndarray:
+    """Per cell of a sequential gap table, the chance that its last look (design.last seeds) decides it if the
+    gap is what is estimated now: the standard error shrunk to se·√(n / last), the estimate taken as the truth, the
+    last look's nominal levels (α/2 per side for the difference, α for each side of the equivalence) and t quantiles
+    with last − 1 degrees of freedom; the larger of the two decisions' chances. Benjamini–Hochberg is left out
+    (optimistic), and so are the looks before the last (pessimistic): a heuristic for where seeds are worth
+    spending — stopping a cell for futility never raises the error rates (the test only loses chances to
+    reject). NaN where a cell has no interval."""
+    seeds = gaps["n_seeds"].cast(pl.Float64).to_numpy()
+    benefit = np.abs(gaps["benefit"].fill_null(np.nan).to_numpy().astype(float))
+    se = gaps["se"].fill_null(np.nan).to_numpy().astype(float) * np.sqrt(seeds / design.last)
+    last = np.array([float(design.last)])
+    dof = design.last - 1.0
+    difference = special.stdtrit(dof, 1 - nominal_at(last, design, design.alpha / 2)[0])
+    equivalence = special.stdtrit(dof, 1 - nominal_at(last, design, design.alpha)[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        decide_difference = special.ndtr(benefit / se - difference)
+        decide_equivalence = special.ndtr((margin - benefit) / se - equivalence)
+    power = np.maximum(decide_difference, decide_equivalence)
+    return np.where(se == 0, 1.0, power)
