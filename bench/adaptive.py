@@ -11,13 +11,15 @@
 2. **The boundaries not used**: one cell's one-sided error when the looks' nominal levels come from the joint law
    of z statistics (Armitage–McPherson–Rowe's recursion, the textbook group-sequential boundaries) instead of the
    spending increments combined by Bonferroni (gridlab.report.sequential), with each cell's own paired t.
-3. **Tokens**: synthetic studies (2 methods × 4 ratios × 4 budgets, setting 1) whose gap curves are known — large
-   gaps, gaps near the margin, gaps that cross 0 inside the grid — with the design's correlated noise, run through
-   gridlab.adaptive.look_at (the sequential verdicts, the crossovers, the next seeds and budgets) round after
-   round; the tokens each round trains are counted as gridlab.train trains WSD trajectories (a trunk per model and
-   seed, a branch per budget; a budget below the kept trunk replays it). Against a fixed grid that reaches the same
-   verdicts (every cell with as many seeds as the most any cell got, every budget any group got, the report's
-   fixed-sample verdicts): the ratio of tokens (target ≤ 0.60) and the wrong and decided verdicts of both.
+3. **Tokens**: synthetic studies (2 methods × 4 ratios × 4–5 budgets, setting 1) whose gap curves are known —
+   "micro": shaped like the default study's measured gaps, most decided at once, a few open near crossings at the
+   largest budgets; "hard": most groups' largest budgets near the margin or 0 — with the design's correlated noise,
+   run through gridlab.adaptive.look_at (the sequential verdicts, the crossovers, the next seeds and budgets) round
+   after round; the tokens each round trains are counted as gridlab.train trains WSD trajectories (a trunk per
+   model and seed, a branch per budget; a budget below the kept trunk replays it). Against the fixed grid that
+   reaches the same verdicts (every cell with as many seeds as the most any cell got, every budget any group got:
+   gridlab's fixed_tokens) — target ≤ 0.60 — and against the hindsight bound (the fewest seeds with which the
+   fixed-sample verdicts reach the adaptive study's, chosen after the fact), with the wrong and decided verdicts.
 4. With `--run`: a finished run's own results (a grid with more seeds than its first look): the adaptive design
    replayed on them, seeds only (the budgets are the grid's).
 """
@@ -70,7 +72,9 @@ def _truth(name: str, margin: float) -> np.ndarray:
 
 
 def validity(reps: int) -> None:
-    print("1. Validity: share of replicate studies with any wrong verdict (α = 0.05; 16 cells, BH)")
+    print("1. Validity: share of replicate studies with any wrong verdict — for the mixed truths (gaps from 0 to 50δ "
+          "in one setting) the false discovery rate, the mean share of wrong verdicts among the decided ones — "
+          "(α = 0.05; 16 cells, Benjamini–Hochberg)")
     print(f"{'design':>8} {'spending':>15} {'pool':>6} {'truth':>7} {'sequential':>11} {'naive':>7} "
           f"{'seeds':>6} {'decided':>8}")
     for first, last in ((2, 4), (2, 8), (3, 10), (2, 16)):
@@ -87,7 +91,12 @@ def validity(reps: int) -> None:
                     rates = {}
                     for procedure in A.PROCEDURES:
                         outcome = A.run(d, design, margin, RATIOS, BUDGETS, pool, procedure)
-                        rates[procedure] = A.wrong(outcome.verdicts, -gap, margin).any(axis=1).mean()
+                        wrong = A.wrong(outcome.verdicts, -gap, margin)
+                        if truth == "mixed":  # some nulls false: BH controls the false discovery rate
+                            decided = (outcome.verdicts != "inconclusive").sum(axis=1)
+                            rates[procedure] = (wrong.sum(axis=1) / np.maximum(decided, 1)).mean()
+                        else:  # every null true (or every gap large): the family-wise rate
+                            rates[procedure] = wrong.any(axis=1).mean()
                         if procedure == "sequential":
                             seeds = outcome.seeds.mean()
                             decided = (outcome.verdicts != "inconclusive").mean()
@@ -293,15 +302,21 @@ def _same_verdicts(mix: str, number: int, spec, budgets: list[int], adaptive_gap
 
 
 def tokens(studies: int, max_seeds: int, mix: str) -> dict:
+    """Per study: the adaptive design's tokens against (a) the fixed grid that reaches its verdicts — every cell with
+    as many seeds as the most any cell got, every budget any group got (what gridlab reports as fixed_tokens: a fixed
+    grid cannot give seeds only where they are needed) — and (b) the hindsight bound: the fewest seeds per cell with
+    which the fixed-sample verdicts decide every cell the adaptive study decided, the same way (chosen after seeing
+    the data, so not a design anyone could run, and its verdicts are not valid: the cheapest fixed grid there could
+    be). Wrong and decided verdicts of each."""
     spec = _spec(max_seeds, mix)
-    design = adaptive.design_of(spec)
     grid_budgets = BUDGETS_OF[mix]
     print(f"\n3. Tokens ({mix!r} gaps): {studies} synthetic studies, 2 methods × 4 ratios × {len(grid_budgets)} "
           f"budgets (setting 1), 2 seeds to start, max_seeds {max_seeds}, margin {MARGIN}, futility "
           f"{spec.adaptive.futility}")
-    print(f"{'study':>5} {'rounds':>6} {'adaptive':>11} {'fixed':>11} {'seeds':>5} {'ratio':>6} {'fixed@max':>11} "
-          f"{'wrong a/f':>9} {'decided a/f':>11} {'budgets added':>13}")
-    totals = dict(adaptive=0, fixed=0, at_max=0, wrong_a=0, wrong_f=0, decided_a=0, decided_f=0)
+    print(f"{'study':>5} {'rounds':>6} {'adaptive':>11} {'fixed':>11} {'seeds':>5} {'ratio':>6} {'hindsight':>11} "
+          f"{'seeds':>5} {'ratio':>6} {'wrong a/f/h':>11} {'decided a/f/h':>14} {'budgets+':>8}")
+    keys = ("adaptive", "fixed", "hindsight", "wrong_a", "wrong_f", "wrong_h", "decided_a", "decided_f", "decided_h")
+    totals = dict.fromkeys(keys, 0)
     started = time.time()
     for number in range(studies):
         study = Study(mix, number, [0, 1], grid_budgets)
@@ -317,21 +332,23 @@ def tokens(studies: int, max_seeds: int, mix: str) -> dict:
                       + [(a.method, a.ratio, a.budget, s) for a in look.budgets for s in a.seeds])
         wrong_a, decided_a = _wrong_and_decided(look.gaps, mix, number)
         budgets = sorted({c[2] for c in study.cells})
-        fixed, seeds = _same_verdicts(mix, number, spec, budgets, look.gaps)
-        wrong_f, decided_f = _wrong_and_decided(fixed.gaps, mix, number)
-        at_max = Study(mix, number, adaptive.seed_order(spec, design.last), budgets).tokens
-        added = len(budgets) - len(grid_budgets)
-        print(f"{number:>5} {len(record.rounds):>6} {study.tokens:>11,} {fixed.tokens:>11,} {seeds:>5} "
-              f"{study.tokens / fixed.tokens:>6.2f} {at_max:>11,} {wrong_a:>4}/{wrong_f:<4} "
-              f"{decided_a:>5}/{decided_f:<5} {added:>13}")
-        for key, value in dict(adaptive=study.tokens, fixed=fixed.tokens, at_max=at_max, wrong_a=wrong_a,
-                               wrong_f=wrong_f, decided_a=decided_a, decided_f=decided_f).items():
+        used = max(sum(1 for c in study.cells if c[:3] == key[:3]) for key in study.cells)
+        fixed = Study(mix, number, adaptive.seed_order(spec, used), budgets)
+        wrong_f, decided_f = _wrong_and_decided(S.gap_table(fixed.values(), False, "model", MARGIN), mix, number)
+        hindsight, seeds = _same_verdicts(mix, number, spec, budgets, look.gaps)
+        wrong_h, decided_h = _wrong_and_decided(hindsight.gaps, mix, number)
+        print(f"{number:>5} {len(record.rounds):>6} {study.tokens:>11,} {fixed.tokens:>11,} {used:>5} "
+              f"{study.tokens / fixed.tokens:>6.2f} {hindsight.tokens:>11,} {seeds:>5} "
+              f"{study.tokens / hindsight.tokens:>6.2f} {wrong_a:>3}/{wrong_f}/{wrong_h:<5} "
+              f"{decided_a:>4}/{decided_f}/{decided_h:<5} {len(budgets) - len(grid_budgets):>8}")
+        for key, value in zip(keys, (study.tokens, fixed.tokens, hindsight.tokens, wrong_a, wrong_f, wrong_h,
+                                     decided_a, decided_f, decided_h), strict=True):
             totals[key] += value
-    print(f"all ({mix}): adaptive {totals['adaptive']:,} tokens against {totals['fixed']:,} for the fixed grids "
-          f"reaching the same verdicts: ratio {totals['adaptive'] / totals['fixed']:.2f} (target ≤ 0.60); against "
-          f"every cell at max_seeds: {totals['adaptive'] / totals['at_max']:.2f}; wrong verdicts {totals['wrong_a']} "
-          f"adaptive, {totals['wrong_f']} fixed; decided {totals['decided_a']} adaptive, {totals['decided_f']} fixed "
-          f"({time.time() - started:.0f} s)")
+    print(f"all ({mix}): adaptive {totals['adaptive']:,} tokens; the fixed grid reaching its verdicts "
+          f"{totals['fixed']:,}: ratio {totals['adaptive'] / totals['fixed']:.2f} (target ≤ 0.60); the hindsight "
+          f"bound {totals['hindsight']:,}: ratio {totals['adaptive'] / totals['hindsight']:.2f}; wrong verdicts "
+          f"{totals['wrong_a']} adaptive, {totals['wrong_f']} fixed, {totals['wrong_h']} hindsight; decided "
+          f"{totals['decided_a']}, {totals['decided_f']}, {totals['decided_h']} ({time.time() - started:.0f} s)")
     return totals
 
 
