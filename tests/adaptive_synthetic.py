@@ -55,9 +55,10 @@ def _fit(d: np.ndarray, have: np.ndarray, ratios: int, budgets: int, pool: str) 
 
 
 def run(d: np.ndarray, design: Q.Design, margin: float, ratios: int, budgets: int, pool: str = "model",
-        procedure: str = "sequential") -> Outcome:
+        procedure: str = "sequential", futility: float = 0.1) -> Outcome:
     """The adaptive loop over replicates: d (reps, design.last, cells) holds every seed a cell could get (a cell sees
-    its first `have` seeds)."""
+    its first `have` seeds). As gridlab.adaptive does, an open cell gets no more seeds where
+    sequential.power_at_last_look is below `futility` ([adaptive] futility's default)."""
     if procedure not in PROCEDURES:
         raise ValueError(procedure)
     reps, _, cells = d.shape
@@ -85,7 +86,9 @@ def run(d: np.ndarray, design: Q.Design, margin: float, ratios: int, budgets: in
                                margin)["verdict"].reshape(reps, cells)
             verdict = np.where(frozen != "", frozen, verdict)
             frozen = np.where(verdict != "inconclusive", verdict, frozen)
-        open_ = (verdict == "inconclusive") & (have < design.last)
+        with np.errstate(invalid="ignore"):
+            hopeful = ~(Q.power_at_last_look(fit["benefit"], fit["se"], have, design, margin) < futility)
+        open_ = (verdict == "inconclusive") & (have < design.last) & hopeful
         if not open_.any():
             return Outcome(verdict, have, looks, rounds)
         rows, columns = np.nonzero(open_)

@@ -5,6 +5,7 @@ SLURM advancing one round per call, what status, the database and the report sho
 
 import json
 import math
+import re
 
 import duckdb
 import pytest
@@ -24,8 +25,11 @@ BUDGETS = [1024, 4096]
 
 
 def _grid(tmp_path, adaptive=None, **changes):
+    """The tiny grid, 2 ratios × 2 budgets, setting 1, seeds 0 and 1; `adaptive` keys over max_seeds 5 and margin
+    0.05 (None leaves a key out)."""
+    table = {"max_seeds": 5, "margin": 0.05, **(adaptive or {})}
     grid = tiny_grid(name="a", runs_dir=str(tmp_path / "runs"), seeds=[0, 1], budgets=BUDGETS, settings=[1],
-                     ratios=[0.25, 0.5], adaptive={"max_seeds": 5, "margin": 0.05, **(adaptive or {})})
+                     ratios=[0.25, 0.5], adaptive={k: v for k, v in table.items() if v is not None})
     grid.update(changes)
     return grid
 
@@ -279,3 +283,72 @@ def test_slurm_advances_the_study_one_round_per_call(tmp_path, monkeypatch):
     call()
     record = _record(tmp_path)
     assert len(record.rounds) == 2 or record.stopped is not None
+
+
+def test_slurm_with_wait_runs_the_rounds_to_the_end(tmp_path, monkeypatch):
+    """`--wait` on SLURM: each round is submitted, waited for and looked at, until the study stops."""
+    from gridlab import execute
+
+    FakeSlurm(tmp_path / "slurm", monkeypatch, timeout_s=1.0)
+    finish = upstream_loss_writer(planted(decided_and_open, sd=0.02))
+    path = write_grid(tmp_path, _grid(tmp_path))
+    run_dir = tmp_path / "runs" / "a"
+    waited = []
+
+    def jobs_run(run_dir_, stages, report=print, poll_s=5.0):  # the cluster runs every submitted job
+        waited.append(len(stages))
+        finish(run_dir_, api.plan(path))
+        return {}
+
+    monkeypatch.setattr(execute, "wait_for", jobs_run)
+    outcome = api.submit(path, executor="slurm", adaptive=True, wait=True, report=lambda line: None)
+    record = rounds.read_record(run_dir)
+    assert outcome.exit_code == 0 and outcome.adaptive.status == "stopped"
+    assert record.stopped.reason == "decided" and len(waited) == len(record.rounds) + 1
+
+
+# ------------------------------------------------------------------------------------------------ the grid file
+
+
+def test_one_margin_for_the_report_and_the_rounds(tmp_path):
+    spec = parse_grid(_grid(tmp_path))                        # only [adaptive] margin: it becomes the report's
+    assert spec.report.margin == 0.05 == spec.adaptive.margin
+    spec = parse_grid(_grid(tmp_path, adaptive={"margin": None}, report={"margin": 0.03}))
+    assert spec.report.margin == 0.03 and spec.adaptive.margin is None
+    spec = parse_grid(_grid(tmp_path, report={"margin": 0.05}))       # the same value in both
+    assert spec.report.margin == 0.05
+    spec = parse_grid(_grid(tmp_path, adaptive={"metric": "eval/x/loss"}, report={"margins": {"eval/x/loss": 0.05}}))
+    assert spec.report.margin == 0.02                          # the metric's own entry is the one compared
+    for adaptive, changes, message in [
+        ({}, dict(report={"margin": 0.02}), "adaptive.margin: 0.05 differs from report.margin = 0.02"),
+        ({"metric": "eval/x/loss"}, dict(report={"margins": {"eval/x/loss": 0.1}}),
+         "differs from report.margins.eval/x/loss = 0.1"),
+        ({"max_seeds": 1}, {}, "adaptive.max_seeds"),
+        ({"max_seeds": 2}, dict(seeds=[0, 1, 2]), "adaptive.max_seeds: 2 is fewer than the grid's 3 seeds"),
+        ({"max_budget": 2000}, {}, "adaptive.max_budget: 2000 is below the grid's largest budget 4096"),
+        ({"spending": "haybittle"}, {}, "adaptive.spending"),
+        ({"max_sedes": 3}, {}, "did you mean 'max_seeds'"),
+        ({"futility": 1.0}, {}, "adaptive.futility"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_grid(_grid(tmp_path, adaptive=adaptive, **changes))
+
+
+def test_every_verb_sees_the_added_cells(tmp_path, monkeypatch):
+    """After an adaptive study: clean keeps every trajectory the rounds trained, export has the added cells, the
+    report's verdicts are the last look's, reset --where seed=… takes only that seed's own work."""
+    fake_execution(monkeypatch, planted(decided_and_open, sd=0.02))
+    path = write_grid(tmp_path, _grid(tmp_path))
+    _submit(path)
+    record = _record(tmp_path)
+    removal = api.clean(path, dry_run=True, report=lambda line: None)
+    assert not removal.stages and not removal.loses_finished_work
+    written = api.export(path, tmp_path / "cells.csv")
+    cells = duckdb.connect().execute(f"select distinct seed from read_csv('{written['path']}')").fetchall()
+    assert {s for (s,) in cells} == set(range(len(record.rounds) + 2))
+    files = api.report(path, out=tmp_path / "report")
+    verdicts = duckdb.connect().execute(f"select verdict, count(*) from read_csv('{files['verdicts']}') "
+                                        f"group by verdict").fetchall()
+    assert dict(verdicts) == {k: v for k, v in record.stopped.verdicts.items() if v}
+    removal = api.reset(path, where=["seed=3"], dry_run=True, report=lambda line: None)
+    assert removal.stages and all(s in {st.id for st in api.plan(path).stages.values()} for s in removal.stages)

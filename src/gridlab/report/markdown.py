@@ -165,4 +165,7 @@ def _design(a: Analysis) -> list[str]:
                  "Going on: the last round's cells are not all done yet.")
     if study["cost"]:
         lines += ["", study["cost"]]
+    lines += ["", "Only the verdicts and their intervals are sequential; the other intervals (each arm's seed "
+              "interval, the gap models' prediction bands, D_eff's) are fixed-sample ones on a sample whose size "
+              "depended on the data: descriptive."]
     return lines + [""]

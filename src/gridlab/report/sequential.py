@@ -245,16 +245,23 @@ def sequential_gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str
 
 
 def conditional_power(gaps: pl.DataFrame, design: Design, margin: float) -> np.ndarray:
-    """Per cell of a sequential gap table, the chance that its last look (design.last seeds) decides it if the
-    gap is what is estimated now: the standard error shrunk to se·√(n / last), the estimate taken as the truth, the
-    last look's nominal levels (α/2 per side for the difference, α for each side of the equivalence) and t quantiles
-    with last − 1 degrees of freedom; the larger of the two decisions' chances. Benjamini–Hochberg is left out
-    (optimistic), and so are the looks before the last (pessimistic): a heuristic for where seeds are worth
-    spending — stopping a cell for futility never raises the error rates (the test only loses chances to
-    reject). NaN where a cell has no interval."""
-    seeds = gaps["n_seeds"].cast(pl.Float64).to_numpy()
-    benefit = np.abs(gaps["benefit"].fill_null(np.nan).to_numpy().astype(float))
-    se = gaps["se"].fill_null(np.nan).to_numpy().astype(float) * np.sqrt(seeds / design.last)
+    """power_at_last_look for every cell of a sequential gap table (its n_seeds, benefit and se)."""
+    return power_at_last_look(gaps["benefit"].fill_null(np.nan).to_numpy().astype(float),
+                              gaps["se"].fill_null(np.nan).to_numpy().astype(float),
+                              gaps["n_seeds"].cast(pl.Float64).to_numpy(), design, margin)
+
+
+def power_at_last_look(benefit: np.ndarray, se: np.ndarray, seeds: np.ndarray, design: Design,
+                       margin: float) -> np.ndarray:
+    """The chance that a cell's last look (design.last seeds) decides it if its gap is what is estimated now: the
+    standard error shrunk to se·√(n / last), the estimate taken as the truth, the last look's nominal levels (α/2
+    per side for the difference, α for each side of the equivalence) and t quantiles with last − 1 degrees of
+    freedom; the larger of the two decisions' chances. Benjamini–Hochberg is left out (optimistic), and so are the
+    looks before the last (pessimistic): a heuristic for where seeds are worth spending — stopping a cell for
+    futility never raises the error rates (its tests only lose chances to reject). NaN where a cell has no
+    interval."""
+    benefit = np.abs(np.asarray(benefit, dtype=float))
+    se = np.asarray(se, dtype=float) * np.sqrt(np.asarray(seeds, dtype=float) / design.last)
     last = np.array([float(design.last)])
     dof = design.last - 1.0
     difference = special.stdtrit(dof, 1 - nominal_at(last, design, design.alpha / 2)[0])
