@@ -162,7 +162,23 @@ def test_caps_stop_the_study_and_say_which(tmp_path, monkeypatch):
     path = write_grid(other, _grid(other, adaptive={"max_seeds": 2}))
     _submit(path)
     stopped = rounds.read_record(other / "runs" / "a").stopped
-    assert stopped.reason == "exhausted" and "the 2 inconclusive cell(s) have max_seeds = 2 seeds" in stopped.line
+    assert stopped.reason == "exhausted" and "of the 2 inconclusive cell(s), 2 have max_seeds = 2 seeds" in stopped.line
+
+
+def test_a_cell_even_max_seeds_would_hardly_decide_gets_no_seed(tmp_path, monkeypatch):
+    """Futility: a gap at the margin against a spread ten times larger — max_seeds would decide it with a chance
+    under [adaptive] futility, so no seed is spent on it; with futility = 0 it gets its seeds."""
+    fake_execution(monkeypatch, planted(lambda method, ratio, tokens: -1.0 if ratio < 0.4 else -0.05, sd=0.3))
+    path = write_grid(tmp_path, _grid(tmp_path, adaptive={"futility": 0.5}))
+    _submit(path)
+    record = _record(tmp_path)
+    assert all(a.ratio == 0.25 for r in record.rounds for a in r.seeds)        # never the hopeless ratio 0.5
+    assert record.stopped.reason == "exhausted"
+    assert "would be decided with less than a 50% chance even with max_seeds (futility)" in record.stopped.line
+    other = tmp_path / "other"
+    other.mkdir()
+    _submit(write_grid(other, _grid(other, adaptive={"futility": 0})))
+    assert any(a.ratio == 0.5 for r in rounds.read_record(other / "runs" / "a").rounds for a in r.seeds)
 
 
 def test_the_sequential_design_cannot_change_after_a_look(tmp_path, monkeypatch):

@@ -188,13 +188,13 @@ def next_budgets(crossovers: list[Crossover], planned: dict[tuple, set[int]], sp
             low, high = float(c.low), float(c.high)
             if any(low < b < high for b in have):
                 continue  # a budget inside the bracket: its seeds narrow it
-            what = f"crossover between {low:,.0f} and {high:,.0f} tokens ({c.direction}): the geometric midpoint"
+            what = f"crossover between {low:,.0f} and {high:,.0f} tokens, where {c.direction}: the geometric midpoint"
         elif c.kind == "extrapolated":
             low = float(max(have))
             far = HORIZON * low if c.open_high or c.high is None else float(c.high)
             high = min(far, float(limit))
-            what = (f"crossover extrapolated to ≈ {c.budget:,.0f} tokens, beyond the largest budget {low:,.0f} "
-                    f"({c.direction}): halfway to {high:,.0f} in log tokens")
+            what = (f"crossover extrapolated to ≈ {c.budget:,.0f} tokens, beyond the largest budget {low:,.0f}, where "
+                    f"{c.direction}: halfway to {high:,.0f} in log tokens")
         else:
             continue
         if high / low <= adaptive.min_bracket:

@@ -14,7 +14,7 @@ stages are submitted, so a crash between rounds loses nothing: the next `submit 
                  "seeds": [{"method": "wanda", "ratio": 0.5, "setting": 1, "budget": 20000, "seed": 2,
                             "why": "inconclusive: gap +0.012, 95 % repeated CI ±0.031 with 2 seeds"}],
                  "budgets": [{"method": "wanda", "ratio": 0.5, "setting": 1, "budget": 28288, "seeds": [0, 1],
-                              "why": "crossover between 20,000 and 40,000 tokens: its geometric midpoint"}]}],
+                              "why": "crossover between 20,000 and 40,000 tokens, where …: the geometric midpoint"}]}],
      "stopped": {"look": 3, "reason": "decided", "line": "…", "at": 1.7e9, "verdicts": {…}, "tokens": 163840,
                  "grid_tokens": 2457600, "fixed_tokens": 4915200}}
 
@@ -98,7 +98,7 @@ class Round(_Record):
             budgets = sorted({a.budget for a in self.seeds})
             parts.append(f"the next seed of {len(self.seeds)} cell(s) whose verdict is inconclusive (budgets "
                          + ", ".join(f"{b:,}" for b in budgets) + ")")
-        parts += [f"budget {a.budget:,} for {a.method} ratio {a.ratio:g} setting {a.setting} ({a.why})"
+        parts += [f"budget {a.budget:,} for {a.method} ratio {a.ratio:g} setting {a.setting}: {a.why}"
                   for a in self.budgets]
         return "; ".join(parts)
 
