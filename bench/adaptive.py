@@ -93,8 +93,8 @@ def validity(reps: int) -> None:
                         outcome = A.run(d, design, margin, RATIOS, BUDGETS, pool, procedure)
                         wrong = A.wrong(outcome.verdicts, -gap, margin)
                         if truth == "mixed":  # some nulls false: BH controls the false discovery rate
-                            decided = (outcome.verdicts != "inconclusive").sum(axis=1)
-                            rates[procedure] = (wrong.sum(axis=1) / np.maximum(decided, 1)).mean()
+                            count = (outcome.verdicts != "inconclusive").sum(axis=1)
+                            rates[procedure] = (wrong.sum(axis=1) / np.maximum(count, 1)).mean()
                         else:  # every null true (or every gap large): the family-wise rate
                             rates[procedure] = wrong.any(axis=1).mean()
                         if procedure == "sequential":

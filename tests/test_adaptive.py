@@ -368,3 +368,14 @@ def test_every_verb_sees_the_added_cells(tmp_path, monkeypatch):
     assert dict(verdicts) == {k: v for k, v in record.stopped.verdicts.items() if v}
     removal = api.reset(path, where=["seed=3"], dry_run=True, report=lambda line: None)
     assert removal.stages and all(s in {st.id for st in api.plan(path).stages.values()} for s in removal.stages)
+
+
+def test_a_record_that_is_not_one_is_one_line(tmp_path):
+    path = write_grid(tmp_path, _grid(tmp_path))
+    record = RunPaths(tmp_path / "runs" / "a").adaptive
+    record.parent.mkdir(parents=True)
+    record.write_text('{"version": 1, "rounds": [{"round": "first"}]}')
+    with pytest.raises(UserError, match="adaptive.json: not an adaptive study's record"):
+        api.plan(path)
+    result = CliRunner().invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2 and "not an adaptive study's record" in result.output

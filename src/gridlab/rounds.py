@@ -28,9 +28,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gridlab import atomic
+from gridlab.errors import UserError
 from gridlab.layout import RunPaths
 
 VERSION = 1
@@ -132,11 +133,17 @@ class Record(_Record):
 
 
 def read_record(run_dir: Path) -> Record:
-    """The study's record; an empty one when the run has none (a fixed grid, or no look has added anything)."""
+    """The study's record; an empty one when the run has none (a fixed grid). A file that is not a record (edited by
+    hand, another tool's) is one UserError line: planning without its rounds would drop their cells."""
     path = RunPaths(run_dir).adaptive
     if not path.exists():
         return Record()
-    return Record.model_validate_json(path.read_bytes())
+    try:
+        return Record.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path}: not an adaptive study's record ({first}); restore it (its rounds' cells are part "
+                        f"of the plan), or move it away to plan the grid without them") from None
 
 
 def write_record(run_dir: Path, record: Record) -> None:
