@@ -253,14 +253,14 @@ def _fixed_tokens(spec, cells) -> int:
     return build_plan(fixed).train_tokens()
 
 
-def advance(spec, report=print) -> Step:
+def advance(spec) -> Step:
     """Look at a study whose every stage is done and record what follows: a round (its additions, what it trains)
     or the reason to stop (then the database is ingested again, so its adaptive tables say it). The caller holds
     the run lock. Every other step of the loop is api.submit's."""
     from gridlab import db
     from gridlab.state import stage_states
 
-    step = _advance(spec, report)
+    step = _advance(spec)
     if step.status == "stopped":
         current = build_plan_of(spec)
         db.ingest(spec.run_dir, stage_states(spec.run_dir, list(current.stages.values()), verify=True))
@@ -274,7 +274,7 @@ def build_plan_of(spec):
     return build_plan(spec, extra_cells(read_record(spec.run_dir)))
 
 
-def _advance(spec, report) -> Step:
+def _advance(spec) -> Step:
     from gridlab import db
     from gridlab.layout import RunPaths
     from gridlab.plan import build_plan, estimated_gpu_hours
@@ -297,8 +297,7 @@ def _advance(spec, report) -> Step:
     look = look_at(spec, current.cells, values, higher, record)
     number = len(record.rounds) + 1
     record.design = record.design or design_record(spec)
-    grid = build_plan(spec)
-    grid_tokens = grid.train_tokens()
+    grid_tokens = build_plan(spec).train_tokens()  # the grid's own cells (the default max_tokens)
     if not look.seeds and not look.budgets:
         if look.open == 0:
             reason, line = "decided", (f"every verdict is decided ({_verdict_line(look.verdicts)}) and no crossover "

@@ -284,7 +284,7 @@ def submit_adaptive(grid: str | Path, executor: str = "local", workers: int | No
                    f"are done (or with --wait) to look at it and go on")
             return outcome
         with lock.run_lock(outcome.run_dir, "submit", wait=wait_lock, report=report), in_grid_file(grid):
-            step = adaptive.advance(load_grid(grid), report)
+            step = adaptive.advance(load_grid(grid))
         outcome.adaptive = step
         report(f"adaptive: {step.line}")
         if step.status == "stopped":
