@@ -293,9 +293,9 @@ class ExtraCell:
 
     method: str  # the method's key (its label, or name)
     ratio: float
-    seed: int
     budget: int
-    setting: int
+    seed: int
+    setting: int  # the setting whose verdict asked for it (a setting-1 seed buys no setting-2 random training)
 
 
 def cell_keys(spec: GridSpec, extra_cells=()) -> dict[tuple[str, float], dict[int, list[tuple[int, int]]]]:

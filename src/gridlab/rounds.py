@@ -158,8 +158,8 @@ def extra_cells(record: Record) -> list:
 
     cells = []
     for entry in record.rounds:
-        cells += [ExtraCell(a.method, a.ratio, a.seed, a.budget, a.setting) for a in entry.seeds]
-        cells += [ExtraCell(a.method, a.ratio, seed, a.budget, a.setting) for a in entry.budgets for seed in a.seeds]
+        cells += [ExtraCell(a.method, a.ratio, a.budget, a.seed, a.setting) for a in entry.seeds]
+        cells += [ExtraCell(a.method, a.ratio, a.budget, seed, a.setting) for a in entry.budgets for seed in a.seeds]
     return cells
 
 
