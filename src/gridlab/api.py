@@ -72,13 +72,16 @@ def run_dir_of(grid: str | Path) -> Path:
 
 
 def plan(grid: str | Path):
-    """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts. Submits nothing. Every problem
-    with the grid is one UserError line naming the file (gridlab.errors.in_grid_file)."""
+    """The validated grid's plan (gridlab.plan.Plan): cells, stages, token counts, with the cells an adaptive study
+    added (runs/<grid>/adaptive.json, gridlab.rounds). Submits nothing. Every problem with the grid is one UserError
+    line naming the file (gridlab.errors.in_grid_file)."""
     from gridlab.plan import build_plan  # torch: see the note under the imports
+    from gridlab.rounds import run_extra_cells
     from gridlab.spec import load_grid
 
     with in_grid_file(grid):
-        return build_plan(load_grid(grid))
+        spec = load_grid(grid)
+        return build_plan(spec, extra_cells=run_extra_cells(spec))  # an adaptive study's added cells
 
 
 def plan_text(grid: str | Path, workers: int | None = None, where: Iterable[str] = ()) -> str:
@@ -145,6 +148,7 @@ class SubmitOutcome:
     ran: dict[str, str] = field(default_factory=dict)    # stage id → what happened this call
     submitted: bool = False                              # slurm: jobs were submitted and are still running
     selected: int = 0                                    # stages --where selected (all, without --where)
+    adaptive: Any = None                                 # --adaptive: the last look (gridlab.adaptive.Step)
 
     @property
     def blocked(self) -> list[str]:
@@ -165,7 +169,8 @@ class SubmitOutcome:
 
 def submit(grid: str | Path, executor: str = "local", workers: int | None = None, retry_failed: bool = False,
            dry_run: bool = False, wait: bool = False, where: Iterable[str] = (), wait_lock: bool = False,
-           report: Callable[[str], None] = print, watch: Callable[..., Any] | None = None) -> SubmitOutcome:
+           report: Callable[[str], None] = print, watch: Callable[..., Any] | None = None,
+           adaptive: bool = False) -> SubmitOutcome:
     """Run (local, debug) or submit (slurm) every stage of the grid (or of ``where``'s sub-grid, with what it needs
     upstream) that is not done; idempotent.
 
@@ -173,8 +178,13 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
     (slurm) blocks until every submitted stage has finished. ``wait_lock``: wait for another submitter holding the
     run instead of raising. ``watch(run_dir, stages, to_train)``: a context manager that is open while the stages
     run (the CLI's live view reads ``progress_snapshot`` in it); ``stages`` are those to run, ``to_train`` the tokens
-    they train. The database is rebuilt whenever stages have finished.
+    they train. The database is rebuilt whenever stages have finished. ``adaptive``: an adaptive study
+    (submit_adaptive).
     """
+    if adaptive:
+        return submit_adaptive(grid, executor=executor, workers=workers, retry_failed=retry_failed,
+                               dry_run=dry_run, wait=wait, where=where, wait_lock=wait_lock, report=report,
+                               watch=watch)
     from gridlab import db  # DuckDB, polars; and the planner, torch: see the note under the imports
     from gridlab.plantext import format_plan
 
@@ -240,6 +250,54 @@ def submit(grid: str | Path, executor: str = "local", workers: int | None = None
     finally:
         if run_lock is not None:
             run_lock.release()
+
+
+def submit_adaptive(grid: str | Path, executor: str = "local", workers: int | None = None,
+                    retry_failed: bool = False, dry_run: bool = False, wait: bool = False, where: Iterable[str] = (),
+                    wait_lock: bool = False, report: Callable[[str], None] = print,
+                    watch: Callable[..., Any] | None = None) -> SubmitOutcome:
+    """An adaptive study (gridlab.adaptive): run the grid's cells and every recorded round; once every stage is
+    done, look at the verdicts and record the next round (or the reason to stop), and go on. Locally (and on SLURM
+    with ``wait``) it runs the rounds to the end; on SLURM without ``wait`` each call advances the study by one
+    round: it submits what is not done and returns, and a call that finds every stage done looks, records the next
+    round and submits it. ``outcome.adaptive`` is the last step (gridlab.adaptive.Step)."""
+    from gridlab import adaptive, lock
+    from gridlab.errors import in_grid_file
+    from gridlab.plan import build_plan
+    from gridlab.rounds import read_record
+    from gridlab.spec import load_grid
+    from gridlab.state import stage_states
+
+    if list(where or ()):
+        raise UserError("--adaptive runs the whole grid and adds cells where its verdicts are open; --where selects "
+                        "a sub-grid: give one or the other")
+    with in_grid_file(grid):
+        spec = load_grid(grid)
+        adaptive.check_study(spec, read_record(spec.run_dir))
+        adaptive.check_caps(spec, build_plan(spec))
+    while True:
+        outcome = submit(grid, executor=executor, workers=workers, retry_failed=retry_failed, dry_run=dry_run,
+                         wait=wait, wait_lock=wait_lock, report=report, watch=watch)
+        if dry_run:
+            report("adaptive: once every stage is done, a look decides the next round")
+            return outcome
+        if outcome.exit_code != EXIT_OK:
+            report("adaptive: the study waits until the failed or unknown stages are resolved (`gridlab status`; "
+                   "`--retry-failed`)")
+            return outcome
+        stages = list(outcome.plan.stages.values())
+        if not all(s.status == "done" for s in stage_states(outcome.run_dir, stages).values()):
+            rounds = len(read_record(outcome.run_dir).rounds)
+            where_now = f"round {rounds}" if rounds else "the grid's cells"
+            report(f"adaptive: {where_now} submitted; run `gridlab submit {grid} --adaptive` again once its jobs "
+                   f"are done (or with --wait) to look at it and go on")
+            return outcome
+        with lock.run_lock(outcome.run_dir, "submit", wait=wait_lock, report=report), in_grid_file(grid):
+            step = adaptive.advance(load_grid(grid))
+        outcome.adaptive = step
+        report(f"adaptive: {step.line}")
+        if step.status == "stopped":
+            return outcome
 
 
 def check_workers(workers: int | None) -> None:
@@ -407,7 +465,21 @@ def status(grid: str | Path, log_lines: int = 5, where: Iterable[str] = (), sche
     stale = stale_inputs(record, current_inputs(record.grid), run_dir)
     return {"grid": index["grid"], "run_dir": str(run_dir), "stages": by_kind, "cells": cells, "failed": failed,
             "unknown": unknown, "running": running, "held_by": holder, "stale": stale,
-            "progress": {"done": done, "total": len(states), "eta_s": estimate_eta(run_dir, states)}}
+            "progress": {"done": done, "total": len(states), "eta_s": estimate_eta(run_dir, states)},
+            "adaptive": adaptive_status(run_dir)}
+
+
+def adaptive_status(run_dir: Path) -> dict[str, Any] | None:
+    """An adaptive study's rounds (gridlab.rounds) as status shows them; None for a fixed grid."""
+    from gridlab.rounds import read_record
+
+    record = read_record(run_dir)
+    if record.design is None:
+        return None
+    return {"design": record.design.model_dump(), "tokens": record.tokens, "gpu_hours": record.gpu_hours,
+            "rounds": [{"round": r.round, "what": r.summary, "cells": r.cells, "tokens": r.tokens,
+                        "gpu_hours": r.gpu_hours, "verdicts": r.verdicts, "open": r.open} for r in record.rounds],
+            "stopped": record.stopped.model_dump() if record.stopped else None}
 
 
 # ------------------------------------------------------------------------------------------------------ cancel

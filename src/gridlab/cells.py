@@ -21,13 +21,15 @@ from gridlab.spec import MAX_SEED, GridSpec, MethodSpec
 @dataclass(frozen=True)
 class CellKey:
     """One (method, ratio, budget, seed) point of a grid; it stands for its cells of every init and setting the grid
-    has. ``method`` is the method's label (``MethodSpec.label``: what the results call it), ``budget`` a token count
-    (0: the reference cells only)."""
+    has — or, with ``setting``, of that setting only (an adaptive round adds a seed where one setting's verdict is
+    open: a setting-1 seed need not buy setting 2's P + B random training). ``method`` is the method's label
+    (``MethodSpec.label``: what the results call it), ``budget`` a token count (0: the reference cells only)."""
 
     method: str
     ratio: float
     budget: int
     seed: int
+    setting: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,14 @@ class CellDraft:
 
 @dataclass
 class Replicate:
-    """One (method, ratio, seed): one prune stage and one random twin, trained to ``budgets`` (0 first)."""
+    """One (method, ratio, seed): one prune stage and one random twin, trained to ``budgets`` (0 first), each budget
+    in the settings ``settings[budget]`` (every setting of the grid, unless an extra cell asked for one)."""
 
     method: MethodSpec
     ratio: float
     seed: int
     budgets: list[int]
+    settings: dict[int, set[int]] = field(default_factory=dict)
     cells: list[CellDraft] = field(default_factory=list)   # those the exclude rules leave, in plan order
 
 
@@ -87,18 +91,23 @@ def enumerate_cells(spec: GridSpec, extra: Iterable[CellKey] = ()) -> CellGrid:
     methods = {method.label: method for method in spec.methods}
     extra = [_checked(spec, methods, key) for key in extra]
     replicates: dict[tuple[str, float, int], Replicate] = {}
+    every = set(spec.settings)
     for key in [*grid_keys(spec), *extra]:
         group = (key.method, key.ratio, key.seed)
         if group not in replicates:
-            replicates[group] = Replicate(methods[key.method], key.ratio, key.seed, [0])
-        if key.budget not in replicates[group].budgets:
-            replicates[group].budgets.append(key.budget)
+            replicates[group] = Replicate(methods[key.method], key.ratio, key.seed, [0], {0: set(every)})
+        replicate = replicates[group]
+        if key.budget not in replicate.budgets:
+            replicate.budgets.append(key.budget)
+        replicate.settings.setdefault(key.budget, set()).update(every if key.setting is None else {key.setting})
     excluded, matched = 0, set()
     for replicate in replicates.values():
         kind = granularity(replicate.method)
         for init in spec.inits:
             for budget in replicate.budgets:
                 for setting in spec.settings:
+                    if setting not in replicate.settings[budget]:
+                        continue
                     trained = budget + spec.parent.tokens if (init == "random" and setting == 2) else budget
                     point = {"method": replicate.method.label, "ratio": replicate.ratio, "init": init,
                              "budget": budget, "setting": setting, "seed": replicate.seed}
@@ -136,4 +145,16 @@ def _checked(spec: GridSpec, methods: dict[str, MethodSpec], key: CellKey) -> Ce
                      f"schedule.warmup_tokens ({spec.schedule.warmup_tokens})")
     if not 0 <= key.seed <= MAX_SEED:
         raise refuse(f"a seed is between 0 and {MAX_SEED}")
-    return CellKey(key.method, ratio, int(key.budget), int(key.seed))
+    if key.setting is not None and key.setting not in spec.settings:
+        raise refuse(f"the grid's settings are {', '.join(map(str, spec.settings))}")
+    return CellKey(key.method, ratio, int(key.budget), int(key.seed), key.setting)
+
+
+def fits(spec: GridSpec, key: CellKey) -> bool:
+    """Whether an extra cell is a point of this grid's lists but for its seed and budget: a method it has (by label),
+    one of that method's ratios, one of its settings. An adaptive study's record keeps its additions when the grid
+    file changes; those that no longer fit are left out of the plan, as the cells of a method removed from the grid
+    would be (gridlab.rounds.extra_cells)."""
+    method = next((m for m in spec.methods if m.label == key.method), None)
+    return (method is not None and any(abs(float(key.ratio) - r) < 1e-9 for r in spec.method_ratios(method))
+            and (key.setting is None or key.setting in spec.settings))

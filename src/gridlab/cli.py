@@ -188,10 +188,15 @@ def submit(grid: str = typer.Argument(DEFAULT_GRID, help="grid file"),
            wait: bool = typer.Option(False, "--wait", help="slurm: block until every stage has finished"),
            wait_lock: bool = typer.Option(False, "--wait-lock",
                                           help="wait for another submitter holding this run instead of exiting 2"),
-           where: Where = None):
+           where: Where = None,
+           adaptive: bool = typer.Option(False, "--adaptive",
+                                         help="an adaptive study ([adaptive] in the grid): once every cell is done, "
+                                              "rounds add seeds where verdicts are inconclusive and budgets where "
+                                              "crossovers are bracketed; slurm: one round per call (--wait: all)")):
     view = SubmitView(live=sys.stdout.isatty())
     outcome = api.submit(grid, executor=executor, workers=workers, retry_failed=retry_failed, dry_run=dry_run,
-                         wait=wait, where=where, wait_lock=wait_lock, report=view.line, watch=view)
+                         wait=wait, where=where, wait_lock=wait_lock, report=view.line, watch=view,
+                         adaptive=adaptive)
     if not dry_run:
         if outcome.submitted and not wait:
             typer.echo(f"submitted; follow with: gridlab status {grid} --watch")
@@ -230,10 +235,35 @@ def format_status(report: dict) -> str:
         lines.append(f"  log {failure['log_path']}")
         lines.extend(f"  | {line}" for line in failure["log_tail"])
     lines.extend(_running_lines(report))
+    lines.extend(_adaptive_lines(report.get("adaptive")))
     for unknown in report["unknown"]:
         lines.append(f"warning: unknown {unknown['kind']} {unknown['stage_id']}: {unknown['error'] or ''}")
     lines.extend(f"warning: {line}" for line in report.get("stale", []))
     return "\n".join(lines)
+
+
+def _adaptive_lines(study: dict | None) -> list[str]:
+    """An adaptive study's rounds: what each added and why, its tokens and GPU-hours, and where the study stands."""
+    if not study:
+        return []
+    design = study["design"]
+    kind = {"pocock": "Pocock-type", "obrien-fleming": "O'Brien–Fleming-type"}.get(design["spending"],
+                                                                                  design["spending"])
+    lines = [f"adaptive study: looks at {design['first']}–{design['last']} seeds per cell, {kind} alpha spending, "
+             f"margin {design['margin']:g} ({design['metric']})"]
+    for entry in study["rounds"]:
+        hours = f", ≈ {entry['gpu_hours']:,.1f} GPU-hours" if entry["gpu_hours"] is not None else ""
+        counts = ", ".join(f"{n} {v}" for v, n in entry["verdicts"].items())
+        lines.append(f"  round {entry['round']}: {entry['what']} — {entry['tokens']:,} tokens{hours} (the look "
+                     f"before it: {counts})")
+    hours = f", ≈ {study['gpu_hours']:,.1f} GPU-hours" if study["gpu_hours"] is not None else ""
+    lines.append(f"  rounds so far: {len(study['rounds'])}, {study['tokens']:,} tokens{hours}")
+    stopped = study["stopped"]
+    if stopped:
+        lines.append(f"  stopped ({stopped['reason']}): {stopped['line']}")
+    else:
+        lines.append("  going on: `gridlab submit --adaptive` looks again once the last round's cells are done")
+    return lines
 
 
 def _running_lines(report: dict, limit: int = 20) -> list[str]:

@@ -61,6 +61,20 @@ SCHEMA = {
     "stages": [("stage_id", "VARCHAR"), ("kind", "VARCHAR"), ("status", "VARCHAR"), ("job_id", "VARCHAR"),
                ("attempts", "INTEGER"), ("started", "DOUBLE"), ("finished", "DOUBLE"), ("log_path", "VARCHAR"),
                ("error", "VARCHAR"), *[(name, kind) for name, kind in PROVENANCE_COLUMNS]],
+    # An adaptive study (gridlab.rounds: runs/<grid>/adaptive.json): its design and where it stands (one row, none
+    # for a fixed grid), each round (what it added and why, what it cost, the verdicts that decided it), each cell
+    # a round added (both arms: one row per method × ratio × setting × budget × seed).
+    "adaptive": [("first_seeds", "INTEGER"), ("max_seeds", "INTEGER"), ("spending", "VARCHAR"), ("alpha", "DOUBLE"),
+                 ("margin", "DOUBLE"), ("metric", "VARCHAR"), ("rounds", "INTEGER"), ("tokens", "BIGINT"),
+                 ("gpu_hours", "DOUBLE"), ("stopped", "VARCHAR"), ("stop_line", "VARCHAR"),
+                 ("grid_tokens", "BIGINT"), ("fixed_tokens", "BIGINT")],
+    "adaptive_rounds": [("round", "INTEGER"), ("looked_at", "DOUBLE"), ("seeds_added", "INTEGER"),
+                        ("budgets_added", "INTEGER"), ("cells_added", "INTEGER"), ("tokens", "BIGINT"),
+                        ("gpu_hours", "DOUBLE"), ("open", "INTEGER"), ("prune", "INTEGER"), ("scratch", "INTEGER"),
+                        ("equivalent", "INTEGER"), ("inconclusive", "INTEGER"), ("why", "VARCHAR")],
+    "adaptive_additions": [("round", "INTEGER"), ("kind", "VARCHAR"), ("method", "VARCHAR"), ("ratio", "DOUBLE"),
+                           ("setting", "INTEGER"), ("budget_tokens", "BIGINT"), ("seed", "INTEGER"),
+                           ("why", "VARCHAR")],
 }
 
 # Views over the tables, for the report and for users: each distinct environment the results came from (software
@@ -183,10 +197,34 @@ def ingest(run_dir: Path, states: dict[str, StageState]) -> dict[str, int]:
                 corpus_fingerprint=getattr(data, "corpus_fingerprint", None), gridlab_version=gridlab.__version__,
                 spec_json=json.dumps(grid, sort_keys=True), submitted_at=record.submitted_at)
     documents = document_loss_rows(paths, payloads)
-    tables = [summary, cells, metrics, parent_metrics, stages, documents]
+    tables = [summary, cells, metrics, parent_metrics, stages, documents, *adaptive_tables(run_dir)]
     write_tables(paths.database, tables)
     return {"cells": len(cells), "metrics": len(metrics), "stages": len(stages), "results": len(payloads),
             "document_losses": len(documents)}
+
+
+def adaptive_tables(run_dir: Path) -> list[_Table]:
+    """The tables adaptive, adaptive_rounds and adaptive_additions from the run's record (empty for a fixed grid)."""
+    from gridlab.rounds import additions, read_record
+
+    record = read_record(run_dir)
+    study, rounds, added = _Table("adaptive"), _Table("adaptive_rounds"), _Table("adaptive_additions")
+    if record.design is not None:
+        stop = record.stopped
+        study.add(first_seeds=record.design.first, max_seeds=record.design.last, spending=record.design.spending,
+                  alpha=record.design.alpha, margin=record.design.margin, metric=record.design.metric,
+                  rounds=len(record.rounds), tokens=record.tokens, gpu_hours=record.gpu_hours,
+                  stopped=stop.reason if stop else None, stop_line=stop.line if stop else None,
+                  grid_tokens=stop.grid_tokens if stop else None, fixed_tokens=stop.fixed_tokens if stop else None)
+    for entry in record.rounds:
+        rounds.add(round=entry.round, looked_at=entry.looked_at, seeds_added=len(entry.seeds),
+                   budgets_added=len(entry.budgets), cells_added=entry.cells, tokens=entry.tokens,
+                   gpu_hours=entry.gpu_hours, open=entry.open, why=entry.summary,
+                   **{verdict: entry.verdicts.get(verdict, 0)
+                      for verdict in ("prune", "scratch", "equivalent", "inconclusive")})
+    for row in additions(record):
+        added.add(**row)
+    return [study, rounds, added]
 
 
 def _nonzero_params(model: Contract | None, prune: Contract | None) -> int | None:

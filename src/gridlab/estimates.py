@@ -146,15 +146,23 @@ def disk_per_stage(plan: Plan) -> dict[str, int | None]:
 
 # ------------------------------------------------------------------------------------------------ compute
 
-def training_flops(plan: Plan) -> float:
+def training_flops(plan: Plan, remaining: bool = False) -> float:
     """6·N·tokens over the parent's pretraining and the train stages, N = the parent's parameters × the kept
-    fraction of each cell."""
+    fraction of each cell; ``remaining``: only what the run folder does not hold yet."""
     parent_params = plan.parent_counts.total
     kept_fraction = {c.train_stage: 1 - c.ratio for c in plan.cells}
-    flops = 6 * parent_params * plan.parent_tokens(remaining=False)
+    flops = 6 * parent_params * plan.parent_tokens(remaining=remaining)
     for stage in plan.train_stages():
-        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * plan.stage_tokens(stage, remaining=False)
+        flops += 6 * parent_params * kept_fraction.get(stage.id, 1.0) * plan.stage_tokens(stage, remaining=remaining)
     return flops
+
+
+def estimated_gpu_hours(plan: Plan, remaining: bool = False) -> float | None:
+    """The plan's training in GPU-hours at the assumed MFU (what `gridlab plan` prints); None where the grid's
+    training runs without GPUs (there is no estimate then)."""
+    if not plan.spec.resources.for_kind("train")["gpus_per_node"]:
+        return None
+    return gpu_hours(training_flops(plan, remaining))
 
 
 def gpu_hours(flops: float) -> float:

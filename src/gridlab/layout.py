@@ -4,6 +4,8 @@
       plan.json                 the planned stages and cells (written by `gridlab submit`)
       index.json                what status reads: stage ids, kinds, deps, each cell's eval stage
       disk.json                 the plan's disk estimate per stage of each kind (named when a disk fills up)
+      adaptive.json             an adaptive study's rounds: the cells each added and why (gridlab.adaptive); the
+                                planner adds them to the grid's cells
       results.duckdb            written only by the submitting/ingesting process; workers never open it
       lock                      the run lock: who is submitting to this run folder
       done/<id>                 an empty marker a worker leaves after its result.json (status lists this folder)
@@ -143,6 +145,10 @@ class RunPaths:
     @property
     def disk_estimate(self) -> Path:
         return self.root / "disk.json"
+
+    @property
+    def adaptive(self) -> Path:
+        return self.root / "adaptive.json"
 
     @property
     def database(self) -> Path:

@@ -66,6 +66,7 @@ class Plan:
     stages: dict[str, Stage]                     # id → stage, in dependency order
     cells: list[Cell]
     excluded: int = 0
+    added: int = 0                               # cells beyond the grid's lists (extra_cells: adaptive rounds)
     counts: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)   # what the grid reads, by content (stale-input checks)
     parent_config: Any = None                    # the parent's config (transformers), computed once per plan
@@ -388,5 +389,7 @@ def build_plan(spec: GridSpec, extra_cells: Iterable[CellKey] = ()) -> Plan:
     counts = {kind: 0 for kind in STAGE_KINDS if kind not in DATA_TASK_KINDS or wide.data_tasks}
     for stage in ordered.values():
         counts[stage.kind] += 1
-    return Plan(spec=spec, stages=ordered, cells=cells, excluded=grid.excluded, counts=counts, inputs=inputs,
-                parent_config=parent_shape)
+    budgets = {0, *spec.budgets}
+    added = sum(1 for cell in cells if cell.seed not in spec.seeds or cell.budget_tokens not in budgets)
+    return Plan(spec=spec, stages=ordered, cells=cells, excluded=grid.excluded, added=added, counts=counts,
+                inputs=inputs, parent_config=parent_shape)

@@ -18,7 +18,8 @@ def format_plan(plan: Plan, workers: int | None = None, only: set[str] | None = 
     UserError names a bad one."""
     spec = plan.spec
     workers = workers or spec.local.workers
-    lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded) → {plan.spec.run_dir}"]
+    added = f", {plan.added} added by adaptive rounds" if plan.added else ""
+    lines = [f"grid {spec.name}: {len(plan.cells)} cells ({plan.excluded} excluded{added}) → {plan.spec.run_dir}"]
     parent = spec.parent
     source = f"pretrain {parent.preset} for {parent.tokens:,} tokens" if parent.pretrains else f"load {parent.path}"
     lines.append(f"  parent: {source} (parent tokens P = {parent.tokens:,})")

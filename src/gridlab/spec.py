@@ -414,6 +414,26 @@ class ReportSpec(_Table):
     margins: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # per metric name
 
 
+class AdaptiveSpec(_Table):
+    """`gridlab submit --adaptive` (gridlab.adaptive): once the grid's cells are done, rounds that add the next seed
+    where a verdict is still inconclusive and a budget where a crossover is bracketed, until every verdict is
+    decided, a cap is reached, or nothing more can change a verdict. Never part of a stage's id."""
+
+    # The equivalence margin: the [report] one (one definition). Given here too, it must agree with [report]; given
+    # only here, it becomes [report]'s (GridSpec._one_margin).
+    margin: float | None = Field(None, gt=0)
+    metric: str = "val_loss"  # the headline metric the verdicts judge
+    max_seeds: int = Field(8, ge=2, le=1000)  # per cell: the last look of the sequential design
+    max_tokens: Tokens | None = None  # what the rounds may train in all; default: as much as the grid's own cells
+    max_gpu_hours: float | None = Field(None, gt=0)  # the same in estimated GPU-hours (grids whose training has GPUs)
+    max_budget: Tokens | None = None  # the largest budget a round may add; default: 4 × the grid's largest
+    spending: Literal["pocock", "obrien-fleming"] = "pocock"  # Lan–DeMets alpha spending over the looks
+    min_bracket: float = Field(1.5, gt=1)  # a crossover bracketed by budgets within this ratio is not narrowed
+    # an open cell gets no more seeds when, at its current estimate, even max_seeds would decide it with less than
+    # this chance (futility; 0: never stop a cell for it)
+    futility: float = Field(0.1, ge=0, lt=1)
+
+
 class LocalSpec(_Table):
     """The local executor: parallel worker processes sharing this machine's cores (cores ÷ workers threads each)."""
 
@@ -488,7 +508,29 @@ class GridSpec(_Table):
     resources: ResourcesSpec = ResourcesSpec()
     local: LocalSpec = LocalSpec()
     report: ReportSpec = ReportSpec()
+    adaptive: AdaptiveSpec | None = None
     exclude: list[ExcludeRule] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_margin(cls, raw: Any) -> Any:
+        """[adaptive] margin and [report] margin are one definition: a margin given only in [adaptive] becomes the
+        report's; given in both, they must agree."""
+        adaptive = raw.get("adaptive") if isinstance(raw, dict) else None
+        if not isinstance(adaptive, dict) or adaptive.get("margin") is None:
+            return raw
+        report = raw.get("report") if isinstance(raw.get("report"), dict) else {}
+        metric = adaptive.get("metric", "val_loss")
+        margins = report.get("margins") if isinstance(report.get("margins"), dict) else {}
+        key, declared = (f"report.margins.{metric}", margins[metric]) if metric in margins else (
+            "report.margin", report.get("margin"))
+        if declared is None:
+            return {**raw, "report": {**report, "margin": adaptive["margin"]}}
+        if declared != adaptive["margin"]:
+            raise InvalidValue("adaptive.margin", f"{adaptive['margin']!r} differs from {key} = {declared!r}: the "
+                                                  f"adaptive study's verdicts and the report's use one margin; give it "
+                                                  f"once, in [report] (or the same value in both)")
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> GridSpec:
@@ -525,6 +567,13 @@ class GridSpec(_Table):
                 f"schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below the smallest budget "
                 f"({min(self.budgets)})"
             )
+        if self.adaptive is not None:
+            if self.adaptive.max_seeds < len(self.seeds):
+                raise InvalidValue("adaptive.max_seeds", f"{self.adaptive.max_seeds} is fewer than the grid's "
+                                                         f"{len(self.seeds)} seeds; give at least {len(self.seeds)}")
+            if self.adaptive.max_budget is not None and self.adaptive.max_budget < max(self.budgets):
+                raise InvalidValue("adaptive.max_budget", f"{self.adaptive.max_budget} is below the grid's largest "
+                                                          f"budget {max(self.budgets)}; give at least that")
         return self
 
     def method_ratios(self, method: MethodSpec) -> list[float]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from gridlab.report import tables
+from gridlab.report import sequential, tables
 from gridlab.report.read import (
     LM_EVAL_AVERAGE,
     Results,
@@ -77,6 +77,7 @@ class Analysis:
     curves: pl.DataFrame  # train_loss per (granularity, method, ratio, init, setting, tokens) at the largest budget
     downstream: Downstream | None
     environments: list[dict]  # where the results were computed (gridlab.db's environments view)
+    adaptive: dict | None  # an adaptive study: how the design was reached (tables.study_design); None: a fixed grid
     regime: Regime  # optimizer steps, tokens per parameter, the held-out sample; warnings for the first screen
     regime_line: str
 
@@ -92,12 +93,33 @@ def margin_for(spec: dict, metric: str, override: float | None = None) -> float:
     return float(margins.get(metric, report.get("margin", DEFAULT_MARGIN)))
 
 
+def study_design(results: Results) -> sequential.Design | None:
+    """The sequential design of an adaptive study (None: a fixed grid, whose verdicts are the fixed-sample ones)."""
+    if results.adaptive is None:
+        return None
+    study = results.adaptive.study
+    return sequential.Design(first=int(study["first_seeds"]), last=int(study["max_seeds"]),
+                             spending=study["spending"], alpha=float(study["alpha"]))
+
+
+def gaps_of(results: Results, values: pl.DataFrame, higher: bool, pool: str, margin: float,
+            metric: str) -> pl.DataFrame:
+    """The gap table with the verdicts the study's design calls for: stats.gap_table for a fixed grid; for an
+    adaptive study sequential.sequential_gap_table, replaying its looks from the rounds that added each cell."""
+    design = study_design(results)
+    documents = results.documents.filter(pl.col("metric") == metric)   # the held-out sample's error (stats)
+    if design is None:
+        return gap_table(values, higher, pool, margin, measurement_error(values, documents))
+    return sequential.sequential_gap_table(values, higher, pool, margin, design, results.adaptive.additions,
+                                           documents)
+
+
 def _downstream(results: Results, pool: str, spec: dict) -> Downstream | None:
     if not (results.metrics["name"] == LM_EVAL_AVERAGE).any():
         return None
     values = headline_values(results.cells, results.metrics, LM_EVAL_AVERAGE).filter(pl.col("budget_tokens") > 0)
     margin = margin_for(spec, LM_EVAL_AVERAGE)
-    gaps = gap_table(values, True, pool, margin)
+    gaps = gaps_of(results, values, True, pool, margin, LM_EVAL_AVERAGE)
     squares = tables.answer_squares(gaps, margin)
     sentences = [s for s in (tables.setting_sentence(squares, setting, LM_EVAL_AVERAGE, True) for setting in (1, 2))
                  if s]
@@ -117,8 +139,7 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
     every_value = headline_values(results.cells, results.metrics, metric)
     values = every_value.filter(pl.col("budget_tokens") > 0)
     summary = seed_summary(every_value)
-    measurement = measurement_error(values, results.documents.filter(pl.col("metric") == metric))
-    gaps = gap_table(values, higher, pool, margin, measurement)
+    gaps = gaps_of(results, values, higher, pool, margin, metric)
     parent_tokens = results.grid.get("parent_tokens")
     squares = tables.answer_squares(gaps, margin)
     dimensions = tables.grid_dimensions(results.cells)
@@ -138,6 +159,8 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
         margin=margin,
         grid=results.grid,
         environments=results.environments,
+        adaptive=(tables.study_design(results.adaptive, study_design(results))
+                  if results.adaptive is not None else None),
         spec=spec,
         counts=tables.status_counts(results.cells),
         dimensions=dimensions,

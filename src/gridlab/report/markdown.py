@@ -55,12 +55,19 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
         lines.append("")
     if a.regime_line:
         lines += [a.regime_line, ""]
+    interval = "repeated confidence interval" if a.adaptive is not None else "interval"
+    within = "the gap is shown to lie" if a.adaptive is not None else "the 90 % interval lies"
+    sequential = (" — sequential verdicts of an adaptive study (below, \"How the design was reached\")"
+                  if a.adaptive is not None else "")
     lines += [f"Headline metric `{a.metric}` ({direction}); gap = pruned − random ± the half-width of its 95 % "
-              f"interval ({inference_phrase(a.gaps, a.pool)}); verdicts: equivalent when the 90 % interval lies "
-              f"within ±{a.margin:g} (TOST), prune or scratch when the gap differs from 0, else inconclusive, each "
-              f"with Benjamini–Hochberg at a 5 % false discovery rate over the setting's cells. Generated "
-              f"{generated} from the results database; index.html has the details, verdicts.csv every cell.", ""]
+              f"{interval} ({inference_phrase(a.gaps, a.pool)}); verdicts: equivalent when {within} within "
+              f"±{a.margin:g} (TOST), prune or scratch when the gap differs from 0, else inconclusive, each "
+              f"with Benjamini–Hochberg at a 5 % false discovery rate over the setting's cells{sequential}. "
+              f"Generated {generated} from the results database; index.html has the details, verdicts.csv every "
+              f"cell.", ""]
 
+    if a.adaptive is not None:
+        lines += _design(a)
     for setting in (1, 2):
         budgets, rows = a.answer_tables[setting]
         if not rows:
@@ -141,3 +148,24 @@ def _trend_and_transfer(a: Analysis) -> list[str]:
                               slope_text(r["slope"])] for r in rows])
             lines.append("")
     return lines
+
+
+def _design(a: Analysis) -> list[str]:
+    """An adaptive study: its rounds and why it stopped (the verdicts below are the sequential ones)."""
+    study = a.adaptive
+    lines = ["## How the design was reached", "",
+             study["text"], ""]
+    rows = [[r["round"], r["what"], r["cells"], format_tokens(r["tokens"]),
+             "–" if r["gpu_hours"] is None else f"{r['gpu_hours']:.2f}", r["verdicts"]] for r in study["rounds"]]
+    if rows:
+        lines += _table(["round", "what it added, and why", "cells added", "tokens", "GPU-hours",
+                         "verdicts at the look before it"], rows)
+        lines.append("")
+    lines.append(f"Stopped ({study['stopped']}): {study['stop']}" if study["stop"] else
+                 "Going on: the last round's cells are not all done yet.")
+    if study["cost"]:
+        lines += ["", study["cost"]]
+    lines += ["", "Only the verdicts and their intervals are sequential; the other intervals (each arm's seed "
+              "interval, the gap models' prediction bands, D_eff's) are fixed-sample ones on a sample whose size "
+              "depended on the data: descriptive."]
+    return lines + [""]

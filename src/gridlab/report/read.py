@@ -47,6 +47,16 @@ class Results:
     environments: list[dict]  # each distinct environment the results came from (the `environments` view)
     # per-document held-out losses of every finished cell (document_losses(); empty for an older database)
     documents: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=DOCUMENT_LOSS_COLUMNS))
+    adaptive: Adaptive | None = None  # the study ran adaptively (tables adaptive, adaptive_rounds, _additions)
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """An adaptive study's record as the database holds it (gridlab.db, from runs/<grid>/adaptive.json)."""
+
+    study: dict  # the `adaptive` row: its sequential design, rounds, tokens, why it stopped
+    rounds: list[dict]  # `adaptive_rounds`: what each round added and why, its tokens and GPU-hours
+    additions: pl.DataFrame  # `adaptive_additions`: the cells each round added (round, method, ratio, setting, …)
 
 
 def _select(con, table: str, columns: dict) -> pl.DataFrame:
@@ -77,12 +87,18 @@ def read_results(db_path: Path) -> Results:
                   else pl.DataFrame(schema=PARENT_METRIC_COLUMNS))
         environments = con.sql("select * from environments").pl().to_dicts() if "environments" in tables else []
         documents = document_losses(con, metric=None)
+        adaptive = None
+        study = con.sql("select * from adaptive").pl() if "adaptive" in tables else None
+        if study is not None and study.height:
+            adaptive = Adaptive(study.row(0, named=True),
+                                con.sql("select * from adaptive_rounds order by round").pl().to_dicts(),
+                                con.sql("select * from adaptive_additions").pl())
     grid = grid_rows.row(0, named=True) if grid_rows.height else {}
     average = lm_eval_average(metrics)
     if average.height:
         metrics = pl.concat([metrics, average])
     return Results(grid=grid, cells=cells, metrics=metrics, parent_metrics=parent, has_parent_metrics=has_parent,
-                   environments=environments, documents=documents)
+                   environments=environments, documents=documents, adaptive=adaptive)
 
 
 def grid_spec(grid: dict) -> dict:

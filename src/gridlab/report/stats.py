@@ -47,6 +47,8 @@ POOLING = ("model", "none")
 REMOVED_POOLING = {"seeds": "it pooled the spread over ratios and budgets as if they were independent",
                    "ratios": "it pooled the spread over ratios and budgets as if they were independent"}
 VERDICTS = ("prune", "scratch", "equivalent", "inconclusive")
+# one_sided_tests' p-values; a gap table that carries them (a sequential study's) gives answer_squares its own
+TEST_COLUMNS = ("above", "below", "under_margin", "over_minus")
 MAX_SEEDS = 1000  # the design power is searched up to this many seeds per arm
 MODEL = "mixed model (REML)"
 CELL_T = "per-cell paired t"
@@ -406,6 +408,29 @@ def one_sided(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, shift: float
     return np.where(missing, np.nan, above), np.where(missing, np.nan, below)
 
 
+def one_sided_tests(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, margin: float) -> dict[str, np.ndarray]:
+    """The four one-sided p-values every verdict is made of: `above` (H0: benefit ≤ 0), `below` (H0: benefit ≥ 0),
+    `under_margin` (H0: benefit ≥ +δ) and `over_minus` (H0: benefit ≤ −δ). NaN where there is no interval.
+    gridlab.report.sequential turns them into their group-sequential counterparts."""
+    above, below = one_sided(benefit, se, dof, 0.0)
+    return dict(above=above, below=below, under_margin=one_sided(benefit, se, dof, margin)[1],
+                over_minus=one_sided(benefit, se, dof, -margin)[0])
+
+
+def judge(tests: dict[str, np.ndarray], group: np.ndarray, alpha: float = ALPHA) -> dict[str, np.ndarray]:
+    """Verdicts from one_sided_tests' p-values (fixed-sample or sequential): the difference from 0 (two-sided: twice
+    the smaller side) and equivalence within ±δ (TOST: the larger of the two), each Benjamini–Hochberg-adjusted
+    within `group` (a setting); *equivalent* when equivalence is declared, else *prune* / *scratch* (the side that
+    rejects) when the difference is, else *inconclusive*. Returns p, q, p_equivalent, q_equivalent, verdict."""
+    above, below = tests["above"], tests["below"]
+    p = np.minimum(1.0, 2 * np.minimum(above, below))
+    p_equivalent = np.maximum(tests["under_margin"], tests["over_minus"])
+    q, q_equivalent = benjamini_hochberg(p, group), benjamini_hochberg(p_equivalent, group)
+    verdict = np.where(q_equivalent <= alpha, "equivalent",
+                       np.where(q <= alpha, np.where(above < below, "prune", "scratch"), "inconclusive"))
+    return dict(p=p, q=q, p_equivalent=p_equivalent, q_equivalent=q_equivalent, verdict=verdict)
+
+
 def decide(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, group: np.ndarray, margin: float,
            alpha: float = ALPHA) -> dict[str, np.ndarray]:
     """Verdicts of cells with an estimate, its se and dof: the difference from 0 (two-sided t) and equivalence
@@ -413,16 +438,8 @@ def decide(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, group: np.ndarr
     interval), half (95 % half-width), p, q, p_equivalent, q_equivalent and verdict (VERDICTS)."""
     benefit, se, dof = (np.asarray(x, dtype=float) for x in (benefit, se, dof))
     se = np.where(np.isfinite(se) & ((se == 0) | (np.isfinite(dof) & (dof > 0))), se, np.nan)
-    above, below = one_sided(benefit, se, dof, 0.0)
-    p = np.minimum(1.0, 2 * np.minimum(above, below))
-    under_margin = one_sided(benefit, se, dof, margin)[1]  # H0: benefit ≥ +δ
-    over_minus = one_sided(benefit, se, dof, -margin)[0]  # H0: benefit ≤ −δ
-    p_equivalent = np.maximum(under_margin, over_minus)
-    q, q_equivalent = benjamini_hochberg(p, group), benjamini_hochberg(p_equivalent, group)
-    verdict = np.where(q_equivalent <= alpha, "equivalent",
-                       np.where(q <= alpha, np.where(benefit > 0, "prune", "scratch"), "inconclusive"))
-    half = half_width(se, dof)
-    return dict(se=se, half=half, p=p, q=q, p_equivalent=p_equivalent, q_equivalent=q_equivalent, verdict=verdict)
+    judged = judge(one_sided_tests(benefit, se, dof, margin), group, alpha)
+    return dict(se=se, half=half_width(se, dof), **judged)
 
 
 def half_width(se: np.ndarray, dof: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
@@ -475,18 +492,23 @@ NO_INTERVAL = "no interval"
 def square_tests(benefit: np.ndarray, se: np.ndarray, dof: np.ndarray, square: np.ndarray,
                  margin: float) -> dict[str, np.ndarray]:
     """Per square (the methods of one granularity at one ratio, setting and budget) the tests of the best method
-    against scratch, adjusted for choosing it: 'some method beats scratch' is a union over the k methods
-    (Bonferroni: k × the smallest one-sided p), 'every method loses' an intersection (the largest one-sided p);
-    equivalence of the best method with scratch needs every method below +δ (intersection) and some method above
-    −δ (union, Bonferroni). Returns per square (sorted ids): p (two-sided direction), p_equivalent, prune (the
-    direction is prune), k (methods with an interval)."""
-    ok = np.isfinite(se)
+    against scratch, adjusted for choosing it (square_combine) from each method's fixed-sample t tests. Returns per
+    square (sorted ids): p (two-sided direction), p_equivalent, prune (the direction is prune), k (methods with an
+    interval)."""
+    return square_combine(one_sided_tests(benefit, se, dof, margin), square)
+
+
+def square_combine(tests: dict[str, np.ndarray], square: np.ndarray) -> dict[str, np.ndarray]:
+    """The squares' tests from the methods' one-sided p-values (one_sided_tests, or their sequential counterparts):
+    'some method beats scratch' is a union over the k methods (Bonferroni: k × the smallest one-sided p), 'every
+    method loses' an intersection (the largest one-sided p); equivalence of the best method with scratch needs every
+    method below +δ (intersection) and some method above −δ (union, Bonferroni)."""
+    above, below = tests["above"], tests["below"]
+    under_margin, over_minus = tests["under_margin"], tests["over_minus"]
+    ok = np.isfinite(above)
     ids, inverse = np.unique(square, return_inverse=True)
     size = len(ids)
     k = np.bincount(inverse, weights=ok, minlength=size)
-    above, below = one_sided(benefit, se, dof, 0.0)
-    under_margin = one_sided(benefit, se, dof, margin)[1]
-    over_minus = one_sided(benefit, se, dof, -margin)[0]
 
     def smallest(p):
         out = np.full(size, np.inf)
@@ -517,11 +539,15 @@ def answer_squares(gaps: pl.DataFrame, margin: float = DEFAULT_MARGIN, alpha: fl
     decided_by (methods with an interval), n_seeds (the fewest seeds behind a compared interval), p/q values."""
     if gaps.height == 0:
         return pl.DataFrame(schema=_SQUARE_SCHEMA)
-    frame = gaps.select(*SQUARE_KEYS, "method", "gap", "half", "test", "benefit", "se", "dof", "n_seeds").with_columns(
+    given = all(name in gaps.columns for name in TEST_COLUMNS)  # a sequential study's own p-values (sequential.py)
+    frame = gaps.select(*SQUARE_KEYS, "method", "gap", "half", "test", "benefit", "se", "dof", "n_seeds",
+                        *(TEST_COLUMNS if given else ())).with_columns(
         _square=pl.struct(SQUARE_KEYS).rank("dense").cast(pl.Int64) - 1)
     benefit = frame["benefit"].to_numpy().astype(float)
     se, dof = (frame[c].fill_null(np.nan).to_numpy().astype(float) for c in ("se", "dof"))
-    tests = square_tests(benefit, se, dof, frame["_square"].to_numpy(), margin)
+    one_sided_p = ({name: frame[name].fill_null(np.nan).to_numpy().astype(float) for name in TEST_COLUMNS}
+                   if given else one_sided_tests(benefit, se, dof, margin))
+    tests = square_combine(one_sided_p, frame["_square"].to_numpy())
     setting = (frame.group_by("_square").agg(pl.col("setting").first()).sort("_square")["setting"].to_numpy())
     q = benjamini_hochberg(tests["p"], setting)
     q_equivalent = benjamini_hochberg(tests["p_equivalent"], setting)
@@ -532,7 +558,7 @@ def answer_squares(gaps: pl.DataFrame, margin: float = DEFAULT_MARGIN, alpha: fl
                           "q_value": q, "p_equivalent": tests["p_equivalent"], "q_equivalent": q_equivalent,
                           "decided_by": tests["k"].astype(np.int64)}).with_columns(pl.col(pl.Float64).fill_nan(None))
     best = (
-        frame.with_columns(_above=pl.Series(one_sided(benefit, se, dof, 0.0)[0]).fill_nan(None))
+        frame.with_columns(_above=pl.Series(one_sided_p["above"]).fill_nan(None))
         .join(calls, on="_square")
         .with_columns(_has=pl.col("se").is_not_null(),
                       # prune: the method with the strongest evidence; otherwise the largest benefit

@@ -524,3 +524,38 @@ def grid_dimensions(cells: pl.DataFrame) -> dict:
         seeds=sorted(cells["seed"].drop_nulls().unique().to_list()),
         settings=sorted(cells["setting"].drop_nulls().unique().to_list()),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An adaptive study: how the design was reached
+
+
+def study_design(adaptive, design) -> dict:
+    """The report's "How the design was reached" (an adaptive study: read.Adaptive, its sequential.Design): the
+    procedure in one paragraph (`text`), one row per round (what it added and why, what it cost, the verdicts of the
+    look that decided it), why it stopped (`stop`, None while it goes on) and what it cost against a fixed grid
+    reaching the same verdicts (`cost`)."""
+    study = adaptive.study
+    rows = []
+    for entry in adaptive.rounds:
+        verdicts = ", ".join(f"{entry.get(v) or 0} {v}" for v in stats.VERDICTS)
+        rows.append(dict(round=entry["round"], what=entry["why"], cells=entry["cells_added"],
+                         tokens=entry["tokens"], gpu_hours=entry["gpu_hours"], verdicts=verdicts))
+    text = (f"This study ran adaptively (gridlab submit --adaptive): once the grid's cells were done, "
+            f"each round looked at the verdicts and added the next seed to every cell whose verdict was inconclusive "
+            f"(up to {study['max_seeds']} seeds) and the geometric midpoint of every crossover bracket (in log "
+            f"tokens). The verdicts of this report are therefore sequential ones: {design.describe()}; each cell's "
+            f"four one-sided tests spend α over its looks, the smallest repeated p-value over the looks is adjusted "
+            f"by Benjamini–Hochberg as above, and the interval printed is the 95 % repeated confidence interval of "
+            f"the cell's last look, valid at whichever look the study stopped. A fixed-sample interval on a sample "
+            f"grown until it decides would cover less than it says, and is not shown.")
+    grid_tokens, fixed = study.get("grid_tokens"), study.get("fixed_tokens")
+    cost = None
+    if grid_tokens and fixed:
+        spent = grid_tokens + (study.get("tokens") or 0)
+        cost = (f"The grid's own cells trained {format_tokens(grid_tokens)} tokens and the rounds "
+                f"{format_tokens(study.get('tokens') or 0)}: {format_tokens(spent)} in all, "
+                f"{spent / fixed:.0%} of the {format_tokens(fixed)} a fixed grid reaching the same verdicts trains "
+                f"(every cell with as many seeds as the most any cell got, every budget any group got).")
+    return dict(text=text, rounds=rows, stop=study.get("stop_line"), stopped=study.get("stopped"), cost=cost,
+                tokens=study.get("tokens") or 0, gpu_hours=study.get("gpu_hours"))
