@@ -125,6 +125,13 @@ def main() -> int:
         return 0
     if command == "srun":
         return 0
+    if command in ("sinfo", "sacctmgr"):
+        # The fake cluster's partitions (sinfo) and this user's accounts (sacctmgr), one per line, as the test
+        # set them (FakeSlurm.names); none set, it lists none.
+        names = DIR / f"{command}.names"
+        if names.exists():
+            print(names.read_text().strip())
+        return 0
     return {"sbatch": sbatch, "squeue": squeue, "sacct": sacct, "scancel": scancel}[command](args)
 
 

@@ -172,7 +172,7 @@ class FakeSlurm:
     """A fake SLURM on PATH (tests/fake_slurm.py as sbatch, squeue, sacct, scancel, scontrol, srun) whose jobs a
     test sets to any state, and whose commands it makes fail or hang."""
 
-    COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "scontrol", "srun")
+    COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "scontrol", "srun", "sinfo", "sacctmgr")
 
     def __init__(self, folder: Path, monkeypatch, timeout_s: float = 2.0):
         import sys
@@ -190,6 +190,12 @@ class FakeSlurm:
         monkeypatch.setenv("FAKE_SLURM_DIR", str(self.dir))
         monkeypatch.setenv("GRIDLAB_SCHEDULER_TIMEOUT_S", str(timeout_s))
         monkeypatch.delenv("SLURM_CONF", raising=False)
+
+    def names(self, partitions: list[str] = (), accounts: list[str] = ()) -> None:
+        """The partitions sinfo lists and the accounts sacctmgr lists for this user (by default none: a real
+        cluster's answers never leak into a test)."""
+        for command, values in (("sinfo", partitions), ("sacctmgr", accounts)):
+            (self.dir / f"{command}.names").write_text("\n".join(values) + "\n")
 
     @property
     def jobs(self) -> dict:

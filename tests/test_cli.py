@@ -178,11 +178,7 @@ def test_slurm_without_slurm_commands_says_what_cannot_be_checked(tmp_path, monk
 def test_slurm_partitions_and_accounts_are_checked_against_the_cluster(tmp_path, monkeypatch):
     from runner_helpers import FakeSlurm
 
-    FakeSlurm(tmp_path / "slurm", monkeypatch)
-    bin_dir = tmp_path / "slurm" / "bin"
-    for command, output in (("sinfo", "debug\\ngpu"), ("sacctmgr", "proj")):
-        (bin_dir / command).write_text(f"#!/bin/sh\nprintf '{output}\\n'\n")
-        (bin_dir / command).chmod(0o755)
+    FakeSlurm(tmp_path / "slurm", monkeypatch).names(partitions=["debug", "gpu"], accounts=["proj"])
     grid = tiny_grid(resources={"default": {"cpus": 1}, "train": {"partition": "gpux", "account": "proj"}})
     result = CliRunner().invoke(app, ["submit", str(write_grid(tmp_path, grid)), "--executor", "slurm", "--dry-run"])
     assert result.exit_code == 2, result.output

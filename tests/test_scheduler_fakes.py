@@ -283,6 +283,7 @@ def test_the_sbatch_script_carries_the_site_options(tmp_path, slurm):
                   "reservation": "study", "mail_type": "END,FAIL", "mail_user": "me@lab.org",
                   "comment": "prune vs scratch", "sbatch": {"mem-bind": "local"}, "partition": "gpu"},
     })
+    slurm.names(partitions=["cpu", "gpu"], accounts=["proj"])
     assert _submit(grid_file).exit_code == 0
     scripts = {}
     for path in RunPaths(plan.spec.run_dir).slurm_dir.glob("*/*_submission.sh"):   # submitit's copy, in the run
