@@ -1,11 +1,11 @@
 """A grid's cells before any stage exists: which (method, ratio, init, lr, setting, budget, seed) points a plan holds.
 
 The grid file gives a product — methods × their ratios × seeds × budgets, each point in every init (arm) at each of
-that arm's learning rates, and in every setting — and ``exclude`` rules take cells out of it. A caller may add points beyond the product (``extra``: ``CellKey``s),
-e.g. more seeds or budgets for chosen groups after a first round of results; they pass the same checks and
-exclusions as the grid's own. Every (method, ratio, seed) that appears is a ``Replicate``: one prune stage, one
-random twin, one trajectory per model, and budget 0 (the models before any retraining: the reference cells) beside
-its budgets. gridlab.plan builds the stages from this.
+that arm's learning rates, and in every setting — and ``exclude`` rules take cells out of it. A caller may add
+points beyond the product (``extra``: ``CellKey``s), e.g. more seeds or budgets for chosen groups after a first round
+of results; they pass the same checks and exclusions as the grid's own. Every (method, ratio, seed) that appears is
+a ``Replicate``: one prune stage, one random twin (and embeddings twin), one trajectory per model and lr, and budget
+0 (the models before any retraining: the reference cells) beside its budgets. gridlab.plan builds the stages from this.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from gridlab.spec import MAX_SEED, GridSpec, MethodSpec
 @dataclass(frozen=True)
 class CellKey:
     """One (method, ratio, budget, seed) point of a grid; it stands for its cells of every init, lr and setting the
-    grid has. ``method`` is the method's label (``MethodSpec.label``: what the results call it), ``budget`` a token count
-    (0: the reference cells only)."""
+    grid has. ``method`` is the method's label (``MethodSpec.label``: what the results call it), ``budget`` a token
+    count (0: the reference cells only)."""
 
     method: str
     ratio: float

@@ -8,8 +8,9 @@ identities, so identical work is planned once, and an edit changes exactly the i
 ``build_plan`` takes the grid's cells from gridlab.cells (the grid's product, its exclusions, and any extra cells a
 caller adds) and builds the stages in the data flow's order: the grid-wide ones (data, parent, the parent's
 evaluation), one prune stage and one random twin (and embeddings twin) per (method, ratio, seed), one train stage
-per model and learning rate of its arm, one evaluation per model and budget branch. The parent's config is computed once per plan (``Plan.parent_config``).
-What a plan costs (time, disk, GPU-hours) is gridlab.estimates; what `gridlab plan` prints, gridlab.plantext.
+per model and learning rate of its arm, one evaluation per model and budget branch. The parent's config is computed
+once per plan (``Plan.parent_config``). What a plan costs (time, disk, GPU-hours) is gridlab.estimates; what
+`gridlab plan` prints, gridlab.plantext.
 """
 
 from __future__ import annotations

@@ -332,8 +332,9 @@ def measurement_error(values: pl.DataFrame, documents: pl.DataFrame, against: st
         x=pl.col("tokens").first(), y=pl.col("loss_sum").mean())
     pruned = arms.filter(pl.col("init") == "pruned").drop("init")
     random = arms.filter(pl.col("init") == against).drop("init")
-    per_arm = arms.filter(pl.col("init").is_in(["pruned", against])).group_by([*PAIR_KEYS, "init"]).agg(n=pl.len()).group_by(PAIR_KEYS).agg(
-        arms=pl.len(), n_min=pl.col("n").min(), n_max=pl.col("n").max())
+    per_arm = (arms.filter(pl.col("init").is_in(["pruned", against])).group_by([*PAIR_KEYS, "init"])
+               .agg(n=pl.len()).group_by(PAIR_KEYS).agg(arms=pl.len(), n_min=pl.col("n").min(),
+                                                          n_max=pl.col("n").max()))
     paired = pruned.join(random, on=[*PAIR_KEYS, "document"], how="inner", suffix="_random").with_columns(
         d=pl.col("y") - pl.col("y_random"))
     sums = paired.group_by(PAIR_KEYS).agg(
