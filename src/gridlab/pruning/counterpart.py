@@ -47,7 +47,9 @@ def row_scale(keep: torch.Tensor) -> torch.Tensor:
 def inherited_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The parameters a model's embeddings control takes from a trained model, by name: input embeddings, the final
     norm's weight, and the output embeddings when they are not tied to the input ones."""
-    named = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    named: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        named.setdefault(id(p), name)   # tied embeddings: the input embeddings' name
     chosen = [model.get_input_embeddings().weight, model.model.norm.weight]
     output = model.get_output_embeddings()
     if output is not None and output.weight is not chosen[0]:
