@@ -350,6 +350,8 @@ def test_one_margin_for_the_report_and_the_rounds(tmp_path):
         ({"spending": "haybittle"}, {}, "adaptive.spending"),
         ({"max_sedes": 3}, {}, "did you mean 'max_seeds'"),
         ({"futility": 1.0}, {}, "adaptive.futility"),
+        ({}, dict(schedule={**_grid(tmp_path)["schedule"], "lr": [1e-3, 3e-3]}),
+         "adaptive: a grid that sweeps learning rates (an lr list) cannot run adaptively"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             parse_grid(_grid(tmp_path, adaptive=adaptive, **changes))

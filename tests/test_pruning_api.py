@@ -249,3 +249,73 @@ def test_the_callers_config_object_still_describes_the_parent(method, calibratio
     result = prune(init_model(config, seed=0), method, 0.5, calibration)
     assert config.to_dict() == before
     assert pruned_config(config, method, 0.5).to_dict() == result.model.config.to_dict()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_sparse_twin_draws_each_row_at_its_own_density(method, pruned):
+    """[init] sparse = "scaled": a row of density d is the dense draw × 1/√d (exactly), so its surviving weights have
+    std 0.02/√d (in the truncated normal's sense: the dense init's std × 1/√d, measured per row); "dense" keeps the
+    dense draw, masked. SparseGPT's mask gives rows of different densities, so the rule is checked row by row."""
+    result = pruned(method, 0.8)
+    scaled = dict(random_counterpart(result, seed=5).model.named_parameters())
+    dense = dict(random_counterpart(result, seed=5, sparse="dense").model.named_parameters())
+    fresh = dict(init_model(copy.deepcopy(result.model.config), 5).named_parameters())
+    truncated_std = 0.02 * 0.8796   # std of a normal truncated at ±2σ, σ = 0.02 (gridlab.model.init_model)
+    ratios, densities = [], []
+    for name, keep in result.mask.items():
+        density = keep.double().mean(dim=1)
+        assert torch.equal(dense[name], fresh[name] * keep)
+        assert torch.equal(scaled[name] != 0, keep)
+        expected = fresh[name].double() * keep / density.clamp(min=1e-12).sqrt()[:, None]
+        assert torch.allclose(scaled[name].double(), torch.where(density[:, None] > 0, expected, 0.0), rtol=1e-6)
+        for row in range(keep.shape[0]):
+            kept = scaled[name][row][keep[row]].double()
+            if kept.numel() >= 20:
+                ratios.append(kept.std().item() / (truncated_std / density[row].sqrt().item()))
+                densities.append(density[row].item())
+    ratios = torch.tensor(ratios)
+    assert abs(ratios.mean().item() - 1) < 0.03      # the rule holds on average over rows ...
+    assert ratios.std().item() < 0.35                 # ... and row by row, within sampling error
+    if method == "sparsegpt":
+        assert max(densities) - min(densities) > 0.05   # rows of different densities: a per-row rule was tested
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "minitron-width", "wanda"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_embeddings_control_takes_the_embeddings_norm_and_lm_head_and_nothing_else(method, tied, calibration):
+    """inherit_embeddings: the control's token embeddings, final norm and lm_head equal the donor's (tied: one
+    tensor, still tied); its decoder stays the random twin's (not the parent's), a sparse twin keeps its mask."""
+    from gridlab.pruning import inherit_embeddings
+
+    config = make_config("micro", vocab_size=256, seq_len=64, tie_word_embeddings=tied)
+    parent = init_model(config, seed=0)
+    with torch.no_grad():   # a trained-looking norm, so that copying it is visible
+        parent.model.norm.weight.uniform_(0.5, 1.5)
+    result = prune(copy.deepcopy(parent), method, 0.5, calibration)
+    donor = result.model if result.model.config.hidden_size != parent.config.hidden_size else parent
+    twin = random_counterpart(result, seed=3).model
+    control = copy.deepcopy(twin)
+    copied = inherit_embeddings(control, donor)
+    assert "model.embed_tokens.weight" in copied and "model.norm.weight" in copied
+    assert ("lm_head.weight" in copied) is not tied
+    assert torch.equal(control.get_input_embeddings().weight, donor.get_input_embeddings().weight)
+    assert torch.equal(control.model.norm.weight, donor.model.norm.weight)
+    assert torch.equal(control.get_output_embeddings().weight, donor.get_output_embeddings().weight)
+    assert (control.get_output_embeddings().weight is control.get_input_embeddings().weight) is tied
+    parent_params = dict(parent.named_parameters())
+    for name, param in control.named_parameters():
+        if name.endswith("proj.weight"):
+            assert torch.equal(param, dict(twin.named_parameters())[name])
+            if name in parent_params and param.shape == parent_params[name].shape:
+                assert not torch.equal(param, parent_params[name])
+            if result.mask is not None:
+                assert torch.equal(param != 0, result.mask[name])
+
+
+def test_the_embeddings_control_refuses_a_donor_of_another_shape(pruned, parent):
+    from gridlab.pruning import inherit_embeddings
+
+    narrow = pruned("minitron-width", 0.5)
+    assert narrow.model.config.hidden_size != parent.config.hidden_size
+    with pytest.raises(ValueError, match="shape"):
+        inherit_embeddings(random_counterpart(narrow, seed=1).model, parent)

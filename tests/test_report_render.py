@@ -219,7 +219,11 @@ def test_verdicts_csv_has_every_cell_and_the_regime_warns_on_the_first_screen(tm
     paths = build_report(db, tmp_path / "report", pdf_engine="weasyprint")
     table = pl.read_csv(paths["verdicts"])
     assert table.columns == ["setting", "method", "granularity", "ratio", "budget_tokens", "n_seeds", "gap", "lo95",
-                             "hi95", "verdict", "d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound"]
+                             "hi95", "verdict", "d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound",
+                             "lr_pruned", "lr_random", "lr_embeddings", "gap_embeddings", "lo95_embeddings",
+                             "hi95_embeddings", "verdict_embeddings", "embeddings_share", "embeddings_share_low",
+                             "embeddings_share_high"]
+    assert table["lr_pruned"].null_count() == table.height   # a database without lr: unknown, not invented
     assert table.height == 2 * 2 * 3 * 2  # methods × ratios × budgets × settings
     assert set(table["verdict"]) <= {"prune", "scratch", "equivalent", "inconclusive"}
     assert set(table["n_seeds"]) == {3}

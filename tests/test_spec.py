@@ -186,6 +186,23 @@ MALFORMED = [
      ["tokenizer", "exactly one of"]),
     ("zero corpus documents", ("corpus", "max_documents"), 0, ["corpus.max_documents", "0"]),
     ("settings empty", ("settings",), [], ["settings", "at least 1"]),
+    # per-arm recipes and learning-rate sweeps
+    ("typo in an arm's table", ("schedule", "random"), {"warmup": 10},
+     ["schedule.random.warmup: unknown key", "'warmup_tokens'"]),
+    ("a table for an arm that does not exist", ("schedule", "scratch"), {"lr": 1e-3},
+     ["schedule.scratch: unknown key", "pruned, random, embeddings"]),
+    ("an empty lr sweep", ("schedule", "lr"), [], ["schedule.lr", "empty list of learning rates"]),
+    ("an lr swept twice", ("schedule", "random"), {"lr": [1e-3, 1e-3]}, ["schedule.random.lr", "more than once"]),
+    ("a negative lr in a sweep", ("schedule", "pruned"), {"lr": [1e-3, -1e-3]},
+     ["schedule.pruned.lr", "-0.001 is not a learning rate"]),
+    ("an lr that is not a number", ("schedule", "lr"), ["fast"], ["schedule.lr", "'fast' is not a learning rate"]),
+    ("an arm's fractional batch", ("schedule", "embeddings"), {"batch_size": 2.5},
+     ["schedule.embeddings.batch_size", "2.5"]),
+    ("an arm's warmup beyond the budget", ("schedule", "random"), {"warmup_tokens": 4096},
+     ["schedule.random.warmup_tokens (4096)", "smallest budget"]),
+    ("an arm's device torch does not have", ("schedule", "pruned"), {"device": "gpu"},
+     ["schedule.pruned.device", "'gpu' is not a torch device"]),
+    ("an unknown sparse draw", ("init",), {"sparse": "wide"}, ["init.sparse", "'scaled'", "'wide'"]),
     pytest.param("unknown lm-eval task", ("evaluation", "lm_eval_tasks"), ["no_such_task"],
                  ["evaluation.lm_eval_tasks[0]", "'no_such_task'"], marks=pytest.mark.slow),  # indexes lm-eval (~30 s)
 ]

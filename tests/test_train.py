@@ -176,6 +176,48 @@ def test_masked_weights_stay_exactly_zero_after_every_step(tmp_path):
         assert bool((weight[~keep] == 0).all()) and bool((weight[keep] != 0).all())
 
 
+def test_the_clipped_gradient_norm_counts_only_kept_positions(tmp_path, monkeypatch):
+    """Gradients are masked before clipping: every clip sees zero gradients at masked positions, and the norm it
+    clips is the norm of the kept positions' gradients — recomputed here from a separate forward/backward of the same
+    batch on the same weights — not of all of them (which is larger: the masked positions get gradients)."""
+    import gridlab.train as train_module
+
+    data = write_shard(tmp_path / "data")
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(0)
+    mask = {name: torch.rand(p.shape, generator=generator) > 0.7
+            for name, p in model.named_parameters() if name.endswith("proj.weight")}
+    params = dict(model.named_parameters())
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, **kwargs):
+        parameters = list(parameters)
+        masked_grad = max(float(params[n].grad[~keep].abs().max()) for n, keep in mask.items())
+        kept = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in parameters))
+        total = real_clip(parameters, max_norm, **kwargs)
+        seen.append((masked_grad, float(kept), float(total)))
+        return total
+
+    monkeypatch.setattr(train_module.torch.nn.utils, "clip_grad_norm_", spy)
+    first_batch = data[train_module._DataOrder(data.n_sequences, 4, 0).batch(0)]
+    reference = tiny_model()
+    with torch.no_grad():
+        for name, keep in mask.items():
+            dict(reference.named_parameters())[name].mul_(keep)
+    reference(input_ids=first_batch, labels=first_batch).loss.backward()
+    reference_params = dict(reference.named_parameters())
+    all_positions = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in reference.parameters()))
+    only_kept = math.sqrt(sum(float((p.grad.double() ** 2).sum()) if n not in mask else
+                              float(((p.grad.double() * mask[n]) ** 2).sum())
+                              for n, p in reference_params.items()))
+    train(model, data, tiny_config(grad_clip=0.5), [4 * STEP], tmp_path / "run", seed=0, mask=mask)
+    assert len(seen) == 4 and all(masked == 0 for masked, _, _ in seen)
+    assert seen[0][2] == pytest.approx(only_kept, rel=1e-5)
+    assert all_positions - seen[0][2] > 1000 * abs(seen[0][2] - only_kept)   # the masked positions would count
+    assert all(total == pytest.approx(kept, rel=1e-5) for _, kept, total in seen)
+
+
 def test_a_starting_model_with_non_finite_weights_is_refused(tmp_path):
     data = write_shard(tmp_path / "data")
     model = tiny_model()

@@ -1,11 +1,11 @@
-"""A grid's cells before any stage exists: which (method, ratio, init, setting, budget, seed) points a plan holds.
+"""A grid's cells before any stage exists: which (method, ratio, init, lr, setting, budget, seed) points a plan holds.
 
-The grid file gives a product — methods × their ratios × seeds × budgets, each point in every init and setting —
-and ``exclude`` rules take cells out of it. A caller may add points beyond the product (``extra``: ``CellKey``s),
-e.g. more seeds or budgets for chosen groups after a first round of results; they pass the same checks and
-exclusions as the grid's own. Every (method, ratio, seed) that appears is a ``Replicate``: one prune stage, one
-random twin, one trajectory per model, and budget 0 (the models before any retraining: the reference cells) beside
-its budgets. gridlab.plan builds the stages from this.
+The grid file gives a product — methods × their ratios × seeds × budgets, each point in every init (arm) at each of
+that arm's learning rates, and in every setting — and ``exclude`` rules take cells out of it. A caller may add
+points beyond the product (``extra``: ``CellKey``s), e.g. more seeds or budgets for chosen groups after a first round
+of results; they pass the same checks and exclusions as the grid's own. Every (method, ratio, seed) that appears is
+a ``Replicate``: one prune stage, one random twin (and embeddings twin), one trajectory per model and lr, and budget
+0 (the models before any retraining: the reference cells) beside its budgets. gridlab.plan builds the stages from this.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from gridlab.spec import MAX_SEED, GridSpec, MethodSpec
 
 @dataclass(frozen=True)
 class CellKey:
-    """One (method, ratio, budget, seed) point of a grid; it stands for its cells of every init and setting the grid
-    has — or, with ``setting``, of that setting only (an adaptive round adds a seed where one setting's verdict is
-    open: a setting-1 seed need not buy setting 2's P + B random training). ``method`` is the method's label
+    """One (method, ratio, budget, seed) point of a grid; it stands for its cells of every init, lr and setting the
+    grid has — or, with ``setting``, of that setting only (an adaptive round adds a seed where one setting's verdict
+    is open: a setting-1 seed need not buy setting 2's P + B random training). ``method`` is the method's label
     (``MethodSpec.label``: what the results call it), ``budget`` a token count (0: the reference cells only)."""
 
     method: str
@@ -44,12 +44,14 @@ class CellDraft:
     budget_tokens: int
     trained_tokens: int      # B, or P + B for a random cell in setting 2
     seed: int
+    lr: float                # the peak learning rate of the arm's schedule this cell trains with
 
 
 @dataclass
 class Replicate:
-    """One (method, ratio, seed): one prune stage and one random twin, trained to ``budgets`` (0 first), each budget
-    in the settings ``settings[budget]`` (every setting of the grid, unless an extra cell asked for one)."""
+    """One (method, ratio, seed): one prune stage, its random twin (and embeddings twin), each trained to
+    ``budgets`` (0 first) at every learning rate of its arm, each budget in the settings ``settings[budget]`` (every
+    setting of the grid, unless an extra cell asked for one)."""
 
     method: MethodSpec
     ratio: float
@@ -104,26 +106,33 @@ def enumerate_cells(spec: GridSpec, extra: Iterable[CellKey] = ()) -> CellGrid:
     for replicate in replicates.values():
         kind = granularity(replicate.method)
         for init in spec.inits:
-            for budget in replicate.budgets:
-                for setting in spec.settings:
-                    if setting not in replicate.settings[budget]:
-                        continue
-                    trained = budget + spec.parent.tokens if (init == "random" and setting == 2) else budget
-                    point = {"method": replicate.method.label, "ratio": replicate.ratio, "init": init,
-                             "budget": budget, "setting": setting, "seed": replicate.seed}
-                    hits = {i for i, rule in enumerate(spec.exclude) if rule.matches(point)}
-                    if hits:
-                        matched |= hits
-                        excluded += 1
-                        continue
-                    replicate.cells.append(CellDraft(replicate.method, kind, replicate.ratio, init, setting, budget,
-                                                     trained, replicate.seed))
+            for lr in spec.schedule.lrs(init):
+                for budget in replicate.budgets:
+                    for setting in spec.settings:
+                        if setting not in replicate.settings[budget]:
+                            continue
+                        point = {"method": replicate.method.label, "ratio": replicate.ratio, "init": init,
+                                 "budget": budget, "setting": setting, "seed": replicate.seed}
+                        hits = {i for i, rule in enumerate(spec.exclude) if rule.matches(point)}
+                        if hits:
+                            matched |= hits
+                            excluded += 1
+                            continue
+                        replicate.cells.append(CellDraft(replicate.method, kind, replicate.ratio, init, setting,
+                                                         budget, trained_tokens(spec, init, setting, budget),
+                                                         replicate.seed, lr))
     unmatched = [i for i in range(len(spec.exclude)) if i not in matched]
     if unmatched:
         rule = spec.exclude[unmatched[0]]
         given = ", ".join(f"{k} = {v!r}" for k, v in rule.model_dump().items() if v is not None)
         raise UserError(f"exclude[{unmatched[0]}] ({given}) matches no cell of the grid; remove it or fix its values")
     return CellGrid(list(replicates.values()), excluded)
+
+
+def trained_tokens(spec: GridSpec, init: str, setting: int, budget: int) -> int:
+    """What a cell's model trains: B, or P + B for a random cell in setting 2 (scratch pays for the parent too). A
+    pruned or embeddings cell starts from what the parent learnt, so it trains B in either setting."""
+    return budget + spec.parent.tokens if (init == "random" and setting == 2) else budget
 
 
 def _checked(spec: GridSpec, methods: dict[str, MethodSpec], key: CellKey) -> CellKey:
@@ -139,10 +148,12 @@ def _checked(spec: GridSpec, methods: dict[str, MethodSpec], key: CellKey) -> Ce
         raise refuse(f"{method.label} prunes at its own ratio {method.fixed_ratio:g} (N:M) only")
     if not 0 < ratio < 1:
         raise refuse("a ratio is above 0 and below 1")
-    batch = spec.schedule.batch_size * spec.seq_len
-    if key.budget != 0 and (key.budget < batch or key.budget <= spec.schedule.warmup_tokens):
+    schedules = [schedule for init in spec.inits for schedule in spec.schedules(init)]
+    batch = max(schedule.batch_size for schedule in schedules) * spec.seq_len
+    warmup = max(schedule.warmup_tokens for schedule in schedules)
+    if key.budget != 0 and (key.budget < batch or key.budget <= warmup):
         raise refuse(f"a budget is 0 (the reference cells) or at least one batch ({batch} tokens) and above "
-                     f"schedule.warmup_tokens ({spec.schedule.warmup_tokens})")
+                     f"schedule.warmup_tokens ({warmup})")
     if not 0 <= key.seed <= MAX_SEED:
         raise refuse(f"a seed is between 0 and {MAX_SEED}")
     if key.setting is not None and key.setting not in spec.settings:

@@ -37,7 +37,7 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
                   help="Prune-or-train-from-scratch experiment grids.")
 
 DEFAULT_GRID = "grid.toml"
-WHERE_HELP = ("select a sub-grid: KEY=VALUE[,VALUE…] with KEY one of method, granularity, ratio, init, budget, "
+WHERE_HELP = ("select a sub-grid: KEY=VALUE[,VALUE…] with KEY one of method, granularity, ratio, init, lr, budget, "
               "setting, seed, kind, state, stage; repeat for more conditions (all must hold)")
 
 SUBMIT_HELP = """Run (local, debug) or submit (slurm) every stage not yet done. Idempotent.
@@ -373,7 +373,7 @@ def reset(grid: str = typer.Argument(DEFAULT_GRID, help="grid file or run folder
           yes: Yes = False):
     """Remove the outputs of the --where selection so the next submit reruns it.
 
-    A cell filter (method, granularity, ratio, init, budget, setting, seed) acts only on the stages no unselected
+    A cell filter (method, granularity, ratio, init, lr, budget, setting, seed) acts only on the stages no unselected
     cell needs: shared work (data, parent, a random twin two methods share, a trajectory other budgets ride on)
     stays. A stage filter (kind, stage, state) acts on the stages it selects and everything downstream of them.
     Prints the summary first (stages by kind, bytes, finished work lost); removing finished work asks on a

@@ -5,7 +5,8 @@ A stage is ``Stage(id, kind, config, deps)``; ``deps`` maps a role (``data``, ``
 ``tokenizer``, ``shard<k>``) to the id of the stage consumed or waited for. Variants of a kind are tagged, never
 told apart by which keys happen to be present: a parent is ``PretrainParent`` (source "pretrain") or
 ``LoadedParent`` (source "load"); a random-init model is ``ArchitectureInit`` (a structured method's architecture,
-shared by every method that gives it) or ``MaskInit`` (a sparse method's mask on fresh weights); an evaluation
+shared by every method that gives it) or ``MaskInit`` (a sparse method's mask on fresh weights), and the embeddings
+control is ``EmbeddingsInit`` (a random twin given the parent's trained embeddings); an evaluation
 scores a model stage's model (``EvalModel``) or one budget branch of a training trajectory (``EvalBranch``).
 
 A stage's id (``stage_id``) is what it computes: its kind, the kind's code ``VERSION``, its config's ``identity()``
@@ -38,10 +39,20 @@ DATA_TASK_KINDS = ("tokenizer", "shard")
 # The code version of each stage kind, part of every id of that kind. Bump a kind's number when a change to its code
 # changes what it computes (its numbers or its outputs), so exactly its stages and what depends on them rerun.
 # Pruning methods carry their own version (gridlab.pruning.Method.version), hashed into their prune stages.
+# A variant of a kind may have its own entry, "<kind>/<source>", which replaces the kind's (``stage_version``): a change
+# to one variant reruns only its stages.
 # eval 2: the held-out loss over a seeded sample of documents and their windows with its stderr (was: the first packed
 # sequences), per-document losses kept, floors (uniform, unigram, task chance) in the parent's evaluation.
-VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1, "train": 1,
-                           "eval": 2}
+# init/mask 2: a sparse twin's surviving weights drawn at std 0.02/√(density of their row) (was: the dense draw masked).
+# init/embeddings 1: the embeddings control (a random twin with the parent's embeddings, final norm and lm_head).
+# train 2: gradients masked before clipping in sparse models (was: the clipped norm counted the masked positions).
+VERSION: dict[str, int] = {"tokenizer": 1, "shard": 1, "data": 1, "parent": 1, "prune": 1, "init": 1,
+                           "init/mask": 2, "init/embeddings": 1, "train": 2, "eval": 2}
+
+
+def stage_version(kind: str, source: str | None = None) -> int:
+    """The code version of a stage kind, or of one variant of it when the variant has its own entry in VERSION."""
+    return VERSION.get(f"{kind}/{source}", VERSION[kind]) if source is not None else VERSION[kind]
 
 
 def in_kind_order(counts: dict[str, int]) -> list[tuple[str, int]]:
@@ -183,9 +194,21 @@ class MaskInit(StageConfig):
     kind: Literal["init"] = "init"
     source: Literal["mask"] = "mask"  # the pruned model's shapes and mask (deps: model = the prune stage)
     seed: int
+    # "scaled": the surviving weights of each row drawn at std 0.02/√(the row's density), so a unit's fan-in variance
+    # is the dense init's; "dense": the dense draw, masked (the mask's zeros shrink each unit's fan-in variance)
+    sparse: Literal["scaled", "dense"] = "scaled"
 
 
-InitConfig = Annotated[ArchitectureInit | MaskInit, Field(discriminator="source")]
+class EmbeddingsInit(StageConfig):
+    """The embeddings control: the random twin (deps: model = the init stage of the random twin, whose decoder and
+    mask it keeps) given trained token embeddings, final norm and lm_head (deps: embeddings = the parent, or the
+    prune stage when pruning cut the hidden size: then the pruned model's, the parent's at the kept channels)."""
+
+    kind: Literal["init"] = "init"
+    source: Literal["embeddings"] = "embeddings"
+
+
+InitConfig = Annotated[ArchitectureInit | MaskInit | EmbeddingsInit, Field(discriminator="source")]
 
 
 class TrainConfig(StageConfig):
@@ -205,6 +228,9 @@ class _Evaluation(StageConfig):
     evaluation: dict[str, Any]        # gridlab.spec.EvaluationSpec fields
     corpora: list[dict[str, Any]] = Field(default_factory=list)   # each extra corpus's content identity
     tasks: dict[str, str] = Field(default_factory=dict)   # each lm-eval task's identity (its files, or lm-eval's)
+    # The grid sweeps learning rates: the held-out loss is measured on two disjoint halves of the validation documents
+    # (gridlab.evaluate.document_parts), val_loss/select (the choice of each arm's lr) and val_loss (what is reported).
+    halves: bool = False
 
     def identity(self) -> dict[str, Any]:
         # An extra corpus is in the id by what it holds (``corpora``), not by where it is read from.
@@ -278,7 +304,8 @@ def make_stage(config: StageConfig, deps: dict[str, str],
     whose identity is None is waited for, and left out)."""
     inputs = {role: identity for role, identity in {**deps, **(dep_identities or {})}.items() if identity is not None}
     kind = config.kind
-    stage_id = content_id({"kind": kind, "version": VERSION[kind], "config": config.identity(), "inputs": inputs})
+    version = stage_version(kind, getattr(config, "source", None))
+    stage_id = content_id({"kind": kind, "version": version, "config": config.identity(), "inputs": inputs})
     return Stage(id=stage_id, kind=kind, config=config, deps=deps, dep_identities=dep_identities or {})
 
 
@@ -394,15 +421,16 @@ def parse_payload(kind: str, data: dict[str, Any]) -> Contract:
 # --------------------------------------------------------------------------------------------------------- cells
 
 class Cell(Contract):
-    """One point of the grid: a (method, ratio, init, setting, budget, seed) and the stages its numbers come from.
-    Budget 0 is a reference point: a pruned model right after pruning, a random one at initialisation, and in
-    setting 2 the random model after exactly the parent's P tokens."""
+    """One point of the grid: a (method, ratio, init, lr, setting, budget, seed) and the stages its numbers come
+    from. Budget 0 is a reference point: a pruned model right after pruning, a random one at initialisation, and in
+    setting 2 the random model after exactly the parent's P tokens. ``init`` is the arm: pruned, random, or
+    embeddings (the random twin with the parent's embeddings; like a pruned cell, it trains B in either setting)."""
 
     cell_id: str
     method: str
     granularity: Granularity
     ratio: float
-    init: Literal["pruned", "random"]
+    init: Literal["pruned", "random", "embeddings"]
     setting: Literal[1, 2]
     budget_tokens: int
     trained_tokens: int
@@ -412,3 +440,4 @@ class Cell(Contract):
     train_stage: str | None           # None: the cell trains nothing (budget 0 in setting 1, or a pruned B = 0)
     eval_stage: str                   # the stage whose metrics are the cell's headline numbers
     start_eval_stage: str             # the model stage's model scored before training (tokens 0)
+    lr: float | None = None           # the peak learning rate of its arm's schedule (None: in an older plan)

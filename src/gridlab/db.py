@@ -47,7 +47,9 @@ SCHEMA = {
               ("error", "VARCHAR"), ("train_stage", "VARCHAR"), ("branch_path", "VARCHAR"),
               ("prune_stage", "VARCHAR"), ("model_stage", "VARCHAR"), ("eval_stage", "VARCHAR"),
               # Non-zero parameters of the model the cell trains (sparse: the mask's zeros not counted).
-              ("params", "BIGINT")],
+              ("params", "BIGINT"),
+              # The peak learning rate of the cell's arm (a sweep: one cell per lr; NULL from a plan before it).
+              ("lr", "DOUBLE")],
     "metrics": [("cell_id", "VARCHAR"), ("tokens", "BIGINT"), ("name", "VARCHAR"), ("value", "DOUBLE"),
                 ("stderr", "DOUBLE"), ("higher_is_better", "BOOLEAN")],
     # The parent's own measurements (its validation loss after P tokens …), beside the cells it is pruned into.

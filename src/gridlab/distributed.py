@@ -120,6 +120,11 @@ def local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
     return param.data.to_local() if isinstance(param.data, DTensor) else param.data
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor (a gradient of a sharded parameter is a DTensor too), else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's (possibly sharded) state, keyed by parameter name whatever the wrapping."""
     return get_model_state_dict(unwrap(model))

@@ -41,6 +41,10 @@ from gridlab.tasks import TASKS_DIR
 
 Part = Literal["all", "select", "report"]
 PARTS: tuple[str, ...] = ("all", "select", "report")
+# The selection half is scored on this share of ``max_sequences`` windows; the report half on all of them, so the
+# reported loss keeps the sample size a grid without a sweep gives it. Choosing between learning rates compares
+# models on the same windows (paired), which needs fewer windows than a gap's verdict: docs/engine.md, "Evaluation".
+SELECT_SHARE = 0.5
 # Tokens per forward pass when no batch size is given: 128 windows at seq_len 64, 4 at 2048 (the logits of a batch,
 # tokens × vocabulary floats, are what bounds it).
 BATCH_TOKENS = 8192
@@ -59,6 +63,11 @@ def _autocast(device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------------ the sample
+
+def select_sequences(max_sequences: int | None) -> int | None:
+    """The windows the selection half is scored on: SELECT_SHARE of ``max_sequences`` (at least 1; None: all)."""
+    return None if max_sequences is None else max(1, round(max_sequences * SELECT_SHARE))
+
 
 def document_parts(index: DocumentIndex) -> np.ndarray:
     """Each document's half of the split, fixed by a hash of its key alone (no seed): True for the "select" half
@@ -159,6 +168,10 @@ def sample_windows(index: DocumentIndex, seq_len: int, max_windows: int | None, 
     if windows_per_document is not None and windows_per_document < 1:
         raise ValueError(f"windows_per_document must be a positive integer or None, got {windows_per_document}")
     order = _document_order(index, seed, part)
+    if not len(order):
+        where = "the split" if part == "all" else f"the {part!r} half of the split (a learning-rate sweep's)"
+        raise ValueError(f"{where} holds no documents of the {len(index)} in all: nothing to score; give the "
+                         f"validation split more documents ([splits] validation, or the corpus)")
     windows = document_windows(index.lengths[order], seq_len)[0]
     count = np.bincount(windows, minlength=len(order)).astype(np.int64)     # N_d, in the hash order
     if max_windows is None or int(count.sum()) <= max_windows:

@@ -38,6 +38,10 @@ DOCUMENT_LOSS_SCHEMA = {"metric": pl.String, "document": pl.UInt64, "tokens": pl
                         "windows": pl.Int64, "sampled": pl.Int64}
 # The columns paired_gap needs of a per-document frame.
 DOCUMENT_COLUMNS = ("document", "tokens", "loss_sum")
+# A grid that sweeps learning rates measures the held-out loss on both halves of the validation documents
+# (gridlab.evaluate.document_parts): ``val_loss`` on the "report" half (what the report compares) and this metric on
+# the "select" half (what chooses each arm's lr: gridlab.report.recipes), each from its own documents.
+SELECT_METRIC = "val_loss/select"
 
 
 def ratio_stderr(loss_sum: np.ndarray, tokens: np.ndarray) -> float | None:

@@ -7,9 +7,10 @@ identities, so identical work is planned once, and an edit changes exactly the i
 
 ``build_plan`` takes the grid's cells from gridlab.cells (the grid's product, its exclusions, and any extra cells a
 caller adds) and builds the stages in the data flow's order: the grid-wide ones (data, parent, the parent's
-evaluation), one prune stage and one random twin per (method, ratio, seed), one train stage per model, one
-evaluation per model and budget branch. The parent's config is computed once per plan (``Plan.parent_config``).
-What a plan costs (time, disk, GPU-hours) is gridlab.estimates; what `gridlab plan` prints, gridlab.plantext.
+evaluation), one prune stage and one random twin (and embeddings twin) per (method, ratio, seed), one train stage
+per model and learning rate of its arm, one evaluation per model and budget branch. The parent's config is computed
+once per plan (``Plan.parent_config``). What a plan costs (time, disk, GPU-hours) is gridlab.estimates; what
+`gridlab plan` prints, gridlab.plantext.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gridlab.contracts import (
     ArchitectureInit,
     Cell,
     DataConfig,
+    EmbeddingsInit,
     EvalBranch,
     EvalModel,
     LoadedParent,
@@ -238,18 +240,20 @@ class _Evaluations:
     corpora: list[dict[str, Any]]
     tasks: dict[str, str]
     data: str                          # the data stage's id
+    halves: bool = False               # the grid sweeps learning rates: val_loss/select and val_loss on disjoint halves
 
     def of_model(self, model_id: str, tokens: int, floors: bool = False) -> Stage:
         """A model stage's own model (the parent, a pruned model, a random twin), trained ``tokens``; ``floors``: the
         parent's evaluation also measures the floors its scores are read against (uniform and unigram losses, each
         task's chance level)."""
         return make_stage(EvalModel(evaluation=self.evaluation, corpora=self.corpora, tasks=self.tasks,
-                                    tokens=tokens, floors=floors), {"model": model_id, "data": self.data})
+                                    halves=self.halves, tokens=tokens, floors=floors),
+                          {"model": model_id, "data": self.data})
 
     def of_branch(self, train: Stage, budget: int) -> Stage:
         """One budget branch of a trajectory: the same evaluation whichever train stage produced the branch."""
         return make_stage(EvalBranch(evaluation=self.evaluation, corpora=self.corpora, tasks=self.tasks,
-                                     budget=budget), {"train": train.id, "data": self.data},
+                                     halves=self.halves, budget=budget), {"train": train.id, "data": self.data},
                           {"train": branch_identity(train.config.trajectory, budget)})
 
 
@@ -278,16 +282,31 @@ def _grid_wide_stages(spec: GridSpec, inputs: dict[str, Any], parent_shape) -> t
         parent = make_stage(LoadedParent(path=spec.parent.path, model_identity=inputs["parent"],
                                          tokens=spec.parent.tokens, declared=declared), {"data": data.id})
     evaluations = _Evaluations(canonical(spec.evaluation.model_dump()), inputs["eval_corpora"],
-                               task_identities(spec.evaluation.lm_eval_tasks), data.id)
+                               task_identities(spec.evaluation.lm_eval_tasks), data.id, halves=spec.sweeps)
     parent_eval = evaluations.of_model(parent.id, spec.parent.tokens, floors=True)
     return _GridWide(data_tasks, data, parent, parent_eval), evaluations
 
 
+@dataclass(frozen=True)
+class _Models:
+    """A replicate's model stages, one per arm: the prune stage and, when the grid has those arms, the random twin and
+    the embeddings twin (the random twin given the parent's trained embeddings, final norm and lm_head)."""
+
+    pruned: Stage
+    random: Stage | None = None
+    embeddings: Stage | None = None
+
+    def of(self, init: str) -> Stage:
+        return getattr(self, init)
+
+
 def _model_stages(spec: GridSpec, replicate: Replicate, wide: _GridWide, parent_shape,
-                  architectures: dict[tuple, tuple[dict, str]]) -> tuple[Stage, Stage | None]:
-    """A replicate's prune stage and, when the grid has random cells, its random twin: a sparse method's mask on
-    fresh weights, or a structured method's architecture (shared by every method that gives it; ``architectures``
-    caches them across replicates)."""
+                  architectures: dict[tuple, tuple[dict, str]]) -> _Models:
+    """A replicate's prune stage and, when the grid has random or embeddings cells, its random twin: a sparse
+    method's mask on fresh weights, or a structured method's architecture (shared by every method that gives it;
+    ``architectures`` caches them across replicates); and with embeddings cells the embeddings twin, which takes the
+    twin and the parent's embeddings (the pruned model's when pruning cut the hidden size: the parent's at the kept
+    channels), so methods that share a twin and keep the hidden size share it too."""
     method, ratio, seed = replicate.method, replicate.ratio, replicate.seed
     options = canonical(method.options)
     prune = make_stage(PruneConfig(
@@ -295,27 +314,36 @@ def _model_stages(spec: GridSpec, replicate: Replicate, wide: _GridWide, parent_
         ratio=canonical(float(ratio)), seed=seed, calibration_sequences=spec.calibration.sequences,
         layerwise=spec.calibration.layerwise,
     ), {"parent": wide.parent.id, "data": wide.data.id})
-    if "random" not in spec.inits:
-        return prune, None
+    if not {"random", "embeddings"} & set(spec.inits):
+        return _Models(prune)
     if METHODS[method.name].granularity == "sparse":
-        return prune, make_stage(MaskInit(seed=seed), {"model": prune.id})
-    shape = (method.name, json.dumps(options, sort_keys=True), ratio)
-    if shape not in architectures:
-        pruned = pruned_architecture(method, ratio, parent_shape)
-        architectures[shape] = (pruned, content_id(pruned))
-    pruned, digest = architectures[shape]
-    # A loaded parent is waited for (its stage checks the declared architecture against the checkpoint), but what
-    # init takes from it is the architecture, already in the config. A pretrained parent's architecture is the
-    # grid's own: its random twins need not wait for it. The data stage's tokenizer is saved beside the model (its
-    # weights do not depend on it).
-    waits = {"data": wide.data.id} if spec.parent.pretrains else {"data": wide.data.id, "parent": wide.parent.id}
-    return prune, make_stage(ArchitectureInit(architecture=pruned, seed=seed), waits,
-                             {"parent": digest} if "parent" in waits else None)
+        twin, same_hidden = make_stage(MaskInit(seed=seed, sparse=spec.init.sparse), {"model": prune.id}), True
+    else:
+        shape = (method.name, json.dumps(options, sort_keys=True), ratio)
+        if shape not in architectures:
+            pruned = pruned_architecture(method, ratio, parent_shape)
+            architectures[shape] = (pruned, content_id(pruned))
+        pruned, digest = architectures[shape]
+        same_hidden = pruned["hidden_size"] == parent_shape.hidden_size
+        # A loaded parent is waited for (its stage checks the declared architecture against the checkpoint), but
+        # what init takes from it is the architecture, already in the config. A pretrained parent's architecture is
+        # the grid's own: its random twins need not wait for it. The data stage's tokenizer is saved beside the
+        # model (its weights do not depend on it).
+        waits = {"data": wide.data.id} if spec.parent.pretrains else {"data": wide.data.id, "parent": wide.parent.id}
+        twin = make_stage(ArchitectureInit(architecture=pruned, seed=seed), waits,
+                          {"parent": digest} if "parent" in waits else None)
+    embeddings = None
+    if "embeddings" in spec.inits:
+        donor = wide.parent if same_hidden else prune
+        embeddings = make_stage(EmbeddingsInit(), {"model": twin.id, "embeddings": donor.id})
+    return _Models(prune, twin if "random" in spec.inits or embeddings else None, embeddings)
 
 
-def _cell_id(cell: dict[str, Any]) -> str:
-    identity = "|".join(str(canonical(cell[key])) for key in (
-        "method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage"))
+def _cell_id(cell: dict[str, Any], sweeps: bool) -> str:
+    """A cell's id: what it is and the evaluation its numbers come from; with a learning-rate sweep also its lr (the
+    reference cells of one model share an evaluation at every lr), so a grid without one keeps its ids."""
+    keys = ("method", "ratio", "init", "setting", "budget_tokens", "trained_tokens", "seed", "eval_stage")
+    identity = "|".join(str(canonical(cell[key])) for key in (*keys, *(("lr",) if sweeps else ())))
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -339,48 +367,54 @@ def build_plan(spec: GridSpec, extra_cells: Iterable[CellKey] = ()) -> Plan:
     stages: dict[str, Stage] = {**{task.id: task for task in wide.data_tasks}, wide.data.id: wide.data,
                                 wide.parent.id: wide.parent, wide.parent_eval.id: wide.parent_eval}
 
-    budgets_of: dict[str, set[int]] = {}     # model stage id → the trained-token counts its train stage reaches
+    # A trajectory: a model stage trained with one schedule (its arm's, at one lr); what it is trained to.
+    budgets_of: dict[tuple[str, float], set[int]] = {}
+    schedule_of = {(init, lr): schedule for init in spec.inits
+                   for lr, schedule in zip(spec.schedule.lrs(init), spec.schedules(init), strict=True)}
     seed_of: dict[str, int] = {}
     placed: list[tuple[CellDraft, str, str]] = []   # (cell, its model stage, its prune stage)
     architectures: dict[tuple, tuple[dict, str]] = {}
     for replicate in grid.replicates:
         if not replicate.cells:
             continue
-        prune, init = _model_stages(spec, replicate, wide, parent_shape, architectures)
-        stages.setdefault(prune.id, prune)
+        models = _model_stages(spec, replicate, wide, parent_shape, architectures)
+        stages.setdefault(models.pruned.id, models.pruned)
+        if models.embeddings is not None:   # its random twin is its input, whether or not the grid trains it
+            stages.setdefault(models.random.id, models.random)
         for cell in replicate.cells:
-            model = prune if cell.init == "pruned" else init
+            model = models.of(cell.init)
             stages.setdefault(model.id, model)
             if cell.trained_tokens:
-                budgets_of.setdefault(model.id, set()).add(cell.trained_tokens)
+                budgets_of.setdefault((model.id, cell.init, cell.lr), set()).add(cell.trained_tokens)
             seed_of[model.id] = cell.seed
-            placed.append((cell, model.id, prune.id))
+            placed.append((cell, model.id, models.pruned.id))
 
     start_eval: dict[str, Stage] = {}
     for _, model_id, _ in placed:
         if model_id not in start_eval:
             start_eval[model_id] = evaluations.of_model(model_id, 0)
-    train_of: dict[str, Stage] = {}
-    branch_eval: dict[tuple[str, int], Stage] = {}
-    for model_id, budgets in budgets_of.items():
-        trajectory = trajectory_id(model_id, wide.data.id, spec.schedule, seed_of[model_id])
-        train = make_stage(TrainConfig(budgets=sorted(budgets), schedule=spec.schedule, seed=seed_of[model_id],
+    train_of: dict[tuple[str, float], Stage] = {}
+    branch_eval: dict[tuple[str, float, int], Stage] = {}
+    for (model_id, init, lr), budgets in budgets_of.items():
+        schedule = schedule_of[init, lr]
+        trajectory = trajectory_id(model_id, wide.data.id, schedule, seed_of[model_id])
+        train = make_stage(TrainConfig(budgets=sorted(budgets), schedule=schedule, seed=seed_of[model_id],
                                        trajectory=trajectory), {"model": model_id, "data": wide.data.id})
-        train_of[model_id] = train
+        train_of[model_id, lr] = train
         for budget in sorted(budgets):
-            branch_eval[model_id, budget] = evaluations.of_branch(train, budget)
+            branch_eval[model_id, lr, budget] = evaluations.of_branch(train, budget)
 
     cells = []
     for draft, model_id, prune_id in placed:
         trained = draft.trained_tokens
-        train = train_of.get(model_id) if trained else None
-        evaluation = branch_eval[model_id, trained] if trained else start_eval[model_id]
+        train = train_of.get((model_id, draft.lr)) if trained else None
+        evaluation = branch_eval[model_id, draft.lr, trained] if trained else start_eval[model_id]
         fields = {"method": draft.method.label, "granularity": draft.granularity, "ratio": float(draft.ratio),
                   "init": draft.init, "setting": draft.setting, "budget_tokens": draft.budget_tokens,
                   "trained_tokens": trained, "seed": draft.seed, "prune_stage": prune_id, "model_stage": model_id,
                   "train_stage": train.id if train else None, "eval_stage": evaluation.id,
-                  "start_eval_stage": start_eval[model_id].id}
-        cells.append(Cell(cell_id=_cell_id(fields), **fields))
+                  "start_eval_stage": start_eval[model_id].id, "lr": draft.lr}
+        cells.append(Cell(cell_id=_cell_id(fields, spec.sweeps), **fields))
 
     for group in (start_eval.values(), train_of.values(), branch_eval.values()):
         for stage in group:

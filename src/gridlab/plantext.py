@@ -30,6 +30,11 @@ def format_plan(plan: Plan, workers: int | None = None, only: set[str] | None = 
         for m in spec.methods))
     lines.append(f"  inits {', '.join(spec.inits)} × budgets {', '.join(f'{b:,}' for b in spec.budgets)}"
                  f" × settings {', '.join(map(str, spec.settings))} × seeds {', '.join(map(str, spec.seeds))}")
+    lrs = {arm: spec.schedule.lrs(arm) for arm in spec.inits}
+    if len(set(lrs.values())) > 1 or spec.sweeps:
+        sweep = "; a sweep: each arm compared at its best lr on val_loss/select" if spec.sweeps else ""
+        lines.append("  learning rates: " + ", ".join(f"{arm} {'/'.join(f'{lr:g}' for lr in rates)}"
+                                                      for arm, rates in lrs.items()) + sweep)
     lines.append("  stages: " + ", ".join(f"{kind} {count}" for kind, count in plan.counts.items())
                  + f" (total {len(plan.stages)})")
     planned, naive, remaining = plan.train_tokens(), plan.naive_train_tokens(), plan.remaining_train_tokens()

@@ -5,8 +5,9 @@
 Each ``--where KEY=VALUE[,VALUE…]`` accepts any of its values; several ``--where`` must all hold (the values of one
 key given twice are pooled). Keys:
 
-- cell keys — ``method`` (label), ``granularity``, ``ratio``, ``init``, ``budget`` (B, a token count as in grid.toml;
-  0 for the reference cells), ``setting``, ``seed``: a stage is selected when any cell it serves matches (the stages
+- cell keys — ``method`` (label), ``granularity``, ``ratio``, ``init`` (pruned, random, embeddings), ``lr`` (the
+  arm's peak learning rate), ``budget`` (B, a token count as in grid.toml; 0 for the reference cells), ``setting``,
+  ``seed``: a stage is selected when any cell it serves matches (the stages
   that produce the cell's numbers and everything upstream of them, the parent's evaluation included);
 - stage keys — ``kind`` (data, parent, prune, init, train, eval; tokenizer, shard: the data stage's tasks),
   ``state`` (pending, running, done, failed, cancelled, unknown), ``stage`` (a stage id or a unique prefix of one).
@@ -44,7 +45,8 @@ from gridlab.contracts import DATA_TASK_KINDS, STAGE_KINDS
 from gridlab.errors import UserError
 from gridlab.state import STATES
 
-CELL_KEYS = ("method", "granularity", "ratio", "init", "budget", "setting", "seed")
+CELL_KEYS = ("method", "granularity", "ratio", "init", "lr", "budget", "setting", "seed")
+_FLOAT_KEYS = ("ratio", "lr")   # compared within a relative tolerance (a value written another way is the same)
 STAGE_KEYS = ("kind", "state", "stage")
 KEYS = CELL_KEYS + STAGE_KEYS
 _CELL_FIELD = {"budget": "budget_tokens"}
@@ -67,12 +69,16 @@ class Where:
         for key in CELL_KEYS:
             if key in self.conditions:
                 value = getattr(cell, _CELL_FIELD.get(key, key))
-                if key == "ratio":
-                    if not any(abs(value - accepted) < 1e-9 for accepted in self.conditions[key]):
+                if key in _FLOAT_KEYS:
+                    if value is None or not any(_same(value, accepted) for accepted in self.conditions[key]):
                         return False
                 elif value not in self.conditions[key]:
                     return False
         return True
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
 def _stage_fields(stage) -> tuple[str, str, dict[str, str]]:
@@ -94,6 +100,7 @@ def parse_where(expressions: Iterable[str], stages: list[Any], cells: list[Any])
     valid = {
         "method": sorted({c.method for c in cells}), "granularity": sorted({c.granularity for c in cells}),
         "ratio": sorted({c.ratio for c in cells}), "init": sorted({c.init for c in cells}),
+        "lr": sorted({c.lr for c in cells if getattr(c, "lr", None) is not None}),
         "budget": sorted({c.budget_tokens for c in cells}), "setting": sorted({c.setting for c in cells}),
         "seed": sorted({c.seed for c in cells}),
         "kind": [kind for kind in STAGE_KINDS if kind in kinds or kind not in DATA_TASK_KINDS], "state": list(STATES),
@@ -124,12 +131,12 @@ def _value(key: str, raw: str, expression: str, valid: dict[str, list], ids: lis
             raise UserError(f"--where {expression!r}: stage {raw!r} {state}; give a stage id or a unique prefix "
                             f"of one (the folders under stages/ of the run)")
         return matches[0]
-    if key in ("ratio",):
+    if key in _FLOAT_KEYS:
         try:
             value = float(raw)
         except ValueError:
             raise refuse("is not a number") from None
-        if not any(abs(value - v) < 1e-9 for v in valid[key]):
+        if not any(_same(value, v) for v in valid[key]):
             raise refuse()
         return value
     if key in ("setting", "seed"):

@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -151,6 +152,108 @@ class ParentSpec(_Table):
     def pretrains(self) -> bool:
         """True when the grid pretrains this parent; False when it loads ``path``."""
         return self.path is None
+
+
+# ------------------------------------------------------------------------------------------- retraining recipes
+
+# The arms a grid may train: the pruned model, its random-init twin, and the twin with the parent's trained token
+# embeddings, final norm and lm_head (the embeddings control).
+ARMS = ("pruned", "random", "embeddings")
+
+
+def _learning_rates(value: Any) -> tuple[float, ...]:
+    """``lr``: one peak learning rate, or a list of them (a sweep: every arm × architecture × budget runs at each)."""
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ValueError("an empty list of learning rates; give one lr or a list of them, e.g. [1e-3, 3e-3, 1e-2]")
+    rates = []
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item) or item <= 0:
+            raise ValueError(f"{item!r} is not a learning rate: give a positive finite number (or a list of them)")
+        rates.append(float(item))
+    _unique(rates, "lr")
+    return tuple(rates)
+
+
+LearningRates = Annotated[tuple[float, ...], BeforeValidator(_learning_rates)]
+
+
+def _schedule_fields(optional: bool) -> dict[str, Any]:
+    """config.Schedule's fields, with ``lr`` a list of learning rates (LearningRates); ``optional``: every field
+    None by default (an arm's table overrides only what it gives). One definition: the types and bounds are
+    Schedule's own."""
+    fields: dict[str, Any] = {}
+    for name, info in Schedule.model_fields.items():
+        if name == "lr":
+            annotation = LearningRates
+        else:
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        default = (info.default,) if name == "lr" else info.default
+        fields[name] = (annotation | None, None) if optional else (annotation, default)
+    return fields
+
+
+class _Recipes(BaseModel):
+    """What ScheduleSpec adds to Schedule's fields: the arms' own tables, and each arm's resolved schedules."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    def table(self, arm: str) -> BaseModel | None:
+        """The table an arm follows: its own; the embeddings arm without one follows the random arm's."""
+        own = getattr(self, arm)
+        return self.random if own is None and arm == "embeddings" else own
+
+    def recipe(self, arm: str) -> tuple[dict[str, Any], tuple[float, ...]]:
+        """The arm's schedule fields but lr ([schedule] with its table's keys over it), and its learning rates."""
+        fields = {name: getattr(self, name) for name in Schedule.model_fields if name != "lr"}
+        own = self.table(arm)
+        given = {} if own is None else {name: getattr(own, name) for name in own.model_fields_set}
+        rates = given.pop("lr", None) or self.lr
+        return {**fields, **{k: v for k, v in given.items() if v is not None}}, rates
+
+    def schedules(self, arm: str) -> tuple[Schedule, ...]:
+        """One Schedule per learning rate of the arm, in the order given: what its train stages take. An override
+        equal to [schedule]'s value gives the same Schedule, so it changes no id."""
+        fields, rates = self.recipe(arm)
+        return tuple(Schedule(**fields, lr=lr) for lr in rates)
+
+    def lrs(self, arm: str) -> tuple[float, ...]:
+        return self.recipe(arm)[1]
+
+    @property
+    def base(self) -> Schedule:
+        """[schedule] itself (at its first lr), without the arms' tables."""
+        fields = {name: getattr(self, name) for name in Schedule.model_fields if name != "lr"}
+        return Schedule(**fields, lr=self.lr[0])
+
+    @model_validator(mode="after")
+    def _every_recipe_valid(self) -> _Recipes:
+        """Each arm's resolved schedule passes Schedule's own checks (e.g. the device), named at the arm's key."""
+        for arm in ARMS:
+            fields, rates = self.recipe(arm)
+            try:
+                Schedule(**fields, lr=rates[0])
+            except ValidationError as error:
+                first = error.errors()[0]
+                key = ".".join(str(part) for part in first["loc"])
+                own = self.table(arm)
+                where = f"{arm}.{key}" if own is not None and first["loc"][0] in own.model_fields_set else key
+                raise InvalidValue(where, first["msg"].removeprefix("Value error, ")) from None
+        return self
+
+
+# An arm's table, [schedule.pruned] / [schedule.random] / [schedule.embeddings]: any key of [schedule], given ones only.
+ArmSchedule = create_model("ArmSchedule", __config__=_Recipes.model_config, **_schedule_fields(optional=True))
+# The grid's [schedule]: config.Schedule's keys (lr may be a list: a sweep), and one optional table per arm.
+ScheduleSpec = create_model("ScheduleSpec", __base__=_Recipes, **_schedule_fields(optional=False),
+                            **{arm: (ArmSchedule | None, None) for arm in ARMS})
+
+
+class InitSpec(_Table):
+    """How random twins are drawn. ``sparse``: a sparse twin's surviving weights with std 0.02/√(density of their
+    row) ("scaled", so each unit's fan-in variance is the dense init's), or the dense draw masked ("dense")."""
+
+    sparse: Literal["scaled", "dense"] = "scaled"
 
 
 # One definition of each data config (gridlab.data.schema); the grid file's tables are these classes.
@@ -499,11 +602,13 @@ class GridSpec(_Table):
     calibration: CalibrationSpec = CalibrationSpec()
     methods: list[MethodSpec] = Field(min_length=1)
     ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=list)
-    inits: list[Literal["pruned", "random"]] = Field(default_factory=lambda: ["pruned", "random"], min_length=1)
+    inits: list[Literal["pruned", "random", "embeddings"]] = Field(default_factory=lambda: ["pruned", "random"],
+                                                                   min_length=1)
     budgets: list[Tokens] = Field(min_length=1)
     settings: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    schedule: Schedule = Schedule()
+    schedule: ScheduleSpec = ScheduleSpec()
+    init: InitSpec = InitSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     local: LocalSpec = LocalSpec()
@@ -552,21 +657,24 @@ class GridSpec(_Table):
                                  f"methods: {', '.join(labels)}")
             if rule.budget is not None and rule.budget not in self.budgets:
                 raise ValueError(f"exclude[{index}].budget {rule.budget} is not one of the budgets")
-        for kind, schedule in (("train", self.schedule), ("parent", self.parent.schedule)):
-            ranks = self.resources.for_kind(kind)["ranks"]
+        ranks = self.resources.for_kind("parent")["ranks"]
+        if ranks > 1 and self.parent.schedule.batch_size % ranks:
+            raise ValueError(f"parent.schedule.batch_size {self.parent.schedule.batch_size} does not split over the "
+                             f"{ranks} ranks of resources.parent; give a multiple of {ranks}")
+        ranks = self.resources.for_kind("train")["ranks"]
+        for arm in self.inits:
+            schedule = self.schedule.schedules(arm)[0]
+            batch = self.schedule_key(arm, "batch_size")
             if ranks > 1 and schedule.batch_size % ranks:
-                where = "schedule" if kind == "train" else "parent.schedule"
-                raise ValueError(f"{where}.batch_size {schedule.batch_size} does not split over the {ranks} ranks of "
-                                 f"resources.{kind}; give a multiple of {ranks}")
-        batch_tokens = self.schedule.batch_size * self.seq_len
-        if min(self.budgets) < batch_tokens:
-            raise ValueError(f"budget {min(self.budgets)} is smaller than one batch (schedule.batch_size × seq_len = "
-                             f"{batch_tokens} tokens)")
-        if self.schedule.warmup_tokens >= min(self.budgets):
-            raise ValueError(
-                f"schedule.warmup_tokens ({self.schedule.warmup_tokens}) must be below the smallest budget "
-                f"({min(self.budgets)})"
-            )
+                raise ValueError(f"{batch} {schedule.batch_size} does not split over the {ranks} ranks of "
+                                 f"resources.train; give a multiple of {ranks}")
+            batch_tokens = schedule.batch_size * self.seq_len
+            if min(self.budgets) < batch_tokens:
+                raise ValueError(f"budget {min(self.budgets)} is smaller than one batch ({batch} × seq_len = "
+                                 f"{batch_tokens} tokens)")
+            if schedule.warmup_tokens >= min(self.budgets):
+                raise ValueError(f"{self.schedule_key(arm, 'warmup_tokens')} ({schedule.warmup_tokens}) must be "
+                                 f"below the smallest budget ({min(self.budgets)})")
         if self.adaptive is not None:
             if self.adaptive.max_seeds < len(self.seeds):
                 raise InvalidValue("adaptive.max_seeds", f"{self.adaptive.max_seeds} is fewer than the grid's "
@@ -574,7 +682,31 @@ class GridSpec(_Table):
             if self.adaptive.max_budget is not None and self.adaptive.max_budget < max(self.budgets):
                 raise InvalidValue("adaptive.max_budget", f"{self.adaptive.max_budget} is below the grid's largest "
                                                           f"budget {max(self.budgets)}; give at least that")
+            if self.sweeps:
+                raise InvalidValue("adaptive", "a grid that sweeps learning rates (an lr list) cannot run adaptively: "
+                                               "each look would choose the lrs anew, which the sequential design "
+                                               "does not account for; run the sweep first, then give each arm its "
+                                               "chosen lr")
         return self
+
+    def schedule_key(self, arm: str, key: str) -> str:
+        """Where an arm's value of ``key`` is written: the table it follows when that table gives it (the embeddings
+        arm without a table of its own follows [schedule.random]), else [schedule]."""
+        own = self.schedule.table(arm)
+        if own is None or key not in own.model_fields_set:
+            return f"schedule.{key}"
+        return f"schedule.{arm if getattr(self.schedule, arm) is not None else 'random'}.{key}"
+
+    def schedules(self, arm: str) -> tuple[Schedule, ...]:
+        """The arm's retraining schedules, one per learning rate (gridlab.config.Schedule: what train stages take)."""
+        return self.schedule.schedules(arm)
+
+    @property
+    def sweeps(self) -> bool:
+        """True when some arm of the grid trains at more than one learning rate: its evaluations then measure the
+        held-out loss on two disjoint halves of the validation documents (val_loss/select chooses each arm's lr,
+        val_loss is reported), so the choice never reads the documents the reported loss is measured on."""
+        return any(len(self.schedule.lrs(arm)) > 1 for arm in self.inits)
 
     def method_ratios(self, method: MethodSpec) -> list[float]:
         if method.fixed_ratio is not None:

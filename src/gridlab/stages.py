@@ -32,6 +32,7 @@ from gridlab.contracts import (
     Contract,
     DataConfig,
     DataPayload,
+    EmbeddingsInit,
     EvalBranch,
     EvalModel,
     EvalPayload,
@@ -65,13 +66,14 @@ from gridlab.data import (
     tokenize_partition,
     train_tokenizer,
 )
-from gridlab.evaluate import heldout_loss, lm_eval_tasks
+from gridlab.evaluate import heldout_loss, lm_eval_tasks, select_sequences
 from gridlab.families import check_supported, config_from_dict
 from gridlab.layerwise import open_layerwise, save_layerwise
 from gridlab.layout import RunPaths, StagePaths
+from gridlab.measure import SELECT_METRIC
 from gridlab.model import check_declared_architecture, init_model, load_model, param_counts, save_model
 from gridlab.progress import Recorder
-from gridlab.pruning import PruneResult, get_method, prune, random_counterpart
+from gridlab.pruning import PruneResult, get_method, inherit_embeddings, prune, random_counterpart
 from gridlab.results import read_attempts, read_json, read_payload, record_attempt, write_result
 from gridlab.train import train
 from gridlab.units import size
@@ -202,17 +204,23 @@ def _run_prune(config: PruneConfig, context: StageContext) -> PrunePayload:
                         calibration_sequences=count, layerwise=layerwise, params=param_counts(result.model))
 
 
-def _run_init(config: ArchitectureInit | MaskInit, context: StageContext) -> InitPayload:
+def _run_init(config: ArchitectureInit | MaskInit | EmbeddingsInit, context: StageContext) -> InitPayload:
     if isinstance(config, ArchitectureInit):
         model, mask = init_model(config_from_dict(config.architecture), config.seed), None
         tokenizer = context.upstream("data").tokenizer_dir  # saved beside the model, so the folder works alone
-    else:
+    elif isinstance(config, MaskInit):
         pruned: PrunePayload = context.upstream("model")
         pruned_model, mask = load_model(pruned.model_path)
         result = PruneResult(model=pruned_model, achieved_ratio=pruned.achieved_ratio, removed=None, mask=mask,
                              method="", granularity=pruned.granularity, options={})
-        model = random_counterpart(result, config.seed).model
+        model = random_counterpart(result, config.seed, sparse=config.sparse).model
         tokenizer = pruned.model_path if has_tokenizer(pruned.model_path) else None
+    else:   # the embeddings control: the random twin (its decoder, its mask) with the donor's embeddings
+        twin: InitPayload = context.upstream("model")
+        model, mask = load_model(twin.model_path)
+        donor, _ = load_model(context.upstream("embeddings").model_path)
+        inherit_embeddings(model, donor)
+        tokenizer = twin.model_path if has_tokenizer(twin.model_path) else None
     model_path = save_model(model, context.out.model_dir, mask=mask, tokenizer=tokenizer)
     return InitPayload(model_path=str(model_path), params=param_counts(model))
 
@@ -249,7 +257,12 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
     model = load_model(model_path)[0].to(compute_device())  # lm-eval runs on the model's device too
     sample = {"max_sequences": evaluation["max_sequences"], "seed": evaluation["sample_seed"],
               "windows_per_document": evaluation["windows_per_document"]}
-    held_out = {"val_loss": (validation, heldout_loss(model, validation, **sample))}
+    if config.halves:   # a learning-rate sweep: the choice and the reported loss read disjoint documents
+        held_out = {"val_loss": (validation, heldout_loss(model, validation, **sample, part="report")),
+                    SELECT_METRIC: (validation, heldout_loss(model, validation, **{
+                        **sample, "max_sequences": select_sequences(sample["max_sequences"])}, part="select"))}
+    else:
+        held_out = {"val_loss": (validation, heldout_loss(model, validation, **sample))}
     for corpus in evaluation["corpora"]:
         source = _corpus({key: value for key, value in corpus.items() if key != "label"})
         shards = build_shards(source, data.tokenizer_dir, _fractions({**_EVAL_CORPUS_FRACTIONS, "seed": 0}),
@@ -268,7 +281,8 @@ def _run_eval(config: EvalModel | EvalBranch, context: StageContext) -> EvalPayl
                                     trained_tokens=tokens):
             metrics.append(Metric(**record))
     if isinstance(config, EvalModel) and config.floors:
-        floors, floor_losses = floor_metrics(data, held_out, evaluation)
+        reported = {name: entry for name, entry in held_out.items() if name != SELECT_METRIC}
+        floors, floor_losses = floor_metrics(data, reported, evaluation)
         metrics += floors
         held_out.update(floor_losses)
     path = write_document_losses(context.out.document_losses, {name: loss for name, (_, loss) in held_out.items()})

@@ -292,6 +292,14 @@ class _Run:
             values.append(distributed.shard_like(keep, named[name]).to(dtype=named[name].dtype))
         return params, values
 
+    def mask_gradients(self) -> None:
+        """Zero the gradients at masked positions before clipping: the clipped norm counts only the weights that
+        train, and AdamW's moments stay zero where the mask holds the weights at zero."""
+        grads = [p.grad for p in self.masked_params]
+        if self.masked_params and all(grad is not None for grad in grads):
+            with torch.no_grad():
+                torch._foreach_mul_([distributed.local_part(grad) for grad in grads], self.mask_values)
+
     def apply_mask(self) -> None:
         if self.masked_params:
             with torch.no_grad():
@@ -376,6 +384,7 @@ class _Run:
             with self.autocast:
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
+            self.mask_gradients()
             if schedule.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip, foreach=True)
             optimizer.step()

@@ -14,7 +14,7 @@ import torch
 
 from gridlab.layerwise import layer_store
 from gridlab.model import architecture_diff
-from gridlab.pruning.counterpart import random_counterpart
+from gridlab.pruning.counterpart import inherit_embeddings, random_counterpart
 from gridlab.pruning.registry import (
     METHODS,
     Method,
@@ -29,7 +29,7 @@ from gridlab.pruning.registry import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Method", "PruneResult", "prune", "pruned_config", "random_counterpart"]
+__all__ = ["METHODS", "Method", "PruneResult", "inherit_embeddings", "prune", "pruned_config", "random_counterpart"]
 
 
 def prune(model, method: str, ratio: float, calibration: torch.Tensor | None = None, **options) -> PruneResult:

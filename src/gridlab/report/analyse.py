@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from gridlab.report import sequential, tables
+from gridlab.report.control import embedding_shares, pooled_shares
 from gridlab.report.read import (
     LM_EVAL_AVERAGE,
     Results,
@@ -20,6 +21,7 @@ from gridlab.report.read import (
     metric_direction,
     training_curves,
 )
+from gridlab.report.recipes import Selection, select_learning_rates
 from gridlab.report.regime import Regime, regime, regime_line
 from gridlab.report.scaling import Crossover, trend
 from gridlab.report.stats import DEFAULT_MARGIN, gap_table, measurement_error, seed_summary
@@ -37,6 +39,20 @@ class Downstream:
     squares: pl.DataFrame
     verdicts: dict[int, dict[str, int]]
     sentences: list[str]
+
+
+@dataclass
+class Control:
+    """The embeddings control beside pruned vs random: the pruned − embeddings gaps by the same statistics
+    (stats.gap_table against "embeddings"), the share of the pruned arm's advantage the embeddings carry per group
+    and pooled per setting and budget (report.control), and the tables the report lays out."""
+
+    gaps: pl.DataFrame
+    shares: pl.DataFrame
+    pooled: pl.DataFrame
+    verdicts: dict[int, dict[str, int]]
+    rows: dict[int, tuple[list[int], list[dict]]]
+    sentences: dict[int, str]
 
 
 @dataclass
@@ -80,6 +96,10 @@ class Analysis:
     adaptive: dict | None  # an adaptive study: how the design was reached (tables.study_design); None: a fixed grid
     regime: Regime  # optimizer steps, tokens per parameter, the held-out sample; warnings for the first screen
     regime_line: str
+    selection: Selection | None = None  # the lr each arm is compared at (report.recipes), per group
+    selection_rows: tuple[list[int], list[dict]] = ([], [])
+    control: Control | None = None  # the embeddings control, when the grid has the embeddings arm
+    comparisons: pl.DataFrame | None = None  # per cell: each arm's lr and the embeddings comparison (verdicts.csv)
 
 
 def margin_for(spec: dict, metric: str, override: float | None = None) -> float:
@@ -114,10 +134,11 @@ def gaps_of(results: Results, values: pl.DataFrame, higher: bool, pool: str, mar
                                            documents)
 
 
-def _downstream(results: Results, pool: str, spec: dict) -> Downstream | None:
+def _downstream(results: Results, pool: str, spec: dict, selection: Selection) -> Downstream | None:
     if not (results.metrics["name"] == LM_EVAL_AVERAGE).any():
         return None
     values = headline_values(results.cells, results.metrics, LM_EVAL_AVERAGE).filter(pl.col("budget_tokens") > 0)
+    values = selection.keep(values)
     margin = margin_for(spec, LM_EVAL_AVERAGE)
     gaps = gaps_of(results, values, True, pool, margin, LM_EVAL_AVERAGE)
     squares = tables.answer_squares(gaps, margin)
@@ -137,9 +158,15 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
     spec = grid_spec(results.grid)
     margin = margin_for(spec, metric, margin)
     every_value = headline_values(results.cells, results.metrics, metric)
+    # Each arm at its own lr: chosen per group on the selection half of the held-out documents (report.recipes).
+    selection = select_learning_rates(every_value, results.cells, results.metrics)
+    every_value = selection.keep(every_value)
+    cells = selection.keep(results.cells)
     values = every_value.filter(pl.col("budget_tokens") > 0)
     summary = seed_summary(every_value)
     gaps = gaps_of(results, values, higher, pool, margin, metric)
+    documents = results.documents.filter(pl.col("metric") == metric)
+    control = _control(values, documents, higher, pool, margin, gaps)
     parent_tokens = results.grid.get("parent_tokens")
     squares = tables.answer_squares(gaps, margin)
     dimensions = tables.grid_dimensions(results.cells)
@@ -147,7 +174,9 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
     found = gap_trend.crossovers
     effective = effective_transfer(every_value, higher, sorted(gaps["setting"].unique().to_list()), parent_tokens,
                                    results.grid.get("parent_params"))
-    answer = [s for s in (tables.setting_sentence(squares, setting, metric, higher) for setting in (1, 2)) if s]
+    answer = [s for s in (tables.setting_sentence(squares, setting, metric, higher,
+                                                  control.sentences.get(setting) if control else None)
+                          for setting in (1, 2)) if s]
     setting2_summary = tables.setting2_sentence(effective)
     if answer and 2 in dimensions["settings"]:
         answer.append(tables.setting2_sentence(effective, short=True))
@@ -188,9 +217,26 @@ def analyse(results: Results, metric: str = "val_loss", pool: str = "model", mar
         answer_tables={s: tables.square_rows(squares, s) for s in (1, 2)},
         arms=tables.arm_rows(summary),
         costs=tables.cost_rows(dimensions["budgets"], parent_tokens, results.grid.get("calibration_tokens")),
-        missing=tables.missing_groups(results.cells, every_value),
-        curves=training_curves(results.cells, results.metrics),
-        downstream=_downstream(results, pool, spec) if metric != LM_EVAL_AVERAGE else None,
+        missing=tables.missing_groups(cells, every_value),
+        curves=training_curves(cells, results.metrics),
+        downstream=_downstream(results, pool, spec, selection) if metric != LM_EVAL_AVERAGE else None,
         regime=measured,
         regime_line=regime_line(measured, metric),
+        selection=selection,
+        selection_rows=tables.selection_rows(selection),
+        control=control,
+        comparisons=tables.comparisons(selection, control),
     )
+
+
+def _control(values: pl.DataFrame, documents: pl.DataFrame, higher: bool, pool: str, margin: float,
+             random_gaps: pl.DataFrame) -> Control | None:
+    """The embeddings control (report.control), when the grid has finished embeddings cells."""
+    if not (values["init"] == "embeddings").any():
+        return None
+    gaps = gap_table(values, higher, pool, margin, measurement_error(values, documents, against="embeddings"),
+                     against="embeddings")
+    shares, pooled = embedding_shares(values, documents, higher), pooled_shares(values, documents, higher)
+    return Control(gaps=gaps, shares=shares, pooled=pooled, verdicts=tables.verdict_counts(gaps),
+                   rows={s: tables.control_rows(random_gaps, gaps, shares, s) for s in (1, 2)},
+                   sentences={s: text for s in (1, 2) if (text := tables.control_clause(pooled, s))})

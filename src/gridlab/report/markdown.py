@@ -50,8 +50,9 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
     direction = "higher is better" if a.higher_is_better else "lower is better"
     lines = [f"# gridlab report — {a.grid.get('name') or 'unnamed grid'}: summary", ""]
     lines += [sentence for s in a.answer for sentence in (s, "")]
-    lines += [f"> **Warning.** {warning}" for warning in a.regime.warnings]
-    if a.regime.warnings:
+    warnings = [*a.regime.warnings, *(a.selection.warnings if a.selection else [])]
+    lines += [f"> **Warning.** {warning}" for warning in warnings]
+    if warnings:
         lines.append("")
     if a.regime_line:
         lines += [a.regime_line, ""]
@@ -95,6 +96,8 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
                   f"Sensitivity check (each cell's own paired t): {changed.get('changed', 0)} of "
                   f"{changed.get('total', 0)} verdicts change.", ""]
 
+    lines += _control(a)
+    lines += _learning_rates(a)
     lines += _trend_and_transfer(a)
     if a.downstream is not None:
         d = a.downstream
@@ -110,6 +113,62 @@ def summary_markdown(analysis: Analysis, generated: str) -> str:
                                  for r in rows])
                 lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:+.3g}"
+
+
+def _control(a: Analysis) -> list[str]:
+    """The embeddings control: per setting the pooled sentence and the table of pruned − embeddings beside pruned −
+    random and the embeddings' share of the advantage."""
+    if a.control is None:
+        return []
+    lines = ["## The embeddings control", "",
+             "The random twin given the parent's token embeddings, final norm and lm_head. Each entry: pruned − "
+             "embeddings ± 95 % half-width and verdict; pruned − random; the share (random − embeddings) / (random − "
+             "pruned) of the pruned arm's advantage the embeddings carry, with Fieller's 95 % interval.", ""]
+    for setting in (1, 2):
+        budgets, rows = a.control.rows[setting]
+        if not rows:
+            continue
+        lines += [f"### {SETTING_NAMES[setting]}", ""]
+        if a.control.sentences.get(setting):
+            lines += [f"Pooled over the groups: {a.control.sentences[setting]}.", ""]
+
+        def entry(e: dict | None) -> str:
+            if e is None:
+                return "–"
+            half = e["e"].get("half")
+            text = _signed(e["e"]["gap"]) + (f" ± {half:.2g}" if half is not None else "") + f" {e['e']['verdict']}"
+            return f"{text}; vs random {_signed(e['r']['gap']) if e['r'] else '–'}; share {e['share']}"
+
+        lines += _table(["granularity", "method", "ratio", *[f"B = {format_tokens(b)}" for b in budgets]],
+                        [[r["granularity"], r["method"], f"{r['ratio']:g}", *[entry(e) for e in r["entries"]]]
+                         for r in rows])
+        lines.append("")
+    return lines
+
+
+def _learning_rates(a: Analysis) -> list[str]:
+    """Each arm's chosen lr (a sweep only), ^ / v at the top / bottom of its sweep."""
+    budgets, rows = a.selection_rows
+    if not rows:
+        return []
+    lines = ["## Learning rates", "",
+             "Each arm at its own best lr: the lowest seed-mean `val_loss/select` (the selection half of the "
+             "validation documents; `val_loss` is measured on the other half). ^ / v: the largest / smallest lr of "
+             "the sweep (the sweep was too narrow there).", ""]
+
+    def entry(e: dict | None) -> str:
+        if e is None:
+            return "–"
+        return f"{e['lr']:g}" + {"high": " ^", "low": " v"}.get(e["edge"] or "", "")
+
+    lines += _table(["granularity", "method", "ratio", "arm", *[f"B = {format_tokens(b)}" for b in budgets]],
+                    [[r["granularity"], r["method"], f"{r['ratio']:g}", r["arm"], *[entry(e) for e in r["entries"]]]
+                     for r in rows])
+    return [*lines, ""]
 
 
 def _trend_and_transfer(a: Analysis) -> list[str]:

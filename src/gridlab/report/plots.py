@@ -41,6 +41,7 @@ from gridlab.report.tables import (  # noqa: E402
 # Okabe–Ito, without black (kept for the random-init arm); yellow last (light on white).
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442"]
 RANDOM_COLOURS = {1: "#000000", 2: "#777777"}
+EMBEDDINGS_STYLE = dict(color="#000000", linestyle=":", label="embeddings control")   # trains B, like pruned init
 PRUNE_BLUE, SCRATCH_VERMILLION = "#0072B2", "#D55E00"
 # Diverging, colour-blind safe: vermillion (scratch better) – white – blue (pruning better), in benefit orientation.
 BENEFIT_CMAP = LinearSegmentedColormap.from_list("scratch_prune", [SCRATCH_VERMILLION, "#FFFFFF", PRUNE_BLUE])
@@ -590,12 +591,14 @@ def training_curve_figures(analysis: Analysis, colours: dict[str, str]) -> list[
             for c, ratio in enumerate(ratios):
                 ax = axes[r][c]
                 panel = part.filter((pl.col("method") == method) & (pl.col("ratio") == ratio))
-                # The pruned arm's run is listed once per setting; draw it once.
+                # The pruned arm's run (and the embeddings control's) is listed once per setting; draw it once.
                 for (init, setting), line in panel.group_by(["init", "setting"], maintain_order=True):
-                    if init == "pruned" and setting != panel.filter(pl.col("init") == "pruned")["setting"].min():
+                    if init != "random" and setting != panel.filter(pl.col("init") == init)["setting"].min():
                         continue
                     if init == "pruned":
                         style = dict(color=colours[method], label="pruned init")
+                    elif init == "embeddings":
+                        style = EMBEDDINGS_STYLE
                     else:
                         style = dict(color=RANDOM_COLOURS.get(setting, "#000000"),
                                      linestyle="--" if setting == 2 else "-",

@@ -21,7 +21,7 @@ CELL_COLUMNS = {
     "cell_id": pl.Utf8, "method": pl.Utf8, "granularity": pl.Utf8, "ratio": pl.Float64,
     "achieved_ratio": pl.Float64, "init": pl.Utf8, "setting": pl.Int64, "budget_tokens": pl.Int64,
     "trained_tokens": pl.Int64, "seed": pl.Int64, "status": pl.Utf8, "error": pl.Utf8, "train_stage": pl.Utf8,
-    "branch_path": pl.Utf8, "params": pl.Int64,
+    "branch_path": pl.Utf8, "params": pl.Int64, "lr": pl.Float64,
 }
 METRIC_COLUMNS = {"cell_id": pl.Utf8, "tokens": pl.Int64, "name": pl.Utf8, "value": pl.Float64,
                   "stderr": pl.Float64, "higher_is_better": pl.Boolean}

@@ -168,7 +168,8 @@ def make_figures(analysis: Analysis, worker: PlotWorker | None = None) -> dict[s
 def verdicts_csv(analysis: Analysis) -> str:
     """verdicts.csv (tables.VERDICT_COLUMNS): one row per cell, d_eff_tokens from the analysis' `transfer` frame
     when it has one."""
-    return verdict_table(analysis.gaps, getattr(analysis, "transfer", None)).write_csv(float_precision=6)
+    return verdict_table(analysis.gaps, getattr(analysis, "transfer", None),
+                         getattr(analysis, "comparisons", None)).write_csv(float_precision=6)
 
 
 def check_options(pool: str, margin: float | None) -> None:

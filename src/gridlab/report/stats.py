@@ -177,10 +177,11 @@ def _arm_stats(values: pl.DataFrame, init: str) -> pl.DataFrame:
         n=pl.col("value").count(), mean=pl.col("value").mean(), var=pl.col("value").var())
 
 
-def pair_differences(values: pl.DataFrame) -> pl.DataFrame:
-    """Per cell and seed present in both arms: d = pruned − random."""
+def pair_differences(values: pl.DataFrame, against: str = "random") -> pl.DataFrame:
+    """Per cell and seed present in both arms: d = pruned − random (``against``: the arm compared with, e.g. the
+    embeddings control; its columns keep the name ``*_random``)."""
     pruned = values.filter(pl.col("init") == "pruned").select([*PAIR_KEYS, "seed", "value"])
-    random = values.filter(pl.col("init") == "random").select([*PAIR_KEYS, "seed", "value"])
+    random = values.filter(pl.col("init") == against).select([*PAIR_KEYS, "seed", "value"])
     return pruned.join(random, on=[*PAIR_KEYS, "seed"], suffix="_random").with_columns(
         d=pl.col("value") - pl.col("value_random"))
 
@@ -208,8 +209,11 @@ _GAP_SCHEMA = {
 
 
 def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
-              margin: float = DEFAULT_MARGIN, measurement: pl.DataFrame | None = None) -> pl.DataFrame:
+              margin: float = DEFAULT_MARGIN, measurement: pl.DataFrame | None = None,
+              against: str = "random") -> pl.DataFrame:
     """Pruned vs random per cell (granularity, method, ratio, setting, budget) from seed-level headline values.
+    ``against``: the arm the pruned one is compared with ("random", or "embeddings": the embeddings control, by the
+    same statistics; the columns keep their names, ``*_random`` then meaning that arm).
 
     Columns: n_pruned, n_random, n_pairs (seeds in both arms), n_seeds (seeds behind the estimate), mean_pruned,
     mean_random, test ("paired" or "Welch": how the arms' seeds pair), model (MODEL, CELL_T, FALLBACK or WELCH),
@@ -231,12 +235,12 @@ def gap_table(values: pl.DataFrame, higher_is_better: bool, pool: str = "model",
                          f"valid: {', '.join(POOLING)}")
     if pool not in POOLING:
         raise ValueError(f"unknown pooling {pool!r}; valid: {', '.join(POOLING)}")
-    pruned, random = _arm_stats(values, "pruned"), _arm_stats(values, "random")
+    pruned, random = _arm_stats(values, "pruned"), _arm_stats(values, against)
     joined = pruned.join(random, on=PAIR_KEYS, how="inner", suffix="_random").rename(
         {"n": "n_pruned", "mean": "mean_pruned", "var": "var_pruned"})
     if joined.height == 0:
         return pl.DataFrame(schema=_GAP_SCHEMA)
-    diffs = pair_differences(values)
+    diffs = pair_differences(values, against)
     per_cell = diffs.group_by(PAIR_KEYS).agg(n_pairs=pl.len(), mean_d=pl.col("d").mean(), var_d=pl.col("d").var())
     joined = joined.join(per_cell, on=PAIR_KEYS, how="left").with_columns(n_pairs=pl.col("n_pairs").fill_null(0))
     if pool == "model" and diffs.height:
@@ -314,7 +318,7 @@ MEASUREMENT_SCHEMA = {**{k: v for k, v in _GAP_SCHEMA.items() if k in PAIR_KEYS}
                       "documents": pl.UInt32}
 
 
-def measurement_error(values: pl.DataFrame, documents: pl.DataFrame) -> pl.DataFrame:
+def measurement_error(values: pl.DataFrame, documents: pl.DataFrame, against: str = "random") -> pl.DataFrame:
     """Per cell (PAIR_KEYS): the document-sampling stderr of the seed-mean gap (``se_measurement``) and the documents
     it rests on, from the per-document losses of the cells in ``values`` (gridlab.report.read.document_losses, one
     metric). Every model of a grid is scored on the same held-out sample, so this error is common to all seeds: it
@@ -329,9 +333,10 @@ def measurement_error(values: pl.DataFrame, documents: pl.DataFrame) -> pl.DataF
     arms = keyed.group_by([*PAIR_KEYS, "init", "document"]).agg(
         x=pl.col("tokens").first(), y=pl.col("loss_sum").mean())
     pruned = arms.filter(pl.col("init") == "pruned").drop("init")
-    random = arms.filter(pl.col("init") == "random").drop("init")
-    per_arm = arms.group_by([*PAIR_KEYS, "init"]).agg(n=pl.len()).group_by(PAIR_KEYS).agg(
-        arms=pl.len(), n_min=pl.col("n").min(), n_max=pl.col("n").max())
+    random = arms.filter(pl.col("init") == against).drop("init")
+    per_arm = (arms.filter(pl.col("init").is_in(["pruned", against])).group_by([*PAIR_KEYS, "init"])
+               .agg(n=pl.len()).group_by(PAIR_KEYS).agg(arms=pl.len(), n_min=pl.col("n").min(),
+                                                          n_max=pl.col("n").max()))
     paired = pruned.join(random, on=[*PAIR_KEYS, "document"], how="inner", suffix="_random").with_columns(
         d=pl.col("y") - pl.col("y_random"))
     sums = paired.group_by(PAIR_KEYS).agg(

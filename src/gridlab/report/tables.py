@@ -8,6 +8,8 @@ from collections import Counter
 import polars as pl
 
 from gridlab.report import stats
+from gridlab.report.control import share_text
+from gridlab.report.recipes import ARM_ORDER, Selection
 from gridlab.report.scaling import Crossover
 from gridlab.report.transfer import COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER, Transfer
 
@@ -95,7 +97,10 @@ def _budget_pattern(part: pl.DataFrame) -> str:
     return "; ".join(phrases)
 
 
-def setting_sentence(squares: pl.DataFrame, setting: int, metric: str, higher_is_better: bool) -> str | None:
+def setting_sentence(squares: pl.DataFrame, setting: int, metric: str, higher_is_better: bool,
+                     control: str | None = None) -> str | None:
+    """The answer's sentence for one setting: the squares' calls, where they fall and the best method's gap at the
+    smallest and largest budget; ``control``: the embeddings control's clause (control_clause), appended."""
     part = squares.filter(pl.col("setting") == setting).sort("budget_tokens")
     if part.height == 0:
         return None
@@ -112,7 +117,110 @@ def setting_sentence(squares: pl.DataFrame, setting: int, metric: str, higher_is
     better = "positive" if higher_is_better else "negative"
     return (f"Setting {setting} ({SETTING_PHRASES.get(setting, f'setting {setting}')}): of {total} granularity × "
             f"ratio × budget squares{caveat}, {tally} — {_budget_pattern(part)}; {trend} ({better} = pruning "
-            f"better).")
+            f"better){'; ' + control if control else ''}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embeddings control (control.py) and each arm's learning rate (recipes.py)
+
+
+def control_clause(pooled: pl.DataFrame, setting: int) -> str | None:
+    """'of the pruned arm's advantage over scratch, the inherited embeddings alone carry 62 % [48 %, 75 %] at 10k
+    and 31 % [12 %, 50 %] at 80k tokens (the embeddings control, pooled over 24 groups)': the pooled share at the
+    smallest and largest budget where the pruned arm has an advantage to share."""
+    part = pooled.filter((pl.col("setting") == setting) & (pl.col("advantage") > 0)).sort("budget_tokens")
+    if part.height == 0:
+        return None
+    ends = part.row(0, named=True), part.row(part.height - 1, named=True)
+    quoted = [f"{share_text(e['share'], e['share_low'], e['share_high'], e['share_bounded'])} at "
+              f"{format_tokens(e['budget_tokens'])}" for e in (ends if part.height > 1 else ends[:1])]
+    groups = max(part["groups"].to_list())
+    return (f"of the pruned arm's advantage over scratch, the inherited embeddings alone carry "
+            f"{' and '.join(quoted)} tokens (the embeddings control, pooled over {groups} group"
+            f"{'s' if groups != 1 else ''})")
+
+
+def control_rows(random_gaps: pl.DataFrame, embeddings_gaps: pl.DataFrame, shares: pl.DataFrame,
+                 setting: int) -> tuple[list[int], list[dict]]:
+    """The embeddings control as a table: rows granularity × method × ratio, one entry per budget with the pruned −
+    embeddings gap (``e``), the pruned − random gap (``r``) and the share (``share``, its text) — None if absent."""
+    keys = ["granularity", "method", "ratio", "budget_tokens"]
+    part = embeddings_gaps.filter(pl.col("setting") == setting)
+    budgets = sorted(part["budget_tokens"].unique().to_list())
+    random = {tuple(r[k] for k in keys): r for r in random_gaps.filter(pl.col("setting") == setting).iter_rows(
+        named=True)}
+    share = {tuple(r[k] for k in keys): r for r in shares.filter(pl.col("setting") == setting).iter_rows(named=True)}
+    rows = []
+    for (granularity, method, ratio), group in sorted(
+        part.group_by(["granularity", "method", "ratio"]),
+        key=lambda item: (*granularity_key(item[0][0]), item[0][1], item[0][2]),
+    ):
+        by_budget = {}
+        for row in group.iter_rows(named=True):
+            key = (granularity, method, ratio, row["budget_tokens"])
+            found = share.get(key)
+            text = share_text(found["share"], found["share_low"], found["share_high"], found["share_bounded"]) \
+                if found else "–"
+            by_budget[row["budget_tokens"]] = dict(e=row, r=random.get(key), share=text)
+        rows.append(dict(granularity=granularity, method=method, ratio=ratio,
+                         entries=[by_budget.get(b) for b in budgets]))
+    return budgets, rows
+
+
+def arm_label(init: str, setting: int) -> str:
+    """An arm as the tables name it: pruned and the embeddings control train B in either setting (one run, listed
+    once), random init per setting."""
+    return {"pruned": "pruned", "embeddings": "embeddings control"}.get(init, f"{init}, setting {setting}")
+
+
+def selection_rows(selection: Selection | None) -> tuple[list[int], list[dict]]:
+    """Each arm's chosen lr when the grid swept: rows granularity × method × ratio × arm, one entry per budget
+    (lr, lrs, edge) — None if absent; empty without a sweep."""
+    if selection is None or not selection.swept:
+        return [], []
+    chosen = selection.chosen.filter(pl.col("budget_tokens") > 0).sort("setting")
+    # pruned and embeddings train B in either setting: one row each (their first setting's), random one per setting
+    chosen = chosen.with_columns(row_setting=pl.when(pl.col("init") == "random").then(pl.col("setting"))
+                                 .otherwise(pl.lit(0)))
+    chosen = chosen.unique(["granularity", "method", "ratio", "init", "row_setting", "budget_tokens"], keep="first",
+                           maintain_order=True)
+    budgets = sorted(chosen["budget_tokens"].unique().to_list())
+    rows = []
+    for (granularity, method, ratio, init, setting), group in sorted(
+        chosen.group_by(["granularity", "method", "ratio", "init", "row_setting"]),
+        key=lambda item: (*granularity_key(item[0][0]), item[0][1], item[0][2], ARM_ORDER.get(item[0][3], 9),
+                          item[0][4]),
+    ):
+        by_budget = {row["budget_tokens"]: row for row in group.iter_rows(named=True)}
+        rows.append(dict(granularity=granularity, method=method, ratio=ratio, arm=arm_label(init, setting),
+                         entries=[by_budget.get(b) for b in budgets]))
+    return budgets, rows
+
+
+COMPARISON_COLUMNS = ["lr_pruned", "lr_random", "lr_embeddings", "gap_embeddings", "lo95_embeddings",
+                      "hi95_embeddings", "verdict_embeddings", "embeddings_share", "embeddings_share_low",
+                      "embeddings_share_high"]
+
+
+def comparisons(selection: Selection | None, control) -> pl.DataFrame | None:
+    """Per cell (PAIR_KEYS): each arm's lr (the chosen one under a sweep, else the arm's only one) and, with the
+    embeddings control, the pruned − embeddings gap, its 95 % interval and verdict, and the embeddings' share of the
+    pruned arm's advantage with its Fieller interval: the columns verdicts.csv adds (COMPARISON_COLUMNS)."""
+    if selection is None:
+        return None
+    lrs = selection.lr_of()
+    frame = None
+    for arm in ("pruned", "random", "embeddings"):
+        part = lrs.filter(pl.col("init") == arm).drop("init").rename({"lr": f"lr_{arm}"})
+        frame = part if frame is None else frame.join(part, on=stats.PAIR_KEYS, how="full", coalesce=True)
+    if control is not None:
+        gaps = control.gaps.select(*stats.PAIR_KEYS, gap_embeddings="gap",
+                                   lo95_embeddings=pl.col("gap") - pl.col("half"),
+                                   hi95_embeddings=pl.col("gap") + pl.col("half"), verdict_embeddings="verdict")
+        shares = control.shares.select(*stats.PAIR_KEYS, embeddings_share="share",
+                                       embeddings_share_low="share_low", embeddings_share_high="share_high")
+        frame = frame.join(gaps, on=stats.PAIR_KEYS, how="left").join(shares, on=stats.PAIR_KEYS, how="left")
+    return frame
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,20 +529,23 @@ def model_rows(gaps: pl.DataFrame) -> list[dict]:
 
 
 VERDICT_COLUMNS = ["setting", "method", "granularity", "ratio", "budget_tokens", "n_seeds", "gap", "lo95", "hi95",
-                   "verdict", "d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound"]
+                   "verdict", "d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound", *COMPARISON_COLUMNS]
+_COMPARISON_SCHEMA = {**{c: pl.Float64 for c in COMPARISON_COLUMNS}, "verdict_embeddings": pl.Utf8}
 _D_EFF = ("d_eff_tokens", "d_eff_low", "d_eff_high", "d_eff_bound")
 
 
-def verdict_table(gaps: pl.DataFrame, transfer: pl.DataFrame | None = None) -> pl.DataFrame:
+def verdict_table(gaps: pl.DataFrame, transfer: pl.DataFrame | None = None,
+                  comparisons: pl.DataFrame | None = None) -> pl.DataFrame:
     """verdicts.csv: one row per cell (VERDICT_COLUMNS). lo95/hi95: the 95 % interval of the gap (empty without
     one); d_eff_tokens: the effective data transferred at B (tokens of scratch training the pruned start is worth),
     d_eff_low/high its 95 % interval, d_eff_bound "" for a value, ">" or "<" where d_eff_tokens is only a bound (the
     pruned loss lies beyond the random arm's measured curve) — from a `transfer` frame keyed by the cell's keys (or
-    the gaps' own columns); empty where none."""
+    the gaps' own columns); empty where none. `comparisons` (tables.comparisons): each arm's lr and the embeddings
+    control's comparison (COMPARISON_COLUMNS); empty where the grid has no such arm."""
     schema = {"setting": pl.Int64, "method": pl.Utf8, "granularity": pl.Utf8, "ratio": pl.Float64,
               "budget_tokens": pl.Int64, "n_seeds": pl.Int64, "gap": pl.Float64, "lo95": pl.Float64,
               "hi95": pl.Float64, "verdict": pl.Utf8, "d_eff_tokens": pl.Float64, "d_eff_low": pl.Float64,
-              "d_eff_high": pl.Float64, "d_eff_bound": pl.Utf8}
+              "d_eff_high": pl.Float64, "d_eff_bound": pl.Utf8, **_COMPARISON_SCHEMA}
     if gaps.height == 0:
         return pl.DataFrame(schema=schema)
     table = gaps.with_columns(lo95=pl.col("gap") - pl.col("half"), hi95=pl.col("gap") + pl.col("half"))
@@ -442,7 +553,10 @@ def verdict_table(gaps: pl.DataFrame, transfer: pl.DataFrame | None = None) -> p
     if "d_eff_tokens" not in table.columns and transfer is not None and set(keys) <= set(transfer.columns):
         present = [c for c in _D_EFF if c in transfer.columns]
         table = table.join(transfer.select(*keys, *present).unique(keys), on=keys, how="left")
-    table = table.with_columns(pl.lit(None, dtype=schema[c]).alias(c) for c in _D_EFF if c not in table.columns)
+    if comparisons is not None:
+        table = table.join(comparisons, on=keys, how="left")
+    table = table.with_columns(pl.lit(None, dtype=schema[c]).alias(c) for c in (*_D_EFF, *COMPARISON_COLUMNS)
+                               if c not in table.columns)
     order = pl.col("granularity").replace_strict(GRANULARITY_ORDER, default=9, return_dtype=pl.Int64)
     return table.sort(["setting", order, "granularity", "method", "ratio", "budget_tokens"]).select(
         VERDICT_COLUMNS).cast(schema)
@@ -451,12 +565,14 @@ def verdict_table(gaps: pl.DataFrame, transfer: pl.DataFrame | None = None) -> p
 def arm_rows(summary: pl.DataFrame) -> tuple[list[int], list[dict]]:
     """Seed statistics pivoted: rows granularity × method × ratio × arm, one entry per budget (None if absent).
 
-    Arms: pruned init (one training run, listed once), random init in setting 1, random init in setting 2. Budget 0
-    is the reference points (pruned: right after pruning; random: at init, or in setting 2 after P tokens).
+    Arms: pruned init (one training run, listed once), random init in setting 1, random init in setting 2, and the
+    embeddings control (one run, listed once). Budget 0 is the reference points (pruned: right after pruning; random
+    and embeddings: at init, random in setting 2 after P tokens).
     """
     arms = summary.with_columns(
         arm=pl.when(pl.col("init") == "pruned").then(pl.lit("pruned"))
-        .otherwise(pl.format("random, setting {}", pl.col("setting")))
+        .when(pl.col("init") == "embeddings").then(pl.lit("embeddings control"))
+        .otherwise(pl.format("{}, setting {}", pl.col("init"), pl.col("setting")))
     ).unique(["granularity", "method", "ratio", "arm", "budget_tokens"], keep="first", maintain_order=True)
     budgets = sorted(arms["budget_tokens"].unique().to_list())
     rows = []
