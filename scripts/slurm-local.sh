@@ -127,7 +127,9 @@ start_slurm() {
         sacctmgr -i add cluster gridlab >/dev/null
     fi
     if ! pid_alive "$DIR/slurmctld.pid"; then
-        /usr/sbin/slurmctld
+        # Without a live slurmd (a reboot, a new machine with this folder), the saved jobs have no processes left:
+        # restored, the dead "running" ones would hold the node forever. -c starts the controller without them.
+        if pid_alive "$DIR/slurmd.pid"; then /usr/sbin/slurmctld; else /usr/sbin/slurmctld -c; fi
         wait_for 30 slurmctld scontrol ping
     fi
     if ! pid_alive "$DIR/slurmd.pid"; then
