@@ -216,3 +216,22 @@ def test_too_few_budgets_to_check_a_curve_are_never_extrapolated():
     found = _trend(_values(lambda b: 0.25 * math.log2(b / 5e4), budgets=BUDGETS[:3], noise=0.002))
     (c,) = found.crossovers
     assert c.kind == "none" and "cannot be checked with fewer than 4" in c.reason
+
+
+def test_an_unresolved_crossing_reads_as_a_range_with_its_estimate():
+    """The report's sentence for a sign change without significant verdicts on both sides: the interpolated point,
+    why it is not resolved, and the range it may lie in ("beyond the largest budget" when nothing significant
+    follows it)."""
+    from gridlab.report.tables import crossover_text
+
+    budgets = np.array([10_000.0, 20_000.0, 40_000.0, 80_000.0])
+    kind, at, low, high, reason, _ = F.inside_crossing(budgets, np.array([-0.2, -0.1, 0.05, 0.1]),
+                                                       np.array([0, 0, 0, 0]))
+    assert (kind, low, high, reason) == ("unresolved", 10_000.0, None, "no significant verdict on either side")
+    assert 20_000 < at < 40_000
+    c = F.Crossover(granularity="depth", method="shortgpt", ratio=0.5, setting=2, kind=kind, model=None, budget=at,
+                    low=low, high=high, direction="pruning overtakes scratch", reason=reason)
+    text = crossover_text(c)
+    assert text.startswith("the mean gap changes sign (≈ 3")
+    assert text.endswith("not resolved (no significant verdict on either side): the crossover lies anywhere from "
+                         "10k to beyond the largest budget")

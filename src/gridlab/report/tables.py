@@ -285,7 +285,9 @@ def crossover_text(c: Crossover) -> str:
                 f"both sides), at ≈ {format_tokens(c.budget)} where the mean gap changes sign (linear in log tokens)")
     if c.kind == "unresolved":
         high = format_tokens(c.high) if c.high is not None else "beyond the largest budget"
-        return f"the mean gap changes sign between {format_tokens(c.low)} and {high}, not resolved ({c.reason})"
+        near = f" (≈ {format_tokens(c.budget)}, linear in log tokens)" if c.budget is not None else ""
+        return (f"the mean gap changes sign{near}, not resolved ({c.reason}): the crossover lies anywhere from "
+                f"{format_tokens(c.low)} to {high}")
     if c.kind == "extrapolated":
         low = f"≤ {format_tokens(c.largest_budget)}" if c.open_low else format_tokens(c.low)
         high = f"> {format_tokens(c.horizon * c.largest_budget)}" if c.open_high else format_tokens(c.high)
