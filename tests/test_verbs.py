@@ -674,3 +674,28 @@ def test_submit_shows_plain_progress_lines_without_a_terminal(tmp_path, monkeypa
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_full_disk_under_the_submitters_own_records_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC while gridlab writes its own bookkeeping (not inside a stage): one line saying what to do, exit 1; any
+    other OSError keeps its traceback (a bug or a real fault)."""
+    import errno
+
+    grid_file = write_grid(tmp_path, tiny_grid())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "submit.json"))
+
+    monkeypatch.setattr(api, "submit", full)
+    result = CliRunner().invoke(app, ["submit", str(grid_file)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"gridlab: no space left on the disk ({tmp_path / 'runs' / 'submit.json'}): finished stages are kept; free "
+        f"space (`gridlab clean` removes what the run no longer needs) and run the command again"]
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(api, "submit", broken)
+    result = CliRunner().invoke(app, ["submit", str(grid_file)])
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO

@@ -9,6 +9,7 @@ starts fast (tests/test_cli.py checks that it loads no torch).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -73,6 +74,15 @@ def _user_errors(command):
                 raise
             typer.echo("gridlab: interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as error:
+            # A full disk under gridlab's own bookkeeping (a stage that hits it fails with its own line: stages.
+            # disk_full): what happened and what to do, not a traceback. Finished stages are on disk and stay done.
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("GRIDLAB_DEBUG"):
+                raise
+            typer.echo(f"gridlab: no space left on the disk ({error.filename or 'writing a record'}): finished "
+                       f"stages are kept; free space (`gridlab clean` removes what the run no longer needs) and run "
+                       f"the command again", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
