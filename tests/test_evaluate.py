@@ -238,13 +238,16 @@ def _task_items() -> list[dict]:
 
 
 def _shortest_share(items, length) -> float:
-    """How often guessing the shortest choice (a random one of those tied) is right; 1/4 when length is no clue."""
-    shares = []
-    for item in items:
-        lengths = [length(choice) for choice in item["choices"]]
-        tied = [i for i, value in enumerate(lengths) if value == min(lengths)]
-        shares.append(1 / len(tied) if item["label"] in tied else 0.0)
-    return float(np.mean(shares))
+    """The script's own measure (scripts/make_stdlib_identifiers.py, which writes the task): how often guessing the
+    shortest choice is right; 1/4 when length is no clue."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_stdlib_identifiers.py"
+    spec = importlib.util.spec_from_file_location("make_stdlib_identifiers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.shortest_share(items, length)
 
 
 def test_task_files_ship_in_the_package():
